@@ -1,0 +1,313 @@
+//! The configuration: `/ip socks` settings and the ordered access list, the
+//! RouterOS command language that changes and prints them ([`command`]), and
+//! the state file that keeps them ([`store`]). One parser serves the CLI, the
+//! control socket and the state file.
+
+pub mod command;
+pub mod render;
+pub mod store;
+pub mod time;
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::str::FromStr;
+use std::time::Duration;
+
+use ipnet::{IpNet, Ipv4Net};
+
+/// Which data path tunnels use (`data-path` setting and `run --data-path`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPathMode {
+    /// Kernel when it can load, else the userspace relay.
+    #[default]
+    Auto,
+    Kernel,
+    Userspace,
+}
+
+impl DataPathMode {
+    pub const ALLOWED: &'static str = "auto, kernel, userspace";
+}
+
+impl FromStr for DataPathMode {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "kernel" => Ok(Self::Kernel),
+            "userspace" => Ok(Self::Userspace),
+            _ => Err(()),
+        }
+    }
+}
+
+impl fmt::Display for DataPathMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Kernel => "kernel",
+            Self::Userspace => "userspace",
+        })
+    }
+}
+
+/// The `/ip socks` settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Whether the listener accepts clients.
+    pub enabled: bool,
+    /// TCP port of the listener.
+    pub port: u16,
+    /// A connection with no byte in either direction for this long is closed.
+    pub connection_idle_timeout: Duration,
+    /// Most simultaneous client connections, handshaking ones included.
+    pub max_connections: u32,
+    /// Address the listener binds (beyond the manual).
+    pub listen_address: IpAddr,
+    /// Data path for new tunnels (beyond the manual).
+    pub data_path: DataPathMode,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            enabled: false,
+            port: 1080,
+            connection_idle_timeout: Duration::from_secs(120),
+            max_connections: 200,
+            listen_address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            data_path: DataPathMode::Auto,
+        }
+    }
+}
+
+/// Ranges of the settings, used both to check and to explain.
+pub const MAX_CONNECTIONS_RANGE: (u32, u32) = (1, 1_000_000);
+pub const IDLE_TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(7 * 86_400));
+
+/// What a matching rule does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    #[default]
+    Allow,
+    Deny,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        })
+    }
+}
+
+/// A TCP port or an inclusive range `N-M`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        self.first <= port && port <= self.last
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let num = |t: &str| -> Result<u16, ()> {
+            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(());
+            }
+            t.parse().map_err(|_| ())
+        };
+        let (first, last) = match s.split_once('-') {
+            Some((a, b)) => (num(a)?, num(b)?),
+            None => (num(s)?, num(s)?),
+        };
+        if first > last {
+            return Err(());
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+/// Parses `a.b.c.d` or `a.b.c.d/len`, normalised to the network (as RouterOS does).
+pub fn parse_prefix(s: &str) -> Option<IpNet> {
+    let net = match s.split_once('/') {
+        Some((addr, len)) => {
+            if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            Ipv4Net::new(addr.parse().ok()?, len.parse().ok()?).ok()?
+        }
+        None => Ipv4Net::new(s.parse().ok()?, 32).ok()?,
+    };
+    Some(IpNet::V4(net.trunc()))
+}
+
+/// Prints a prefix; a host prefix prints as the bare address, as in the manual.
+pub fn format_prefix(net: &IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.to_string()
+    }
+}
+
+/// One access-list rule. A property left out matches anything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccessRule {
+    pub src_address: Option<IpNet>,
+    pub src_port: Option<PortRange>,
+    pub dst_address: Option<IpNet>,
+    pub dst_port: Option<PortRange>,
+    pub action: Action,
+    pub disabled: bool,
+    pub comment: Option<String>,
+}
+
+/// What the access list is asked about: the client and the requested
+/// destination (for SOCKS4a, the resolved address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AccessRequest {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+}
+
+impl AccessRule {
+    pub fn matches(&self, req: &AccessRequest) -> bool {
+        self.src_address.is_none_or(|n| n.contains(&req.src.ip()))
+            && self.src_port.is_none_or(|p| p.contains(req.src.port()))
+            && self.dst_address.is_none_or(|n| n.contains(&req.dst.ip()))
+            && self.dst_port.is_none_or(|p| p.contains(req.dst.port()))
+    }
+}
+
+/// The outcome of [`AccessList::decide`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub action: Action,
+    /// The rule that decided, or `None` when no rule matched (allow).
+    pub rule: Option<usize>,
+}
+
+/// The ordered access list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccessList {
+    pub rules: Vec<AccessRule>,
+}
+
+impl AccessList {
+    /// The first enabled rule that matches decides; no match allows (RouterOS).
+    pub fn decide(&self, req: &AccessRequest) -> Decision {
+        self.rules
+            .iter()
+            .enumerate()
+            .find(|(_, r)| !r.disabled && r.matches(req))
+            .map(|(i, r)| Decision { action: r.action, rule: Some(i) })
+            .unwrap_or(Decision { action: Action::Allow, rule: None })
+    }
+
+    /// True when some request from anywhere to anywhere is allowed by an
+    /// unconditional rule or by default: an open proxy.
+    pub fn is_open(&self) -> bool {
+        for r in self.rules.iter().filter(|r| !r.disabled) {
+            let unconditional = r.src_address.is_none() && r.src_port.is_none() && r.dst_address.is_none() && r.dst_port.is_none();
+            if unconditional {
+                return r.action == Action::Allow;
+            }
+        }
+        true
+    }
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub settings: Settings,
+    pub access: AccessList,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(src: &str, dst: &str) -> AccessRequest {
+        AccessRequest { src: src.parse().unwrap(), dst: dst.parse().unwrap() }
+    }
+
+    fn rule(src: Option<&str>, dst_port: Option<&str>, action: Action) -> AccessRule {
+        AccessRule {
+            src_address: src.map(|s| parse_prefix(s).unwrap()),
+            dst_port: dst_port.map(|p| p.parse().unwrap()),
+            action,
+            ..Default::default()
+        }
+    }
+
+    /// The manual's FTP rules: the client may reach port 21, anyone the high ports, nothing else.
+    #[test]
+    fn manual_ftp_rules_decide() {
+        let list = AccessList {
+            rules: vec![
+                rule(Some("192.168.0.2"), Some("21"), Action::Allow),
+                rule(None, Some("1024-65535"), Action::Allow),
+                rule(None, None, Action::Deny),
+            ],
+        };
+        assert_eq!(list.decide(&req("192.168.0.2:1238", "10.5.8.8:21")), Decision { action: Action::Allow, rule: Some(0) });
+        assert_eq!(list.decide(&req("192.168.0.3:1238", "10.5.8.8:21")), Decision { action: Action::Deny, rule: Some(2) });
+        assert_eq!(list.decide(&req("192.168.0.3:1238", "10.5.8.8:3423")).action, Action::Allow);
+        assert_eq!(list.decide(&req("192.168.0.2:1238", "10.5.8.8:80")).action, Action::Deny);
+        assert!(!list.is_open());
+    }
+
+    /// Disabled rules are skipped; an empty list allows and counts as open.
+    #[test]
+    fn disabled_rules_and_default() {
+        let mut deny_all = rule(None, None, Action::Deny);
+        deny_all.disabled = true;
+        let list = AccessList { rules: vec![deny_all] };
+        assert_eq!(list.decide(&req("1.2.3.4:1", "5.6.7.8:80")), Decision { action: Action::Allow, rule: None });
+        assert!(list.is_open());
+        assert!(AccessList::default().is_open());
+    }
+
+    /// Prefixes normalise to their network and print like the manual.
+    #[test]
+    fn prefixes() {
+        assert_eq!(format_prefix(&parse_prefix("192.168.0.2").unwrap()), "192.168.0.2");
+        assert_eq!(format_prefix(&parse_prefix("192.168.0.7/24").unwrap()), "192.168.0.0/24");
+        assert_eq!(parse_prefix("1.2.3.4/33"), None);
+        assert_eq!(parse_prefix("1.2.3.4/"), None);
+        assert_eq!(parse_prefix("1.2.3"), None);
+        assert!(parse_prefix("0.0.0.0/0").unwrap().contains(&"9.9.9.9".parse::<IpAddr>().unwrap()));
+    }
+
+    /// Ports parse as N or N-M with N <= M.
+    #[test]
+    fn port_ranges() {
+        assert_eq!("21".parse(), Ok(PortRange { first: 21, last: 21 }));
+        assert_eq!("1024-65535".parse(), Ok(PortRange { first: 1024, last: 65535 }));
+        assert_eq!("9-1".parse::<PortRange>(), Err(()));
+        assert_eq!("65536".parse::<PortRange>(), Err(()));
+        assert_eq!("-1".parse::<PortRange>(), Err(()));
+        assert_eq!("1-".parse::<PortRange>(), Err(()));
+    }
+}

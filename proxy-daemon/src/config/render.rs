@@ -1,0 +1,217 @@
+//! How things print: the manual's layouts for people (`enabled: yes`,
+//! `Flags: X - disabled`, numbered rows, `# SRC-ADDRESS ...` tables), JSON for
+//! scripts, and `export`, the script that rebuilds the configuration.
+
+use serde_json::{json, Value};
+
+use super::command::{quote, Menu};
+use super::{format_prefix, time, AccessRule, Config, Settings};
+use crate::datapath::DataPathKind;
+
+/// `/ip socks print`: the manual's four lines in its order, then proxyd's own.
+pub fn settings(s: &Settings, active: Option<DataPathKind>) -> String {
+    let mut out = format!(
+        "enabled: {}\nport: {}\nconnection-idle-timeout: {}\nmax-connections: {}\nlisten-address: {}\n",
+        yes_no(s.enabled),
+        s.port,
+        time::format(s.connection_idle_timeout),
+        s.max_connections,
+        s.listen_address,
+    );
+    match active {
+        Some(kind) => out.push_str(&format!("data-path: {} (in use: {kind})\n", s.data_path)),
+        None => out.push_str(&format!("data-path: {}\n", s.data_path)),
+    }
+    out
+}
+
+pub fn settings_json(s: &Settings, active: Option<DataPathKind>) -> Value {
+    json!({
+        "enabled": s.enabled,
+        "port": s.port,
+        "connection-idle-timeout": time::format(s.connection_idle_timeout),
+        "connection-idle-timeout-secs": s.connection_idle_timeout.as_secs_f64(),
+        "max-connections": s.max_connections,
+        "listen-address": s.listen_address.to_string(),
+        "data-path": s.data_path,
+        "data-path-in-use": active,
+    })
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// The `name=value` properties of a rule in the manual's order; defaults left out
+/// except `action`, which the manual always shows.
+fn rule_props(r: &AccessRule, for_export: bool) -> Vec<String> {
+    let mut p = Vec::new();
+    if let Some(a) = &r.src_address {
+        p.push(format!("src-address={}", format_prefix(a)));
+    }
+    if let Some(v) = &r.src_port {
+        p.push(format!("src-port={v}"));
+    }
+    if let Some(a) = &r.dst_address {
+        p.push(format!("dst-address={}", format_prefix(a)));
+    }
+    if let Some(v) = &r.dst_port {
+        p.push(format!("dst-port={v}"));
+    }
+    p.push(format!("action={}", r.action));
+    if for_export {
+        if r.disabled {
+            p.push("disabled=yes".into());
+        }
+        if let Some(c) = &r.comment {
+            p.push(format!("comment={}", quote(c)));
+        }
+    }
+    p
+}
+
+/// `/ip socks access print`: a flags line, then numbered rules; a disabled rule
+/// carries `X`, a comment stands on its own `;;;` line above its rule.
+pub fn access(config: &Config) -> String {
+    let mut out = String::from("Flags: X - disabled\n");
+    let rules = &config.access.rules;
+    let width = rules.len().saturating_sub(1).to_string().len();
+    for (i, r) in rules.iter().enumerate() {
+        let flag = if r.disabled { " X" } else { "" };
+        if let Some(c) = &r.comment {
+            out.push_str(&format!("{:>width$}{flag} ;;; {c}\n", i));
+            out.push_str(&format!("{:>width$}{} {}\n", "", " ".repeat(flag.len()), rule_props(r, false).join(" ")));
+        } else {
+            out.push_str(&format!("{i:>width$}{flag} {}\n", rule_props(r, false).join(" ")));
+        }
+    }
+    out
+}
+
+pub fn access_json(config: &Config) -> Value {
+    let rows: Vec<Value> = config
+        .access
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            json!({
+                "number": i,
+                "src-address": r.src_address.as_ref().map(format_prefix),
+                "src-port": r.src_port.map(|p| p.to_string()),
+                "dst-address": r.dst_address.as_ref().map(format_prefix),
+                "dst-port": r.dst_port.map(|p| p.to_string()),
+                "action": r.action,
+                "disabled": r.disabled,
+                "comment": r.comment,
+            })
+        })
+        .collect();
+    Value::Array(rows)
+}
+
+/// `export`: a RouterOS script that rebuilds the configuration below `menu`.
+/// The state file holds exactly this.
+pub fn export(config: &Config, menu: Menu) -> String {
+    let s = &config.settings;
+    let mut out = String::new();
+    if matches!(menu, Menu::Root | Menu::Ip | Menu::Socks) {
+        out.push_str(&format!(
+            "/ip socks\nset enabled={} port={} connection-idle-timeout={} max-connections={} listen-address={} data-path={}\n",
+            yes_no(s.enabled),
+            s.port,
+            time::format(s.connection_idle_timeout),
+            s.max_connections,
+            s.listen_address,
+            s.data_path,
+        ));
+    }
+    if matches!(menu, Menu::Root | Menu::Ip | Menu::Socks | Menu::Access) {
+        out.push_str("/ip socks access\n");
+        for r in &config.access.rules {
+            out.push_str(&format!("add {}\n", rule_props(r, true).join(" ")));
+        }
+    }
+    out
+}
+
+/// Lays out rows as a table with a `#` column, padded like RouterOS prints.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let num_width = rows.len().saturating_sub(1).to_string().len();
+    let line = |num: &str, cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = format!("{num:>num_width$}");
+        for (cell, w) in cells.zip(&widths) {
+            l.push(' ');
+            l.push_str(&format!("{cell:<w$}"));
+        }
+        l.truncate(l.trim_end().len());
+        l.push('\n');
+        l
+    };
+    let mut out = line("#", &mut header.iter().copied());
+    for (i, row) in rows.iter().enumerate() {
+        out.push_str(&line(&i.to_string(), &mut row.iter().map(String::as_str)));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::command::{apply, parse, split_line};
+
+    fn configured(lines: &[&str]) -> Config {
+        let mut c = Config::default();
+        for l in lines {
+            let (_, cmd) = parse(Menu::Root, &split_line(l).unwrap()).unwrap();
+            apply(&mut c, &cmd).unwrap();
+        }
+        c
+    }
+
+    /// `ip socks print` after `set enabled=yes` starts with the manual's four lines.
+    #[test]
+    fn settings_print_matches_manual() {
+        let c = configured(&["ip socks set enabled=yes"]);
+        let out = settings(&c.settings, None);
+        assert!(out.starts_with("enabled: yes\nport: 1080\nconnection-idle-timeout: 2m\nmax-connections: 200\n"), "{out}");
+    }
+
+    /// `access print` after the manual's three rules prints the manual's lines.
+    #[test]
+    fn access_print_matches_manual() {
+        let c = configured(&[
+            "ip socks access add src-address=192.168.0.2 dst-port=21 action=allow",
+            "ip socks access add dst-port=1024-65535 action=allow",
+            "ip socks access add action=deny",
+        ]);
+        assert_eq!(
+            access(&c),
+            "Flags: X - disabled\n0 src-address=192.168.0.2 dst-port=21 action=allow\n1 dst-port=1024-65535 action=allow\n2 action=deny\n"
+        );
+    }
+
+    /// Disabled rules show X; comments stand above their rule.
+    #[test]
+    fn access_print_flags_and_comments() {
+        let c = configured(&["ip socks access add action=deny disabled=yes comment=\"block all\""]);
+        assert_eq!(access(&c), "Flags: X - disabled\n0 X ;;; block all\n    action=deny\n");
+    }
+
+    /// Tables pad columns and number rows from 0.
+    #[test]
+    fn table_layout() {
+        let t = table(&["SRC-ADDRESS", "TX"], &[vec!["192.168.0.2:3242".into(), "4847".into()]]);
+        assert_eq!(t, "# SRC-ADDRESS      TX\n0 192.168.0.2:3242 4847\n");
+    }
+}

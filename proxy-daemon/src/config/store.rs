@@ -1,0 +1,145 @@
+//! The state file: the configuration as the `export` script, read at start-up
+//! with the same parser as the CLI, and rewritten atomically (temporary file,
+//! fsync, rename, fsync of the folder) before a change is acknowledged.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use super::command::{apply, parse, split_line, Command, CommandError, Menu};
+use super::{render, Config};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}:{line}: {source}")]
+    Parse { path: PathBuf, line: usize, #[source] source: CommandError },
+    #[error("{path}:{line}: `{text}` is not a configuration command")]
+    NotAChange { path: PathBuf, line: usize, text: String },
+    #[error("cannot {op} {path}: {source}")]
+    Io { op: &'static str, path: PathBuf, #[source] source: io::Error },
+}
+
+/// Reads the state file; a missing file is the default configuration.
+pub fn load(path: &Path) -> Result<Config, StoreError> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Config::default()),
+        Err(source) => return Err(StoreError::Io { op: "read", path: path.into(), source }),
+    };
+    parse_script(&text, path)
+}
+
+/// Runs a script of configuration commands on the default configuration.
+pub fn parse_script(text: &str, path: &Path) -> Result<Config, StoreError> {
+    let mut config = Config::default();
+    let mut menu = Menu::Root;
+    let mut pending: Vec<String> = Vec::new();
+    let mut first_line = 0;
+    for (i, raw) in text.lines().enumerate() {
+        let line_no = i + 1;
+        let err = |source| StoreError::Parse { path: path.into(), line: line_no, source };
+        if pending.is_empty() {
+            first_line = line_no;
+        }
+        let (body, continued) = match raw.trim_end().strip_suffix('\\') {
+            Some(b) => (b, true),
+            None => (raw, false),
+        };
+        pending.extend(split_line(body).map_err(err)?);
+        if continued || pending.is_empty() {
+            continue;
+        }
+        let words = std::mem::take(&mut pending);
+        let (m, cmd) = parse(menu, &words).map_err(|source| StoreError::Parse { path: path.into(), line: first_line, source })?;
+        match cmd {
+            Command::Enter(m) => menu = m,
+            cmd if cmd.is_change() => {
+                apply(&mut config, &cmd).map_err(|source| StoreError::Parse { path: path.into(), line: first_line, source })?;
+                // A command with a path runs there but does not move the script.
+                let _ = m;
+            }
+            _ => {
+                return Err(StoreError::NotAChange { path: path.into(), line: first_line, text: words.join(" ") });
+            }
+        }
+    }
+    Ok(config)
+}
+
+/// Writes the configuration so that a crash at any point leaves either the old
+/// or the new file, never a torn one.
+pub fn save(path: &Path, config: &Config) -> Result<(), StoreError> {
+    let io_err = |op, source| StoreError::Io { op, path: path.into(), source };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&dir).map_err(|e| io_err("create the folder of", e))?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let body = format!("# proxyd configuration: RouterOS script, rewritten on every change\n{}", render::export(config, Menu::Root));
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| io_err("create", e))?;
+        f.write_all(body.as_bytes()).map_err(|e| io_err("write", e))?;
+        f.sync_all().map_err(|e| io_err("fsync", e))?;
+    }
+    fs::rename(&tmp, path).map_err(|e| io_err("rename into place", e))?;
+    File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| io_err("fsync the folder of", e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("proxyd-store-{}-{:?}", std::process::id(), std::thread::current().id()));
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// What save writes, load reads back unchanged.
+    #[test]
+    fn save_then_load() {
+        let dir = tmpdir();
+        let path = dir.join("config.rsc");
+        let mut c = Config::default();
+        c.settings.enabled = true;
+        c.access.rules.push(Default::default());
+        save(&path, &c).unwrap();
+        assert_eq!(load(&path).unwrap(), c);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A missing file is the default configuration.
+    #[test]
+    fn missing_file_is_default() {
+        assert_eq!(load(Path::new("/nonexistent/proxyd/config.rsc")).unwrap(), Config::default());
+    }
+
+    /// A broken line stops the load with its line number.
+    #[test]
+    fn broken_line_is_reported_with_its_number() {
+        let script = "# comment\n/ip socks\nset enabled=yes\n/ip socks access\nadd action=allow\nadd dst-port=9-1\n";
+        let e = parse_script(script, Path::new("config.rsc")).unwrap_err();
+        assert!(e.to_string().starts_with("config.rsc:6: invalid value for dst-port"), "{e}");
+        let e = parse_script("/ip socks\nprint\n", Path::new("c")).unwrap_err();
+        assert!(e.to_string().starts_with("c:2:"), "{e}");
+    }
+
+    /// Continuation lines join, as in RouterOS scripts.
+    #[test]
+    fn continuation_lines() {
+        let c = parse_script("/ip socks access add src-address=192.168.0.2 dst-port=21 \\\n    action=deny\n", Path::new("c")).unwrap();
+        assert_eq!(c.access.rules.len(), 1);
+        assert_eq!(c.access.rules[0].action, super::super::Action::Deny);
+    }
+}

@@ -1,0 +1,26 @@
+//! The thin CLI client: sends the words to the daemon, prints its answer,
+//! exits with its status. No parsing here: the daemon owns the language.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use super::{Request, Response};
+
+/// Sends one command; returns the daemon's answer.
+pub fn send(socket: &Path, words: Vec<String>, json: bool) -> Result<Response, String> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| {
+        format!("cannot reach proxyd at {}: {e} (is `proxyd run` running? --control or PROXYD_CONTROL sets the socket)", socket.display())
+    })?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut body = serde_json::to_string(&Request { words, json }).map_err(|e| e.to_string())?;
+    body.push('\n');
+    stream.write_all(body.as_bytes()).map_err(|e| format!("control socket: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).map_err(|e| format!("control socket: {e}"))?;
+    if line.is_empty() {
+        return Err("proxyd closed the control connection without an answer (not root?)".into());
+    }
+    serde_json::from_str(&line).map_err(|e| format!("bad answer from proxyd: {e}"))
+}

@@ -1,0 +1,218 @@
+//! The control socket: how `proxyd ip socks ...` reaches the running daemon.
+//! The CLI is thin: it sends its words as they are, and the daemon parses
+//! them with the one command parser, runs them, and answers with the text to
+//! print and the exit status. [`Controller`] runs commands; changes are saved
+//! to the state file before they are acknowledged.
+//!
+//! Wire format: one JSON line each way. Request `{"words":[...],"json":false}`,
+//! answer `{"exit":0,"stdout":"...","stderr":"..."}`.
+
+pub mod client;
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::config::command::{apply, parse, Command, CommandError, Menu};
+use crate::config::{render, store};
+use crate::server::Server;
+
+/// Longest request line accepted on the control socket.
+const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Request {
+    pub words: Vec<String>,
+    #[serde(default)]
+    pub json: bool,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Response {
+    pub exit: i32,
+    #[serde(default)]
+    pub stdout: String,
+    #[serde(default)]
+    pub stderr: String,
+}
+
+impl Response {
+    fn ok(stdout: String) -> Self {
+        Response { exit: 0, stdout, stderr: String::new() }
+    }
+    fn err(exit: i32, msg: impl std::fmt::Display) -> Self {
+        Response { exit, stdout: String::new(), stderr: format!("{msg}\n") }
+    }
+}
+
+impl From<CommandError> for Response {
+    fn from(e: CommandError) -> Self {
+        Response::err(e.exit_code(), e)
+    }
+}
+
+/// Runs commands against the server's configuration; one change at a time.
+pub struct Controller {
+    server: Arc<Server>,
+    state_path: PathBuf,
+    /// Serialises changes so each is saved before the next one starts.
+    changes: tokio::sync::Mutex<()>,
+}
+
+impl Controller {
+    pub fn new(server: Arc<Server>, state_path: PathBuf) -> Self {
+        Controller { server, state_path, changes: tokio::sync::Mutex::new(()) }
+    }
+
+    /// Runs one command given as words, as typed after `proxyd`.
+    pub async fn execute(&self, words: &[String], json: bool) -> Response {
+        let (_, command) = match parse(Menu::Root, words) {
+            Ok(c) => c,
+            Err(e) => return e.into(),
+        };
+        let config = self.server.config();
+        let active = Some(self.server.datapath_kind());
+        let out = |text: String, value: serde_json::Value| {
+            Response::ok(if json { format!("{}\n", serde_json::to_string_pretty(&value).unwrap()) } else { text })
+        };
+        match &command {
+            Command::Enter(menu) => Response::err(2, format!("{menu}: a command is needed (e.g. print)")),
+            Command::Export(menu) => Response::ok(render::export(&config, *menu)),
+            Command::SettingsPrint => out(render::settings(&config.settings, active), render::settings_json(&config.settings, active)),
+            Command::AccessPrint(_) => out(render::access(&config), render::access_json(&config)),
+            Command::ConnectionsPrint(opts) => {
+                let rows = self.server.registry.rows();
+                let text = if opts.detail {
+                    let mut s = String::new();
+                    for (i, r) in rows.iter().enumerate() {
+                        s.push_str(&format!(
+                            "{i} src-address={} dst-address={} tx={} rx={} type={}\n",
+                            r.src_address,
+                            r.dst_address.map_or_else(|| "-".into(), |d| d.to_string()),
+                            r.tx,
+                            r.rx,
+                            r.kind.as_str()
+                        ));
+                    }
+                    s
+                } else {
+                    let cells: Vec<Vec<String>> = rows
+                        .iter()
+                        .map(|r| {
+                            vec![
+                                r.src_address.to_string(),
+                                r.dst_address.map_or_else(|| "-".into(), |d| d.to_string()),
+                                r.tx.to_string(),
+                                r.rx.to_string(),
+                            ]
+                        })
+                        .collect();
+                    render::table(&["SRC-ADDRESS", "DST-ADDRESS", "TX", "RX"], &cells)
+                };
+                out(text, serde_json::to_value(&rows).unwrap())
+            }
+            change => self.change(change).await,
+        }
+    }
+
+    /// Applies a change: check, prepare what can fail, save, then make it current.
+    async fn change(&self, command: &Command) -> Response {
+        let _one_at_a_time = self.changes.lock().await;
+        let current = self.server.config();
+        let mut new = (*current).clone();
+        if let Err(e) = apply(&mut new, command) {
+            return e.into();
+        }
+        if new == *current {
+            return Response::ok(String::new());
+        }
+        let prepared = match self.server.prepare(&new.settings) {
+            Ok(p) => p,
+            Err(e) => return Response::err(1, e),
+        };
+        if let Err(e) = store::save(&self.state_path, &new) {
+            tracing::error!("{e}");
+            return Response::err(1, format!("not saved, nothing changed: {e}"));
+        }
+        let mut stderr = String::new();
+        if new.settings.enabled && !current.settings.enabled && new.access.is_open() {
+            let warning = "warning: the access list allows any client to any destination: this is an open proxy. \
+                           Add rules, e.g. `ip socks access add src-address=192.168.0.0/24` then `ip socks access add action=deny`.";
+            tracing::warn!("{warning}");
+            stderr = format!("{warning}\n");
+        }
+        self.server.commit(new, prepared);
+        Response { exit: 0, stdout: String::new(), stderr }
+    }
+}
+
+/// Binds the control socket (mode 0600) at `path`, replacing a stale one.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{}: another proxyd is running on this control socket", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves the control socket until the process ends.
+pub async fn serve(listener: UnixListener, controller: Arc<Controller>) {
+    let own_uid = nix::unistd::geteuid().as_raw();
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // The socket file is 0600; check the peer too, in case it was loosened.
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == 0 || cred.uid() == own_uid => {}
+            other => {
+                tracing::warn!(cred = ?other.map(|c| c.uid()).ok(), "control connection refused: not root");
+                continue;
+            }
+        }
+        let controller = controller.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, &controller).await {
+                tracing::debug!(error = %e, "control connection failed");
+            }
+        });
+    }
+}
+
+async fn handle(stream: UnixStream, controller: &Controller) -> io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(r.take(MAX_REQUEST as u64));
+    reader.read_line(&mut line).await?;
+    let response = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => controller.execute(&req.words, req.json).await,
+        Err(e) => Response::err(2, format!("bad control request: {e}")),
+    };
+    let mut body = serde_json::to_string(&response).map_err(io::Error::other)?;
+    body.push('\n');
+    w.write_all(body.as_bytes()).await?;
+    w.shutdown().await
+}

@@ -1,0 +1,223 @@
+//! The few raw Linux calls the kernel data path needs and that neither std,
+//! tokio nor nix wrap: socket cookies, `TCP_INFO`, `SIOCOUTQ`, forced buffer
+//! sizes, a private epoll set, and bpffs detection/mounting.
+//!
+//! Every `unsafe` block of the kernel data path lives here, each with its
+//! SAFETY argument; callers get safe functions over `AsFd`.
+
+use std::ffi::CString;
+use std::io;
+use std::mem;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// `statfs.f_type` of a BPF filesystem (`include/uapi/linux/magic.h`).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The kernel's 64-bit identifier of a socket (`SO_COOKIE`): the sockhash key.
+pub fn socket_cookie(sock: &impl AsFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie`/`len` are valid for writes of the size passed; the fd
+    // is borrowed, so it stays open for the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// The `TCP_INFO` fields the close logic needs.
+#[derive(Clone, Copy, Debug)]
+pub struct TcpInfo {
+    /// `tcpi_state` (`TCP_ESTABLISHED` = 1, `TCP_CLOSE` = 7, ...).
+    pub state: u8,
+    /// `tcpi_bytes_acked`: every byte the peer has acknowledged so far.
+    pub bytes_acked: u64,
+}
+
+/// Reads `TCP_INFO`. The kernel takes the socket lock for it, so the call
+/// also waits for any receive processing running on the socket right now.
+pub fn tcp_info(sock: &impl AsFd) -> io::Result<TcpInfo> {
+    // SAFETY: `tcp_info` is plain old data; all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info`/`len` are valid for writes of the size passed; the
+    // kernel writes at most `len` bytes and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // `tcpi_bytes_acked` exists since Linux 4.1; an older kernel returns a
+    // shorter struct and the field would read as 0, which `len` catches.
+    let needed = mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + mem::size_of::<u64>();
+    if (len as usize) < needed {
+        return Err(io::Error::new(io::ErrorKind::Unsupported, "TCP_INFO has no tcpi_bytes_acked"));
+    }
+    Ok(TcpInfo { state: info.tcpi_state, bytes_acked: info.tcpi_bytes_acked })
+}
+
+/// `SIOCOUTQ`: bytes in the send queue not yet acknowledged by the peer.
+pub fn outq(sock: &impl AsFd) -> io::Result<u32> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one c_int to the pointer given.
+    let rc = unsafe { libc::ioctl(sock.as_fd().as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as u32)
+}
+
+/// Sets an `int` socket option.
+pub fn setsockopt_int(sock: &impl AsFd, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: the option value is a valid c_int of the length passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_fd().as_raw_fd(),
+            level,
+            name,
+            (&value as *const i32).cast(),
+            mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reads an `int` socket option.
+pub fn getsockopt_int(sock: &impl AsFd, level: i32, name: i32) -> io::Result<i32> {
+    let mut value: i32 = 0;
+    let mut len = mem::size_of::<i32>() as libc::socklen_t;
+    // SAFETY: `value`/`len` are valid for writes of the size passed.
+    let rc = unsafe {
+        libc::getsockopt(sock.as_fd().as_raw_fd(), level, name, (&mut value as *mut i32).cast(), &mut len)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// Sets `SO_LINGER {on, 0}` so that closing the socket sends a RST.
+pub fn set_linger_zero(sock: &impl AsFd) -> io::Result<()> {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: the option value is a valid `linger` of the length passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A private epoll set, edge-triggered, that reports only the events asked
+/// for: the tunnel watches for FIN/RST without a wake-up per received skb.
+pub struct Epoll {
+    fd: OwnedFd,
+}
+
+/// Event bits as epoll reports them.
+pub const EV_RDHUP: u32 = libc::EPOLLRDHUP as u32;
+pub const EV_HUP: u32 = libc::EPOLLHUP as u32;
+pub const EV_ERR: u32 = libc::EPOLLERR as u32;
+
+impl Epoll {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall; on success we own the returned fd.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        Ok(Epoll { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+    }
+
+    /// Watches `sock` for `EPOLLRDHUP` (edge-triggered; `EPOLLHUP` and
+    /// `EPOLLERR` are always reported), tagged with `token`.
+    pub fn watch_hangup(&self, sock: &impl AsFd, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32, u64: token };
+        // SAFETY: both fds are open for the call; `ev` is a valid event.
+        let rc = unsafe {
+            libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, sock.as_fd().as_raw_fd(), &mut ev)
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Collects pending events without blocking, as `(token, events)`.
+    pub fn drain(&self) -> io::Result<Vec<(u64, u32)>> {
+        const N: usize = 8;
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; N];
+        let mut out = Vec::new();
+        loop {
+            // SAFETY: `events` has room for `N` entries, the count passed.
+            let n = unsafe { libc::epoll_wait(self.fd.as_raw_fd(), events.as_mut_ptr(), N as i32, 0) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let n = n as usize;
+            out.extend(events[..n].iter().map(|e| (e.u64, e.events)));
+            if n < N {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+impl AsRawFd for Epoll {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// Whether `path` lies on a BPF filesystem.
+pub fn is_bpffs(path: &Path) -> io::Result<bool> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    // SAFETY: `statfs` is plain old data; all-zero is a valid value.
+    let mut st: libc::statfs = unsafe { mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path; `st` is valid for writes.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// `mount -t bpf bpf <target>` (mode 0700).
+pub fn mount_bpffs(target: &Path) -> io::Result<()> {
+    nix::mount::mount(Some("bpf"), target, Some("bpf"), nix::mount::MsFlags::empty(), Some("mode=0700"))
+        .map_err(io::Error::from)
+}

@@ -1,0 +1,92 @@
+//! The data path: what moves a tunnel's bytes once the handshake is done.
+//!
+//! One trait, two implementations. [`userspace::UserspaceRelay`] copies bytes
+//! through the daemon and works everywhere; [`kernel::KernelDataPath`] puts the
+//! socket pair into a BPF sockhash and lets an `sk_skb` program splice them.
+//! The server hands over a connected [`Pair`] and gets back a [`Tunnel`]: a
+//! live view of the flow's counters and a future that ends with the tunnel.
+//! Nothing outside the data path touches the sockets after `attach`.
+
+pub mod kernel;
+pub mod userspace;
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A connected client and its destination, ready to be spliced.
+pub struct Pair {
+    /// The SOCKS client's connection.
+    pub client: TcpStream,
+    /// The connection to the destination (CONNECT) or from the peer (BIND).
+    pub upstream: TcpStream,
+    /// Bytes the client sent after its request, already read by the handshake;
+    /// they are the start of the client-to-destination stream and must be sent first.
+    pub client_early: Vec<u8>,
+}
+
+/// Counters of one tunnel, as the connections list shows them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    /// Bytes from the client delivered towards the destination.
+    pub tx: u64,
+    /// Bytes from the destination delivered towards the client.
+    pub rx: u64,
+    /// When a byte last moved in either direction, in `CLOCK_MONOTONIC`
+    /// nanoseconds (the clock `bpf_ktime_get_ns` reads).
+    pub last_activity_ns: u64,
+}
+
+/// Where a tunnel's counters are read from (atomics or a BPF map).
+pub trait FlowSource: Send + Sync {
+    fn snapshot(&self) -> FlowStats;
+}
+
+/// A tunnel handed to a data path.
+pub struct Tunnel {
+    /// Live counters.
+    pub stats: Arc<dyn FlowSource>,
+    /// Ends when both directions are closed and both sockets are released.
+    pub done: JoinHandle<()>,
+}
+
+/// Which implementation moves the bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPathKind {
+    Kernel,
+    Userspace,
+}
+
+impl fmt::Display for DataPathKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DataPathKind::Kernel => "kernel",
+            DataPathKind::Userspace => "userspace",
+        })
+    }
+}
+
+/// The seam between the server and whatever moves the bytes.
+pub trait DataPath: Send + Sync {
+    fn kind(&self) -> DataPathKind;
+
+    /// Takes ownership of `pair` and starts moving bytes both ways, with
+    /// half-close in either direction and no byte lost at close.
+    /// Cancelling `cancel` closes the tunnel at once (idle reaper, shutdown).
+    fn attach(&self, pair: Pair, cancel: CancellationToken) -> io::Result<Tunnel>;
+}
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of [`FlowStats::last_activity_ns`].
+pub fn monotonic_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+/// Shared handle to the active data path.
+pub type SharedDataPath = Arc<dyn DataPath>;

@@ -1,0 +1,186 @@
+//! The `proxyd` binary: `proxyd run` starts the daemon; every other command
+//! (`proxyd ip socks ...`, `proxyd export`) is sent to the running daemon
+//! over its control socket.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use proxyd::config::{store, DataPathMode};
+use proxyd::control::{self, client, Controller};
+use proxyd::server::Server;
+
+const DEFAULT_CONTROL: &str = "/run/proxyd/control.sock";
+
+#[derive(Parser)]
+#[command(
+    name = "proxyd",
+    version,
+    about = "SOCKS4/4a proxy daemon with RouterOS /ip socks semantics and an eBPF data path",
+    after_help = "\
+Commands (RouterOS style, sent to the running daemon):
+  proxyd ip socks set enabled=yes port=1080 connection-idle-timeout=2m max-connections=200
+  proxyd ip socks print
+  proxyd ip socks access add src-address=192.168.0.2 dst-port=21 action=allow
+  proxyd ip socks access add dst-port=1024-65535 action=allow
+  proxyd ip socks access add action=deny
+  proxyd ip socks access print | remove N | set N name=value | move N M | enable N | disable N
+  proxyd ip socks connections print [detail]
+  proxyd export                  the whole configuration as a RouterOS script
+
+Settings: enabled (yes|no), port (1..65535), connection-idle-timeout (1s..1w, e.g. 30s, 2m, 1d2h),
+  max-connections (1..1000000), listen-address (IP), data-path (auto|kernel|userspace).
+Access rules: src-address, dst-address (a.b.c.d[/len]), src-port, dst-port (N or N-M),
+  action (allow|deny), disabled (yes|no), comment. The first enabled matching rule decides;
+  no match allows.
+
+Exit status: 0 success, 1 refused or failed command, 2 usage error."
+)]
+struct Cli {
+    /// Control socket of the daemon.
+    #[arg(long, global = true, env = "PROXYD_CONTROL", default_value = DEFAULT_CONTROL)]
+    control: PathBuf,
+    /// Print the answer as JSON (print commands).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon in the foreground (logs to stderr).
+    Run(RunArgs),
+    /// A RouterOS-style command for the running daemon, e.g. `ip socks print`.
+    #[command(external_subcommand)]
+    Menu(Vec<String>),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// State file: the configuration as a RouterOS script, rewritten on every change.
+    #[arg(long, default_value = "/var/lib/proxyd/config.rsc")]
+    state: PathBuf,
+    /// Folder under bpffs where the kernel data path pins its maps.
+    #[arg(long, default_value = "/sys/fs/bpf/proxyd")]
+    bpf_pin_dir: PathBuf,
+    /// Data path for tunnels; overrides the saved `data-path` setting for this run.
+    #[arg(long, value_parser = ["auto", "kernel", "userspace"])]
+    data_path: Option<String>,
+    /// How long open tunnels may go on after SIGTERM/SIGINT before they are closed.
+    #[arg(long, default_value = "10s", value_parser = parse_time)]
+    shutdown_grace: Duration,
+}
+
+fn parse_time(s: &str) -> Result<Duration, String> {
+    proxyd::config::time::parse(s).ok_or_else(|| format!("`{s}` is not a time (e.g. 10s, 1m)"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Run(args) => {
+            init_logging();
+            match run(cli.control, args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Menu(words) => match client::send(&cli.control, words, cli.json) {
+            Ok(resp) => {
+                print!("{}", resp.stdout);
+                eprint!("{}", resp.stderr);
+                ExitCode::from(resp.exit.clamp(0, 255) as u8)
+            }
+            Err(e) => {
+                eprintln!("proxyd: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("PROXYD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+}
+
+fn run(control_path: PathBuf, args: RunArgs) -> anyhow::Result<()> {
+    let config = store::load(&args.state).context("cannot start: the state file is broken")?;
+    raise_nofile_limit(config.settings.max_connections);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+    runtime.block_on(async move {
+        let mode = match &args.data_path {
+            Some(m) => m.parse::<DataPathMode>().expect("clap checked the value"),
+            None => config.settings.data_path,
+        };
+        let server = Server::new(config.clone(), mode, args.bpf_pin_dir.clone())?;
+        tracing::info!(state = %args.state.display(), data_path = %server.datapath_kind(), "proxyd {} starting ({} data path)", env!("CARGO_PKG_VERSION"), server.datapath_kind());
+        match server.prepare(&config.settings) {
+            Ok(p) => server.commit(config.clone(), p),
+            Err(e) => tracing::error!("not accepting clients: {e}; fix it with `proxyd ip socks set ...`"),
+        }
+        if config.settings.enabled && config.access.is_open() {
+            tracing::warn!("the access list allows any client to any destination: this is an open proxy");
+        }
+        let listener = control::bind(&control_path).with_context(|| format!("cannot create the control socket {}", control_path.display()))?;
+        let controller = Arc::new(Controller::new(server.clone(), args.state.clone()));
+        tokio::spawn(control::serve(listener, controller));
+        tokio::spawn(server.clone().reap_idle_forever());
+        tracing::info!(control = %control_path.display(), "ready");
+
+        shutdown_signal().await;
+        tracing::info!("shutting down: no new clients; {} open connection(s) get {:?}", server.registry.len(), args.shutdown_grace);
+        server.stop_listening();
+        let _ = std::fs::remove_file(&control_path);
+        let deadline = tokio::time::Instant::now() + args.shutdown_grace;
+        while !server.registry.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if !server.registry.is_empty() {
+            tracing::info!("grace period over: closing {} connection(s)", server.registry.len());
+            server.registry.cancel_all();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tracing::info!("stopped");
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    let mut int = signal(SignalKind::interrupt()).expect("signal handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Each connection holds two sockets; raise the soft open-files limit towards
+/// what `max-connections` needs, as far as the hard limit allows.
+fn raise_nofile_limit(max_connections: u32) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    let want = (max_connections as u64) * 2 + 64;
+    let target = want.min(hard).max(soft);
+    if target > soft {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, target, hard);
+    }
+    if want > hard {
+        tracing::warn!("max-connections={max_connections} needs about {want} open files, but the limit is {hard}; connections beyond it will be refused at accept");
+    }
+}

@@ -1,0 +1,210 @@
+//! The SOCKS server: the listener (rebound live when `port`, `listen-address`
+//! or `enabled` change), admission against `max-connections`, the handshake
+//! and CONNECT/BIND ([`conn`]), the idle reaper, and the data path in use.
+//! Configuration changes arrive through [`Server::prepare`] (which does
+//! everything that can fail) and [`Server::commit`] (which cannot fail).
+
+pub mod conn;
+pub mod registry;
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, DataPathMode, Settings};
+use crate::datapath::{kernel::KernelDataPath, userspace::UserspaceRelay, DataPathKind, SharedDataPath};
+use registry::Registry;
+
+/// How often the idle reaper looks at the connections.
+const REAP_INTERVAL: Duration = Duration::from_millis(250);
+/// Listen backlog.
+const BACKLOG: u32 = 1024;
+
+/// The running server, shared by the accept loop, the connections and the control socket.
+pub struct Server {
+    config: RwLock<Arc<Config>>,
+    pub registry: Arc<Registry>,
+    datapath: RwLock<SharedDataPath>,
+    listener: Mutex<Option<ActiveListener>>,
+    pin_dir: PathBuf,
+}
+
+struct ActiveListener {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for ActiveListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What [`Server::prepare`] got ready for a configuration change.
+#[derive(Default)]
+pub struct Prepared {
+    /// A new listener to swap in, or `Some(None)` to stop listening.
+    listener: Option<Option<(SocketAddr, std::net::TcpListener)>>,
+    datapath: Option<SharedDataPath>,
+}
+
+impl Server {
+    /// Creates the server with the data path `mode` asks for.
+    pub fn new(config: Config, mode: DataPathMode, pin_dir: PathBuf) -> io::Result<Arc<Self>> {
+        let datapath = select_datapath(mode, &pin_dir)?;
+        Ok(Arc::new(Server {
+            config: RwLock::new(Arc::new(config)),
+            registry: Arc::new(Registry::default()),
+            datapath: RwLock::new(datapath),
+            listener: Mutex::new(None),
+            pin_dir,
+        }))
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap().clone()
+    }
+
+    pub fn datapath(&self) -> SharedDataPath {
+        self.datapath.read().unwrap().clone()
+    }
+
+    pub fn datapath_kind(&self) -> DataPathKind {
+        self.datapath().kind()
+    }
+
+    /// The address the listener is bound to, if it is listening.
+    pub fn listening_on(&self) -> Option<SocketAddr> {
+        self.listener.lock().unwrap().as_ref().map(|l| l.addr)
+    }
+
+    /// Does what can fail for moving from the current settings to `new`:
+    /// binds a new listener, loads a new data path. Nothing changes yet.
+    pub fn prepare(&self, new: &Settings) -> io::Result<Prepared> {
+        let old = self.config();
+        let mut p = Prepared::default();
+        let want = new.enabled.then(|| SocketAddr::new(new.listen_address, new.port));
+        let have = self.listening_on();
+        if want != have {
+            p.listener = Some(match want {
+                Some(addr) => Some((addr, bind(addr)?)),
+                None => None,
+            });
+        }
+        if new.data_path != old.settings.data_path {
+            p.datapath = Some(select_datapath(new.data_path, &self.pin_dir)?);
+        }
+        Ok(p)
+    }
+
+    /// Makes `config` current, with what [`Server::prepare`] got ready for it.
+    pub fn commit(self: &Arc<Self>, config: Config, prepared: Prepared) {
+        *self.config.write().unwrap() = Arc::new(config);
+        if let Some(dp) = prepared.datapath {
+            tracing::info!(data_path = %dp.kind(), "new tunnels use the {} data path", dp.kind());
+            *self.datapath.write().unwrap() = dp;
+        }
+        if let Some(listener) = prepared.listener {
+            let mut slot = self.listener.lock().unwrap();
+            // Dropping the old listener stops its accept loop; open tunnels stay.
+            *slot = None;
+            match listener {
+                Some((addr, std_listener)) => {
+                    let server = self.clone();
+                    let task = tokio::spawn(async move {
+                        match TcpListener::from_std(std_listener) {
+                            Ok(l) => server.accept_loop(l).await,
+                            Err(e) => tracing::error!(%addr, error = %e, "cannot register the listener"),
+                        }
+                    });
+                    tracing::info!(%addr, "accepting SOCKS clients");
+                    *slot = Some(ActiveListener { addr, task });
+                }
+                None => tracing::info!("SOCKS server disabled: not accepting new clients"),
+            }
+        }
+    }
+
+    /// Stops accepting new clients (shutdown).
+    pub fn stop_listening(&self) {
+        *self.listener.lock().unwrap() = None;
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    backoff = Duration::from_millis(5);
+                    self.clone().admit(stream, peer);
+                }
+                Err(e) => {
+                    // EMFILE and friends: wait rather than spin.
+                    tracing::warn!(error = %e, "accept failed; backing off {:?}", backoff);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    fn admit(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let max = self.config().settings.max_connections as usize;
+        match self.registry.admit(peer, max) {
+            Some(slot) => {
+                tokio::spawn(conn::serve(self, stream, peer, slot));
+            }
+            None => {
+                tracing::info!(src = %peer, max, "refused: max-connections reached");
+                conn::refuse(stream);
+            }
+        }
+    }
+
+    /// Runs the idle reaper until the process ends.
+    pub async fn reap_idle_forever(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(REAP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let timeout = self.config().settings.connection_idle_timeout;
+            self.registry.reap_idle(timeout);
+        }
+    }
+}
+
+/// Binds a listening socket with `SO_REUSEADDR` (restarts do not wait for TIME_WAIT).
+fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(addr)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+    let listener = socket.listen(BACKLOG)?;
+    listener.into_std()
+}
+
+/// Picks the data path for `mode`; `auto` falls back to the relay and says why.
+pub fn select_datapath(mode: DataPathMode, pin_dir: &std::path::Path) -> io::Result<SharedDataPath> {
+    match mode {
+        DataPathMode::Userspace => Ok(Arc::new(UserspaceRelay)),
+        DataPathMode::Kernel => KernelDataPath::load(pin_dir)
+            .map(|k| Arc::new(k) as SharedDataPath)
+            .map_err(|e| io::Error::new(e.kind(), format!("data-path=kernel: cannot load the BPF data path: {e}"))),
+        DataPathMode::Auto => match KernelDataPath::load(pin_dir) {
+            Ok(k) => Ok(Arc::new(k)),
+            Err(e) => {
+                tracing::warn!("data-path=auto: kernel data path unavailable ({e}); using the userspace relay");
+                Ok(Arc::new(UserspaceRelay))
+            }
+        },
+    }
+}

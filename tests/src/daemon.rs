@@ -1,0 +1,305 @@
+//! A `proxyd run` child process per test (RAII) and the CLI client that talks to it.
+
+use crate::{free_port, run_with_timeout, text, wait_until};
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How long a CLI command may take before the test gives up on it.
+const CLI_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the daemon may take to create its control socket.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The `proxyd` binary under test: `PROXYD_BIN`, else `<workspace>/target/debug/proxyd`.
+pub fn proxyd_bin() -> PathBuf {
+    let p = match std::env::var_os("PROXYD_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/proxyd"),
+    };
+    if !p.is_file() {
+        panic!(
+            "proxyd binary not found at {}: run `cargo build -p proxy-daemon` first \
+             (or `cargo xtask test`, which builds it), or set PROXYD_BIN",
+            p.display()
+        );
+    }
+    p
+}
+
+/// The CLI client bound to one daemon's control socket; cheap to clone into threads.
+#[derive(Clone, Debug)]
+pub struct Cli {
+    /// The proxyd binary.
+    pub bin: PathBuf,
+    /// The daemon's control socket.
+    pub control: PathBuf,
+}
+
+impl Cli {
+    /// Runs `proxyd --control SOCKET <args...>` (time-limited) and returns its output.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--control").arg(&self.control).args(args);
+        run_with_timeout(&mut cmd, CLI_TIMEOUT)
+    }
+
+    /// Runs a command that must succeed (exit 0) and returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "`proxyd {}` failed ({:?})\nstdout: {}\nstderr: {}",
+            args.join(" "),
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
+    /// The active connections, from `--json ip socks connections print`.
+    pub fn connections(&self) -> Vec<Conn> {
+        let out = self.ok(&["--json", "ip", "socks", "connections", "print"]);
+        parse_connections(&out)
+    }
+}
+
+/// One row of `--json ip socks connections print`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conn {
+    /// Client address `ip:port`.
+    pub src: String,
+    /// Destination address `ip:port`.
+    pub dst: String,
+    /// Bytes client -> destination.
+    pub tx: u64,
+    /// Bytes destination -> client.
+    pub rx: u64,
+    /// `unknown`, `out` or `in`.
+    pub kind: String,
+}
+
+/// Parses the JSON array printed by `--json ip socks connections print`.
+pub fn parse_connections(json: &str) -> Vec<Conn> {
+    let v: serde_json::Value = serde_json::from_str(json.trim())
+        .unwrap_or_else(|e| panic!("connections print --json is not JSON ({e}): {json:?}"));
+    let arr = v.as_array().unwrap_or_else(|| panic!("connections JSON is not an array: {json}"));
+    arr.iter()
+        .map(|o| {
+            let s = |k: &str| {
+                o.get(k)
+                    .and_then(|x| x.as_str())
+                    .unwrap_or_else(|| panic!("connection row lacks string {k:?}: {o}"))
+                    .to_string()
+            };
+            let n = |k: &str| {
+                o.get(k)
+                    .and_then(|x| x.as_u64())
+                    .unwrap_or_else(|| panic!("connection row lacks number {k:?}: {o}"))
+            };
+            Conn { src: s("src-address"), dst: s("dst-address"), tx: n("tx"), rx: n("rx"), kind: s("type") }
+        })
+        .collect()
+}
+
+/// A running `proxyd run` with a private temp dir (state file, control socket, log).
+/// Dropping it stops the daemon (SIGTERM, then SIGKILL) and waits for it; when the
+/// test is panicking it prints the daemon's stderr and keeps the dir for inspection.
+pub struct Daemon {
+    /// The data path it was started with (`userspace`, `kernel`, `auto`).
+    pub data_path: String,
+    /// The private directory holding state and control socket.
+    pub dir: PathBuf,
+    /// The state file.
+    pub state: PathBuf,
+    /// CLI client for this daemon.
+    pub cli: Cli,
+    /// The SOCKS port set by [`Daemon::enable`], if any.
+    pub port: Option<u16>,
+    child: Option<Child>,
+    log: Arc<Mutex<Vec<u8>>>,
+    pin_dir: Option<PathBuf>,
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Daemon {
+    /// Starts a daemon on `data_path` in a fresh temp dir and waits for its control socket.
+    pub fn start(data_path: &str) -> Daemon {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
+        let tag = format!("{}-{n}-{nanos:x}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("proxyd-test-{tag}"));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        let pin_dir = (data_path != "userspace")
+            .then(|| PathBuf::from(format!("/sys/fs/bpf/proxyd-test-{tag}")));
+        let mut d = Daemon {
+            data_path: data_path.to_string(),
+            state: dir.join("config.rsc"),
+            cli: Cli { bin: proxyd_bin(), control: dir.join("control.sock") },
+            dir,
+            port: None,
+            child: None,
+            log: Arc::new(Mutex::new(Vec::new())),
+            pin_dir,
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let _ = std::fs::remove_file(&self.cli.control);
+        let mut cmd = Command::new(&self.cli.bin);
+        cmd.arg("run")
+            .arg("--state")
+            .arg(&self.state)
+            .arg("--control")
+            .arg(&self.cli.control)
+            .arg("--data-path")
+            .arg(&self.data_path);
+        if let Some(p) = &self.pin_dir {
+            cmd.arg("--bpf-pin-dir").arg(p);
+        }
+        cmd.env_remove("PROXYD_CONTROL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let mut err = child.stderr.take().unwrap();
+        let log = self.log.clone();
+        log.lock().unwrap().extend_from_slice(format!("--- proxyd run ({}) started ---\n", self.data_path).as_bytes());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                log.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        self.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if self.cli.control.exists() {
+                break;
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100));
+                panic!("proxyd run exited during start-up ({st}); stderr:\n{}", self.log());
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "proxyd did not create its control socket {} within {START_TIMEOUT:?}; stderr:\n{}",
+                    self.cli.control.display(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Everything the daemon wrote on stderr so far (all its runs).
+    pub fn log(&self) -> String {
+        text(&self.log.lock().unwrap())
+    }
+
+    /// Runs a CLI command against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli.run(args)
+    }
+
+    /// Runs a CLI command that must exit 0 and returns its stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        self.cli.ok(args)
+    }
+
+    /// `ip socks set enabled=yes port=<free> listen-address=127.0.0.1` plus `extra`
+    /// settings; waits until the port accepts and returns the SOCKS address.
+    pub fn enable(&mut self, extra: &[&str]) -> SocketAddr {
+        let port = free_port();
+        let port_arg = format!("port={port}");
+        let mut args = vec!["ip", "socks", "set", "enabled=yes", &port_arg, "listen-address=127.0.0.1"];
+        args.extend_from_slice(extra);
+        self.cli_ok(&args);
+        self.port = Some(port);
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let up = wait_until(Duration::from_secs(5), || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+        });
+        assert!(up, "proxyd does not accept on {addr} after `ip socks set enabled=yes`; stderr:\n{}", self.log());
+        // Let the daemon drop the probe connection before tests count connections.
+        wait_until(Duration::from_secs(2), || self.cli.connections().is_empty());
+        addr
+    }
+
+    /// The SOCKS address set by [`Daemon::enable`].
+    pub fn addr(&self) -> SocketAddr {
+        format!("127.0.0.1:{}", self.port.expect("call enable() first")).parse().unwrap()
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon not running").id()
+    }
+
+    /// Sends SIGTERM and waits (10 s, then SIGKILL) for the daemon to exit; returns
+    /// whether it exited by itself with status 0.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else { return true };
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st.success();
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                self.log.lock().unwrap().extend_from_slice(b"--- test harness: SIGTERM ignored for 10 s, sent SIGKILL ---\n");
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILLs the daemon (no clean-up chance) and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            self.log.lock().unwrap().extend_from_slice(b"--- test harness: SIGKILL ---\n");
+        }
+    }
+
+    /// Starts the daemon again on the same state file and control socket.
+    pub fn restart(&mut self) {
+        if self.child.is_some() {
+            assert!(self.stop(), "proxyd did not exit cleanly on SIGTERM; stderr:\n{}", self.log());
+        }
+        self.spawn();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!(
+                "==== proxyd ({} data path) stderr, dir {} kept ====\n{}\n==== end of proxyd stderr ====",
+                self.data_path,
+                self.dir.display(),
+                self.log()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+        if let Some(p) = &self.pin_dir {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}

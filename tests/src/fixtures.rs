@@ -1,0 +1,179 @@
+//! Destination servers for the tests: a tiny HTTP server that serves one known body and
+//! counts accepted connections, and the pyftpdlib FTP server (tests/scripts/ftpd.py).
+
+use crate::{run_with_timeout, text};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddrV4, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// An HTTP/1.1 server on 127.0.0.1 that answers every request with `body`.
+pub struct HttpServer {
+    /// Where it listens.
+    pub addr: SocketAddrV4,
+    /// The body it serves.
+    pub body: Arc<Vec<u8>>,
+    /// Connections accepted so far (to prove that nothing reached it).
+    pub accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HttpServer {
+    /// Starts serving `body` on a free port of 127.0.0.1.
+    pub fn start(body: Vec<u8>) -> HttpServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind http");
+        let port = listener.local_addr().unwrap().port();
+        let body = Arc::new(body);
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (b, a, st) = (body.clone(), accepted.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                a.fetch_add(1, Ordering::SeqCst);
+                let b = b.clone();
+                std::thread::spawn(move || serve_http(conn, &b));
+            }
+        });
+        HttpServer { addr: crate::localhost(port), body, accepted, stop, thread: Some(thread) }
+    }
+
+    /// Number of connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// `http://127.0.0.1:PORT/` (or with `host` instead of the IP).
+    pub fn url(&self, host: &str) -> String {
+        format!("http://{host}:{}/", self.addr.port())
+    }
+}
+
+fn serve_http(conn: TcpStream, body: &[u8]) {
+    conn.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    conn.set_write_timeout(Some(Duration::from_secs(10))).ok();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut conn = conn;
+    // Read one request head, answer it, then close (Connection: close).
+    let mut head_len = 0;
+    let mut saw_request = false;
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head_len += n,
+        }
+        if head_len > 64 * 1024 {
+            return;
+        }
+        if line == "\r\n" || line == "\n" {
+            if saw_request {
+                break;
+            }
+            continue;
+        }
+        saw_request = true;
+    }
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if conn.write_all(head.as_bytes()).is_err() || conn.write_all(body).is_err() {
+        return;
+    }
+    let _ = conn.shutdown(std::net::Shutdown::Write);
+    // Drain until the client closes, so the close is orderly.
+    let mut sink = [0u8; 4096];
+    while matches!(reader.get_mut().read(&mut sink), Ok(n) if n > 0) {}
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&(*self.addr.ip(), self.addr.port()).into(), Duration::from_secs(1));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The path of a helper script under tests/scripts.
+pub fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name)
+}
+
+/// A pyftpdlib server (tests/scripts/ftpd.py) serving a directory anonymously.
+pub struct FtpServer {
+    /// Its control address.
+    pub addr: SocketAddrV4,
+    child: Child,
+    log: PathBuf,
+}
+
+impl FtpServer {
+    /// Starts ftpd.py on `addr` serving `root`; after a download it keeps the data
+    /// connection open `linger` seconds (see the script).
+    pub fn start(addr: SocketAddrV4, root: &Path, linger: f64) -> FtpServer {
+        let log = root.with_extension("ftpd.log");
+        let logf = std::fs::File::create(&log).expect("ftpd log");
+        let mut child = Command::new("/usr/bin/python3")
+            .arg(script("ftpd.py"))
+            .arg(addr.ip().to_string())
+            .arg(addr.port().to_string())
+            .arg(root)
+            .arg(linger.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(logf)
+            .spawn()
+            .expect("start ftpd.py");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = out.read_line(&mut line);
+            let _ = tx.send(line);
+            let mut rest = String::new();
+            let _ = out.read_to_string(&mut rest);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+        if !line.starts_with("ready") {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "ftpd.py did not start on {addr}: {line:?}; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        FtpServer { addr, child, log }
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for FtpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("==== ftpd.py log ====\n{}\n==== end ====", self.log());
+        }
+    }
+}
+
+/// Runs curl with a time limit; returns (exit code, stdout bytes, stderr text).
+pub fn curl(args: &[&str], timeout: Duration) -> (Option<i32>, Vec<u8>, String) {
+    let out = run_with_timeout(Command::new("curl").args(args), timeout);
+    (out.status.code(), out.stdout, text(&out.stderr))
+}

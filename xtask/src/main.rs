@@ -1,0 +1,204 @@
+//! `cargo xtask`: the developer tasks. `setup` installs what is missing (and
+//! is quick when nothing is), `build` builds everything, `run` starts a local
+//! daemon with a working default, `test` runs the whole suite (CI calls it).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "proxyd developer tasks")]
+enum Task {
+    /// Install what building and testing need: Debian packages, rust-src, bpf-linker.
+    Setup,
+    /// Build the daemon (with its BPF programs).
+    Build {
+        /// Build with optimisations.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build, and run the daemon in the foreground, enabled on 127.0.0.1:1080.
+    Run {
+        /// Data path: auto, kernel or userspace.
+        #[arg(long, default_value = "auto")]
+        data_path: String,
+    },
+    /// Set up, build, and run every test (unit and integration).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Debian packages the tests and the bench use (real clients and peers).
+const DEBIAN_PACKAGES: &[&str] = &[
+    "curl",
+    "iproute2",
+    "bpftool",
+    "dante-server",
+    "dante-client",
+    "proxychains4",
+    "python3-socks",
+    "python3-pyftpdlib",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> Result<()> {
+    match Task::parse() {
+        Task::Setup => setup(),
+        Task::Build { release } => build(release),
+        Task::Run { data_path } => run(&data_path),
+        Task::Test { args } => test(&args),
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Runs a command; fails with the command line when it fails.
+fn exec(cmd: &mut Command) -> Result<()> {
+    let line = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("cannot run {line}"))?;
+    if !status.success() {
+        bail!("{line} failed: {status}");
+    }
+    Ok(())
+}
+
+/// True when `cmd` runs and exits 0 (output discarded).
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn is_root() -> bool {
+    // SAFETY-free check: /proc/self/status has the effective uid on the Uid line.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
+
+fn setup() -> Result<()> {
+    // Debian packages.
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            !out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        eprintln!("setup: Debian packages present");
+    } else if is_root() {
+        eprintln!("setup: installing {}", missing.join(" "));
+        exec(Command::new("apt-get").args(["update", "-qq"]))?;
+        exec(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    } else {
+        eprintln!("setup: not root, cannot install Debian packages: {} (tests that need them will skip)", missing.join(" "));
+    }
+
+    // rust-src for the nightly toolchain (the BPF target builds core from source).
+    let has_src = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")));
+    if has_src {
+        eprintln!("setup: nightly rust-src present");
+    } else {
+        exec(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+
+    // bpf-linker, built against the nightly toolchain's own libLLVM.
+    let linker_ok = succeeds(Command::new("bpf-linker").arg("--version").env_remove("LD_LIBRARY_PATH"));
+    if linker_ok {
+        eprintln!("setup: bpf-linker present");
+    } else {
+        install_bpf_linker()?;
+    }
+    Ok(())
+}
+
+fn install_bpf_linker() -> Result<()> {
+    let home = std::env::var("HOME").context("HOME is not set")?;
+    let prefix = PathBuf::from(home).join(".cache/proxyd/llvm");
+    let lib = prefix.join("lib");
+    std::fs::create_dir_all(&lib)?;
+    let sysroot = Command::new("rustc").args(["+nightly", "--print", "sysroot"]).output()?;
+    let sysroot = PathBuf::from(String::from_utf8(sysroot.stdout)?.trim());
+    let llvm = std::fs::read_dir(sysroot.join("lib"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.") || n.starts_with("libLLVM-")))
+        .context("the nightly toolchain has no libLLVM (rustup component add llvm-tools?)")?;
+    let name = llvm.file_name().unwrap().to_owned();
+    for link in [lib.join("libLLVM.so"), lib.join(&name)] {
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&llvm, &link)?;
+    }
+    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against {}", llvm.display());
+    exec(
+        Command::new("cargo")
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", &prefix),
+    )?;
+    if !succeeds(Command::new("bpf-linker").arg("--version").env_remove("LD_LIBRARY_PATH")) {
+        bail!("bpf-linker was installed but does not run (is ~/.cargo/bin on PATH?)");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn build(release: bool) -> Result<()> {
+    let mut c = cargo();
+    c.args(["build", "--package", "proxy-daemon"]);
+    if release {
+        c.arg("--release");
+    }
+    exec(&mut c)
+}
+
+fn run(data_path: &str) -> Result<()> {
+    setup()?;
+    build(true)?;
+    let dir = root().join(".proxyd");
+    std::fs::create_dir_all(&dir)?;
+    let state = dir.join("config.rsc");
+    if !state.exists() {
+        std::fs::write(
+            &state,
+            "# proxyd configuration written by `cargo xtask run`: local clients only\n\
+             /ip socks\nset enabled=yes port=1080 listen-address=127.0.0.1\n\
+             /ip socks access\nadd src-address=127.0.0.0/8 action=allow\nadd action=deny\n",
+        )?;
+    }
+    let control = if is_root() { PathBuf::from("/run/proxyd/control.sock") } else { dir.join("control.sock") };
+    let bin = root().join("target/release/proxyd");
+    eprintln!(
+        "\nproxyd: SOCKS4/4a on 127.0.0.1:1080, state in {}.\nIn another shell:\n  {}{} ip socks print\n  curl --socks4a 127.0.0.1:1080 http://example.test/\nCtrl-C stops it.\n",
+        state.display(),
+        if is_root() { String::new() } else { format!("PROXYD_CONTROL={} ", control.display()) },
+        bin.display()
+    );
+    exec(Command::new(&bin).args(["run", "--data-path", data_path]).arg("--state").arg(&state).arg("--control").arg(&control))
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup()?;
+    build(false)?;
+    let bin = root().join("target/debug/proxyd");
+    exec(cargo().args(["test", "--no-fail-fast"]).args(args).env("PROXYD_BIN", &bin))
+}
