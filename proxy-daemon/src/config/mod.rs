@@ -4,6 +4,7 @@
 //! control socket and the state file.
 
 pub mod command;
+pub mod prefilter;
 pub mod render;
 pub mod store;
 pub mod time;
