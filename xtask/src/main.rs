@@ -8,6 +8,8 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
+mod bench;
+
 #[derive(Parser)]
 #[command(about = "proxyd developer tasks")]
 enum Task {
@@ -24,6 +26,14 @@ enum Task {
         /// Data path: auto, kernel or userspace.
         #[arg(long, default_value = "auto")]
         data_path: String,
+    },
+    /// Benchmark proxyd (kernel and userspace) against Dante and the direct path.
+    Bench(bench::BenchArgs),
+    /// Run every fuzz target for a bounded time from the committed seed corpus.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
     },
     /// Set up, build, and run every test (unit and integration).
     Test {
@@ -43,6 +53,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "proxychains4",
     "python3-socks",
     "python3-pyftpdlib",
+    "iperf3",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -53,6 +64,12 @@ fn main() -> Result<()> {
         Task::Build { release } => build(release),
         Task::Run { data_path } => run(&data_path),
         Task::Test { args } => test(&args),
+        Task::Fuzz { seconds } => fuzz(seconds),
+        Task::Bench(args) => {
+            setup()?;
+            build(true)?;
+            bench::run(args)
+        }
     }
 }
 
@@ -201,4 +218,35 @@ fn test(args: &[String]) -> Result<()> {
     build(false)?;
     let bin = root().join("target/debug/proxyd");
     exec(cargo().args(["test", "--no-fail-fast"]).args(args).env("PROXYD_BIN", &bin))
+}
+
+/// Fuzz targets under fuzz/ (cargo-fuzz, nightly).
+const FUZZ_TARGETS: &[&str] = &["socks4_request", "command_script"];
+
+fn fuzz(seconds: u32) -> Result<()> {
+    if !succeeds(Command::new("cargo").args(["fuzz", "--version"])) {
+        exec(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let fuzz_dir = root().join("fuzz");
+    for target in FUZZ_TARGETS {
+        // Work on a copy so the committed seed corpus changes only on purpose.
+        let work = root().join("target/fuzz-corpus").join(target);
+        std::fs::create_dir_all(&work)?;
+        for seed in std::fs::read_dir(fuzz_dir.join("corpus").join(target))? {
+            let seed = seed?.path();
+            std::fs::copy(&seed, work.join(seed.file_name().unwrap()))?;
+        }
+        eprintln!("fuzz: {target} for {seconds}s");
+        exec(
+            Command::new("cargo")
+                .current_dir(&fuzz_dir)
+                .args(["+nightly", "fuzz", "run", target])
+                .arg(&work)
+                .arg("--")
+                .arg(format!("-max_total_time={seconds}"))
+                .env("PROXYD_SKIP_EBPF", "1"),
+        )
+        .with_context(|| format!("fuzz target {target} found a problem (see fuzz/artifacts/{target}/)"))?;
+    }
+    Ok(())
 }

@@ -1,0 +1,311 @@
+//! The load generator: threads with blocking sockets (the hot loops are one
+//! large system call per iteration, so the debug build of xtask is not the
+//! bottleneck; the bench shows that against iperf3).
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpStream};
+use std::os::fd::FromRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+/// How the load generator reaches the echo server.
+#[derive(Clone, Copy, Debug)]
+pub enum Via {
+    Direct,
+    Socks4(SocketAddrV4),
+}
+
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub via: Via,
+    /// Echo server addresses (same port, several loopback IPs).
+    pub dsts: Vec<SocketAddrV4>,
+}
+
+const IP_BIND_ADDRESS_NO_PORT: libc::c_int = 24;
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+        sin_zero: [0; 8],
+    }
+}
+
+/// A blocking TCP connection, optionally from a chosen loopback source address
+/// (spreads the 4-tuples so that TIME_WAIT never runs out of ports).
+pub fn tcp_connect(dst: SocketAddrV4, src: Option<Ipv4Addr>) -> io::Result<TcpStream> {
+    // SAFETY: plain socket syscalls; the fd is owned by the TcpStream at once.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let s = TcpStream::from_raw_fd(fd);
+        if let Some(ip) = src {
+            let one: libc::c_int = 1;
+            libc::setsockopt(fd, libc::IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one as *const _ as *const libc::c_void, 4);
+            let sa = sockaddr(SocketAddrV4::new(ip, 0));
+            if libc::bind(fd, &sa as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_in>() as u32) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        let sa = sockaddr(dst);
+        if libc::connect(fd, &sa as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_in>() as u32) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(IO_TIMEOUT))?;
+        s.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(s)
+    }
+}
+
+/// Source address number `i` (127.0.1.1 .. 127.0.4.250).
+pub fn src_ip(i: usize) -> Ipv4Addr {
+    let i = i % 1000;
+    Ipv4Addr::new(127, 0, 1 + (i / 250) as u8, 1 + (i % 250) as u8)
+}
+
+/// Opens a connection to `dst` through the target's path (SOCKS4 CONNECT when proxied).
+pub fn open(t: &Target, dst: SocketAddrV4, src: Option<Ipv4Addr>) -> io::Result<TcpStream> {
+    match t.via {
+        Via::Direct => tcp_connect(dst, src),
+        Via::Socks4(proxy) => {
+            let mut s = tcp_connect(proxy, src)?;
+            let mut req = [0u8; 9];
+            req[0] = 4;
+            req[1] = 1;
+            req[2..4].copy_from_slice(&dst.port().to_be_bytes());
+            req[4..8].copy_from_slice(&dst.ip().octets());
+            s.write_all(&req)?;
+            let mut rep = [0u8; 8];
+            s.read_exact(&mut rep)?;
+            if rep[1] != 90 {
+                return Err(io::Error::other(format!("SOCKS4 reply {} (not granted)", rep[1])));
+            }
+            Ok(s)
+        }
+    }
+}
+
+pub struct BulkResult {
+    /// Bytes the sink counted (end to end).
+    pub bytes: u64,
+    pub secs: f64,
+    /// Flows whose sink count differed from what was sent.
+    pub mismatches: usize,
+    pub error: Option<String>,
+}
+
+impl BulkResult {
+    pub fn gbps(&self) -> f64 {
+        self.bytes as f64 * 8.0 / self.secs / 1e9
+    }
+}
+
+/// `flows` parallel uploads into the sink for `dur`; the clock stops when the
+/// sink's byte count (sent after end of stream) arrives, so every counted
+/// byte really crossed the path.
+pub fn bulk(t: &Target, flows: usize, dur: Duration, mid: impl FnOnce()) -> io::Result<BulkResult> {
+    let mut streams = Vec::new();
+    for i in 0..flows {
+        streams.push(open(t, t.dsts[i % t.dsts.len()], Some(src_ip(900 + i)))?);
+    }
+    let barrier = Arc::new(Barrier::new(flows + 1));
+    let handles: Vec<_> = streams
+        .into_iter()
+        .map(|mut s| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || -> io::Result<(u64, u64, Instant, Instant)> {
+                let buf = vec![0x5au8; 256 * 1024];
+                barrier.wait();
+                let start = Instant::now();
+                s.write_all(b"S")?;
+                let mut sent = 0u64;
+                while start.elapsed() < dur {
+                    let n = s.write(&buf)?;
+                    sent += n as u64;
+                }
+                s.shutdown(Shutdown::Write)?;
+                let mut c = [0u8; 8];
+                s.read_exact(&mut c)?;
+                Ok((u64::from_le_bytes(c), sent, start, Instant::now()))
+            })
+        })
+        .collect();
+    barrier.wait();
+    std::thread::sleep(dur / 2);
+    mid();
+    let mut res = BulkResult { bytes: 0, secs: 0.0, mismatches: 0, error: None };
+    let (mut first, mut last): (Option<Instant>, Option<Instant>) = (None, None);
+    for h in handles {
+        match h.join().unwrap() {
+            Ok((count, sent, start, end)) => {
+                res.bytes += count;
+                if count != sent {
+                    res.mismatches += 1;
+                }
+                first = Some(first.map_or(start, |f| f.min(start)));
+                last = Some(last.map_or(end, |l| l.max(end)));
+            }
+            Err(e) => res.error = Some(e.to_string()),
+        }
+    }
+    if let Some(e) = &res.error {
+        return Err(io::Error::other(e.clone()));
+    }
+    res.secs = (last.unwrap() - first.unwrap()).as_secs_f64();
+    Ok(res)
+}
+
+pub struct LatResult {
+    pub mean: f64,
+    pub p50: f64,
+    pub p99: f64,
+    pub n: usize,
+}
+
+/// 64-byte request/response ping-pong over one established tunnel for `dur`.
+pub fn latency(t: &Target, dur: Duration) -> io::Result<LatResult> {
+    let mut s = open(t, t.dsts[0], Some(src_ip(950)))?;
+    let mut msg = [0x61u8; 64];
+    msg[0] = b'p';
+    let mut back = [0u8; 64];
+    for _ in 0..200 {
+        s.write_all(&msg)?;
+        s.read_exact(&mut back)?;
+    }
+    let mut samples = Vec::with_capacity(100_000);
+    let start = Instant::now();
+    while start.elapsed() < dur && samples.len() < 1_000_000 {
+        let t0 = Instant::now();
+        s.write_all(&msg)?;
+        s.read_exact(&mut back)?;
+        samples.push(t0.elapsed().as_nanos() as f64 / 1000.0);
+    }
+    if back != msg {
+        return Err(io::Error::other("echo returned different bytes"));
+    }
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = samples.len();
+    let mean = samples.iter().sum::<f64>() / n as f64;
+    Ok(LatResult { mean, p50: samples[n / 2], p99: samples[(n * 99 / 100).min(n - 1)], n })
+}
+
+pub struct RateResult {
+    pub ok: u64,
+    pub errors: u64,
+    pub secs: f64,
+    pub first_error: Option<String>,
+}
+
+/// `conc` threads, each in a loop: (SOCKS4 CONNECT +) one echoed byte + close.
+pub fn connrate(t: &Target, conc: usize, dur: Duration) -> RateResult {
+    let stop = Arc::new(AtomicBool::new(false));
+    let first_error = Arc::new(Mutex::new(None::<String>));
+    let barrier = Arc::new(Barrier::new(conc + 1));
+    let handles: Vec<_> = (0..conc)
+        .map(|i| {
+            let (t, stop, first_error, barrier) = (t.clone(), stop.clone(), first_error.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let (mut ok, mut errors) = (0u64, 0u64);
+                let dst = t.dsts[i % t.dsts.len()];
+                let src = src_ip(i);
+                barrier.wait();
+                while !stop.load(Ordering::Relaxed) {
+                    let r = (|| -> io::Result<()> {
+                        let mut s = open(&t, dst, Some(src))?;
+                        s.write_all(b"x")?;
+                        let mut b = [0u8; 1];
+                        s.read_exact(&mut b)?;
+                        Ok(())
+                    })();
+                    match r {
+                        Ok(()) => ok += 1,
+                        Err(e) => {
+                            errors += 1;
+                            first_error.lock().unwrap().get_or_insert_with(|| e.to_string());
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                }
+                (ok, errors)
+            })
+        })
+        .collect();
+    barrier.wait();
+    let start = Instant::now();
+    std::thread::sleep(dur);
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut errors) = (0, 0);
+    for h in handles {
+        let (o, e) = h.join().unwrap();
+        ok += o;
+        errors += e;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let first_error = first_error.lock().unwrap().take();
+    RateResult { ok, errors, secs, first_error }
+}
+
+/// Opens `n` more tunnels (in `threads` parallel openers), each proven with one
+/// echoed byte. Returns the streams opened and the first error, if any.
+pub fn open_tunnels(t: &Target, base: usize, n: usize, threads: usize, deadline: Instant) -> (Vec<TcpStream>, Option<String>) {
+    let handles: Vec<_> = (0..threads)
+        .map(|k| {
+            let t = t.clone();
+            std::thread::spawn(move || {
+                let mut v = Vec::new();
+                let mut i = base + k;
+                while i < base + n {
+                    if Instant::now() > deadline {
+                        return (v, Some("time limit for opening tunnels reached".to_string()));
+                    }
+                    let r = (|| -> io::Result<TcpStream> {
+                        let mut s = open(&t, t.dsts[i % t.dsts.len()], Some(src_ip(i)))?;
+                        s.write_all(b"i")?;
+                        let mut b = [0u8; 1];
+                        s.read_exact(&mut b)?;
+                        Ok(s)
+                    })();
+                    match r {
+                        Ok(s) => v.push(s),
+                        Err(e) => return (v, Some(format!("tunnel {}: {e}", i + 1))),
+                    }
+                    i += threads;
+                }
+                (v, None)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut err = None;
+    for h in handles {
+        let (v, e) = h.join().unwrap();
+        all.extend(v);
+        if err.is_none() {
+            err = e;
+        }
+    }
+    (all, err)
+}
+
+/// Sends one byte on every tunnel, then reads every echo: how many answered.
+pub fn verify_tunnels(streams: &mut [TcpStream]) -> usize {
+    let mut sent = vec![false; streams.len()];
+    for (i, s) in streams.iter_mut().enumerate() {
+        sent[i] = s.write_all(b"v").is_ok();
+    }
+    let mut ok = 0;
+    for (i, s) in streams.iter_mut().enumerate() {
+        let mut b = [0u8; 1];
+        if sent[i] && s.read_exact(&mut b).is_ok() && b[0] == b'v' {
+            ok += 1;
+        }
+    }
+    ok
+}

@@ -1,0 +1,314 @@
+//! The systems under test (proxyd, danted) as child processes, and what
+//! /proc and `ss` say about them.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::net::{SocketAddrV4, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// A proxy the bench started, with its log.
+pub struct Proxy {
+    pub child: Child,
+    pub pid: i32,
+    pub addr: SocketAddrV4,
+    pub log: PathBuf,
+    pub pin_dir: Option<PathBuf>,
+    /// What the proxy said about itself (proxyd: the `data-path:` line).
+    pub path_check: String,
+}
+
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let s = fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
+    v[v.len().saturating_sub(lines)..].join(" | ")
+}
+
+/// Waits until `addr` accepts a TCP connection (or the process exits).
+fn wait_port(child: &mut Child, addr: SocketAddrV4, log: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(st) = child.try_wait()? {
+            bail!("exited ({st}) before listening: {}", tail(log, 4));
+        }
+        if TcpStream::connect_timeout(&addr.into(), Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("not listening on {addr} after 15 s: {}", tail(log, 4));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn proxyd_cli(bin: &Path, control: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(bin).arg("--control").arg(control).args(args).output().with_context(|| format!("cannot run {}", bin.display()))?;
+    if !out.status.success() {
+        bail!("`proxyd {}` failed ({}): {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl Proxy {
+    /// Starts `proxyd run --data-path <path>` and enables it on a free port.
+    /// Fails (with the reason) when it cannot start or runs another path.
+    pub fn proxyd(bin: &Path, work: &Path, logs: &Path, path: &str) -> Result<Proxy> {
+        let dir = work.join(format!("proxyd-{path}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        let log = logs.join(format!("proxyd-{path}.log"));
+        let control = dir.join("control.sock");
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/proxyd-bench-{}", std::process::id()));
+        let mut cmd = Command::new(bin);
+        cmd.arg("run")
+            .arg("--state")
+            .arg(dir.join("config.rsc"))
+            .arg("--control")
+            .arg(&control)
+            .args(["--data-path", path])
+            .arg("--bpf-pin-dir")
+            .arg(&pin_dir)
+            .stdin(Stdio::null())
+            .stdout(File::create(&log)?)
+            .stderr(File::create(&log)?)
+            .env("RUST_LOG", "warn");
+        die_with_parent(&mut cmd);
+        let mut child = cmd.spawn().with_context(|| format!("cannot start {}", bin.display()))?;
+        let pid = child.id() as i32;
+        let mut p = Proxy { child, pid, addr: SocketAddrV4::new([127, 0, 0, 1].into(), 0), log: log.clone(), pin_dir: Some(pin_dir), path_check: String::new() };
+        let r = (|| -> Result<()> {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Some(st) = p.child.try_wait()? {
+                    bail!("`proxyd run --data-path {path}` exited ({st}): {}", tail(&log, 3));
+                }
+                if control.exists() && proxyd_cli(bin, &control, &["ip", "socks", "print"]).is_ok() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("no control socket after 20 s: {}", tail(&log, 3));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let port = free_port()?;
+            p.addr.set_port(port);
+            proxyd_cli(
+                bin,
+                &control,
+                &["ip", "socks", "set", "enabled=yes", &format!("port={port}"), "listen-address=127.0.0.1", "max-connections=20000", "connection-idle-timeout=1h"],
+            )?;
+            let print = proxyd_cli(bin, &control, &["ip", "socks", "print"])?;
+            let line = print.lines().find(|l| l.trim_start().starts_with("data-path")).unwrap_or("").trim().to_string();
+            if !line.contains(&format!("in use: {path}")) {
+                bail!("asked for data-path {path}, `ip socks print` says `{line}`");
+            }
+            p.path_check = line;
+            wait_port(&mut p.child, p.addr, &log)
+        })();
+        match r {
+            Ok(()) => Ok(p),
+            Err(e) => {
+                p.stop();
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts danted (foreground) with a SOCKS4 loopback configuration.
+    pub fn dante(work: &Path, logs: &Path) -> Result<Proxy> {
+        let dir = work.join("dante");
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        let port = free_port()?;
+        let log = logs.join("danted.log");
+        let _ = fs::remove_file(&log);
+        let conf = dir.join("danted.conf");
+        fs::write(
+            &conf,
+            format!(
+                "# written by cargo xtask bench\nlogoutput: {}\ninternal: 127.0.0.1 port = {port}\nexternal: 127.0.0.1\n\
+                 socksmethod: none\nclientmethod: none\nuser.privileged: root\nuser.unprivileged: root\n\
+                 client pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}\n\
+                 socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 command: bind connect bindreply }}\n",
+                log.display()
+            ),
+        )?;
+        let out = logs.join("danted.out");
+        let mut cmd = Command::new("danted");
+        cmd.arg("-f").arg(&conf).stdin(Stdio::null()).stdout(File::create(&out)?).stderr(File::create(&out)?);
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().context("cannot start danted (is dante-server installed? `cargo xtask setup`)")?;
+        let pid = child.id() as i32;
+        let mut p = Proxy { child, pid, addr: SocketAddrV4::new([127, 0, 0, 1].into(), port), log: log.clone(), pin_dir: None, path_check: String::new() };
+        if let Err(e) = wait_port(&mut p.child, p.addr, &log) {
+            p.stop();
+            return Err(e);
+        }
+        let v = Command::new("danted").arg("-v").output().map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string()).unwrap_or_default();
+        p.path_check = v.split(" Copyright").next().unwrap_or("").trim().to_string();
+        Ok(p)
+    }
+
+    /// SIGTERM, then SIGKILL after 5 s; the whole process tree.
+    pub fn stop(&mut self) {
+        let tree = tree_pids(self.pid);
+        // SAFETY: signals to processes this bench started.
+        unsafe { libc::kill(self.pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for pid in tree {
+            if pid != self.pid && Path::new(&format!("/proc/{pid}")).exists() {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        if let Some(d) = self.pin_dir.take() {
+            let _ = fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// `pid` and all its descendants.
+pub fn tree_pids(root: i32) -> Vec<i32> {
+    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+    if let Ok(rd) = fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+            if let Some(f) = stat_fields(pid) {
+                if let Some(ppid) = f.get(1).and_then(|s| s.parse::<i32>().ok()) {
+                    children.entry(ppid).or_default().push(pid);
+                }
+            }
+        }
+    }
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        if let Some(c) = children.get(&out[i]) {
+            out.extend(c);
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Fields of /proc/PID/stat after the command name (index 0 = state).
+fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    Some(rest.split_whitespace().map(String::from).collect())
+}
+
+pub fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
+/// CPU seconds (user + system, reaped children included) of a process tree.
+pub fn tree_cpu_secs(root: i32) -> f64 {
+    let mut ticks = 0u64;
+    for pid in tree_pids(root) {
+        if let Some(f) = stat_fields(pid) {
+            for i in 11..=14 {
+                ticks += f.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+            }
+        }
+    }
+    ticks as f64 / clk_tck()
+}
+
+pub fn threads(pid: i32) -> u64 {
+    stat_fields(pid).and_then(|f| f.get(17).and_then(|s| s.parse().ok())).unwrap_or(0)
+}
+
+fn status_kib(pid: i32, file: &str, key: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// (VmRSS summed, Pss summed, open fds summed, processes) over a process tree, KiB.
+pub fn tree_mem(root: i32) -> (u64, u64, u64, usize) {
+    let pids = tree_pids(root);
+    let (mut rss, mut pss, mut fds) = (0, 0, 0);
+    for &pid in &pids {
+        rss += status_kib(pid, "status", "VmRSS:");
+        pss += status_kib(pid, "smaps_rollup", "Pss:");
+        fds += fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count() as u64).unwrap_or(0);
+    }
+    (rss, pss, fds, pids.len())
+}
+
+/// Machine CPU: (busy seconds, total seconds) over all CPUs, from /proc/stat.
+pub fn machine_cpu() -> (f64, f64) {
+    let s = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = s.lines().next().unwrap_or("");
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    ((total - idle) as f64 / clk_tck(), total as f64 / clk_tck())
+}
+
+/// `ss` socket memory of the given processes' established TCP sockets:
+/// one string per socket, "local->peer skmem(rb=..,tb=..) cwnd=..".
+pub fn socket_info(pids: &[i32]) -> Vec<String> {
+    let Ok(out) = Command::new("ss").args(["-tnmpiH", "state", "established"]).output() else { return vec![] };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut res = Vec::new();
+    let mut cur: Option<String> = None;
+    let mut flush = |cur: &mut Option<String>, res: &mut Vec<String>| {
+        if let Some(c) = cur.take() {
+            res.push(c);
+        }
+    };
+    for line in text.lines() {
+        if !line.starts_with(char::is_whitespace) {
+            flush(&mut cur, &mut res);
+            let mine = pids.iter().any(|p| line.contains(&format!("pid={p},")));
+            if mine {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                cur = Some(format!("{}->{}", f.get(2).unwrap_or(&"?"), f.get(3).unwrap_or(&"?")));
+            }
+        } else if let Some(c) = cur.as_mut() {
+            for tok in line.split_whitespace() {
+                if tok.starts_with("skmem:") {
+                    let inner = tok.trim_start_matches("skmem:(").trim_end_matches(')');
+                    let keep: Vec<&str> = inner.split(',').filter(|k| k.starts_with('r') || k.starts_with('t')).collect();
+                    c.push_str(&format!(" skmem({})", keep.join(",")));
+                }
+                if tok.starts_with("cwnd:") || tok.starts_with("rcv_space:") || tok.starts_with("snd_wnd:") || tok.starts_with("rcv_wnd:") {
+                    c.push(' ');
+                    c.push_str(tok);
+                }
+            }
+        }
+    }
+    flush(&mut cur, &mut res);
+    res
+}

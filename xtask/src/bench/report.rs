@@ -1,0 +1,389 @@
+//! target/bench/results.md, results.json and results.svg.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::Result;
+use serde_json::{json, Value};
+
+use super::{Cfg, Iperf, SysResult};
+
+pub struct Machine {
+    pub cores: usize,
+    pub cpu: String,
+    pub kernel: String,
+    pub mem_gib: f64,
+    pub date: String,
+    pub load1: f64,
+    pub git: String,
+    pub proxyd: String,
+    pub fd_limit: String,
+}
+
+impl Machine {
+    pub fn summary(&self) -> String {
+        format!(
+            "{} cores ({}), Linux {}, {:.0} GiB RAM, open files {}, load {:.2}, {}, git {}",
+            self.cores, self.cpu, self.kernel, self.mem_gib, self.fd_limit, self.load1, self.date, self.git
+        )
+    }
+}
+
+fn cmd_out(c: &mut Command) -> String {
+    c.output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+}
+
+pub fn machine_info(root: &Path, bin: &Path) -> Machine {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let cpu = cpuinfo.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).unwrap_or("?").trim().to_string();
+    let mem_kib: f64 = read("/proc/meminfo").lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let fd_limit = read("/proc/self/limits").lines().find(|l| l.starts_with("Max open files")).and_then(|l| l.split_whitespace().nth(3)).unwrap_or("?").to_string();
+    let mut git = cmd_out(Command::new("git").arg("-C").arg(root).args(["rev-parse", "--short", "HEAD"]));
+    if !cmd_out(Command::new("git").arg("-C").arg(root).args(["status", "--porcelain", "--untracked-files=no"])).is_empty() {
+        git += " (with uncommitted changes)";
+    }
+    Machine {
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpu,
+        kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
+        mem_gib: mem_kib / 1024.0 / 1024.0,
+        date: cmd_out(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])),
+        load1: read("/proc/loadavg").split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0.0),
+        git,
+        proxyd: cmd_out(Command::new(bin).arg("--version")),
+        fd_limit,
+    }
+}
+
+/// (key, column label, unit, higher is better).
+fn metric_defs(cfg: &Cfg) -> Vec<(String, String, &'static str, bool)> {
+    let mut v: Vec<(String, String, &'static str, bool)> = vec![
+        ("bulk1_gbps".into(), "bulk 1 flow".into(), "Gbit/s", true),
+        ("bulk8_gbps".into(), "bulk 8 flows".into(), "Gbit/s", true),
+        ("lat_mean_us".into(), "latency mean".into(), "µs", false),
+        ("lat_p50_us".into(), "latency p50".into(), "µs", false),
+        ("lat_p99_us".into(), "latency p99".into(), "µs", false),
+    ];
+    for c in &cfg.concs {
+        v.push((format!("conn_c{c}"), format!("connections c={c}"), "/s", true));
+    }
+    for (i, n) in cfg.tunnels.iter().enumerate() {
+        v.push((format!("rss_{}", i + 1), format!("RSS @{n} tunnels"), "MiB", false));
+    }
+    v.push(("rss_slope_kib".into(), "memory per tunnel".into(), "KiB", false));
+    v.push(("tunnels_ok".into(), format!("of {} tunnels answering", cfg.tunnels.last().unwrap_or(&0)), "", true));
+    v.push(("cpu_proxy_s_per_gib".into(), "proxy CPU per GiB".into(), "s", false));
+    v.push(("cpu_machine_s_per_gib".into(), "machine CPU per GiB".into(), "s", false));
+    v
+}
+
+fn num(v: f64) -> String {
+    let a = v.abs();
+    if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else if a >= 0.1 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b != 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+fn find<'a>(results: &'a [SysResult], name: &str) -> Option<&'a SysResult> {
+    results.iter().find(|r| r.name == name && r.available)
+}
+
+pub fn write(out: &Path, m: &Machine, cfg: &Cfg, iperf: Option<&Iperf>, results: &[SysResult], elapsed: f64) -> Result<String> {
+    let defs = metric_defs(cfg);
+    let direct = find(results, "direct");
+    let dante = find(results, "dante");
+    let mut md = String::new();
+    let cmdline = if cfg.smoke { "cargo xtask bench --smoke".to_string() } else { "cargo xtask bench".to_string() };
+    writeln!(md, "## Benchmark results{}\n", if cfg.smoke { " (smoke run: tiny sizes, not figures to quote)" } else { "" })?;
+    writeln!(
+        md,
+        "Machine: {} cores ({}), Linux {}, {:.0} GiB RAM, open files per process {}; {}; git {}; {}. Load average at start {:.2}.\n",
+        m.cores, m.cpu, m.kernel, m.mem_gib, m.fd_limit, m.date, m.git, m.proxyd, m.load1
+    )?;
+    writeln!(
+        md,
+        "Made by `{cmdline}` in {elapsed:.0} s: medians of {} repeat(s); bulk runs {:.1} s, latency and connection-rate runs {:.1} s; idle tunnels {:?}. \
+         Everything on loopback; one Rust load generator; the far end is the bench's own echo/sink server.\n",
+        cfg.repeats,
+        cfg.bulk.as_secs_f64(),
+        cfg.lat.as_secs_f64(),
+        cfg.tunnels
+    )?;
+
+    // Values.
+    let header = |md: &mut String| -> std::fmt::Result {
+        write!(md, "| system |")?;
+        for (_, label, unit, _) in &defs {
+            if unit.is_empty() {
+                write!(md, " {label} |")?;
+            } else {
+                write!(md, " {label} ({unit}) |")?;
+            }
+        }
+        writeln!(md)?;
+        write!(md, "|---|")?;
+        for _ in &defs {
+            write!(md, "---:|")?;
+        }
+        writeln!(md)
+    };
+    header(&mut md)?;
+    for r in results {
+        write!(md, "| {} |", r.name)?;
+        for (key, _, _, _) in &defs {
+            let cell = if !r.available { "n/a".to_string() } else { r.get(key).map(num).unwrap_or_else(|| "—".into()) };
+            write!(md, " {cell} |")?;
+        }
+        writeln!(md)?;
+    }
+    for (title, reference) in [("Ratio to the direct path", direct), ("Ratio to Dante", dante)] {
+        writeln!(md, "\n{title} (system ÷ reference; above 1 is better for throughput and connections, below 1 for latency, memory and CPU):\n")?;
+        header(&mut md)?;
+        for r in results {
+            write!(md, "| {} |", r.name)?;
+            for (key, _, _, _) in &defs {
+                let cell = if !r.available {
+                    "n/a".into()
+                } else {
+                    ratio(r.get(key), reference.and_then(|x| x.get(key))).map(|x| format!("{}×", num(x))).unwrap_or_else(|| "—".into())
+                };
+                write!(md, " {cell} |")?;
+            }
+            writeln!(md)?;
+        }
+    }
+
+    // What each row is.
+    writeln!(md, "\nSystems:\n")?;
+    for r in results {
+        if r.available {
+            writeln!(md, "- **{}**: {}", r.name, r.check)?;
+        } else {
+            writeln!(md, "- **{}**: unavailable: {}", r.name, r.reason.as_deref().unwrap_or("?"))?;
+        }
+    }
+    let notes: Vec<String> = results
+        .iter()
+        .flat_map(|r| r.metrics.iter().filter_map(move |(k, v)| v.note.as_ref().map(|n| format!("- {} {k}: {n}", r.name))))
+        .collect();
+    if !notes.is_empty() {
+        writeln!(md, "\nNotes and errors:\n\n{}", notes.join("\n"))?;
+    }
+
+    // Load generator against iperf3.
+    if let Some(ip) = iperf {
+        let f = |x: &Result<f64, String>| x.as_ref().map(|v| format!("{} Gbit/s", num(*v))).unwrap_or_else(|e| format!("failed: {e}"));
+        let d1 = direct.and_then(|d| d.get("bulk1_gbps"));
+        let d8 = direct.and_then(|d| d.get("bulk8_gbps"));
+        writeln!(
+            md,
+            "\nLoad generator check (direct path against `iperf3 -c 127.0.0.1`): 1 flow {} vs iperf3 {}{}; 8 flows {} vs iperf3 `-P 8` {}{}.",
+            d1.map(|v| format!("{} Gbit/s", num(v))).unwrap_or("—".into()),
+            f(&ip.one),
+            ratio(d1, ip.one.as_ref().ok().copied()).map(|x| format!(" ({}×)", num(x))).unwrap_or_default(),
+            d8.map(|v| format!("{} Gbit/s", num(v))).unwrap_or("—".into()),
+            f(&ip.eight),
+            ratio(d8, ip.eight.as_ref().ok().copied()).map(|x| format!(" ({}×)", num(x))).unwrap_or_default(),
+        )?;
+    }
+
+    // Goals of the kernel path.
+    let goals = goals(results, cfg);
+    if !goals.is_empty() {
+        writeln!(md, "\nGoals (proxyd-kernel, medians of this run):\n\n| goal | measured | met |\n|---|---|---|")?;
+        for (goal, measured, met) in &goals {
+            writeln!(md, "| {goal} | {measured} | {} |", match met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "n/a",
+            })?;
+        }
+    }
+
+    // Diagnostics.
+    writeln!(md, "\nWhat limits the figures (measured during the runs above):\n")?;
+    for r in results.iter().filter(|r| r.available) {
+        writeln!(md, "- **{}**", r.name)?;
+        for d in &r.diag {
+            writeln!(md, "  - {d}")?;
+        }
+    }
+    writeln!(
+        md,
+        "\nHow to read: bulk is an upload into a sink that reports its byte count at end of stream (the clock stops when it arrives), in Gbit/s. \
+         Latency is a 64-byte ping-pong over one established tunnel. Connections per second: SOCKS4 CONNECT + one echoed byte + close, \
+         by 1, 16 or 64 client threads. Memory: VmRSS of the proxy's process tree (Dante forks: the sum over its processes counts shared pages \
+         once per process; the PSS in the diagnostics does not), with that many idle tunnels open; per tunnel is the slope between the \
+         first and the last step. CPU per GiB: user+system seconds of the proxy's process tree (proxy) or of the whole machine (machine), \
+         over the bulk runs, per GiB relayed. Work the kernel does in softirq for the kernel data path is charged to whatever process \
+         the CPU was running (mostly the load generator and the echo server), so compare the machine figure too."
+    )?;
+
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("results.md"), &md)?;
+    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&to_json(m, cfg, iperf, results, &defs, &goals, elapsed))?)?;
+    std::fs::write(out.join("results.svg"), svg(results, &defs, m))?;
+    Ok(md)
+}
+
+type Goal = (String, String, Option<bool>);
+
+fn goals(results: &[SysResult], cfg: &Cfg) -> Vec<Goal> {
+    let Some(k) = results.iter().find(|r| r.name == "proxyd-kernel") else { return vec![] };
+    let direct = find(results, "direct");
+    let dante = find(results, "dante");
+    let g = |key: &str, r: Option<&SysResult>| r.and_then(|r| r.get(key));
+    let kernel = k.available.then_some(k);
+    let mut v = Vec::new();
+    let (kb, db, nb) = (g("bulk1_gbps", kernel), g("bulk1_gbps", direct), g("bulk1_gbps", dante));
+    v.push((
+        "bulk 1 flow ≥ 0.5× direct and ≥ 1.5× Dante".to_string(),
+        format!("{} / {} direct, {} Dante", fmt_ratio(kb, db), kb.map(num).unwrap_or("—".into()), fmt_ratio(kb, nb)),
+        match (kb, db, nb) {
+            (Some(k), Some(d), Some(n)) => Some(k >= 0.5 * d && k >= 1.5 * n),
+            _ => None,
+        },
+    ));
+    let (kl, dl) = (g("lat_mean_us", kernel), g("lat_mean_us", direct));
+    v.push((
+        "latency mean ≤ direct + 5 µs".into(),
+        format!("{} µs vs direct {} µs", kl.map(num).unwrap_or("—".into()), dl.map(num).unwrap_or("—".into())),
+        kl.zip(dl).map(|(k, d)| k <= d + 5.0),
+    ));
+    for c in &cfg.concs {
+        let key = format!("conn_c{c}");
+        let (kc, nc) = (g(&key, kernel), g(&key, dante));
+        v.push((format!("connections c={c} ≥ 2× Dante"), format!("{} Dante", fmt_ratio(kc, nc)), kc.zip(nc).map(|(k, n)| k >= 2.0 * n)));
+    }
+    let max = *cfg.tunnels.last().unwrap_or(&0) as f64;
+    let (ok, slope) = (g("tunnels_ok", kernel), g("rss_slope_kib", kernel));
+    v.push((
+        format!("{max} idle tunnels held, ≤ 4 KiB per tunnel"),
+        format!("{} answering, {} KiB per tunnel", ok.map(num).unwrap_or("—".into()), slope.map(num).unwrap_or("—".into())),
+        ok.zip(slope).map(|(o, s)| o >= max && s <= 4.0),
+    ));
+    let (kc, nc) = (g("cpu_proxy_s_per_gib", kernel), g("cpu_proxy_s_per_gib", dante));
+    v.push((
+        "proxy CPU per GiB ≤ 0.1× Dante".into(),
+        format!("{} s/GiB = {} Dante (machine: {} s/GiB vs Dante {})", kc.map(num).unwrap_or("—".into()), fmt_ratio(kc, nc), g("cpu_machine_s_per_gib", kernel).map(num).unwrap_or("—".into()), g("cpu_machine_s_per_gib", dante).map(num).unwrap_or("—".into())),
+        kc.zip(nc).map(|(k, n)| k <= 0.1 * n),
+    ));
+    if kernel.is_none() {
+        for g in &mut v {
+            g.1 = format!("kernel path unavailable: {}", k.reason.as_deref().unwrap_or("?").chars().take(120).collect::<String>());
+        }
+    }
+    v
+}
+
+fn fmt_ratio(a: Option<f64>, b: Option<f64>) -> String {
+    ratio(a, b).map(|x| format!("{}×", num(x))).unwrap_or("—".into())
+}
+
+fn to_json(m: &Machine, cfg: &Cfg, iperf: Option<&Iperf>, results: &[SysResult], defs: &[(String, String, &'static str, bool)], goals: &[Goal], elapsed: f64) -> Value {
+    let direct = find(results, "direct");
+    let dante = find(results, "dante");
+    let systems: Vec<Value> = results
+        .iter()
+        .map(|r| {
+            let mut metrics = serde_json::Map::new();
+            for (key, label, unit, higher) in defs {
+                let mm = r.metrics.get(key);
+                metrics.insert(
+                    key.clone(),
+                    json!({
+                        "label": label, "unit": unit, "higher_is_better": higher,
+                        "median": r.get(key), "samples": mm.map(|x| x.samples.clone()).unwrap_or_default(),
+                        "ratio_to_direct": ratio(r.get(key), direct.and_then(|d| d.get(key))),
+                        "ratio_to_dante": ratio(r.get(key), dante.and_then(|d| d.get(key))),
+                        "note": mm.and_then(|x| x.note.clone()),
+                    }),
+                );
+            }
+            json!({
+                "name": r.name, "available": r.available, "reason": r.reason, "check": r.check,
+                "metrics": metrics, "diagnostics": r.diag, "details": r.diag_json,
+            })
+        })
+        .collect();
+    json!({
+        "machine": {"cores": m.cores, "cpu": m.cpu, "kernel": m.kernel, "mem_gib": m.mem_gib, "date": m.date,
+                    "load_average_at_start": m.load1, "git": m.git, "proxyd": m.proxyd, "open_files_limit": m.fd_limit},
+        "config": {"smoke": cfg.smoke, "repeats": cfg.repeats, "bulk_secs": cfg.bulk.as_secs_f64(), "latency_secs": cfg.lat.as_secs_f64(),
+                   "connrate_secs": cfg.conn.as_secs_f64(), "concurrency": cfg.concs, "tunnels": cfg.tunnels, "elapsed_secs": elapsed},
+        "iperf3": iperf.map(|i| json!({"one_flow_gbps": i.one.as_ref().ok(), "eight_flows_gbps": i.eight.as_ref().ok(),
+                                       "error": i.one.as_ref().err().or(i.eight.as_ref().err())})),
+        "systems": systems,
+        "goals": goals.iter().map(|(g, m, ok)| json!({"goal": g, "measured": m, "met": ok})).collect::<Vec<_>>(),
+    })
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// A grid of small bar charts, one per figure, one bar per system.
+fn svg(results: &[SysResult], defs: &[(String, String, &'static str, bool)], m: &Machine) -> String {
+    let colors = |name: &str| match name {
+        "direct" => "#7f7f7f",
+        "dante" => "#d62728",
+        "proxyd-userspace" => "#1f77b4",
+        "proxyd-kernel" => "#2ca02c",
+        _ => "#9467bd",
+    };
+    let panels: Vec<&(String, String, &'static str, bool)> =
+        defs.iter().filter(|d| d.0.starts_with("bulk") || d.0 == "lat_mean_us" || d.0 == "lat_p99_us" || d.0.starts_with("conn_") || d.0 == "rss_slope_kib" || d.0.starts_with("cpu_")).collect();
+    let (pw, ph, cols) = (300.0, 210.0, 3usize);
+    let rows = panels.len().div_ceil(cols);
+    let (w, h) = (pw * cols as f64 + 20.0, ph * rows as f64 + 90.0);
+    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"11\">\n");
+    s += &format!("<rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n");
+    s += &format!("<text x=\"10\" y=\"20\" font-size=\"15\" font-weight=\"bold\">proxyd benchmark — {} cores, Linux {}, {}</text>\n", m.cores, esc(&m.kernel), esc(&m.date));
+    // Legend.
+    let mut lx = 10.0;
+    for r in results {
+        s += &format!("<rect x=\"{lx}\" y=\"32\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"42\">{}{}</text>\n", colors(&r.name), lx + 16.0, esc(&r.name), if r.available { "" } else { " (n/a)" });
+        lx += 150.0;
+    }
+    for (i, (key, label, unit, higher)) in panels.iter().enumerate() {
+        let (x0, y0) = (10.0 + pw * (i % cols) as f64, 60.0 + ph * (i / cols) as f64);
+        let title = format!("{label}{} — {} is better", if unit.is_empty() { String::new() } else { format!(" ({unit})") }, if *higher { "higher" } else { "lower" });
+        s += &format!("<text x=\"{}\" y=\"{}\" font-weight=\"bold\">{}</text>\n", x0 + 5.0, y0 + 14.0, esc(&title));
+        let vals: Vec<Option<f64>> = results.iter().map(|r| if r.available { r.get(key) } else { None }).collect();
+        let max = vals.iter().flatten().cloned().fold(0.0f64, f64::max);
+        let (bx, by, bw, bh) = (x0 + 10.0, y0 + 35.0, pw - 30.0, ph - 75.0);
+        s += &format!("<line x1=\"{bx}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#333\"/>\n", by + bh, bx + bw, by + bh);
+        let slot = bw / results.len().max(1) as f64;
+        for (j, (r, v)) in results.iter().zip(&vals).enumerate() {
+            let x = bx + slot * j as f64 + slot * 0.15;
+            let bwid = slot * 0.7;
+            match v {
+                Some(v) if max > 0.0 => {
+                    let hh = (v / max * bh).max(1.0);
+                    s += &format!("<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{bwid:.1}\" height=\"{hh:.1}\" fill=\"{}\"/>\n", by + bh - hh, colors(&r.name));
+                    s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n", x + bwid / 2.0, by + bh - hh - 3.0, num(*v));
+                }
+                _ => s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#999\">n/a</text>\n", x + bwid / 2.0, by + bh - 3.0),
+            }
+            let short = r.name.trim_start_matches("proxyd-");
+            s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#333\">{}</text>\n", x + bwid / 2.0, by + bh + 13.0, esc(short));
+        }
+    }
+    s += "</svg>\n";
+    s
+}
