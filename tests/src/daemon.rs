@@ -73,7 +73,8 @@ impl Cli {
 pub struct Conn {
     /// Client address `ip:port`.
     pub src: String,
-    /// Destination address `ip:port`.
+    /// Destination address `ip:port`; empty while the handshake has not named one
+    /// (the daemon prints JSON `null` then).
     pub dst: String,
     /// Bytes client -> destination.
     pub tx: u64,
@@ -87,7 +88,9 @@ pub struct Conn {
 pub fn parse_connections(json: &str) -> Vec<Conn> {
     let v: serde_json::Value = serde_json::from_str(json.trim())
         .unwrap_or_else(|e| panic!("connections print --json is not JSON ({e}): {json:?}"));
-    let arr = v.as_array().unwrap_or_else(|| panic!("connections JSON is not an array: {json}"));
+    let arr = v
+        .as_array()
+        .unwrap_or_else(|| panic!("connections JSON is not an array: {json}"));
     arr.iter()
         .map(|o| {
             let s = |k: &str| {
@@ -101,7 +104,18 @@ pub fn parse_connections(json: &str) -> Vec<Conn> {
                     .and_then(|x| x.as_u64())
                     .unwrap_or_else(|| panic!("connection row lacks number {k:?}: {o}"))
             };
-            Conn { src: s("src-address"), dst: s("dst-address"), tx: n("tx"), rx: n("rx"), kind: s("type") }
+            let dst = if o.get("dst-address").is_some_and(|x| x.is_null()) {
+                String::new()
+            } else {
+                s("dst-address")
+            };
+            Conn {
+                src: s("src-address"),
+                dst,
+                tx: n("tx"),
+                rx: n("rx"),
+                kind: s("type"),
+            }
         })
         .collect()
 }
@@ -131,7 +145,10 @@ impl Daemon {
     /// Starts a daemon on `data_path` in a fresh temp dir and waits for its control socket.
     pub fn start(data_path: &str) -> Daemon {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
         let tag = format!("{}-{n}-{nanos:x}", std::process::id());
         let dir = std::env::temp_dir().join(format!("proxyd-test-{tag}"));
         std::fs::create_dir_all(&dir).expect("create temp dir");
@@ -140,7 +157,10 @@ impl Daemon {
         let mut d = Daemon {
             data_path: data_path.to_string(),
             state: dir.join("config.rsc"),
-            cli: Cli { bin: proxyd_bin(), control: dir.join("control.sock") },
+            cli: Cli {
+                bin: proxyd_bin(),
+                control: dir.join("control.sock"),
+            },
             dir,
             port: None,
             child: None,
@@ -168,10 +188,14 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
         let mut err = child.stderr.take().unwrap();
         let log = self.log.clone();
-        log.lock().unwrap().extend_from_slice(format!("--- proxyd run ({}) started ---\n", self.data_path).as_bytes());
+        log.lock().unwrap().extend_from_slice(
+            format!("--- proxyd run ({}) started ---\n", self.data_path).as_bytes(),
+        );
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = err.read(&mut buf) {
@@ -189,7 +213,10 @@ impl Daemon {
             }
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 std::thread::sleep(Duration::from_millis(100));
-                panic!("proxyd run exited during start-up ({st}); stderr:\n{}", self.log());
+                panic!(
+                    "proxyd run exited during start-up ({st}); stderr:\n{}",
+                    self.log()
+                );
             }
             if Instant::now() >= deadline {
                 panic!(
@@ -222,7 +249,14 @@ impl Daemon {
     pub fn enable(&mut self, extra: &[&str]) -> SocketAddr {
         let port = free_port();
         let port_arg = format!("port={port}");
-        let mut args = vec!["ip", "socks", "set", "enabled=yes", &port_arg, "listen-address=127.0.0.1"];
+        let mut args = vec![
+            "ip",
+            "socks",
+            "set",
+            "enabled=yes",
+            &port_arg,
+            "listen-address=127.0.0.1",
+        ];
         args.extend_from_slice(extra);
         self.cli_ok(&args);
         self.port = Some(port);
@@ -230,7 +264,11 @@ impl Daemon {
         let up = wait_until(Duration::from_secs(5), || {
             TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
         });
-        assert!(up, "proxyd does not accept on {addr} after `ip socks set enabled=yes`; stderr:\n{}", self.log());
+        assert!(
+            up,
+            "proxyd does not accept on {addr} after `ip socks set enabled=yes`; stderr:\n{}",
+            self.log()
+        );
         // Let the daemon drop the probe connection before tests count connections.
         wait_until(Duration::from_secs(2), || self.cli.connections().is_empty());
         addr
@@ -238,7 +276,9 @@ impl Daemon {
 
     /// The SOCKS address set by [`Daemon::enable`].
     pub fn addr(&self) -> SocketAddr {
-        format!("127.0.0.1:{}", self.port.expect("call enable() first")).parse().unwrap()
+        format!("127.0.0.1:{}", self.port.expect("call enable() first"))
+            .parse()
+            .unwrap()
     }
 
     /// The daemon's process id.
@@ -249,9 +289,16 @@ impl Daemon {
     /// Sends SIGTERM and waits (10 s, then SIGKILL) for the daemon to exit; returns
     /// whether it exited by itself with status 0.
     pub fn stop(&mut self) -> bool {
-        let Some(mut child) = self.child.take() else { return true };
+        self.stop_with(libc::SIGTERM)
+    }
+
+    /// Sends `signal` (e.g. SIGINT) and waits like [`Daemon::stop`].
+    pub fn stop_with(&mut self, signal: i32) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
         // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(child.id() as i32, signal) };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(st) = child.try_wait().unwrap() {
@@ -260,7 +307,9 @@ impl Daemon {
             if Instant::now() >= deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                self.log.lock().unwrap().extend_from_slice(b"--- test harness: SIGTERM ignored for 10 s, sent SIGKILL ---\n");
+                self.log.lock().unwrap().extend_from_slice(
+                    b"--- test harness: signal ignored for 10 s, sent SIGKILL ---\n",
+                );
                 return false;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -272,14 +321,21 @@ impl Daemon {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
-            self.log.lock().unwrap().extend_from_slice(b"--- test harness: SIGKILL ---\n");
+            self.log
+                .lock()
+                .unwrap()
+                .extend_from_slice(b"--- test harness: SIGKILL ---\n");
         }
     }
 
     /// Starts the daemon again on the same state file and control socket.
     pub fn restart(&mut self) {
         if self.child.is_some() {
-            assert!(self.stop(), "proxyd did not exit cleanly on SIGTERM; stderr:\n{}", self.log());
+            assert!(
+                self.stop(),
+                "proxyd did not exit cleanly on SIGTERM; stderr:\n{}",
+                self.log()
+            );
         }
         self.spawn();
     }

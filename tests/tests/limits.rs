@@ -9,10 +9,14 @@ use std::time::{Duration, Instant};
 /// Sends one byte each way over a tunnel, panicking with `what` if it fails.
 fn ping(c: &mut TcpStream, u: &mut TcpStream, what: &str) {
     let mut b = [0u8; 1];
-    c.write_all(b"p").unwrap_or_else(|e| panic!("{what}: client write: {e}"));
-    u.read_exact(&mut b).unwrap_or_else(|e| panic!("{what}: upstream read: {e}"));
-    u.write_all(b"q").unwrap_or_else(|e| panic!("{what}: upstream write: {e}"));
-    c.read_exact(&mut b).unwrap_or_else(|e| panic!("{what}: client read: {e}"));
+    c.write_all(b"p")
+        .unwrap_or_else(|e| panic!("{what}: client write: {e}"));
+    u.read_exact(&mut b)
+        .unwrap_or_else(|e| panic!("{what}: upstream read: {e}"));
+    u.write_all(b"q")
+        .unwrap_or_else(|e| panic!("{what}: upstream write: {e}"));
+    c.read_exact(&mut b)
+        .unwrap_or_else(|e| panic!("{what}: client read: {e}"));
 }
 
 /// Returns when `s` sees EOF/reset, or None if it is still open at `deadline`.
@@ -27,7 +31,9 @@ fn wait_closed(s: &mut TcpStream, deadline: Instant) -> Option<Instant> {
         match s.read(&mut b) {
             Ok(0) => return Some(Instant::now()),
             Ok(_) => continue,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return None,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return None
+            }
             Err(_) => return Some(Instant::now()),
         }
     }
@@ -41,7 +47,10 @@ fn idle_timeout_closes_idle_tunnel_keeps_busy_one() {
         let mut d = Daemon::start(dp);
         let proxy = d.enable(&["connection-idle-timeout=2s"]);
         let printed = d.cli_ok(&["ip", "socks", "print"]);
-        assert!(printed.contains("connection-idle-timeout: 2s"), "idle timeout not shown as 2s:\n{printed}");
+        assert!(
+            printed.contains("connection-idle-timeout: 2s"),
+            "idle timeout not shown as 2s:\n{printed}"
+        );
         let (l, dst) = listen_local();
 
         let mut busy_c = socks::connect(proxy, dst);
@@ -66,7 +75,10 @@ fn idle_timeout_closes_idle_tunnel_keeps_busy_one() {
             panic!("idle tunnel still open 3 s after its last byte (connection-idle-timeout=2s)");
         };
         let after = closed_at - idle_since;
-        assert!(after >= Duration::from_millis(1800), "idle tunnel closed too early, after {after:?}");
+        assert!(
+            after >= Duration::from_millis(1800),
+            "idle tunnel closed too early, after {after:?}"
+        );
         assert!(
             wait_closed(&mut idle_u, Instant::now() + Duration::from_secs(1)).is_some(),
             "idle tunnel closed towards the client but not towards the destination"
@@ -78,8 +90,16 @@ fn idle_timeout_closes_idle_tunnel_keeps_busy_one() {
         assert_eq!(&got, b"bbbbbbbbbbbbbbb");
         ping(&mut busy_c, &mut busy_u, "busy tunnel after 4.5 s");
         let rows = d.cli.connections();
-        assert_eq!(rows.len(), 1, "only the busy tunnel should be listed: {rows:?}");
-        assert_eq!((rows[0].tx, rows[0].rx), (16, 1), "busy tunnel counters: {rows:?}");
+        assert_eq!(
+            rows.len(),
+            1,
+            "only the busy tunnel should be listed: {rows:?}"
+        );
+        assert_eq!(
+            (rows[0].tx, rows[0].rx),
+            (16, 1),
+            "busy tunnel counters: {rows:?}"
+        );
     }
 }
 
@@ -113,19 +133,34 @@ fn max_connections_refuses_the_next_client_at_once() {
         };
         let took = start.elapsed();
         match &refused {
-            Answer::Reply(r) => assert_eq!(r.code, socks::REJECTED, "4th client was granted: {r:?}"),
-            Answer::Closed { got } => assert!(got.is_empty(), "4th client got a partial reply {got:?}"),
+            Answer::Reply(r) => {
+                assert_eq!(r.code, socks::REJECTED, "4th client was granted: {r:?}")
+            }
+            Answer::Closed { got } => {
+                assert!(got.is_empty(), "4th client got a partial reply {got:?}")
+            }
             Answer::Silent { .. } => panic!("4th client was neither refused nor closed within 3 s"),
         }
-        assert!(took < Duration::from_secs(1), "4th client refused only after {took:?}");
-        assert!(accept_timeout(&l, Duration::from_millis(300)).is_none(), "the refused client reached the destination");
+        assert!(
+            took < Duration::from_secs(1),
+            "4th client refused only after {took:?}"
+        );
+        assert!(
+            accept_timeout(&l, Duration::from_millis(300)).is_none(),
+            "the refused client reached the destination"
+        );
 
         // The three are intact; the handshaking one can still finish.
         ping(&mut c1, &mut u1, "tunnel 1");
         ping(&mut c2, &mut u2, "tunnel 2");
-        c3.write_all(&socks::request(socks::CONNECT, dst, b"u")).unwrap();
+        c3.write_all(&socks::request(socks::CONNECT, dst, b"u"))
+            .unwrap();
         let r = socks::read_reply(&mut c3).expect("reply for the handshaking 3rd client");
-        assert_eq!(r.code, socks::GRANTED, "3rd client (handshaking when the 4th came) refused: {r:?}");
+        assert_eq!(
+            r.code,
+            socks::GRANTED,
+            "3rd client (handshaking when the 4th came) refused: {r:?}"
+        );
         let mut u3 = accept_timeout(&l, Duration::from_secs(5)).expect("accept 3");
         ping(&mut c3, &mut u3, "tunnel 3");
 
@@ -140,5 +175,43 @@ fn max_connections_refuses_the_next_client_at_once() {
         let mut c5 = socks::connect(proxy, dst);
         let mut u5 = accept_timeout(&l, Duration::from_secs(5)).expect("accept 5");
         ping(&mut c5, &mut u5, "tunnel after a slot freed");
+    }
+}
+
+/// Settings apply without a restart: a new port rebinds (the old one stops accepting),
+/// `enabled=no` stops accepting, and open tunnels keep working through both.
+#[test]
+fn settings_apply_without_restart() {
+    for dp in data_paths() {
+        let mut d = Daemon::start(dp);
+        let old = d.enable(&[]);
+        let (l, dst) = listen_local();
+        let mut c = socks::connect(old, dst);
+        let mut u = accept_timeout(&l, Duration::from_secs(5)).expect("accept");
+
+        let new_port = proxyd_tests::free_port();
+        d.cli_ok(&["ip", "socks", "set", &format!("port={new_port}")]);
+        let new: std::net::SocketAddr = format!("127.0.0.1:{new_port}").parse().unwrap();
+        assert!(
+            wait_until(Duration::from_secs(3), || tcp_connect(old).is_err()),
+            "old port {old} still accepts after `set port={new_port}`"
+        );
+        let mut c2 = socks::connect(new, dst);
+        let mut u2 = accept_timeout(&l, Duration::from_secs(5)).expect("accept via new port");
+        ping(&mut c, &mut u, "tunnel opened before the port change");
+        ping(&mut c2, &mut u2, "tunnel via the new port");
+
+        d.cli_ok(&["ip", "socks", "set", "enabled=no"]);
+        assert!(
+            wait_until(Duration::from_secs(3), || tcp_connect(new).is_err()),
+            "port {new} still accepts after `set enabled=no`"
+        );
+        ping(&mut c, &mut u, "old tunnel after enabled=no");
+        ping(&mut c2, &mut u2, "new tunnel after enabled=no");
+        assert_eq!(
+            d.cli.connections().len(),
+            2,
+            "open tunnels should stay listed after enabled=no"
+        );
     }
 }

