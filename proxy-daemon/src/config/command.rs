@@ -7,9 +7,10 @@
 use std::fmt;
 
 use super::time;
+use super::users::{parse_rate, PasswordHash, User};
 use super::{
-    parse_prefix, AccessRule, Action, Config, DataPathMode, PortRange, IDLE_TIMEOUT_RANGE,
-    MAX_CONNECTIONS_RANGE,
+    parse_prefix, AccessRule, Action, AuthMethod, Config, DataPathMode, DstMatch, PortRange, Settings,
+    IDLE_TIMEOUT_RANGE, MAX_CONNECTIONS_RANGE,
 };
 
 /// A menu of the command tree.
@@ -20,6 +21,7 @@ pub enum Menu {
     Socks,
     Access,
     Connections,
+    Users,
 }
 
 impl Menu {
@@ -29,6 +31,7 @@ impl Menu {
             (Menu::Ip, "socks") => Some(Menu::Socks),
             (Menu::Socks, "access") => Some(Menu::Access),
             (Menu::Socks, "connections") => Some(Menu::Connections),
+            (Menu::Socks, "users") => Some(Menu::Users),
             (m, "..") => Some(m.parent()),
             _ => None,
         }
@@ -38,7 +41,7 @@ impl Menu {
         match self {
             Menu::Root | Menu::Ip => Menu::Root,
             Menu::Socks => Menu::Ip,
-            Menu::Access | Menu::Connections => Menu::Socks,
+            Menu::Access | Menu::Connections | Menu::Users => Menu::Socks,
         }
     }
 }
@@ -51,6 +54,7 @@ impl fmt::Display for Menu {
             Menu::Socks => "/ip socks",
             Menu::Access => "/ip socks access",
             Menu::Connections => "/ip socks connections",
+            Menu::Users => "/ip socks users",
         })
     }
 }
@@ -62,49 +66,40 @@ pub struct PrintOptions {
     pub detail: bool,
 }
 
-/// A property change: `name=value` sets, `!name` clears.
-pub type Change = (RuleProp, Option<String>);
-
-/// Access-rule properties.
+/// A numbered list of the configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RuleProp {
-    SrcAddress,
-    SrcPort,
-    DstAddress,
-    DstPort,
-    Action,
-    Disabled,
-    Comment,
+pub enum List {
+    Access,
+    Users,
 }
 
-impl RuleProp {
-    const ALL: &'static str = "src-address, src-port, dst-address, dst-port, action, disabled, comment";
-
-    fn from_name(name: &str) -> Option<Self> {
-        Some(match name {
-            "src-address" => Self::SrcAddress,
-            "src-port" => Self::SrcPort,
-            "dst-address" => Self::DstAddress,
-            "dst-port" => Self::DstPort,
-            "action" => Self::Action,
-            "disabled" => Self::Disabled,
-            "comment" => Self::Comment,
-            _ => return None,
-        })
+impl List {
+    /// Properties an item of the list takes.
+    pub fn props(self) -> &'static [&'static str] {
+        match self {
+            List::Access => &["src-address", "src-port", "dst-address", "dst-port", "action", "disabled", "comment"],
+            // `password-hash` is how the state file keeps a password; people type `password`.
+            List::Users => &["name", "password", "password-hash", "only-one", "rate-limit", "disabled", "comment"],
+        }
     }
 
-    pub fn name(self) -> &'static str {
+    fn menu(self) -> Menu {
         match self {
-            Self::SrcAddress => "src-address",
-            Self::SrcPort => "src-port",
-            Self::DstAddress => "dst-address",
-            Self::DstPort => "dst-port",
-            Self::Action => "action",
-            Self::Disabled => "disabled",
-            Self::Comment => "comment",
+            List::Access => Menu::Access,
+            List::Users => Menu::Users,
+        }
+    }
+
+    fn allowed(self) -> &'static str {
+        match self {
+            List::Access => "src-address, src-port, dst-address, dst-port, action, disabled, comment",
+            List::Users => "name, password, only-one, rate-limit, disabled, comment",
         }
     }
 }
+
+/// A property change: `name=value` sets, `!name` clears.
+pub type Change = (&'static str, Option<String>);
 
 /// A parsed command.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -115,15 +110,15 @@ pub enum Command {
     Export(Menu),
     SettingsPrint,
     SettingsSet(Vec<(String, String)>),
-    AccessPrint(PrintOptions),
-    AccessAdd(Vec<Change>),
-    AccessSet(Vec<usize>, Vec<Change>),
-    AccessRemove(Vec<usize>),
-    AccessEnable(Vec<usize>),
-    AccessDisable(Vec<usize>),
+    /// `print` in a list menu or in `connections`.
+    Print(Menu, PrintOptions),
+    Add(List, Vec<Change>),
+    Set(List, Vec<usize>, Vec<Change>),
+    Remove(List, Vec<usize>),
+    Enable(List, Vec<usize>),
+    Disable(List, Vec<usize>),
     /// Moves the items before the item numbered `before` (to the end when `None`).
-    AccessMove(Vec<usize>, Option<usize>),
-    ConnectionsPrint(PrintOptions),
+    Move(List, Vec<usize>, Option<usize>),
 }
 
 impl Command {
@@ -132,12 +127,12 @@ impl Command {
         matches!(
             self,
             Command::SettingsSet(_)
-                | Command::AccessAdd(_)
-                | Command::AccessSet(..)
-                | Command::AccessRemove(_)
-                | Command::AccessEnable(_)
-                | Command::AccessDisable(_)
-                | Command::AccessMove(..)
+                | Command::Add(..)
+                | Command::Set(..)
+                | Command::Remove(..)
+                | Command::Enable(..)
+                | Command::Disable(..)
+                | Command::Move(..)
         )
     }
 }
@@ -286,59 +281,17 @@ pub fn parse(at: Menu, words: &[String]) -> Result<(Menu, Command), CommandError
             Command::SettingsPrint
         }
         (Menu::Socks, "set") => Command::SettingsSet(settings_args(&args)?),
-        (Menu::Access, "print") => Command::AccessPrint(print_options(menu, &args)?),
-        (Menu::Access, "add") => {
-            let (items, changes) = rule_args(&args)?;
-            if !items.is_empty() {
-                return Err(CommandError::Usage(format!("add takes name=value properties, not `{}`", items[0])));
-            }
-            Command::AccessAdd(changes)
+        (Menu::Access | Menu::Users | Menu::Connections, "print") => Command::Print(menu, print_options(menu, &args)?),
+        (Menu::Access | Menu::Users, verb @ ("add" | "set" | "remove" | "enable" | "disable" | "move")) => {
+            let list = if menu == Menu::Access { List::Access } else { List::Users };
+            list_command(list, verb, &args)?
         }
-        (Menu::Access, "set") => {
-            let (items, changes) = rule_args(&args)?;
-            let items = numbers(&items)?;
-            if changes.is_empty() {
-                return Err(CommandError::Usage(format!("set needs properties (allowed: {})", RuleProp::ALL)));
-            }
-            Command::AccessSet(items, changes)
-        }
-        (Menu::Access, "remove" | "enable" | "disable") => {
-            let items = numbers(&args)?;
-            match cmd {
-                "remove" => Command::AccessRemove(items),
-                "enable" => Command::AccessEnable(items),
-                _ => Command::AccessDisable(items),
-            }
-        }
-        (Menu::Access, "move") => {
-            let mut positional = Vec::new();
-            let mut dest = None;
-            for a in &args {
-                match a.split_once('=') {
-                    Some(("numbers", v)) => positional.insert(0, v),
-                    Some(("destination", v)) => dest = Some(v),
-                    Some((k, _)) => {
-                        return Err(CommandError::UnknownProperty { menu, name: k.into(), allowed: "numbers, destination" })
-                    }
-                    None => positional.push(a),
-                }
-            }
-            if dest.is_none() && positional.len() == 2 {
-                dest = positional.pop();
-            }
-            if positional.len() != 1 {
-                return Err(CommandError::Usage("usage: move N [M] (M: the item to move before; the end when left out)".into()));
-            }
-            let from = numbers(&positional)?;
-            let to = dest.map(|d| number(d)).transpose()?;
-            Command::AccessMove(from, to)
-        }
-        (Menu::Connections, "print") => Command::ConnectionsPrint(print_options(menu, &args)?),
         (m, c) => {
             let allowed = match m {
                 Menu::Socks => "set, print, export",
                 Menu::Access => "add, set, remove, move, enable, disable, print, export",
                 Menu::Connections => "print",
+                Menu::Users => "add, set, remove, enable, disable, print, export",
                 Menu::Root | Menu::Ip => "export, or the menu ip socks",
             };
             return Err(CommandError::UnknownCommand { menu: m, command: c.to_owned(), allowed });
@@ -392,7 +345,7 @@ fn numbers(args: &[&str]) -> Result<Vec<usize>, CommandError> {
     Ok(out)
 }
 
-const SETTINGS: &str = "enabled, port, connection-idle-timeout, max-connections, listen-address, data-path";
+const SETTINGS: &str = "enabled, port, connection-idle-timeout, max-connections, listen-address, data-path, version, auth-method";
 
 fn settings_args(args: &[&str]) -> Result<Vec<(String, String)>, CommandError> {
     let mut out = Vec::new();
@@ -411,12 +364,68 @@ fn settings_args(args: &[&str]) -> Result<Vec<(String, String)>, CommandError> {
     Ok(out)
 }
 
-/// Splits rule arguments into bare words (item numbers) and property changes.
-fn rule_args<'a>(args: &[&'a str]) -> Result<(Vec<&'a str>, Vec<Change>), CommandError> {
+/// Parses the arguments of a list command.
+fn list_command(list: List, verb: &str, args: &[&str]) -> Result<Command, CommandError> {
+    if verb == "move" {
+        let mut positional = Vec::new();
+        let mut dest = None;
+        for a in args {
+            match a.split_once('=') {
+                Some(("numbers", v)) => positional.insert(0, v),
+                Some(("destination", v)) => dest = Some(v),
+                Some((k, _)) => {
+                    return Err(CommandError::UnknownProperty { menu: list.menu(), name: k.into(), allowed: "numbers, destination" })
+                }
+                None => positional.push(a),
+            }
+        }
+        if dest.is_none() && positional.len() == 2 {
+            dest = positional.pop();
+        }
+        if positional.len() != 1 {
+            return Err(CommandError::Usage("usage: move N [M] (M: the item to move before; the end when left out)".into()));
+        }
+        let to = dest.map(|d| number(d)).transpose()?;
+        return Ok(Command::Move(list, numbers(&positional)?, to));
+    }
+    let (items, changes) = item_args(list, args)?;
+    Ok(match verb {
+        "add" => {
+            if let Some(extra) = items.first() {
+                return Err(CommandError::Usage(format!("add takes name=value properties, not `{extra}`")));
+            }
+            Command::Add(list, changes)
+        }
+        "set" => {
+            if changes.is_empty() {
+                return Err(CommandError::Usage(format!("set needs properties (allowed: {})", list.allowed())));
+            }
+            Command::Set(list, numbers(&items)?, changes)
+        }
+        _ => {
+            if let Some((name, _)) = changes.first() {
+                return Err(CommandError::Usage(format!("{verb} takes item numbers, not `{name}`")));
+            }
+            let items = numbers(&items)?;
+            match verb {
+                "remove" => Command::Remove(list, items),
+                "enable" => Command::Enable(list, items),
+                _ => Command::Disable(list, items),
+            }
+        }
+    })
+}
+
+/// Splits list arguments into bare words (item numbers) and property changes.
+fn item_args<'a>(list: List, args: &[&'a str]) -> Result<(Vec<&'a str>, Vec<Change>), CommandError> {
     let mut items = Vec::new();
     let mut changes = Vec::new();
     for a in args {
         let (name, value) = match a.split_once('=') {
+            Some(("numbers", _)) => {
+                items.push(*a);
+                continue;
+            }
             Some((k, v)) => (k, Some(v.to_owned())),
             None => match a.strip_prefix('!') {
                 Some(k) => (k, None),
@@ -426,16 +435,12 @@ fn rule_args<'a>(args: &[&'a str]) -> Result<(Vec<&'a str>, Vec<Change>), Comman
                 }
             },
         };
-        if name == "numbers" {
-            items.push(*a);
-            continue;
-        }
-        let prop = RuleProp::from_name(name).ok_or_else(|| CommandError::UnknownProperty {
-            menu: Menu::Access,
+        let prop = list.props().iter().find(|p| **p == name).ok_or_else(|| CommandError::UnknownProperty {
+            menu: list.menu(),
             name: name.into(),
-            allowed: RuleProp::ALL,
+            allowed: list.allowed(),
         })?;
-        changes.push((prop, value));
+        changes.push((*prop, value));
     }
     Ok((items, changes))
 }
@@ -448,25 +453,69 @@ fn yes_no(property: &str, v: &str) -> Result<bool, CommandError> {
     }
 }
 
-/// Sets one rule property from its text, checking it.
-fn set_rule_prop(rule: &mut AccessRule, prop: RuleProp, value: Option<&str>) -> Result<(), CommandError> {
-    let name = prop.name();
-    let addr = |v: &str| parse_prefix(v).ok_or_else(|| invalid(name, v, "an IPv4 address a.b.c.d or prefix a.b.c.d/0..32"));
-    let port = |v: &str| v.parse::<PortRange>().map_err(|_| invalid(name, v, "a port 0..65535 or a range N-M with N <= M"));
-    match (prop, value) {
-        (RuleProp::SrcAddress, v) => rule.src_address = v.map(addr).transpose()?,
-        (RuleProp::DstAddress, v) => rule.dst_address = v.map(addr).transpose()?,
-        (RuleProp::SrcPort, v) => rule.src_port = v.map(port).transpose()?,
-        (RuleProp::DstPort, v) => rule.dst_port = v.map(port).transpose()?,
-        (RuleProp::Action, None) => rule.action = Action::Allow,
-        (RuleProp::Action, Some("allow")) => rule.action = Action::Allow,
-        (RuleProp::Action, Some("deny")) => rule.action = Action::Deny,
-        (RuleProp::Action, Some(v)) => return Err(invalid(name, v, "allow, deny")),
-        (RuleProp::Disabled, None) => rule.disabled = false,
-        (RuleProp::Disabled, Some(v)) => rule.disabled = yes_no(name, v)?,
-        (RuleProp::Comment, v) => rule.comment = v.filter(|c| !c.is_empty()).map(str::to_owned),
+/// An item of a numbered list.
+trait Item: Default {
+    /// Sets one property from its text (`None`: back to the default), checking it.
+    fn set(&mut self, prop: &str, value: Option<&str>) -> Result<(), CommandError>;
+    fn set_disabled(&mut self, disabled: bool);
+}
+
+impl Item for AccessRule {
+    fn set(&mut self, prop: &str, value: Option<&str>) -> Result<(), CommandError> {
+        let addr = |v: &str| {
+            parse_prefix(v).ok_or_else(|| invalid(prop, v, "an address a.b.c.d or prefix a.b.c.d/0..32 (IPv6: x::y/0..128)"))
+        };
+        let port = |v: &str| v.parse::<PortRange>().map_err(|_| invalid(prop, v, "a port 0..65535 or a range N-M with N <= M"));
+        match (prop, value) {
+            ("src-address", v) => self.src_address = v.map(addr).transpose()?,
+            ("dst-address", v) => {
+                self.dst_address = v
+                    .map(|v| DstMatch::parse(v).ok_or_else(|| invalid(prop, v, "an address, a prefix a.b.c.d/0..32, or a domain name")))
+                    .transpose()?
+            }
+            ("src-port", v) => self.src_port = v.map(port).transpose()?,
+            ("dst-port", v) => self.dst_port = v.map(port).transpose()?,
+            ("action", None | Some("allow")) => self.action = Action::Allow,
+            ("action", Some("deny")) => self.action = Action::Deny,
+            ("action", Some(v)) => return Err(invalid(prop, v, "allow, deny")),
+            ("disabled", v) => self.disabled = v.map(|v| yes_no(prop, v)).transpose()?.unwrap_or(false),
+            ("comment", v) => self.comment = v.filter(|c| !c.is_empty()).map(str::to_owned),
+            _ => unreachable!("item_args checked the property"),
+        }
+        Ok(())
     }
-    Ok(())
+
+    fn set_disabled(&mut self, disabled: bool) {
+        self.disabled = disabled;
+    }
+}
+
+impl Item for User {
+    fn set(&mut self, prop: &str, value: Option<&str>) -> Result<(), CommandError> {
+        match (prop, value) {
+            ("name", Some(v)) if !v.is_empty() && v.len() <= 255 => self.name = v.to_owned(),
+            ("name", v) => return Err(invalid(prop, v.unwrap_or(""), "a name of 1..255 bytes")),
+            ("password", Some(v)) if v.len() <= 255 => self.password = PasswordHash::new(v.as_bytes()),
+            ("password", Some(_)) => return Err(invalid(prop, "(hidden)", "a password of at most 255 bytes")),
+            ("password" | "password-hash", None) => self.password = PasswordHash::default(),
+            ("password-hash", Some(v)) => {
+                self.password = PasswordHash::parse(v).ok_or_else(|| invalid(prop, v, "a hash as `export` prints it"))?
+            }
+            ("only-one", v) => self.only_one = v.map(|v| yes_no(prop, v)).transpose()?.unwrap_or(false),
+            ("rate-limit", None) => self.rate_limit = None,
+            ("rate-limit", Some(v)) => {
+                self.rate_limit = parse_rate(v).ok_or_else(|| invalid(prop, v, "bits per second, e.g. 8M, 512k, 64000; 0 for none"))?
+            }
+            ("disabled", v) => self.disabled = v.map(|v| yes_no(prop, v)).transpose()?.unwrap_or(false),
+            ("comment", v) => self.comment = v.filter(|c| !c.is_empty()).map(str::to_owned),
+            _ => unreachable!("item_args checked the property"),
+        }
+        Ok(())
+    }
+
+    fn set_disabled(&mut self, disabled: bool) {
+        self.disabled = disabled;
+    }
 }
 
 fn check_items(list_len: usize, items: &[usize]) -> Result<(), CommandError> {
@@ -476,93 +525,55 @@ fn check_items(list_len: usize, items: &[usize]) -> Result<(), CommandError> {
     }
 }
 
-/// Applies a configuration-changing command to `config`. On error `config`
-/// may be partly changed: callers apply to a copy and keep it only on success.
-pub fn apply(config: &mut Config, command: &Command) -> Result<(), CommandError> {
-    let rules = &mut config.access.rules;
+/// Runs a list command on `items`.
+fn apply_list<T: Item>(items: &mut Vec<T>, command: &Command) -> Result<(), CommandError> {
     match command {
-        Command::SettingsSet(pairs) => {
-            let s = &mut config.settings;
-            for (k, v) in pairs {
-                match k.as_str() {
-                    "enabled" => s.enabled = yes_no(k, v)?,
-                    "port" => {
-                        s.port = match v.parse::<u16>() {
-                            Ok(p) if p >= 1 => p,
-                            _ => return Err(invalid(k, v, "1..65535")),
-                        }
-                    }
-                    "connection-idle-timeout" => {
-                        let (lo, hi) = IDLE_TIMEOUT_RANGE;
-                        let allowed = format!("a time from {} to {} (e.g. 30s, 2m, 1h, 1d2h3m4s)", time::format(lo), time::format(hi));
-                        s.connection_idle_timeout = match time::parse(v) {
-                            Some(d) if d >= lo && d <= hi => d,
-                            _ => return Err(invalid(k, v, allowed)),
-                        }
-                    }
-                    "max-connections" => {
-                        let (lo, hi) = MAX_CONNECTIONS_RANGE;
-                        s.max_connections = match v.parse::<u32>() {
-                            Ok(n) if n >= lo && n <= hi => n,
-                            _ => return Err(invalid(k, v, format!("{lo}..{hi}"))),
-                        }
-                    }
-                    "listen-address" => {
-                        s.listen_address = v.parse().map_err(|_| invalid(k, v, "an IPv4 or IPv6 address, e.g. 0.0.0.0 or 127.0.0.1"))?
-                    }
-                    "data-path" => {
-                        s.data_path = v.parse::<DataPathMode>().map_err(|_| invalid(k, v, DataPathMode::ALLOWED))?
-                    }
-                    _ => unreachable!("settings_args checked the names"),
-                }
-            }
-        }
-        Command::AccessAdd(changes) => {
-            let mut rule = AccessRule::default();
+        Command::Add(_, changes) => {
+            let mut item = T::default();
             for (prop, value) in changes {
-                set_rule_prop(&mut rule, *prop, value.as_deref())?;
+                item.set(prop, value.as_deref())?;
             }
-            rules.push(rule);
+            items.push(item);
         }
-        Command::AccessSet(items, changes) => {
-            check_items(rules.len(), items)?;
-            for &n in items {
+        Command::Set(_, numbers, changes) => {
+            check_items(items.len(), numbers)?;
+            for &n in numbers {
                 for (prop, value) in changes {
-                    set_rule_prop(&mut rules[n], *prop, value.as_deref())?;
+                    items[n].set(prop, value.as_deref())?;
                 }
             }
         }
-        Command::AccessRemove(items) => {
-            check_items(rules.len(), items)?;
-            for &n in items.iter().rev() {
-                rules.remove(n);
+        Command::Remove(_, numbers) => {
+            check_items(items.len(), numbers)?;
+            for &n in numbers.iter().rev() {
+                items.remove(n);
             }
         }
-        Command::AccessEnable(items) | Command::AccessDisable(items) => {
-            check_items(rules.len(), items)?;
-            let disabled = matches!(command, Command::AccessDisable(_));
-            for &n in items {
-                rules[n].disabled = disabled;
+        Command::Enable(_, numbers) | Command::Disable(_, numbers) => {
+            check_items(items.len(), numbers)?;
+            let disabled = matches!(command, Command::Disable(..));
+            for &n in numbers {
+                items[n].set_disabled(disabled);
             }
         }
-        Command::AccessMove(items, before) => {
-            check_items(rules.len(), items)?;
+        Command::Move(_, numbers, before) => {
+            check_items(items.len(), numbers)?;
             if let Some(b) = before {
-                if *b > rules.len() {
+                if *b > items.len() {
                     return Err(CommandError::NoSuchItem(*b));
                 }
             }
-            // Take the moved rules out, then insert them before the rule that
+            // Take the moved items out, then insert them before the item that
             // had number `before` (which may itself have shifted down).
-            let before_rule = before.filter(|b| *b < rules.len() && !items.contains(b));
+            let before_item = before.filter(|b| *b < items.len() && !numbers.contains(b));
             let mut moved = Vec::new();
             let mut kept = Vec::new();
             let mut anchor = None;
-            for (i, r) in rules.drain(..).enumerate() {
-                if items.contains(&i) {
+            for (i, r) in items.drain(..).enumerate() {
+                if numbers.contains(&i) {
                     moved.push(r);
                 } else {
-                    if Some(i) == before_rule {
+                    if Some(i) == before_item {
                         anchor = Some(kept.len());
                     }
                     kept.push(r);
@@ -575,9 +586,105 @@ pub fn apply(config: &mut Config, command: &Command) -> Result<(), CommandError>
                 _ => kept.len(),
             };
             kept.splice(at..at, moved);
-            *rules = kept;
+            *items = kept;
         }
-        _ => return Err(CommandError::Usage("not a configuration change".into())),
+        _ => unreachable!("apply_list gets list commands"),
+    }
+    Ok(())
+}
+
+/// Applies a configuration-changing command to `config`; on error `config`
+/// is left as it was.
+pub fn apply(config: &mut Config, command: &Command) -> Result<(), CommandError> {
+    let mut new = config.clone();
+    apply_in_place(&mut new, command)?;
+    *config = new;
+    Ok(())
+}
+
+fn apply_in_place(config: &mut Config, command: &Command) -> Result<(), CommandError> {
+    match command {
+        Command::SettingsSet(pairs) => {
+            for (k, v) in pairs {
+                set_setting(&mut config.settings, k, v)?;
+            }
+            Ok(())
+        }
+        Command::Add(List::Access, _)
+        | Command::Set(List::Access, ..)
+        | Command::Remove(List::Access, _)
+        | Command::Enable(List::Access, _)
+        | Command::Disable(List::Access, _)
+        | Command::Move(List::Access, ..) => apply_list(&mut config.access.rules, command),
+        Command::Add(List::Users, _)
+        | Command::Set(List::Users, ..)
+        | Command::Remove(List::Users, _)
+        | Command::Enable(List::Users, _)
+        | Command::Disable(List::Users, _)
+        | Command::Move(List::Users, ..) => {
+            apply_list(&mut config.users, command)?;
+            check_users(&config.users)
+        }
+        _ => Err(CommandError::Usage("not a configuration change".into())),
+    }
+}
+
+/// Every user has a unique name.
+fn check_users(users: &[User]) -> Result<(), CommandError> {
+    for (i, u) in users.iter().enumerate() {
+        if u.name.is_empty() {
+            return Err(invalid("name", "", "a name is needed (add name=... password=...)"));
+        }
+        if users[..i].iter().any(|o| o.name == u.name) {
+            return Err(invalid("name", &u.name, "a name no other user has"));
+        }
+    }
+    Ok(())
+}
+
+fn set_setting(s: &mut Settings, k: &str, v: &str) -> Result<(), CommandError> {
+    match k {
+        "enabled" => s.enabled = yes_no(k, v)?,
+        "port" => {
+            s.port = match v.parse::<u16>() {
+                Ok(p) if p >= 1 => p,
+                _ => return Err(invalid(k, v, "1..65535")),
+            }
+        }
+        "connection-idle-timeout" => {
+            let (lo, hi) = IDLE_TIMEOUT_RANGE;
+            let allowed = format!("a time from {} to {} (e.g. 30s, 2m, 1h, 1d2h3m4s)", time::format(lo), time::format(hi));
+            s.connection_idle_timeout = match time::parse(v) {
+                Some(d) if d >= lo && d <= hi => d,
+                _ => return Err(invalid(k, v, allowed)),
+            }
+        }
+        "max-connections" => {
+            let (lo, hi) = MAX_CONNECTIONS_RANGE;
+            s.max_connections = match v.parse::<u32>() {
+                Ok(n) if n >= lo && n <= hi => n,
+                _ => return Err(invalid(k, v, format!("{lo}..{hi}"))),
+            }
+        }
+        "listen-address" => {
+            s.listen_address = v.parse().map_err(|_| invalid(k, v, "an IPv4 or IPv6 address, e.g. 0.0.0.0, 127.0.0.1, ::"))?
+        }
+        "data-path" => s.data_path = v.parse::<DataPathMode>().map_err(|_| invalid(k, v, DataPathMode::ALLOWED))?,
+        "version" => {
+            s.version = match v {
+                "4" => 4,
+                "5" => 5,
+                _ => return Err(invalid(k, v, "4 (SOCKS4/4a only), 5 (SOCKS5 and SOCKS4)")),
+            }
+        }
+        "auth-method" => {
+            s.auth_method = match v {
+                "none" => AuthMethod::None,
+                "password" => AuthMethod::Password,
+                _ => return Err(invalid(k, v, "none, password")),
+            }
+        }
+        _ => unreachable!("settings_args checked the names"),
     }
     Ok(())
 }
@@ -601,8 +708,8 @@ mod tests {
     fn manual_commands_parse() {
         assert_eq!(parse(Menu::Root, &w("ip socks set enabled=yes")).unwrap().1, Command::SettingsSet(vec![("enabled".into(), "yes".into())]));
         assert_eq!(parse(Menu::Root, &w("ip socks print")).unwrap().1, Command::SettingsPrint);
-        assert_eq!(parse(Menu::Root, &w("/ip socks access print")).unwrap().1, Command::AccessPrint(PrintOptions::default()));
-        assert_eq!(parse(Menu::Root, &w("ip socks connections print")).unwrap().1, Command::ConnectionsPrint(PrintOptions::default()));
+        assert_eq!(parse(Menu::Root, &w("/ip socks access print")).unwrap().1, Command::Print(Menu::Access, PrintOptions::default()));
+        assert_eq!(parse(Menu::Root, &w("ip socks connections print")).unwrap().1, Command::Print(Menu::Connections, PrintOptions::default()));
         assert_eq!(parse(Menu::Root, &w("/ip/socks/access print")).unwrap().0, Menu::Access);
         // Inside /ip socks, as the prompt `ip socks>` shows.
         assert_eq!(parse(Menu::Socks, &w("set enabled=yes")).unwrap().0, Menu::Socks);
@@ -680,6 +787,28 @@ mod tests {
         assert_eq!(run(&mut c, "access remove 5"), Err(CommandError::NoSuchItem(5)));
     }
 
+    /// Users: names are unique, passwords are checked but never printed.
+    #[test]
+    fn users_list() {
+        let mut c = Config::default();
+        run(&mut c, "users add name=alice password=s3cret").unwrap();
+        let e = run(&mut c, "users add name=alice password=other").unwrap_err();
+        assert!(e.to_string().contains("name"), "{e}");
+        assert!(run(&mut c, "users add password=x").is_err());
+        assert!(run(&mut c, "users add name=bob rate-limit=fast").unwrap_err().to_string().contains("rate-limit"));
+        run(&mut c, "users add name=bob rate-limit=512k only-one=yes").unwrap();
+        assert!(c.users[0].password.verify(b"s3cret"));
+        assert_eq!(c.users[1].rate_limit, Some(512_000));
+        let printed = render::users(&c);
+        assert_eq!(printed, "Flags: X - disabled\n0 name=alice only-one=no\n1 name=bob only-one=yes rate-limit=512k\n");
+        run(&mut c, "users set 0 password=new").unwrap();
+        assert!(c.users[0].password.verify(b"new") && !c.users[0].password.verify(b"s3cret"));
+        run(&mut c, "users disable 1").unwrap();
+        run(&mut c, "users remove 0").unwrap();
+        assert_eq!(c.users.len(), 1);
+        assert!(c.users[0].disabled);
+    }
+
     /// Quoted values survive split_line and quote() round-trips.
     #[test]
     fn quoting_round_trips() {
@@ -699,7 +828,11 @@ mod tests {
         run(&mut c, "access add src-address=192.168.0.2 dst-port=21 action=allow comment=\"ftp client\"").unwrap();
         run(&mut c, "access add dst-port=1024-65535 action=allow disabled=yes").unwrap();
         run(&mut c, "access add action=deny").unwrap();
+        run(&mut c, "access add dst-address=example.com src-address=2001:db8::/32 action=deny").unwrap();
+        run(&mut c, "set version=5 auth-method=password").unwrap();
+        run(&mut c, "users add name=alice password=s3cret only-one=yes rate-limit=8M comment=\"first user\"").unwrap();
         let script = render::export(&c, Menu::Root);
+        assert!(!script.contains("s3cret"), "{script}");
         let mut back = Config::default();
         let mut menu = Menu::Root;
         for line in script.lines() {

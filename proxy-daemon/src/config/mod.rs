@@ -8,6 +8,7 @@ pub mod prefilter;
 pub mod render;
 pub mod store;
 pub mod time;
+pub mod users;
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -68,6 +69,28 @@ pub struct Settings {
     pub listen_address: IpAddr,
     /// Data path for new tunnels (beyond the manual).
     pub data_path: DataPathMode,
+    /// Highest SOCKS version served: 4 (SOCKS4/4a only) or 5 (SOCKS5 and SOCKS4).
+    pub version: u8,
+    /// SOCKS5 authentication: none, or username/password against `/ip socks users`.
+    pub auth_method: AuthMethod,
+}
+
+/// The `auth-method` setting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMethod {
+    #[default]
+    None,
+    Password,
+}
+
+impl fmt::Display for AuthMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AuthMethod::None => "none",
+            AuthMethod::Password => "password",
+        })
+    }
 }
 
 impl Default for Settings {
@@ -79,6 +102,8 @@ impl Default for Settings {
             max_connections: 200,
             listen_address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             data_path: DataPathMode::Auto,
+            version: 4,
+            auth_method: AuthMethod::None,
         }
     }
 }
@@ -148,18 +173,63 @@ impl fmt::Display for PortRange {
     }
 }
 
-/// Parses `a.b.c.d` or `a.b.c.d/len`, normalised to the network (as RouterOS does).
+/// Parses an address or prefix (`a.b.c.d`, `a.b.c.d/len`, `2001:db8::/32`),
+/// normalised to the network (as RouterOS does).
 pub fn parse_prefix(s: &str) -> Option<IpNet> {
-    let net = match s.split_once('/') {
+    let (addr, len) = match s.split_once('/') {
         Some((addr, len)) => {
             if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
                 return None;
             }
-            Ipv4Net::new(addr.parse().ok()?, len.parse().ok()?).ok()?
+            (addr.parse::<IpAddr>().ok()?, Some(len.parse::<u8>().ok()?))
         }
-        None => Ipv4Net::new(s.parse().ok()?, 32).ok()?,
+        None => (s.parse::<IpAddr>().ok()?, None),
     };
-    Some(IpNet::V4(net.trunc()))
+    let net = match addr {
+        IpAddr::V4(a) => IpNet::V4(Ipv4Net::new(a, len.unwrap_or(32)).ok()?),
+        IpAddr::V6(a) => IpNet::V6(ipnet::Ipv6Net::new(a, len.unwrap_or(128)).ok()?),
+    };
+    Some(net.trunc())
+}
+
+/// What `dst-address` matches: an address prefix, or a domain name that
+/// SOCKS5 clients ask for by name (exact, case-insensitive).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DstMatch {
+    Net(IpNet),
+    Domain(String),
+}
+
+impl DstMatch {
+    pub fn parse(s: &str) -> Option<Self> {
+        if let Some(net) = parse_prefix(s) {
+            return Some(DstMatch::Net(net));
+        }
+        let name = s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase();
+        let valid = !name.is_empty()
+            && name.len() <= 253
+            && name.contains(|c: char| c.is_ascii_alphabetic())
+            && name.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        valid.then_some(DstMatch::Domain(name))
+    }
+
+    fn matches(&self, req: &AccessRequest) -> bool {
+        match self {
+            DstMatch::Net(n) => n.contains(&req.dst.ip()),
+            DstMatch::Domain(d) => req
+                .dst_name
+                .is_some_and(|name| name.strip_suffix('.').unwrap_or(name).eq_ignore_ascii_case(d)),
+        }
+    }
+}
+
+impl fmt::Display for DstMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DstMatch::Net(n) => f.write_str(&format_prefix(n)),
+            DstMatch::Domain(d) => f.write_str(d),
+        }
+    }
 }
 
 /// Prints a prefix; a host prefix prints as the bare address, as in the manual.
@@ -176,7 +246,7 @@ pub fn format_prefix(net: &IpNet) -> String {
 pub struct AccessRule {
     pub src_address: Option<IpNet>,
     pub src_port: Option<PortRange>,
-    pub dst_address: Option<IpNet>,
+    pub dst_address: Option<DstMatch>,
     pub dst_port: Option<PortRange>,
     pub action: Action,
     pub disabled: bool,
@@ -184,18 +254,20 @@ pub struct AccessRule {
 }
 
 /// What the access list is asked about: the client and the requested
-/// destination (for SOCKS4a, the resolved address).
+/// destination (for SOCKS4a and SOCKS5 names, the resolved address, and the
+/// name the client asked for).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AccessRequest {
+pub struct AccessRequest<'a> {
     pub src: SocketAddr,
     pub dst: SocketAddr,
+    pub dst_name: Option<&'a str>,
 }
 
 impl AccessRule {
     pub fn matches(&self, req: &AccessRequest) -> bool {
         self.src_address.is_none_or(|n| n.contains(&req.src.ip()))
             && self.src_port.is_none_or(|p| p.contains(req.src.port()))
-            && self.dst_address.is_none_or(|n| n.contains(&req.dst.ip()))
+            && self.dst_address.as_ref().is_none_or(|d| d.matches(req))
             && self.dst_port.is_none_or(|p| p.contains(req.dst.port()))
     }
 }
@@ -243,14 +315,15 @@ impl AccessList {
 pub struct Config {
     pub settings: Settings,
     pub access: AccessList,
+    pub users: Vec<users::User>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn req(src: &str, dst: &str) -> AccessRequest {
-        AccessRequest { src: src.parse().unwrap(), dst: dst.parse().unwrap() }
+    fn req(src: &str, dst: &str) -> AccessRequest<'static> {
+        AccessRequest { src: src.parse().unwrap(), dst: dst.parse().unwrap(), dst_name: None }
     }
 
     fn rule(src: Option<&str>, dst_port: Option<&str>, action: Action) -> AccessRule {
@@ -299,6 +372,22 @@ mod tests {
         assert_eq!(parse_prefix("1.2.3.4/"), None);
         assert_eq!(parse_prefix("1.2.3"), None);
         assert!(parse_prefix("0.0.0.0/0").unwrap().contains(&"9.9.9.9".parse::<IpAddr>().unwrap()));
+    }
+
+    /// IPv6 prefixes and domain names work as dst-address.
+    #[test]
+    fn ipv6_and_domains() {
+        assert_eq!(format_prefix(&parse_prefix("2001:db8::1/32").unwrap()), "2001:db8::/32");
+        assert_eq!(format_prefix(&parse_prefix("::1").unwrap()), "::1");
+        let rule = AccessRule { dst_address: DstMatch::parse("Example.COM."), action: Action::Deny, ..Default::default() };
+        let list = AccessList { rules: vec![rule] };
+        let mut r = req("127.0.0.1:1", "93.184.216.34:80");
+        assert_eq!(list.decide(&r).action, Action::Allow);
+        r.dst_name = Some("example.com");
+        assert_eq!(list.decide(&r).action, Action::Deny);
+        assert_eq!(DstMatch::parse("1.2.3.4/33"), None);
+        assert_eq!(DstMatch::parse("bad name"), None);
+        assert_eq!(DstMatch::parse("999"), None);
     }
 
     /// Ports parse as N or N-M with N <= M.

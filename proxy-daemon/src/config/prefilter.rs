@@ -26,22 +26,25 @@ pub struct DeniedPrefix {
 pub fn denied_sources(list: &AccessList) -> Vec<DeniedPrefix> {
     let mut allow_sources: Vec<IpNet> = Vec::new();
     let mut out: Vec<DeniedPrefix> = Vec::new();
-    let any_v4: IpNet = "0.0.0.0/0".parse().unwrap();
+    let any: [IpNet; 2] = ["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()];
     for (i, rule) in list.rules.iter().enumerate() {
         if rule.disabled {
             continue;
         }
-        let src = rule.src_address.unwrap_or(any_v4);
+        let sources: Vec<IpNet> = match rule.src_address {
+            Some(net) => vec![net],
+            None => any.to_vec(),
+        };
         match rule.action {
             // Any earlier allow rule that could match a source keeps it off the list,
             // whatever its other conditions.
-            Action::Allow => allow_sources.push(src),
+            Action::Allow => allow_sources.extend(sources),
             Action::Deny => {
                 let only_source = rule.src_port.is_none() && rule.dst_address.is_none() && rule.dst_port.is_none();
                 if !only_source {
                     continue;
                 }
-                let mut pieces = vec![src];
+                let mut pieces = sources;
                 for taken in allow_sources.iter().chain(out.iter().map(|d| &d.prefix)) {
                     pieces = pieces.into_iter().flat_map(|p| subtract(p, *taken)).collect();
                 }
@@ -98,7 +101,8 @@ mod tests {
     fn allow_subnet_deny_rest() {
         let l = list(&["src-address=10.0.0.0/8 action=allow", "action=deny"]);
         let p = prefixes(&l);
-        assert_eq!(p.len(), 8);
+        assert_eq!(p.len(), 9, "{p:?}");
+        assert!(p.contains(&"::/0".to_string()));
         assert!(p.contains(&"0.0.0.0/5".to_string()) && p.contains(&"11.0.0.0/8".to_string()), "{p:?}");
         assert!(!p.iter().any(|x| x.parse::<IpNet>().unwrap().contains(&"10.1.2.3".parse::<IpAddr>().unwrap())));
     }
@@ -167,6 +171,7 @@ mod tests {
                 let req = AccessRequest {
                     src: SocketAddr::new(IpAddr::V4(addr(&mut r)), 1000 + r.below(5) as u16),
                     dst: SocketAddr::new(IpAddr::V4(addr(&mut r)), 19 + r.below(8) as u16),
+                    dst_name: None,
                 };
                 let dropped = denied.iter().find(|d| d.prefix.contains(&req.src.ip()));
                 if let Some(d) = dropped {

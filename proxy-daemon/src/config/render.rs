@@ -5,6 +5,7 @@
 use serde_json::{json, Value};
 
 use super::command::{quote, Menu};
+use super::users::{format_rate, User};
 use super::{format_prefix, time, AccessRule, Config, Settings};
 use crate::datapath::DataPathKind;
 
@@ -22,6 +23,7 @@ pub fn settings(s: &Settings, active: Option<DataPathKind>) -> String {
         Some(kind) => out.push_str(&format!("data-path: {} (in use: {kind})\n", s.data_path)),
         None => out.push_str(&format!("data-path: {}\n", s.data_path)),
     }
+    out.push_str(&format!("version: {}\nauth-method: {}\n", s.version, s.auth_method));
     out
 }
 
@@ -35,6 +37,8 @@ pub fn settings_json(s: &Settings, active: Option<DataPathKind>) -> Value {
         "listen-address": s.listen_address.to_string(),
         "data-path": s.data_path,
         "data-path-in-use": active,
+        "version": s.version,
+        "auth-method": s.auth_method,
     })
 }
 
@@ -57,7 +61,7 @@ fn rule_props(r: &AccessRule, for_export: bool) -> Vec<String> {
         p.push(format!("src-port={v}"));
     }
     if let Some(a) = &r.dst_address {
-        p.push(format!("dst-address={}", format_prefix(a)));
+        p.push(format!("dst-address={a}"));
     }
     if let Some(v) = &r.dst_port {
         p.push(format!("dst-port={v}"));
@@ -77,19 +81,69 @@ fn rule_props(r: &AccessRule, for_export: bool) -> Vec<String> {
 /// `/ip socks access print`: a flags line, then numbered rules; a disabled rule
 /// carries `X`, a comment stands on its own `;;;` line above its rule.
 pub fn access(config: &Config) -> String {
+    let rows: Vec<_> = config.access.rules.iter().map(|r| (r.disabled, r.comment.as_deref(), rule_props(r, false))).collect();
+    flagged_list(&rows)
+}
+
+/// `/ip socks users print`: like the access list; the password never shows.
+pub fn users(config: &Config) -> String {
+    let rows: Vec<_> = config.users.iter().map(|u| (u.disabled, u.comment.as_deref(), user_props(u, false))).collect();
+    flagged_list(&rows)
+}
+
+fn flagged_list(rows: &[(bool, Option<&str>, Vec<String>)]) -> String {
     let mut out = String::from("Flags: X - disabled\n");
-    let rules = &config.access.rules;
-    let width = rules.len().saturating_sub(1).to_string().len();
-    for (i, r) in rules.iter().enumerate() {
-        let flag = if r.disabled { " X" } else { "" };
-        if let Some(c) = &r.comment {
+    let width = rows.len().saturating_sub(1).to_string().len();
+    for (i, (disabled, comment, props)) in rows.iter().enumerate() {
+        let flag = if *disabled { " X" } else { "" };
+        if let Some(c) = comment {
             out.push_str(&format!("{:>width$}{flag} ;;; {c}\n", i));
-            out.push_str(&format!("{:>width$}{} {}\n", "", " ".repeat(flag.len()), rule_props(r, false).join(" ")));
+            out.push_str(&format!("{:>width$}{} {}\n", "", " ".repeat(flag.len()), props.join(" ")));
         } else {
-            out.push_str(&format!("{i:>width$}{flag} {}\n", rule_props(r, false).join(" ")));
+            out.push_str(&format!("{i:>width$}{flag} {}\n", props.join(" ")));
         }
     }
     out
+}
+
+fn user_props(u: &User, for_export: bool) -> Vec<String> {
+    let mut p = vec![format!("name={}", quote(&u.name))];
+    if for_export && u.password.is_set() {
+        p.push(format!("password-hash={}", quote(u.password.as_str())));
+    }
+    p.push(format!("only-one={}", yes_no(u.only_one)));
+    if let Some(r) = u.rate_limit {
+        p.push(format!("rate-limit={}", format_rate(r)));
+    }
+    if for_export {
+        if u.disabled {
+            p.push("disabled=yes".into());
+        }
+        if let Some(c) = &u.comment {
+            p.push(format!("comment={}", quote(c)));
+        }
+    }
+    p
+}
+
+pub fn users_json(config: &Config) -> Value {
+    Value::Array(
+        config
+            .users
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                json!({
+                    "number": i,
+                    "name": u.name,
+                    "only-one": u.only_one,
+                    "rate-limit": u.rate_limit,
+                    "disabled": u.disabled,
+                    "comment": u.comment,
+                })
+            })
+            .collect(),
+    )
 }
 
 pub fn access_json(config: &Config) -> Value {
@@ -103,7 +157,7 @@ pub fn access_json(config: &Config) -> Value {
                 "number": i,
                 "src-address": r.src_address.as_ref().map(format_prefix),
                 "src-port": r.src_port.map(|p| p.to_string()),
-                "dst-address": r.dst_address.as_ref().map(format_prefix),
+                "dst-address": r.dst_address.as_ref().map(|d| d.to_string()),
                 "dst-port": r.dst_port.map(|p| p.to_string()),
                 "action": r.action,
                 "disabled": r.disabled,
@@ -121,14 +175,22 @@ pub fn export(config: &Config, menu: Menu) -> String {
     let mut out = String::new();
     if matches!(menu, Menu::Root | Menu::Ip | Menu::Socks) {
         out.push_str(&format!(
-            "/ip socks\nset enabled={} port={} connection-idle-timeout={} max-connections={} listen-address={} data-path={}\n",
+            "/ip socks\nset enabled={} port={} connection-idle-timeout={} max-connections={} listen-address={} data-path={} version={} auth-method={}\n",
             yes_no(s.enabled),
             s.port,
             time::format(s.connection_idle_timeout),
             s.max_connections,
             s.listen_address,
             s.data_path,
+            s.version,
+            s.auth_method,
         ));
+    }
+    if matches!(menu, Menu::Root | Menu::Ip | Menu::Socks | Menu::Users) {
+        out.push_str("/ip socks users\n");
+        for u in &config.users {
+            out.push_str(&format!("add {}\n", user_props(u, true).join(" ")));
+        }
     }
     if matches!(menu, Menu::Root | Menu::Ip | Menu::Socks | Menu::Access) {
         out.push_str("/ip socks access\n");

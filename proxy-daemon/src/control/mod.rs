@@ -84,8 +84,9 @@ impl Controller {
             Command::Enter(menu) => Response::err(2, format!("{menu}: a command is needed (e.g. print)")),
             Command::Export(menu) => Response::ok(render::export(&config, *menu)),
             Command::SettingsPrint => out(render::settings(&config.settings, active), render::settings_json(&config.settings, active)),
-            Command::AccessPrint(_) => out(render::access(&config), render::access_json(&config)),
-            Command::ConnectionsPrint(opts) => {
+            Command::Print(Menu::Access, _) => out(render::access(&config), render::access_json(&config)),
+            Command::Print(Menu::Users, _) => out(render::users(&config), render::users_json(&config)),
+            Command::Print(_, opts) => {
                 let rows = self.server.registry.rows();
                 let text = if opts.detail {
                     let mut s = String::new();

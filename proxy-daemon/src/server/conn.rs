@@ -119,7 +119,7 @@ async fn handshake(
         .map_err(|_| Failure::Deadline)??;
     entry.set_destination(SocketAddr::V4(dst));
     let config = server.config();
-    let decision = config.access.decide(&AccessRequest { src: peer, dst: SocketAddr::V4(dst) });
+    let decision = config.access.decide(&AccessRequest { src: peer, dst: SocketAddr::V4(dst), dst_name: None });
     if decision.action == Action::Deny {
         let rule = decision.rule.map_or_else(|| "-".into(), |r| r.to_string());
         return Err(Failure::Denied(rule));
