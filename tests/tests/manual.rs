@@ -60,7 +60,9 @@ fn manual_enable_and_print() {
         );
         for extra in &lines[4..] {
             assert!(
-                extra.starts_with("listen-address: ") || extra.starts_with("data-path: "),
+                ["listen-address: ", "data-path: ", "version: ", "auth-method: "]
+                    .iter()
+                    .any(|p| extra.starts_with(p)),
                 "unexpected extra line {extra:?} in `ip socks print`:\n{printed}"
             );
         }

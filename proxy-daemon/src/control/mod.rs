@@ -88,32 +88,32 @@ impl Controller {
             Command::Print(Menu::Users, _) => out(render::users(&config), render::users_json(&config)),
             Command::Print(_, opts) => {
                 let rows = self.server.registry.rows();
+                let dst = |r: &crate::server::registry::Row| r.dst_address.map_or_else(|| "-".into(), |d| d.to_string());
                 let text = if opts.detail {
                     let mut s = String::new();
                     for (i, r) in rows.iter().enumerate() {
-                        s.push_str(&format!(
-                            "{i} src-address={} dst-address={} tx={} rx={} type={}\n",
-                            r.src_address,
-                            r.dst_address.map_or_else(|| "-".into(), |d| d.to_string()),
-                            r.tx,
-                            r.rx,
-                            r.kind.as_str()
-                        ));
+                        s.push_str(&format!("{i} src-address={} dst-address={} tx={} rx={} type={}", r.src_address, dst(r), r.tx, r.rx, r.kind.as_str()));
+                        if let Some(u) = &r.user {
+                            s.push_str(&format!(" user={u}"));
+                        }
+                        s.push('\n');
                     }
                     s
                 } else {
+                    // The manual's columns; USER only when some client logged in (SOCKS5).
+                    let with_user = rows.iter().any(|r| r.user.is_some());
                     let cells: Vec<Vec<String>> = rows
                         .iter()
                         .map(|r| {
-                            vec![
-                                r.src_address.to_string(),
-                                r.dst_address.map_or_else(|| "-".into(), |d| d.to_string()),
-                                r.tx.to_string(),
-                                r.rx.to_string(),
-                            ]
+                            let mut c = vec![r.src_address.to_string(), dst(r), r.tx.to_string(), r.rx.to_string()];
+                            if with_user {
+                                c.push(r.user.clone().unwrap_or_default());
+                            }
+                            c
                         })
                         .collect();
-                    render::table(&["SRC-ADDRESS", "DST-ADDRESS", "TX", "RX"], &cells)
+                    let header: &[&str] = if with_user { &["SRC-ADDRESS", "DST-ADDRESS", "TX", "RX", "USER"] } else { &["SRC-ADDRESS", "DST-ADDRESS", "TX", "RX"] };
+                    render::table(header, &cells)
                 };
                 out(text, serde_json::to_value(&rows).unwrap())
             }

@@ -4,12 +4,14 @@
 //! one side becomes a half-close (FIN after the last byte) on the other; an
 //! error on either side resets both, so neither peer mistakes a failure for a
 //! clean end. Buffers exist only while bytes are moving, so idle tunnels cost
-//! little memory.
+//! little memory. It is also the path for rate-limited SOCKS5 users: a
+//! [`RateLimit`] paces each direction.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -42,21 +44,59 @@ impl FlowSource for Counters {
     }
 }
 
-impl DataPath for UserspaceRelay {
-    fn kind(&self) -> DataPathKind {
-        DataPathKind::Userspace
+/// Paces traffic to a rate; one per user and direction, shared by that
+/// user's tunnels.
+pub struct RateLimit {
+    bytes_per_sec: f64,
+    /// When the next byte may go.
+    next: Mutex<Instant>,
+}
+
+impl RateLimit {
+    pub fn new(bits_per_sec: u64) -> Self {
+        RateLimit { bytes_per_sec: bits_per_sec as f64 / 8.0, next: Mutex::new(Instant::now()) }
     }
 
-    fn attach(&self, pair: Pair, cancel: CancellationToken) -> io::Result<Tunnel> {
+    /// Most bytes to move at once: a twentieth of a second's worth keeps the pace smooth.
+    fn chunk(&self) -> usize {
+        ((self.bytes_per_sec / 20.0) as usize).clamp(512, CHUNK)
+    }
+
+    /// Books `n` bytes; returns how long to wait before sending them.
+    fn reserve(&self, n: usize) -> Duration {
+        let now = Instant::now();
+        let mut next = self.next.lock().unwrap();
+        let start = (*next).max(now);
+        *next = start + Duration::from_secs_f64(n as f64 / self.bytes_per_sec);
+        start - now
+    }
+}
+
+/// The limits of a rate-limited user's tunnel.
+#[derive(Clone)]
+pub struct Limits {
+    /// Client towards destination.
+    pub up: Arc<RateLimit>,
+    /// Destination towards client.
+    pub down: Arc<RateLimit>,
+}
+
+impl UserspaceRelay {
+    /// Like [`DataPath::attach`], with each direction paced by `limits`.
+    pub fn attach_limited(&self, pair: Pair, cancel: CancellationToken, limits: Option<Limits>) -> io::Result<Tunnel> {
         let counters = Arc::new(Counters { last_ns: AtomicU64::new(monotonic_ns()), ..Default::default() });
         let client_fd = pair.client.as_fd().as_raw_fd();
         let upstream_fd = pair.upstream.as_fd().as_raw_fd();
         let (client_r, client_w) = pair.client.into_split();
         let (upstream_r, upstream_w) = pair.upstream.into_split();
         let c = counters.clone();
+        let (up_limit, down_limit) = match limits {
+            Some(l) => (Some(l.up), Some(l.down)),
+            None => (None, None),
+        };
         let done = tokio::spawn(async move {
-            let up = pump(client_r, upstream_w, pair.client_early, &c.tx, &c.last_ns);
-            let down = pump(upstream_r, client_w, Vec::new(), &c.rx, &c.last_ns);
+            let up = pump(client_r, upstream_w, pair.client_early, &c.tx, &c.last_ns, up_limit.as_deref());
+            let down = pump(upstream_r, client_w, Vec::new(), &c.rx, &c.last_ns, down_limit.as_deref());
             tokio::pin!(up, down);
             let (mut up_done, mut down_done) = (false, false);
             while !(up_done && down_done) {
@@ -79,6 +119,16 @@ impl DataPath for UserspaceRelay {
     }
 }
 
+impl DataPath for UserspaceRelay {
+    fn kind(&self) -> DataPathKind {
+        DataPathKind::Userspace
+    }
+
+    fn attach(&self, pair: Pair, cancel: CancellationToken) -> io::Result<Tunnel> {
+        self.attach_limited(pair, cancel, None)
+    }
+}
+
 /// Copies one direction until end of stream, then half-closes the writer.
 async fn pump(
     reader: OwnedReadHalf,
@@ -86,7 +136,9 @@ async fn pump(
     early: Vec<u8>,
     count: &AtomicU64,
     last_ns: &AtomicU64,
+    limit: Option<&RateLimit>,
 ) -> io::Result<()> {
+    let chunk = limit.map_or(CHUNK, RateLimit::chunk);
     if !early.is_empty() {
         writer.write_all(&early).await?;
         count.fetch_add(early.len() as u64, Ordering::Relaxed);
@@ -95,7 +147,7 @@ async fn pump(
     loop {
         reader.readable().await?;
         // Allocate only for a burst; an idle direction holds no buffer.
-        let mut buf = vec![0u8; CHUNK];
+        let mut buf = vec![0u8; chunk];
         loop {
             let n = match reader.try_read(&mut buf) {
                 Ok(0) => {
@@ -107,6 +159,9 @@ async fn pump(
                 Err(e) => return Err(e),
             };
             last_ns.store(monotonic_ns(), Ordering::Relaxed);
+            if let Some(wait) = limit.map(|l| l.reserve(n)).filter(|w| !w.is_zero()) {
+                tokio::time::sleep(wait).await;
+            }
             writer.write_all(&buf[..n]).await?;
             count.fetch_add(n as u64, Ordering::Relaxed);
             last_ns.store(monotonic_ns(), Ordering::Relaxed);
@@ -127,5 +182,20 @@ fn reset_on_close(fd: std::os::fd::RawFd) {
             &linger as *const libc::linger as *const libc::c_void,
             std::mem::size_of::<libc::linger>() as libc::socklen_t,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pacer books time in proportion to bytes at the configured rate.
+    #[test]
+    fn rate_limit_books_time() {
+        let l = RateLimit::new(8_000_000); // 1 MB/s
+        assert_eq!(l.chunk(), 50_000);
+        assert!(l.reserve(500_000) < Duration::from_millis(5), "the first burst goes at once");
+        let wait = l.reserve(1);
+        assert!(wait > Duration::from_millis(490) && wait < Duration::from_millis(510), "{wait:?}");
     }
 }

@@ -6,7 +6,10 @@
 
 pub mod conn;
 pub mod registry;
+pub mod socks4;
+pub mod socks5;
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,7 +20,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, DataPathMode, Settings};
-use crate::datapath::{kernel::KernelDataPath, userspace::UserspaceRelay, DataPathKind, SharedDataPath};
+use crate::datapath::userspace::{Limits, RateLimit, UserspaceRelay};
+use crate::datapath::{kernel::KernelDataPath, DataPathKind, SharedDataPath};
 use registry::Registry;
 
 /// How often the idle reaper looks at the connections.
@@ -32,6 +36,8 @@ pub struct Server {
     datapath: RwLock<SharedDataPath>,
     listener: Mutex<Option<ActiveListener>>,
     pin_dir: PathBuf,
+    /// Pacing of rate-limited users, by name, with the rate it was made for.
+    user_limits: Mutex<HashMap<String, (u64, Limits)>>,
 }
 
 struct ActiveListener {
@@ -63,6 +69,7 @@ impl Server {
             datapath: RwLock::new(datapath),
             listener: Mutex::new(None),
             pin_dir,
+            user_limits: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -76,6 +83,19 @@ impl Server {
 
     pub fn datapath_kind(&self) -> DataPathKind {
         self.datapath().kind()
+    }
+
+    /// The pacing shared by all tunnels of `user` at `bits_per_sec` each way.
+    pub fn user_limits(&self, user: &str, bits_per_sec: u64) -> Limits {
+        let mut map = self.user_limits.lock().unwrap();
+        match map.get(user) {
+            Some((rate, limits)) if *rate == bits_per_sec => limits.clone(),
+            _ => {
+                let limits = Limits { up: Arc::new(RateLimit::new(bits_per_sec)), down: Arc::new(RateLimit::new(bits_per_sec)) };
+                map.insert(user.to_owned(), (bits_per_sec, limits.clone()));
+                limits
+            }
+        }
     }
 
     /// The address the listener is bound to, if it is listening.
@@ -141,6 +161,9 @@ impl Server {
             match listener.accept().await {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(5);
+                    // A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d;
+                    // rules and rows use the plain IPv4 form.
+                    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                     self.clone().admit(stream, peer);
                 }
                 Err(e) => {

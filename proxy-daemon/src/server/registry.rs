@@ -23,6 +23,8 @@ pub enum ConnType {
     Out,
     /// BIND: a peer connected in.
     In,
+    /// SOCKS5 UDP ASSOCIATE: datagrams relayed for the client.
+    Udp,
 }
 
 impl ConnType {
@@ -31,6 +33,7 @@ impl ConnType {
             ConnType::Unknown => "unknown",
             ConnType::Out => "out",
             ConnType::In => "in",
+            ConnType::Udp => "udp",
         }
     }
 }
@@ -38,6 +41,7 @@ impl ConnType {
 /// What a row knows once the handshake has got that far.
 #[derive(Default)]
 struct Progress {
+    user: Option<String>,
     dst: Option<SocketAddr>,
     kind: Option<ConnType>,
     flow: Option<Arc<dyn FlowSource>>,
@@ -72,10 +76,15 @@ impl Entry {
         p.flow = Some(flow);
     }
 
+    pub fn user(&self) -> Option<String> {
+        self.progress.lock().unwrap().user.clone()
+    }
+
     pub fn row(&self) -> Row {
         let p = self.progress.lock().unwrap();
         let stats = p.flow.as_ref().map(|f| f.snapshot()).unwrap_or_default();
         Row {
+            user: p.user.clone(),
             src_address: self.src,
             dst_address: p.dst,
             tx: stats.tx,
@@ -97,6 +106,8 @@ pub struct Row {
     pub rx: u64,
     #[serde(rename = "type")]
     pub kind: ConnType,
+    /// The SOCKS5 user, when the client logged in.
+    pub user: Option<String>,
     #[serde(skip)]
     pub last_activity_ns: u64,
 }
@@ -137,6 +148,17 @@ impl Registry {
         });
         entries.insert(id, entry.clone());
         Some(Slot { registry: self.clone(), id, entry })
+    }
+
+    /// Records that `entry` belongs to `user`; with `only_one`, refuses when
+    /// another connection of that user is open. Atomic against other claims.
+    pub fn claim_user(&self, entry: &Entry, user: &str, only_one: bool) -> bool {
+        let entries = self.entries.lock().unwrap();
+        if only_one && entries.values().any(|e| !std::ptr::eq(&**e, entry) && e.user().as_deref() == Some(user)) {
+            return false;
+        }
+        entry.progress.lock().unwrap().user = Some(user.to_owned());
+        true
     }
 
     pub fn len(&self) -> usize {
@@ -208,5 +230,22 @@ mod tests {
         assert_eq!(r.reap_idle(Duration::from_secs(60)), 0);
         assert_eq!(r.reap_idle(Duration::ZERO), 1);
         assert!(s.entry.cancel.is_cancelled());
+    }
+
+    /// only-one refuses a user's second connection until the first ends.
+    #[test]
+    fn only_one_claims() {
+        let r = Arc::new(Registry::default());
+        let a = r.admit("127.0.0.1:5".parse().unwrap(), 10).unwrap();
+        let b = r.admit("127.0.0.1:6".parse().unwrap(), 10).unwrap();
+        assert!(r.claim_user(&a.entry, "alice", true));
+        assert!(!r.claim_user(&b.entry, "alice", true));
+        assert!(r.claim_user(&b.entry, "alice", false), "without only-one both may connect");
+        drop(a);
+        let c = r.admit("127.0.0.1:7".parse().unwrap(), 10).unwrap();
+        assert!(!r.claim_user(&c.entry, "alice", true), "b still holds alice");
+        drop(b);
+        assert!(r.claim_user(&c.entry, "alice", true));
+        assert_eq!(c.entry.row().user.as_deref(), Some("alice"));
     }
 }
