@@ -9,5 +9,7 @@
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod metrics;
+pub mod privileges;
 pub mod protocol;
 pub mod server;

@@ -92,17 +92,27 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Menu(words) => match client::send(&cli.control, words, cli.json) {
-            Ok(resp) => {
-                print!("{}", resp.stdout);
-                eprint!("{}", resp.stderr);
-                ExitCode::from(resp.exit.clamp(0, 255) as u8)
-            }
-            Err(e) => {
-                eprintln!("proxyd: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        Cmd::Menu(words) if words.iter().any(|w| w == "--help" || w == "-h" || w == "help") => menu_help(words),
+        Cmd::Menu(words) => ExitCode::from(client::run(&cli.control, words, cli.json).clamp(0, 255) as u8),
+    }
+}
+
+/// `proxyd ip socks access --help`: the menu's commands and properties, from
+/// the schema, without asking the daemon. The one parser finds the menu.
+fn menu_help(words: Vec<String>) -> ExitCode {
+    use proxyd::config::command::{parse, Command};
+    use proxyd::config::schema;
+    let path: Vec<String> = words.into_iter().filter(|w| w != "--help" && w != "-h" && w != "help").collect();
+    match parse(proxyd::config::command::Menu::Root, &path) {
+        Ok((menu, cmd)) => {
+            let menu = if let Command::Enter(m) = cmd { m } else { menu };
+            print!("{}", schema::help(schema::menu(menu)));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("proxyd: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -121,6 +131,8 @@ fn init_logging() {
 fn run(control_path: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     let config = store::load(&args.state).context("cannot start: the state file is broken")?;
     raise_nofile_limit(config.settings.max_connections);
+    // Before the runtime starts its threads: capabilities are per thread.
+    proxyd::privileges::drop_privileges()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
     runtime.block_on(async move {
         let mode = match &args.data_path {

@@ -60,10 +60,16 @@ impl fmt::Display for Menu {
 }
 
 /// How `print` should show things.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PrintOptions {
     /// `print detail`: every property as `name=value`.
     pub detail: bool,
+    /// `print count-only`: the number of rows.
+    pub count_only: bool,
+    /// `print interval=1s`: print again every interval until interrupted.
+    pub interval: Option<std::time::Duration>,
+    /// `print where name=value ...`: only rows whose properties match.
+    pub filters: Vec<(String, String)>,
 }
 
 /// A numbered list of the configuration.
@@ -119,6 +125,8 @@ pub enum Command {
     Disable(List, Vec<usize>),
     /// Moves the items before the item numbered `before` (to the end when `None`).
     Move(List, Vec<usize>, Option<usize>),
+    /// `connections remove N`: closes live connections (not a configuration change).
+    ConnectionsRemove(Vec<usize>),
 }
 
 impl Command {
@@ -282,6 +290,7 @@ pub fn parse(at: Menu, words: &[String]) -> Result<(Menu, Command), CommandError
         }
         (Menu::Socks, "set") => Command::SettingsSet(settings_args(&args)?),
         (Menu::Access | Menu::Users | Menu::Connections, "print") => Command::Print(menu, print_options(menu, &args)?),
+        (Menu::Connections, "remove") => Command::ConnectionsRemove(numbers(&args)?),
         (Menu::Access | Menu::Users, verb @ ("add" | "set" | "remove" | "enable" | "disable" | "move")) => {
             let list = if menu == Menu::Access { List::Access } else { List::Users };
             list_command(list, verb, &args)?
@@ -290,7 +299,7 @@ pub fn parse(at: Menu, words: &[String]) -> Result<(Menu, Command), CommandError
             let allowed = match m {
                 Menu::Socks => "set, print, export",
                 Menu::Access => "add, set, remove, move, enable, disable, print, export",
-                Menu::Connections => "print",
+                Menu::Connections => "print, remove",
                 Menu::Users => "add, set, remove, enable, disable, print, export",
                 Menu::Root | Menu::Ip => "export, or the menu ip socks",
             };
@@ -312,13 +321,36 @@ fn no_args(menu: Menu, cmd: &str, args: &[&str]) -> Result<(), CommandError> {
     }
 }
 
+/// Properties `connections print where` can test.
+pub const CONNECTION_PROPS: &[&str] = &["src-address", "dst-address", "tx", "rx", "type", "user"];
+
 fn print_options(menu: Menu, args: &[&str]) -> Result<PrintOptions, CommandError> {
     let mut opts = PrintOptions::default();
+    let mut in_where = false;
     for a in args {
-        match *a {
-            "detail" => opts.detail = true,
-            "without-paging" | "brief" => {}
-            other => return Err(CommandError::Usage(format!("{menu} print: unknown argument `{other}` (allowed: detail, without-paging)"))),
+        match (*a, a.split_once('=')) {
+            ("detail", _) => opts.detail = true,
+            ("count-only", _) => opts.count_only = true,
+            ("without-paging" | "brief", _) => {}
+            ("where", _) if menu == Menu::Connections => in_where = true,
+            (_, Some(("interval", v))) => {
+                let d = time::parse(v).filter(|d| !d.is_zero()).ok_or_else(|| invalid("interval", v, "a time such as 1s or 500ms"))?;
+                opts.interval = Some(d);
+            }
+            (_, Some((k, v))) if in_where => {
+                if !CONNECTION_PROPS.contains(&k) {
+                    return Err(CommandError::UnknownProperty { menu, name: k.into(), allowed: "src-address, dst-address, tx, rx, type, user" });
+                }
+                opts.filters.push((k.to_owned(), v.to_owned()));
+            }
+            (other, _) => {
+                let allowed = if menu == Menu::Connections {
+                    "detail, count-only, interval=TIME, where NAME=VALUE..., without-paging"
+                } else {
+                    "detail, count-only, interval=TIME, without-paging"
+                };
+                return Err(CommandError::Usage(format!("{menu} print: unknown argument `{other}` (allowed: {allowed})")));
+            }
         }
     }
     Ok(opts)
@@ -345,7 +377,8 @@ fn numbers(args: &[&str]) -> Result<Vec<usize>, CommandError> {
     Ok(out)
 }
 
-const SETTINGS: &str = "enabled, port, connection-idle-timeout, max-connections, listen-address, data-path, version, auth-method";
+const SETTINGS: &str =
+    "enabled, port, connection-idle-timeout, max-connections, listen-address, data-path, version, auth-method, metrics-address";
 
 fn settings_args(args: &[&str]) -> Result<Vec<(String, String)>, CommandError> {
     let mut out = Vec::new();
@@ -682,6 +715,12 @@ fn set_setting(s: &mut Settings, k: &str, v: &str) -> Result<(), CommandError> {
                 "none" => AuthMethod::None,
                 "password" => AuthMethod::Password,
                 _ => return Err(invalid(k, v, "none, password")),
+            }
+        }
+        "metrics-address" => {
+            s.metrics_address = match v {
+                "" | "none" => None,
+                _ => Some(v.parse().map_err(|_| invalid(k, v, "ADDRESS:PORT (e.g. 127.0.0.1:9180, [::1]:9180), or empty for off"))?),
             }
         }
         _ => unreachable!("settings_args checked the names"),

@@ -6,6 +6,7 @@
 pub mod command;
 pub mod prefilter;
 pub mod render;
+pub mod schema;
 pub mod store;
 pub mod time;
 pub mod users;
@@ -73,6 +74,8 @@ pub struct Settings {
     pub version: u8,
     /// SOCKS5 authentication: none, or username/password against `/ip socks users`.
     pub auth_method: AuthMethod,
+    /// Where the Prometheus endpoint listens; off when `None` (beyond the manual).
+    pub metrics_address: Option<SocketAddr>,
 }
 
 /// The `auth-method` setting.
@@ -104,6 +107,7 @@ impl Default for Settings {
             data_path: DataPathMode::Auto,
             version: 4,
             auth_method: AuthMethod::None,
+            metrics_address: None,
         }
     }
 }

@@ -24,6 +24,7 @@ pub fn settings(s: &Settings, active: Option<DataPathKind>) -> String {
         None => out.push_str(&format!("data-path: {}\n", s.data_path)),
     }
     out.push_str(&format!("version: {}\nauth-method: {}\n", s.version, s.auth_method));
+    out.push_str(&format!("metrics-address: {}\n", metrics_address(s)));
     out
 }
 
@@ -39,7 +40,12 @@ pub fn settings_json(s: &Settings, active: Option<DataPathKind>) -> Value {
         "data-path-in-use": active,
         "version": s.version,
         "auth-method": s.auth_method,
+        "metrics-address": s.metrics_address.map(|a| a.to_string()),
     })
+}
+
+fn metrics_address(s: &Settings) -> String {
+    s.metrics_address.map(|a| a.to_string()).unwrap_or_default()
 }
 
 fn yes_no(b: bool) -> &'static str {
@@ -175,7 +181,7 @@ pub fn export(config: &Config, menu: Menu) -> String {
     let mut out = String::new();
     if matches!(menu, Menu::Root | Menu::Ip | Menu::Socks) {
         out.push_str(&format!(
-            "/ip socks\nset enabled={} port={} connection-idle-timeout={} max-connections={} listen-address={} data-path={} version={} auth-method={}\n",
+            "/ip socks\nset enabled={} port={} connection-idle-timeout={} max-connections={} listen-address={} data-path={} version={} auth-method={} metrics-address={}\n",
             yes_no(s.enabled),
             s.port,
             time::format(s.connection_idle_timeout),
@@ -184,6 +190,7 @@ pub fn export(config: &Config, menu: Menu) -> String {
             s.data_path,
             s.version,
             s.auth_method,
+            quote(&metrics_address(s)),
         ));
     }
     if matches!(menu, Menu::Root | Menu::Ip | Menu::Socks | Menu::Users) {

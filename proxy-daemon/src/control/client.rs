@@ -8,6 +8,33 @@ use std::time::Duration;
 
 use super::{Request, Response};
 
+/// Sends one command and prints the answer; `print interval=...` repeats
+/// (clearing the terminal between rounds) until interrupted. Returns the exit status.
+pub fn run(socket: &Path, words: Vec<String>, json: bool) -> i32 {
+    loop {
+        match send(socket, words.clone(), json) {
+            Ok(resp) => {
+                if resp.repeat_ms.is_some() && resp.exit == 0 {
+                    print!("\x1b[H\x1b[2J");
+                }
+                print!("{}", resp.stdout);
+                eprint!("{}", resp.stderr);
+                match resp.repeat_ms {
+                    Some(ms) if resp.exit == 0 => {
+                        let _ = std::io::stdout().flush();
+                        std::thread::sleep(Duration::from_millis(ms));
+                    }
+                    _ => return resp.exit,
+                }
+            }
+            Err(e) => {
+                eprintln!("proxyd: {e}");
+                return 1;
+            }
+        }
+    }
+}
+
 /// Sends one command; returns the daemon's answer.
 pub fn send(socket: &Path, words: Vec<String>, json: bool) -> Result<Response, String> {
     let mut stream = UnixStream::connect(socket).map_err(|e| {

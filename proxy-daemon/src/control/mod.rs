@@ -39,14 +39,17 @@ pub struct Response {
     pub stdout: String,
     #[serde(default)]
     pub stderr: String,
+    /// `print interval=...`: the client asks again after this many milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeat_ms: Option<u64>,
 }
 
 impl Response {
     fn ok(stdout: String) -> Self {
-        Response { exit: 0, stdout, stderr: String::new() }
+        Response { exit: 0, stdout, ..Default::default() }
     }
     fn err(exit: i32, msg: impl std::fmt::Display) -> Self {
-        Response { exit, stdout: String::new(), stderr: format!("{msg}\n") }
+        Response { exit, stderr: format!("{msg}\n"), ..Default::default() }
     }
 }
 
@@ -80,14 +83,26 @@ impl Controller {
         let out = |text: String, value: serde_json::Value| {
             Response::ok(if json { format!("{}\n", serde_json::to_string_pretty(&value).unwrap()) } else { text })
         };
-        match &command {
+        let mut response = match &command {
             Command::Enter(menu) => Response::err(2, format!("{menu}: a command is needed (e.g. print)")),
+            Command::Print(_, opts) if opts.count_only => {
+                let n = match command {
+                    Command::Print(Menu::Access, _) => config.access.rules.len(),
+                    Command::Print(Menu::Users, _) => config.users.len(),
+                    _ => self.server.registry.rows().into_iter().filter(|r| row_matches(r, &opts.filters)).count(),
+                };
+                out(format!("{n}\n"), serde_json::json!(n))
+            }
+            Command::ConnectionsRemove(numbers) => match self.server.registry.cancel_rows(numbers) {
+                Ok(()) => Response::ok(String::new()),
+                Err(n) => Response::err(1, format!("no such item: {n} (see connections print)")),
+            },
             Command::Export(menu) => Response::ok(render::export(&config, *menu)),
             Command::SettingsPrint => out(render::settings(&config.settings, active), render::settings_json(&config.settings, active)),
             Command::Print(Menu::Access, _) => out(render::access(&config), render::access_json(&config)),
             Command::Print(Menu::Users, _) => out(render::users(&config), render::users_json(&config)),
             Command::Print(_, opts) => {
-                let rows = self.server.registry.rows();
+                let rows: Vec<_> = self.server.registry.rows().into_iter().filter(|r| row_matches(r, &opts.filters)).collect();
                 let dst = |r: &crate::server::registry::Row| r.dst_address.map_or_else(|| "-".into(), |d| d.to_string());
                 let text = if opts.detail {
                     let mut s = String::new();
@@ -118,7 +133,11 @@ impl Controller {
                 out(text, serde_json::to_value(&rows).unwrap())
             }
             change => self.change(change).await,
+        };
+        if let Command::Print(_, opts) = &command {
+            response.repeat_ms = opts.interval.map(|d| d.as_millis() as u64);
         }
+        response
     }
 
     /// Applies a change: check, prepare what can fail, save, then make it current.
@@ -148,8 +167,23 @@ impl Controller {
             stderr = format!("{warning}\n");
         }
         self.server.commit(new, prepared);
-        Response { exit: 0, stdout: String::new(), stderr }
+        Response { exit: 0, stderr, ..Default::default() }
     }
+}
+
+/// Whether a connection row passes `where name=value ...` (addresses match
+/// with or without their port).
+fn row_matches(r: &crate::server::registry::Row, filters: &[(String, String)]) -> bool {
+    let addr = |a: Option<std::net::SocketAddr>, v: &str| a.is_some_and(|a| a.to_string() == v || a.ip().to_string() == v);
+    filters.iter().all(|(k, v)| match k.as_str() {
+        "src-address" => addr(Some(r.src_address), v),
+        "dst-address" => addr(r.dst_address, v),
+        "tx" => r.tx.to_string() == *v,
+        "rx" => r.rx.to_string() == *v,
+        "type" => r.kind.as_str() == v,
+        "user" => r.user.as_deref() == Some(v.as_str()),
+        _ => false,
+    })
 }
 
 /// Binds the control socket (mode 0600) at `path`, replacing a stale one.

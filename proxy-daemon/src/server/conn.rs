@@ -65,6 +65,44 @@ pub enum Failure {
     Io(#[from] io::Error),
 }
 
+/// Why a connection got no tunnel, as the metrics count it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// The access list denied the request.
+    Access,
+    /// `max-connections` was reached.
+    Limit,
+    /// A malformed, slow, abandoned or unsupported handshake.
+    Handshake,
+    /// SOCKS5 login failed, or the method/version was refused.
+    Auth,
+    /// The destination could not be resolved or reached.
+    Dial,
+}
+
+impl RefusalReason {
+    pub const ALL: [RefusalReason; 5] = [Self::Access, Self::Limit, Self::Handshake, Self::Auth, Self::Dial];
+
+    pub fn of(f: &Failure) -> Self {
+        match f {
+            Failure::Denied(_) => Self::Access,
+            Failure::Refused(_) => Self::Auth,
+            Failure::Resolve(_) | Failure::Dial { .. } => Self::Dial,
+            _ => Self::Handshake,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Access => "access",
+            Self::Limit => "limit",
+            Self::Handshake => "handshake",
+            Self::Auth => "auth",
+            Self::Dial => "dial",
+        }
+    }
+}
+
 impl Failure {
     /// Whether the client is still there to read a failure reply.
     pub fn replies(&self) -> bool {
@@ -109,31 +147,39 @@ pub async fn serve(server: Arc<Server>, mut client: TcpStream, peer: SocketAddr,
     tracing::debug!(src = %peer, %dst, kind = est.kind.as_str(), path, "tunnel up");
     let _ = tunnel.done.await;
     let row = entry.row();
+    server.metrics.tunnel_closed(row.tx, row.rx);
     tracing::info!(src = %peer, %dst, kind = est.kind.as_str(), user = row.user.as_deref().unwrap_or("-"), tx = row.tx, rx = row.rx, "tunnel closed");
     drop(slot);
 }
 
-/// Reads the first bytes and runs the protocol they announce.
+/// Reads the first bytes, runs the protocol they announce, and counts the outcome.
 async fn handshake(server: &Server, client: &mut TcpStream, peer: SocketAddr, slot: &Slot) -> Option<Established> {
-    let mut buf = Vec::with_capacity(READ_CHUNK);
-    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_more(client, &mut buf, &slot.entry)).await;
-    match first {
-        Ok(Ok(())) => {}
-        Ok(Err(_)) | Err(_) => return None,
+    let started = std::time::Instant::now();
+    let result = negotiate(server, client, peer, slot).await;
+    match &result {
+        Ok(Some(_)) => server.metrics.handshake_done(started.elapsed()),
+        Ok(None) => {}
+        Err(e) => server.metrics.refused(RefusalReason::of(e)),
     }
+    result.ok().flatten()
+}
+
+async fn negotiate(server: &Server, client: &mut TcpStream, peer: SocketAddr, slot: &Slot) -> Result<Option<Established>, Failure> {
+    let mut buf = Vec::with_capacity(READ_CHUNK);
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, read_more(client, &mut buf, &slot.entry)).await.map_err(|_| Failure::Deadline)??;
     let config = server.config();
     match buf[0] {
-        4 => super::socks4::handshake(&config, client, peer, &slot.entry, buf).await,
+        4 => super::socks4::handshake(&config, client, peer, &slot.entry, buf).await.map(Some),
         5 if config.settings.version >= 5 => super::socks5::handshake(server, &config, client, peer, &slot.entry, buf).await,
         5 => {
             tracing::info!(src = %peer, "SOCKS5 client refused: version=4");
             super::socks5::refuse_version(client).await;
-            None
+            Err(Failure::Refused("SOCKS5 while version=4".into()))
         }
         v => {
             tracing::info!(src = %peer, "request failed: unsupported SOCKS version {v}");
             super::socks4::reply_failure(client).await;
-            None
+            Err(Failure::Malformed(format!("unsupported SOCKS version {v}")))
         }
     }
 }

@@ -38,6 +38,10 @@ pub struct Server {
     pin_dir: PathBuf,
     /// Pacing of rate-limited users, by name, with the rate it was made for.
     user_limits: Mutex<HashMap<String, (u64, Limits)>>,
+    /// Prometheus counters.
+    pub metrics: crate::metrics::Metrics,
+    /// The metrics endpoint, when `metrics-address` is set.
+    metrics_listener: Mutex<Option<ActiveListener>>,
 }
 
 struct ActiveListener {
@@ -56,6 +60,8 @@ impl Drop for ActiveListener {
 pub struct Prepared {
     /// A new listener to swap in, or `Some(None)` to stop listening.
     listener: Option<Option<(SocketAddr, std::net::TcpListener)>>,
+    /// The same for the metrics endpoint.
+    metrics: Option<Option<(SocketAddr, std::net::TcpListener)>>,
     datapath: Option<SharedDataPath>,
 }
 
@@ -70,6 +76,8 @@ impl Server {
             listener: Mutex::new(None),
             pin_dir,
             user_limits: Mutex::new(HashMap::new()),
+            metrics: Default::default(),
+            metrics_listener: Mutex::new(None),
         }))
     }
 
@@ -116,6 +124,13 @@ impl Server {
                 None => None,
             });
         }
+        let have_metrics = self.metrics_listener.lock().unwrap().as_ref().map(|l| l.addr);
+        if new.metrics_address != have_metrics {
+            p.metrics = Some(match new.metrics_address {
+                Some(addr) => Some((addr, bind(addr).map_err(|e| io::Error::new(e.kind(), format!("metrics-address: {e}")))?)),
+                None => None,
+            });
+        }
         if new.data_path != old.settings.data_path {
             p.datapath = Some(select_datapath(new.data_path, &self.pin_dir)?);
         }
@@ -128,6 +143,21 @@ impl Server {
         if let Some(dp) = prepared.datapath {
             tracing::info!(data_path = %dp.kind(), "new tunnels use the {} data path", dp.kind());
             *self.datapath.write().unwrap() = dp;
+        }
+        if let Some(metrics) = prepared.metrics {
+            let mut slot = self.metrics_listener.lock().unwrap();
+            *slot = None;
+            if let Some((addr, std_listener)) = metrics {
+                let server = self.clone();
+                let task = tokio::spawn(async move {
+                    match TcpListener::from_std(std_listener) {
+                        Ok(l) => crate::metrics::serve(l, server).await,
+                        Err(e) => tracing::error!(%addr, error = %e, "cannot register the metrics listener"),
+                    }
+                });
+                tracing::info!(%addr, "serving Prometheus metrics at http://{addr}/metrics");
+                *slot = Some(ActiveListener { addr, task });
+            }
         }
         if let Some(listener) = prepared.listener {
             let mut slot = self.listener.lock().unwrap();
@@ -178,11 +208,13 @@ impl Server {
 
     fn admit(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         let max = self.config().settings.max_connections as usize;
+        self.metrics.accepted();
         match self.registry.admit(peer, max) {
             Some(slot) => {
                 tokio::spawn(conn::serve(self, stream, peer, slot));
             }
             None => {
+                self.metrics.refused(conn::RefusalReason::Limit);
                 tracing::info!(src = %peer, max, "refused: max-connections reached");
                 conn::refuse(stream);
             }

@@ -195,6 +195,20 @@ impl Registry {
         closed
     }
 
+    /// Closes the connections with these row numbers (as `connections print`
+    /// numbers them). Checks every number first; returns the first missing one.
+    pub fn cancel_rows(&self, numbers: &[usize]) -> Result<(), usize> {
+        let entries = self.snapshot();
+        if let Some(&n) = numbers.iter().find(|&&n| n >= entries.len()) {
+            return Err(n);
+        }
+        for &n in numbers {
+            tracing::info!(src = %entries[n].src, "closing connection on request (connections remove)");
+            entries[n].cancel.cancel();
+        }
+        Ok(())
+    }
+
     /// Closes every connection (shutdown after the grace period).
     pub fn cancel_all(&self) {
         for e in self.snapshot() {

@@ -17,19 +17,17 @@ pub async fn reply_failure(client: &mut TcpStream) {
     let _ = client.write_all(&Reply::rejected().encode()).await;
 }
 
-/// Runs the handshake on `buf` (what has been read so far). Replies itself;
-/// returns the established far side, or `None` after a failure reply.
-pub async fn handshake(config: &Config, client: &mut TcpStream, peer: SocketAddr, entry: &Entry, buf: Vec<u8>) -> Option<Established> {
-    match run(config, client, peer, entry, buf).await {
-        Ok(est) => Some(est),
-        Err(e) => {
-            tracing::info!(src = %peer, "SOCKS4 request failed: {e}");
-            if e.replies() {
-                reply_failure(client).await;
-            }
-            None
+/// Runs the handshake on `buf` (what has been read so far). Replies itself,
+/// failures included (91); returns the established far side or why not.
+pub async fn handshake(config: &Config, client: &mut TcpStream, peer: SocketAddr, entry: &Entry, buf: Vec<u8>) -> Result<Established, Failure> {
+    let result = run(config, client, peer, entry, buf).await;
+    if let Err(e) = &result {
+        tracing::info!(src = %peer, "SOCKS4 request failed: {e}");
+        if e.replies() {
+            reply_failure(client).await;
         }
     }
+    result
 }
 
 async fn run(config: &Config, client: &mut TcpStream, peer: SocketAddr, entry: &Entry, mut buf: Vec<u8>) -> Result<Established, Failure> {

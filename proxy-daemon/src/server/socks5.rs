@@ -30,21 +30,19 @@ pub async fn refuse_version(client: &mut TcpStream) {
     let _ = client.write_all(&[5, socks5::METHOD_UNACCEPTABLE]).await;
 }
 
-/// Runs the handshake on `buf` (what has been read so far). Replies itself;
-/// returns the far side of a TCP tunnel, or `None` when there is none (a
-/// failure, or a UDP association that has ended).
-pub async fn handshake(server: &Server, config: &Config, client: &mut TcpStream, peer: SocketAddr, entry: &Entry, buf: Vec<u8>) -> Option<Established> {
+/// Runs the handshake on `buf` (what has been read so far). Replies itself,
+/// failures included; returns the far side of a TCP tunnel, `None` for a UDP
+/// association that has ended, or why it failed.
+pub async fn handshake(server: &Server, config: &Config, client: &mut TcpStream, peer: SocketAddr, entry: &Entry, buf: Vec<u8>) -> Result<Option<Established>, Failure> {
     let mut requested = false;
-    match run(server, config, client, peer, entry, buf, &mut requested).await {
-        Ok(est) => est,
-        Err(e) => {
-            tracing::info!(src = %peer, user = entry.user().as_deref().unwrap_or("-"), "SOCKS5 request failed: {e}");
-            if requested && e.replies() {
-                let _ = client.write_all(&socks5::encode_reply(reply_code(&e), unspecified())).await;
-            }
-            None
+    let result = run(server, config, client, peer, entry, buf, &mut requested).await;
+    if let Err(e) = &result {
+        tracing::info!(src = %peer, user = entry.user().as_deref().unwrap_or("-"), "SOCKS5 request failed: {e}");
+        if requested && e.replies() {
+            let _ = client.write_all(&socks5::encode_reply(reply_code(e), unspecified())).await;
         }
     }
+    result
 }
 
 fn unspecified() -> SocketAddr {

@@ -1,6 +1,7 @@
 //! The few raw Linux calls the kernel data path needs and that neither std,
 //! tokio nor nix wrap: socket cookies, `TCP_INFO`, `SIOCOUTQ`, forced buffer
-//! sizes, a private epoll set, and bpffs detection/mounting.
+//! sizes, a private epoll set (and handing fds to tokio's reactor), and bpffs
+//! detection/mounting.
 //!
 //! Every `unsafe` block of the kernel data path lives here, each with its
 //! SAFETY argument; callers get safe functions over `AsFd`.
@@ -11,6 +12,10 @@ use std::mem;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+
+use aya_log::EbpfLogger;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 
 /// `statfs.f_type` of a BPF filesystem (`include/uapi/linux/magic.h`).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -103,20 +108,6 @@ pub fn setsockopt_int(sock: &impl AsFd, level: i32, name: i32, value: i32) -> io
     Ok(())
 }
 
-/// Reads an `int` socket option.
-pub fn getsockopt_int(sock: &impl AsFd, level: i32, name: i32) -> io::Result<i32> {
-    let mut value: i32 = 0;
-    let mut len = mem::size_of::<i32>() as libc::socklen_t;
-    // SAFETY: `value`/`len` are valid for writes of the size passed.
-    let rc = unsafe {
-        libc::getsockopt(sock.as_fd().as_raw_fd(), level, name, (&mut value as *mut i32).cast(), &mut len)
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(value)
-}
-
 /// Sets `SO_LINGER {on, 0}` so that closing the socket sends a RST.
 pub fn set_linger_zero(sock: &impl AsFd) -> io::Result<()> {
     let linger = libc::linger { l_onoff: 1, l_linger: 0 };
@@ -200,6 +191,20 @@ impl AsRawFd for Epoll {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.fd.as_raw_fd()
     }
+}
+
+/// Registers an [`Epoll`] set with tokio's reactor (readable interest).
+pub fn async_epoll(epoll: Epoll) -> io::Result<AsyncFd<Epoll>> {
+    // SAFETY: `Epoll` owns its fd (an `OwnedFd`) and `as_raw_fd` always
+    // returns that fd, which stays open until the `AsyncFd` drops the `Epoll`.
+    Ok(unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }?)
+}
+
+/// Registers aya-log's ring buffer reader with tokio's reactor.
+pub fn async_logger<T>(logger: EbpfLogger<T>) -> io::Result<AsyncFd<EbpfLogger<T>>> {
+    // SAFETY: the logger owns its ring buffer map fd and `as_raw_fd` always
+    // returns it; it stays open until the `AsyncFd` drops the logger.
+    Ok(unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }?)
 }
 
 /// Whether `path` lies on a BPF filesystem.

@@ -1,0 +1,148 @@
+//! Prometheus metrics: counters the server bumps as connections come and
+//! go, and the text exposition (format 0.0.4) served on `metrics-address`
+//! by a minimal HTTP/1.x responder (`GET /metrics`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::server::conn::RefusalReason;
+use crate::server::registry::ConnType;
+use crate::server::Server;
+
+/// Upper bounds (seconds) of the handshake latency histogram buckets.
+const HANDSHAKE_BUCKETS: [f64; 10] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5];
+
+/// The server's counters.
+#[derive(Default)]
+pub struct Metrics {
+    accepted: AtomicU64,
+    refused: [AtomicU64; RefusalReason::ALL.len()],
+    /// Bytes of tunnels that have ended (open tunnels are added at scrape time).
+    closed_tx: AtomicU64,
+    closed_rx: AtomicU64,
+    handshake_buckets: [AtomicU64; HANDSHAKE_BUCKETS.len()],
+    handshake_count: AtomicU64,
+    handshake_sum_ns: AtomicU64,
+}
+
+impl Metrics {
+    pub fn accepted(&self) {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn refused(&self, reason: RefusalReason) {
+        let i = RefusalReason::ALL.iter().position(|r| *r == reason).expect("listed");
+        self.refused[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A handshake ended in a tunnel after `took`.
+    pub fn handshake_done(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        for (i, bound) in HANDSHAKE_BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                self.handshake_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.handshake_count.fetch_add(1, Ordering::Relaxed);
+        self.handshake_sum_ns.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// A tunnel ended having moved these bytes.
+    pub fn tunnel_closed(&self, tx: u64, rx: u64) {
+        self.closed_tx.fetch_add(tx, Ordering::Relaxed);
+        self.closed_rx.fetch_add(rx, Ordering::Relaxed);
+    }
+
+    /// The exposition text.
+    pub fn render(&self, server: &Server) -> String {
+        let rows = server.registry.rows();
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, samples: Vec<(String, String)>| {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            for (labels, value) in samples {
+                out.push_str(&format!("{name}{labels} {value}\n"));
+            }
+        };
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
+        metric("proxyd_connections_accepted_total", "counter", "Client connections accepted.", vec![(String::new(), load(&self.accepted))]);
+        metric(
+            "proxyd_connections_refused_total",
+            "counter",
+            "Client connections that got no tunnel, by reason.",
+            RefusalReason::ALL.iter().enumerate().map(|(i, r)| (format!("{{reason=\"{}\"}}", r.as_str()), load(&self.refused[i]))).collect(),
+        );
+        metric(
+            "proxyd_connections_active",
+            "gauge",
+            "Open client connections, by type.",
+            [ConnType::Unknown, ConnType::Out, ConnType::In, ConnType::Udp]
+                .iter()
+                .map(|t| (format!("{{type=\"{}\"}}", t.as_str()), rows.iter().filter(|r| r.kind == *t).count().to_string()))
+                .collect(),
+        );
+        let open_tx: u64 = rows.iter().map(|r| r.tx).sum();
+        let open_rx: u64 = rows.iter().map(|r| r.rx).sum();
+        metric(
+            "proxyd_bytes_total",
+            "counter",
+            "Bytes relayed: tx from clients towards destinations, rx back.",
+            vec![
+                ("{direction=\"tx\"}".into(), (self.closed_tx.load(Ordering::Relaxed) + open_tx).to_string()),
+                ("{direction=\"rx\"}".into(), (self.closed_rx.load(Ordering::Relaxed) + open_rx).to_string()),
+            ],
+        );
+        let mut hist: Vec<(String, String)> = HANDSHAKE_BUCKETS
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (format!("_bucket{{le=\"{b}\"}}"), load(&self.handshake_buckets[i])))
+            .collect();
+        hist.push(("_bucket{le=\"+Inf\"}".into(), load(&self.handshake_count)));
+        hist.push(("_sum".into(), format!("{}", self.handshake_sum_ns.load(Ordering::Relaxed) as f64 / 1e9)));
+        hist.push(("_count".into(), load(&self.handshake_count)));
+        out.push_str("# HELP proxyd_handshake_duration_seconds From accept to tunnel up.\n# TYPE proxyd_handshake_duration_seconds histogram\n");
+        for (suffix, v) in hist {
+            out.push_str(&format!("proxyd_handshake_duration_seconds{suffix} {v}\n"));
+        }
+        let kind = server.datapath_kind();
+        out.push_str(&format!(
+            "# HELP proxyd_data_path_info The data path new tunnels use.\n# TYPE proxyd_data_path_info gauge\nproxyd_data_path_info{{path=\"{kind}\"}} 1\n"
+        ));
+        out
+    }
+}
+
+/// Serves `GET /metrics` until the task is aborted.
+pub async fn serve(listener: TcpListener, server: Arc<Server>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let server = server.clone();
+        tokio::spawn(async move {
+            let mut req = [0u8; 2048];
+            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut req)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let line = String::from_utf8_lossy(&req[..n]);
+            let path = line.split_whitespace().nth(1).unwrap_or("");
+            let (status, body) = if line.starts_with("GET ") && (path == "/metrics" || path.starts_with("/metrics?")) {
+                ("200 OK", server.metrics.render(&server))
+            } else {
+                ("404 Not Found", "see /metrics\n".to_string())
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(body.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
