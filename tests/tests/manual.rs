@@ -60,7 +60,7 @@ fn manual_enable_and_print() {
         );
         for extra in &lines[4..] {
             assert!(
-                ["listen-address: ", "data-path: ", "version: ", "auth-method: ", "metrics-address: "]
+                ["listen-address: ", "data-path: ", "version: ", "auth-method: ", "metrics-address: ", "xdp-interfaces: "]
                     .iter()
                     .any(|p| extra.starts_with(p)),
                 "unexpected extra line {extra:?} in `ip socks print`:\n{printed}"

@@ -378,7 +378,7 @@ fn numbers(args: &[&str]) -> Result<Vec<usize>, CommandError> {
 }
 
 const SETTINGS: &str =
-    "enabled, port, connection-idle-timeout, max-connections, listen-address, data-path, version, auth-method, metrics-address";
+    "enabled, port, connection-idle-timeout, max-connections, listen-address, data-path, version, auth-method, metrics-address, xdp-interfaces";
 
 fn settings_args(args: &[&str]) -> Result<Vec<(String, String)>, CommandError> {
     let mut out = Vec::new();
@@ -722,6 +722,20 @@ fn set_setting(s: &mut Settings, k: &str, v: &str) -> Result<(), CommandError> {
                 "" | "none" => None,
                 _ => Some(v.parse().map_err(|_| invalid(k, v, "ADDRESS:PORT (e.g. 127.0.0.1:9180, [::1]:9180), or empty for off"))?),
             }
+        }
+        "xdp-interfaces" => {
+            let names: Vec<String> = v.split(',').filter(|n| !n.is_empty()).map(str::to_owned).collect();
+            let valid = |n: &String| n.len() <= 15 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b));
+            if let Some(bad) = names.iter().find(|n| !valid(n)) {
+                return Err(invalid(k, bad, "interface names (at most 15 characters) separated by commas, or empty for off"));
+            }
+            let mut unique = names.clone();
+            unique.sort();
+            unique.dedup();
+            if unique.len() != names.len() {
+                return Err(invalid(k, v, "each interface once"));
+            }
+            s.xdp_interfaces = names;
         }
         _ => unreachable!("settings_args checked the names"),
     }

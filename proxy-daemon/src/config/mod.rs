@@ -76,6 +76,8 @@ pub struct Settings {
     pub auth_method: AuthMethod,
     /// Where the Prometheus endpoint listens; off when `None` (beyond the manual).
     pub metrics_address: Option<SocketAddr>,
+    /// Interfaces the XDP prefilter is attached to; empty: off (beyond the manual).
+    pub xdp_interfaces: Vec<String>,
 }
 
 /// The `auth-method` setting.
@@ -108,6 +110,7 @@ impl Default for Settings {
             version: 4,
             auth_method: AuthMethod::None,
             metrics_address: None,
+            xdp_interfaces: Vec::new(),
         }
     }
 }

@@ -25,6 +25,7 @@ pub fn settings(s: &Settings, active: Option<DataPathKind>) -> String {
     }
     out.push_str(&format!("version: {}\nauth-method: {}\n", s.version, s.auth_method));
     out.push_str(&format!("metrics-address: {}\n", metrics_address(s)));
+    out.push_str(&format!("xdp-interfaces: {}\n", s.xdp_interfaces.join(",")));
     out
 }
 
@@ -41,6 +42,7 @@ pub fn settings_json(s: &Settings, active: Option<DataPathKind>) -> Value {
         "version": s.version,
         "auth-method": s.auth_method,
         "metrics-address": s.metrics_address.map(|a| a.to_string()),
+        "xdp-interfaces": s.xdp_interfaces,
     })
 }
 
@@ -181,7 +183,7 @@ pub fn export(config: &Config, menu: Menu) -> String {
     let mut out = String::new();
     if matches!(menu, Menu::Root | Menu::Ip | Menu::Socks) {
         out.push_str(&format!(
-            "/ip socks\nset enabled={} port={} connection-idle-timeout={} max-connections={} listen-address={} data-path={} version={} auth-method={} metrics-address={}\n",
+            "/ip socks\nset enabled={} port={} connection-idle-timeout={} max-connections={} listen-address={} data-path={} version={} auth-method={} metrics-address={} xdp-interfaces={}\n",
             yes_no(s.enabled),
             s.port,
             time::format(s.connection_idle_timeout),
@@ -191,6 +193,7 @@ pub fn export(config: &Config, menu: Menu) -> String {
             s.version,
             s.auth_method,
             quote(&metrics_address(s)),
+            quote(&s.xdp_interfaces.join(",")),
         ));
     }
     if matches!(menu, Menu::Root | Menu::Ip | Menu::Socks | Menu::Users) {

@@ -57,6 +57,7 @@ pub const MENUS: &[MenuDef] = &[
             PropDef { name: "version", values: "4 | 5", default: "4", summary: "4: SOCKS4/4a only; 5: SOCKS5 and SOCKS4" },
             PropDef { name: "auth-method", values: "none | password", default: "none", summary: "SOCKS5 login: none, or username/password from /ip socks users" },
             PropDef { name: "metrics-address", values: "ADDRESS:PORT, or empty", default: "off", summary: "where Prometheus scrapes /metrics" },
+            PropDef { name: "xdp-interfaces", values: "NAME[,NAME...], or empty", default: "off", summary: "interfaces whose XDP prefilter drops sources the access list always denies" },
         ],
     },
     MenuDef {

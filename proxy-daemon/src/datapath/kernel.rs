@@ -39,13 +39,28 @@ use super::{monotonic_ns, DataPath, DataPathKind, FlowSource, FlowStats, Pair, T
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
 /// `SO_SNDBUF`/`SO_RCVBUF` set on both sockets of a spliced pair, in bytes
-/// (0 keeps the kernel's autotuning).
+/// (0 keeps the kernel's autotuning). Set with the `*FORCE` options, so
+/// `net.core.[rw]mem_max` does not cap it.
 ///
-/// Measured on this machine kind (Linux 6.18, 2 cores, loopback, one tunnel,
-/// 2 GiB each way through the sockhash; `examples/kernel_datapath.rs bench`):
-/// autotuned defaults about 5 Gbit/s, 16 MiB about 17 Gbit/s (design.md).
-/// The sizes are limits, not allocations: memory is used only while bytes
-/// are queued, and the kernel's global `tcp_mem` still caps the total.
+/// Why fixed and large: a redirected skb is charged to the receiving
+/// socket until the peer's psock has sent it, and the psock backs off for a
+/// jiffy whenever the peer's send buffer is full, so small buffers stall the
+/// splice. Measured here (Linux 6.18, 2 cores, loopback, one tunnel, sender
+/// and receiver in the same process: `cargo run --release --example
+/// kernel_datapath -- bench 4096`), Gbit/s over two runs:
+///
+/// | buffer    | one way    | both ways at once |
+/// |-----------|------------|-------------------|
+/// | autotuned | 3.1 / 9.1  | 3.6 / 3.8         |
+/// | 4 MiB     | 8.9 / 7.6  | 5.6 / 6.3         |
+/// | 8 MiB     | 9.7 / 10.4 | 2.4 / 9.3         |
+/// | 16 MiB    | 9.0 / 11.3 | 2.1 / 3.9         |
+/// | 32 MiB    | 8.2 / 6.3  | 8.7 / 7.6         |
+///
+/// Noisy on 2 cores shared by four busy sockets, but fixed buffers beat
+/// autotuning; design.md measured 5 vs 17 Gbit/s (defaults vs 16 MiB) with
+/// separate processes. The sizes are limits, not allocations: memory is used
+/// only while bytes are queued, and `net.ipv4.tcp_mem` still caps the total.
 pub const DEFAULT_SOCKET_BUFFER: u32 = 16 << 20;
 
 /// Tunnels the maps hold by default (see `proxy_common::MAX_SOCKETS`).

@@ -131,6 +131,9 @@ impl Server {
                 None => None,
             });
         }
+        if !new.xdp_interfaces.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "xdp-interfaces: the XDP prefilter is not available yet"));
+        }
         if new.data_path != old.settings.data_path {
             p.datapath = Some(select_datapath(new.data_path, &self.pin_dir)?);
         }

@@ -1,5 +1,6 @@
-//! One spliced tunnel's life: send the client's early bytes, enter the maps,
-//! watch both sockets for FIN/RST, close without loss, leave the maps.
+//! One spliced tunnel's life: send the client's early bytes (and whatever
+//! either socket already holds) in userspace, enter the maps, watch both
+//! sockets for FIN/RST, close without loss, leave the maps.
 //!
 //! Close without loss. The verdict program does not forward a FIN, and the
 //! kernel frees whatever is still queued in a socket's psock when the socket
@@ -70,6 +71,7 @@ enum End {
     Failed(io::Error),
 }
 
+/// The tunnel task: owns the pair until both sockets are closed.
 pub(super) async fn run(
     shared: Arc<Shared>,
     flow: Arc<KernelFlow>,
