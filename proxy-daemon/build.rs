@@ -15,7 +15,6 @@ const SKIP_VAR: &str = "PROXYD_SKIP_EBPF";
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed={SKIP_VAR}");
-    println!("cargo:rerun-if-env-changed=PATH");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
     let object = out_dir.join(EBPF_PACKAGE);
 
@@ -48,7 +47,11 @@ fn main() -> anyhow::Result<()> {
         println!("cargo:rerun-if-changed={common}");
     }
     aya_build::build_ebpf(
-        [aya_build::Package { name: EBPF_PACKAGE, root_dir: root_dir.as_str(), ..Default::default() }],
+        [aya_build::Package {
+            name: EBPF_PACKAGE,
+            root_dir: root_dir.as_str(),
+            ..Default::default()
+        }],
         aya_build::Toolchain::Nightly,
     )
     .context("building the BPF programs (set PROXYD_SKIP_EBPF=1 to build without them)")?;
@@ -57,7 +60,8 @@ fn main() -> anyhow::Result<()> {
 
 /// Fails early, with what to do, when the BPF toolchain is missing.
 fn check_toolchain() -> anyhow::Result<()> {
-    const HINT: &str = "run `cargo xtask setup`, or build without the kernel data path with PROXYD_SKIP_EBPF=1";
+    const HINT: &str =
+        "run `cargo xtask setup`, or build without the kernel data path with PROXYD_SKIP_EBPF=1";
     let linker = Command::new("bpf-linker").arg("--version").output();
     match linker {
         Ok(out) if out.status.success() => {}
@@ -68,7 +72,9 @@ fn check_toolchain() -> anyhow::Result<()> {
         ),
         Err(e) => bail!("bpf-linker not found on PATH ({e}); {HINT}"),
     }
-    let nightly = Command::new("rustup").args(["run", "nightly", "rustc", "--version"]).output();
+    let nightly = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .output();
     match nightly {
         Ok(out) if out.status.success() => {}
         Ok(out) => bail!(

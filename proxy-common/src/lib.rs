@@ -39,7 +39,8 @@ pub const FLOWS_MAP: &str = "FLOWS";
 /// The `sk_skb` stream verdict program.
 pub const VERDICT_PROG: &str = "proxyd_verdict";
 
-/// Capacity of each map, in sockets (two per tunnel). The daemon's
-/// `max-connections` upper bound is 1 000 000 tunnels; map memory for the
-/// sockhash/hash maps is allocated lazily per entry, so a large bound is cheap.
-pub const MAX_SOCKETS: usize = 262_144;
+/// Default capacity of each map, in sockets (two per tunnel): 32768 tunnels.
+/// The loader can set another size (`max_entries`) at load time. Hash and
+/// sockhash entries are allocated on insert; only the bucket array (16 bytes
+/// per entry, so 1 MiB per map here) is allocated up front.
+pub const MAX_SOCKETS: usize = 65_536;

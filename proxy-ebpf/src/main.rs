@@ -6,7 +6,8 @@
 //! Userspace fills the maps in this order: `PEERS`, `FLOWS`, `SOCKS` (both
 //! sockets), then `SPLICE` (both sockets), and removes in the reverse order, so
 //! the redirect target is always present while a socket is spliced.
-//! A lookup miss passes the skb up to the socket itself (`SK_PASS`): never drop.
+//! A lookup miss passes the skb up to the socket itself (`SK_PASS`): never
+//! drop data. Only empty skbs (a bare FIN) are dropped.
 #![no_std]
 #![no_main]
 
@@ -19,7 +20,7 @@ use aya_ebpf::{
     programs::SkBuffContext,
     EbpfContext as _,
 };
-use aya_log_ebpf::warn;
+use aya_log_ebpf::debug;
 use proxy_common::{FlowStats, MAX_SOCKETS};
 
 /// Redirect targets (program-less), keyed by socket cookie.
@@ -36,8 +37,7 @@ static PEERS: HashMap<u64, u64, MAX_SOCKETS, { BPF_F_NO_PREALLOC as usize }> = H
 
 /// Socket cookie -> what was received on it and redirected (see [`FlowStats`]).
 #[btf_map(name = "FLOWS")]
-static FLOWS: HashMap<u64, FlowStats, MAX_SOCKETS, { BPF_F_NO_PREALLOC as usize }> =
-    HashMap::new();
+static FLOWS: HashMap<u64, FlowStats, MAX_SOCKETS, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
 
 #[stream_verdict]
 pub fn proxyd_verdict(ctx: SkBuffContext) -> u32 {
@@ -47,17 +47,28 @@ pub fn proxyd_verdict(ctx: SkBuffContext) -> u32 {
 }
 
 fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
+    let len = ctx.len() as u64;
+    if len == 0 {
+        // A bare FIN: redirecting it would make the peer's psock backlog send
+        // 0 bytes, which it takes for a broken pipe (EPIPE on the peer socket,
+        // transmission stopped). The FIN itself is seen by userspace through
+        // the socket state, and an empty skb carries nothing to lose.
+        return Ok(sk_action::SK_DROP);
+    }
     // SAFETY: the helper only reads the skb's socket; `as_ptr` is this
     // program's own context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: PEERS values are plain u64s, copied out at once.
     let Some(&peer) = (unsafe { PEERS.get(cookie) }) else {
-        warn!(ctx, "proxyd: no peer for socket {}, passing", cookie);
+        debug!(ctx, "proxyd: no peer for socket {}, passing", cookie);
         return Err(sk_action::SK_PASS);
     };
-    let len = ctx.len() as u64;
     if SOCKS.redirect_skb(ctx, peer, 0) != sk_action::SK_PASS as i64 {
-        warn!(ctx, "proxyd: peer {} of socket {} not in the sockhash, passing", peer, cookie);
+        // Expected only while a pair is being torn down.
+        debug!(
+            ctx,
+            "proxyd: peer {} of socket {} not in the sockhash, passing", peer, cookie
+        );
         return Err(sk_action::SK_PASS);
     }
     if let Some(flow) = FLOWS.get_ptr_mut(cookie) {

@@ -21,14 +21,16 @@ mod tunnel;
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapInfo, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
-use proxy_common::{FlowStats as MapFlow, FLOWS_MAP, PEERS_MAP, SOCKS_MAP, SPLICE_MAP, VERDICT_PROG};
+use proxy_common::{
+    FlowStats as MapFlow, FLOWS_MAP, PEERS_MAP, SOCKS_MAP, SPLICE_MAP, VERDICT_PROG,
+};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -47,20 +49,22 @@ static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 /// jiffy whenever the peer's send buffer is full, so small buffers stall the
 /// splice. Measured here (Linux 6.18, 2 cores, loopback, one tunnel, sender
 /// and receiver in the same process: `cargo run --release --example
-/// kernel_datapath -- bench 4096`), Gbit/s over two runs:
+/// kernel_datapath -- bench 4096`), Gbit/s, lowest .. highest of 4 runs:
 ///
-/// | buffer    | one way    | both ways at once |
-/// |-----------|------------|-------------------|
-/// | autotuned | 3.1 / 9.1  | 3.6 / 3.8         |
-/// | 4 MiB     | 8.9 / 7.6  | 5.6 / 6.3         |
-/// | 8 MiB     | 9.7 / 10.4 | 2.4 / 9.3         |
-/// | 16 MiB    | 9.0 / 11.3 | 2.1 / 3.9         |
-/// | 32 MiB    | 8.2 / 6.3  | 8.7 / 7.6         |
+/// | buffer    | one way     | both ways at once |
+/// |-----------|-------------|-------------------|
+/// | autotuned | 3.1 .. 9.1  | 3.6 .. 5.1        |
+/// | 4 MiB     | 7.0 .. 11.3 | 5.6 .. 9.5        |
+/// | 8 MiB     | 4.0 .. 11.1 | 2.4 .. 9.3        |
+/// | 16 MiB    | 4.6 .. 11.3 | 2.1 .. 8.2        |
+/// | 32 MiB    | 6.3 .. 11.9 | 5.9 .. 9.7        |
 ///
-/// Noisy on 2 cores shared by four busy sockets, but fixed buffers beat
-/// autotuning; design.md measured 5 vs 17 Gbit/s (defaults vs 16 MiB) with
-/// separate processes. The sizes are limits, not allocations: memory is used
-/// only while bytes are queued, and `net.ipv4.tcp_mem` still caps the total.
+/// Noisy on 2 cores shared by the four busy sockets of the test, but fixed
+/// buffers beat autotuning, and 4..32 MiB differ less than the noise;
+/// design.md measured 5 vs 17 Gbit/s (defaults vs 16 MiB) with separate
+/// processes, hence 16 MiB. The sizes are limits, not allocations: memory
+/// is used only while bytes are queued, and `net.ipv4.tcp_mem` still caps
+/// the total.
 pub const DEFAULT_SOCKET_BUFFER: u32 = 16 << 20;
 
 /// Tunnels the maps hold by default (see `proxy_common::MAX_SOCKETS`).
@@ -89,6 +93,9 @@ struct Shared {
     _ebpf: Mutex<Ebpf>,
     /// Socket buffer size for new pairs (0: leave the kernel's autotuning).
     socket_buffer: AtomicU32,
+    /// Whether bytes already queued at attach time are moved by userspace
+    /// (the default) or left to the verdict (tests of the kernel's handling).
+    hand_over_queued: AtomicBool,
 }
 
 struct Maps {
@@ -148,13 +155,15 @@ impl KernelDataPath {
         for name in PINNED_MAPS {
             let path = pin_dir.join(name);
             let map = ebpf.map(name).ok_or_else(|| missing("map", name))?;
-            map.pin(&path)
-                .map_err(|e| error_line(&format!("pinning BPF map {name} at {}", path.display()), &e))?;
+            map.pin(&path).map_err(|e| {
+                error_line(&format!("pinning BPF map {name} at {}", path.display()), &e)
+            })?;
             let id = MapInfo::from_pin(&path).map(|info| info.id()).ok();
             pins.files.push((path, id));
         }
         let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| missing("map", name));
-        let convert = |name: &str, e: aya::maps::MapError| error_line(&format!("BPF map {name}"), &e);
+        let convert =
+            |name: &str, e: aya::maps::MapError| error_line(&format!("BPF map {name}"), &e);
         let maps = Maps {
             socks: SockHash::try_from(take(SOCKS_MAP)?).map_err(|e| convert(SOCKS_MAP, e))?,
             splice: SockHash::try_from(take(SPLICE_MAP)?).map_err(|e| convert(SPLICE_MAP, e))?,
@@ -181,6 +190,7 @@ impl KernelDataPath {
                 maps: RwLock::new(maps),
                 _ebpf: Mutex::new(ebpf),
                 socket_buffer: AtomicU32::new(DEFAULT_SOCKET_BUFFER),
+                hand_over_queued: AtomicBool::new(true),
             }),
             pins,
             log_task,
@@ -191,6 +201,17 @@ impl KernelDataPath {
     /// (0 leaves the kernel's autotuning). See [`DEFAULT_SOCKET_BUFFER`].
     pub fn set_socket_buffer(&self, bytes: u32) {
         self.shared.socket_buffer.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Test hook: with `false`, bytes that are already queued on a socket
+    /// when its pair is attached are not moved by userspace first but left
+    /// in the receive queue for the verdict, to test how the running kernel
+    /// treats bytes queued before a socket enters the sockhash (they must be
+    /// redirected once it does; see `tunnel::splice`). Only safe when the
+    /// handshake read no partial skb.
+    #[doc(hidden)]
+    pub fn set_hand_over_queued(&self, on: bool) {
+        self.shared.hand_over_queued.store(on, Ordering::Relaxed);
     }
 
     /// The folder holding the pinned maps.
@@ -205,14 +226,22 @@ impl DataPath for KernelDataPath {
     }
 
     fn attach(&self, pair: Pair, cancel: CancellationToken) -> io::Result<Tunnel> {
-        let Pair { client, upstream, client_early } = pair;
+        let Pair {
+            client,
+            upstream,
+            client_early,
+        } = pair;
         let client_cookie = sys::socket_cookie(&client)?;
         let upstream_cookie = sys::socket_cookie(&upstream)?;
         let buffer = self.shared.socket_buffer.load(Ordering::Relaxed);
         for sock in [&client, &upstream] {
             tune_socket(sock, buffer);
         }
-        let flow = Arc::new(KernelFlow::new(Arc::clone(&self.shared), client_cookie, upstream_cookie));
+        let flow = Arc::new(KernelFlow::new(
+            Arc::clone(&self.shared),
+            client_cookie,
+            upstream_cookie,
+        ));
         let done = tokio::spawn(tunnel::run(
             Arc::clone(&self.shared),
             Arc::clone(&flow),
@@ -244,7 +273,10 @@ fn tune_socket(sock: &tokio::net::TcpStream, buffer: u32) {
         return;
     }
     let bytes = buffer.min(i32::MAX as u32 / 2) as i32;
-    for (force, plain) in [(libc::SO_SNDBUFFORCE, libc::SO_SNDBUF), (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF)] {
+    for (force, plain) in [
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+    ] {
         // The FORCE variants pass net.core.[rw]mem_max (needs CAP_NET_ADMIN,
         // which loading BPF programs needs too); fall back to the capped one.
         if sys::setsockopt_int(sock, libc::SOL_SOCKET, force, bytes).is_err() {
@@ -310,7 +342,8 @@ impl KernelFlow {
         };
         self.kernel_tx.fetch_max(c.bytes, Ordering::Relaxed);
         self.kernel_rx.fetch_max(u.bytes, Ordering::Relaxed);
-        self.last_ns.fetch_max(c.last_ns.max(u.last_ns), Ordering::Relaxed);
+        self.last_ns
+            .fetch_max(c.last_ns.max(u.last_ns), Ordering::Relaxed);
     }
 
     /// Stops reading the maps: the kept values are final from now on
@@ -359,12 +392,17 @@ impl Pins {
     fn prepare(dir: &Path) -> io::Result<Self> {
         let shown = dir.display();
         // The nearest existing ancestor tells which filesystem `dir` is on.
-        let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
-        let on_bpffs = sys::is_bpffs(existing).map_err(|e| error_line(&format!("statfs {}", existing.display()), &e))?;
+        let existing = dir
+            .ancestors()
+            .find(|p| p.exists())
+            .unwrap_or(Path::new("/"));
+        let on_bpffs = sys::is_bpffs(existing)
+            .map_err(|e| error_line(&format!("statfs {}", existing.display()), &e))?;
         if !on_bpffs {
             let root = Path::new(BPFFS_ROOT);
             if dir.starts_with(root) && root.is_dir() && !sys::is_bpffs(root).unwrap_or(false) {
-                sys::mount_bpffs(root).map_err(|e| error_line(&format!("mounting bpffs at {BPFFS_ROOT}"), &e))?;
+                sys::mount_bpffs(root)
+                    .map_err(|e| error_line(&format!("mounting bpffs at {BPFFS_ROOT}"), &e))?;
                 info!("mounted bpffs at {BPFFS_ROOT}");
             } else {
                 return Err(io::Error::new(
@@ -373,16 +411,25 @@ impl Pins {
                 ));
             }
         }
-        std::fs::create_dir_all(dir).map_err(|e| error_line(&format!("creating BPF pin dir {shown}"), &e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| error_line(&format!("creating BPF pin dir {shown}"), &e))?;
         for name in PINNED_MAPS {
             let path = dir.join(name);
             match std::fs::remove_file(&path) {
                 Ok(()) => info!("removed stale pin {}", path.display()),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(error_line(&format!("removing stale pin {}", path.display()), &e)),
+                Err(e) => {
+                    return Err(error_line(
+                        &format!("removing stale pin {}", path.display()),
+                        &e,
+                    ))
+                }
             }
         }
-        Ok(Pins { dir: dir.to_path_buf(), files: Vec::new() })
+        Ok(Pins {
+            dir: dir.to_path_buf(),
+            files: Vec::new(),
+        })
     }
 
     /// Unpins everything this process pinned, then the folder if empty.
@@ -423,7 +470,9 @@ fn spawn_log_poller(logger: EbpfLogger<BpfLog>) -> Option<JoinHandle<()>> {
     };
     Some(runtime.spawn(async move {
         loop {
-            let Ok(mut guard) = fd.readable_mut().await else { return };
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
             // Clear before reading: a record committed after `flush` wakes us again.
             guard.clear_ready();
             guard.get_inner_mut().flush();
@@ -452,7 +501,10 @@ impl log::Log for BpfLog {
 }
 
 fn missing(what: &str, name: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::NotFound, format!("the BPF object has no {what} named {name}"))
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("the BPF object has no {what} named {name}"),
+    )
 }
 
 /// `"<op>: <cause>: <cause>..."` on one line (verifier logs are cut to their

@@ -74,9 +74,15 @@ pub fn tcp_info(sock: &impl AsFd) -> io::Result<TcpInfo> {
     // shorter struct and the field would read as 0, which `len` catches.
     let needed = mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + mem::size_of::<u64>();
     if (len as usize) < needed {
-        return Err(io::Error::new(io::ErrorKind::Unsupported, "TCP_INFO has no tcpi_bytes_acked"));
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "TCP_INFO has no tcpi_bytes_acked",
+        ));
     }
-    Ok(TcpInfo { state: info.tcpi_state, bytes_acked: info.tcpi_bytes_acked })
+    Ok(TcpInfo {
+        state: info.tcpi_state,
+        bytes_acked: info.tcpi_bytes_acked,
+    })
 }
 
 /// `SIOCOUTQ`: bytes in the send queue not yet acknowledged by the peer.
@@ -110,7 +116,10 @@ pub fn setsockopt_int(sock: &impl AsFd, level: i32, name: i32, value: i32) -> io
 
 /// Sets `SO_LINGER {on, 0}` so that closing the socket sends a RST.
 pub fn set_linger_zero(sock: &impl AsFd) -> io::Result<()> {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: the option value is a valid `linger` of the length passed.
     let rc = unsafe {
         libc::setsockopt(
@@ -146,16 +155,26 @@ impl Epoll {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-        Ok(Epoll { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Ok(Epoll {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
     }
 
     /// Watches `sock` for `EPOLLRDHUP` (edge-triggered; `EPOLLHUP` and
     /// `EPOLLERR` are always reported), tagged with `token`.
     pub fn watch_hangup(&self, sock: &impl AsFd, token: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32, u64: token };
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+            u64: token,
+        };
         // SAFETY: both fds are open for the call; `ev` is a valid event.
         let rc = unsafe {
-            libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, sock.as_fd().as_raw_fd(), &mut ev)
+            libc::epoll_ctl(
+                self.fd.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                sock.as_fd().as_raw_fd(),
+                &mut ev,
+            )
         };
         if rc != 0 {
             return Err(io::Error::last_os_error());
@@ -170,7 +189,8 @@ impl Epoll {
         let mut out = Vec::new();
         loop {
             // SAFETY: `events` has room for `N` entries, the count passed.
-            let n = unsafe { libc::epoll_wait(self.fd.as_raw_fd(), events.as_mut_ptr(), N as i32, 0) };
+            let n =
+                unsafe { libc::epoll_wait(self.fd.as_raw_fd(), events.as_mut_ptr(), N as i32, 0) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -223,6 +243,12 @@ pub fn is_bpffs(path: &Path) -> io::Result<bool> {
 
 /// `mount -t bpf bpf <target>` (mode 0700).
 pub fn mount_bpffs(target: &Path) -> io::Result<()> {
-    nix::mount::mount(Some("bpf"), target, Some("bpf"), nix::mount::MsFlags::empty(), Some("mode=0700"))
-        .map_err(io::Error::from)
+    nix::mount::mount(
+        Some("bpf"),
+        target,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        Some("mode=0700"),
+    )
+    .map_err(io::Error::from)
 }

@@ -84,12 +84,15 @@ pub(super) async fn run(
     let handed_over = tokio::select! {
         biased;
         _ = cancel.cancelled() => return,
-        done = hand_over(&flow, &mut client, &mut upstream, early) => done,
+        done = hand_over(&shared, &flow, &mut client, &mut upstream, early) => done,
     };
     match handed_over {
         Ok(false) => {}
         Ok(true) => {
-            debug!(tunnel = id, "a side closed before splicing; relaying in userspace");
+            debug!(
+                tunnel = id,
+                "a side closed before splicing; relaying in userspace"
+            );
             flow.freeze();
             return relay(&flow, [client, upstream], cancel).await;
         }
@@ -102,7 +105,10 @@ pub(super) async fn run(
     let socks = match (client.into_std(), upstream.into_std()) {
         (Ok(c), Ok(u)) => [c, u],
         (Err(e), _) | (_, Err(e)) => {
-            warn!(tunnel = id, "cannot take the sockets out of the reactor: {e}");
+            warn!(
+                tunnel = id,
+                "cannot take the sockets out of the reactor: {e}"
+            );
             return;
         }
     };
@@ -115,7 +121,10 @@ pub(super) async fn run(
             return relay_std(&flow, socks, cancel).await;
         }
         Err(SpliceError::Half(e, spliced)) => {
-            debug!(tunnel = id, "cannot splice the client side ({e}); relaying in userspace");
+            debug!(
+                tunnel = id,
+                "cannot splice the client side ({e}); relaying in userspace"
+            );
             unsplice_half(&shared, &flow, &spliced, &cancel).await;
             return relay_std(&flow, spliced.socks, cancel).await;
         }
@@ -130,7 +139,11 @@ pub(super) async fn run(
         End::Cancelled => debug!(tunnel = id, "cancelled"),
         End::Reset(side) => {
             let other = 1 - side;
-            debug!(tunnel = id, "{} side reset; resetting the other", side_name(side));
+            debug!(
+                tunnel = id,
+                "{} side reset; resetting the other",
+                side_name(side)
+            );
             if let Err(e) = sys::set_linger_zero(&spliced.socks[other]) {
                 debug!(tunnel = id, "SO_LINGER: {e}");
             }
@@ -147,14 +160,21 @@ pub(super) async fn run(
 /// Returns true when a side's FIN was already seen: such a socket can no
 /// longer enter a sockhash, and the pair is relayed instead.
 async fn hand_over(
+    shared: &Shared,
     flow: &KernelFlow,
     client: &mut TcpStream,
     upstream: &mut TcpStream,
     mut to_upstream: Vec<u8>,
 ) -> io::Result<bool> {
-    let client_eof = read_queued(client, &mut to_upstream)?;
     let mut to_client = Vec::new();
-    let upstream_eof = read_queued(upstream, &mut to_client)?;
+    let (mut client_eof, mut upstream_eof) = (false, false);
+    if shared
+        .hand_over_queued
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        client_eof = read_queued(client, &mut to_upstream)?;
+        upstream_eof = read_queued(upstream, &mut to_client)?;
+    }
     // Counted when taken on (like the verdict counts before it redirects).
     flow.add_user(to_upstream.len() as u64, to_client.len() as u64);
     upstream.write_all(&to_upstream).await?;
@@ -212,14 +232,25 @@ enum SpliceError {
 
 /// Puts the pair into the maps (order: see the module docs of `kernel`),
 /// then makes the verdict look at bytes that arrived meanwhile.
-fn splice(shared: &Shared, socks: [StdTcpStream; 2], cookies: [u64; 2]) -> Result<Spliced, SpliceError> {
-    let written_before = match (written_total(&socks[CLIENT]), written_total(&socks[UPSTREAM])) {
+fn splice(
+    shared: &Shared,
+    socks: [StdTcpStream; 2],
+    cookies: [u64; 2],
+) -> Result<Spliced, SpliceError> {
+    let written_before = match (
+        written_total(&socks[CLIENT]),
+        written_total(&socks[UPSTREAM]),
+    ) {
         (Ok(c), Ok(u)) => [c, u],
         (Err(e), _) | (_, Err(e)) => return Err(SpliceError::Nothing(e, socks)),
     };
     let [c, u] = cookies;
     let (cfd, ufd) = (socks[CLIENT].as_raw_fd(), socks[UPSTREAM].as_raw_fd());
-    let fresh = MapFlow { bytes: 0, packets: 0, last_ns: monotonic_ns() };
+    let fresh = MapFlow {
+        bytes: 0,
+        packets: 0,
+        last_ns: monotonic_ns(),
+    };
     let mut maps = shared.maps.write().unwrap_or_else(|p| p.into_inner());
     let m = &mut *maps;
     let ready = m
@@ -234,11 +265,18 @@ fn splice(shared: &Shared, socks: [StdTcpStream; 2], cookies: [u64; 2]) -> Resul
     if let Err(e) = ready {
         drop(maps);
         leave_maps(shared, cookies);
-        return Err(SpliceError::Nothing(error_line("inserting into the BPF maps", &e), socks));
+        return Err(SpliceError::Nothing(
+            error_line("inserting into the BPF maps", &e),
+            socks,
+        ));
     }
     let client_in = m.splice.insert(c, cfd, 0);
     drop(maps);
-    let spliced = Spliced { socks, cookies, written_before };
+    let spliced = Spliced {
+        socks,
+        cookies,
+        written_before,
+    };
     // Bytes that arrived since `hand_over` wait in the receive queues as
     // whole skbs; the verdict runs on the next data-ready event. Setting
     // SO_RCVLOWAT raises one now (tcp_set_rcvlowat calls tcp_data_ready).
@@ -248,7 +286,10 @@ fn splice(shared: &Shared, socks: [StdTcpStream; 2], cookies: [u64; 2]) -> Resul
             kick(&spliced.socks[CLIENT]);
             Ok(spliced)
         }
-        Err(e) => Err(SpliceError::Half(error_line("inserting into the BPF maps", &e), spliced)),
+        Err(e) => Err(SpliceError::Half(
+            error_line("inserting into the BPF maps", &e),
+            spliced,
+        )),
     }
 }
 
@@ -262,7 +303,12 @@ fn kick(sock: &StdTcpStream) {
 /// Undoes a half splice without losing what was already redirected to the
 /// client: stops the upstream's verdict, waits (a bounded time) until the
 /// client has acknowledged those bytes, then leaves the maps.
-async fn unsplice_half(shared: &Shared, flow: &KernelFlow, sp: &Spliced, cancel: &CancellationToken) {
+async fn unsplice_half(
+    shared: &Shared,
+    flow: &KernelFlow,
+    sp: &Spliced,
+    cancel: &CancellationToken,
+) {
     {
         let mut maps = shared.maps.write().unwrap_or_else(|p| p.into_inner());
         let _ = maps.splice.remove(&sp.cookies[UPSTREAM]);
@@ -313,12 +359,20 @@ async fn watch(shared: &Shared, sp: &Spliced, cancel: &CancellationToken) -> End
         };
         for (token, bits) in events {
             let side = token as usize;
-            tracing::trace!(tunnel = sp.cookies[CLIENT], "{} side: epoll events {bits:#x}", side_name(side));
+            tracing::trace!(
+                tunnel = sp.cookies[CLIENT],
+                "{} side: epoll events {bits:#x}",
+                side_name(side)
+            );
             if bits & EV_ERR != 0 {
                 return End::Reset(side);
             }
             if bits & (EV_RDHUP | EV_HUP) != 0 && !fin[side] {
-                debug!(tunnel = sp.cookies[CLIENT], "FIN from the {} side", side_name(side));
+                debug!(
+                    tunnel = sp.cookies[CLIENT],
+                    "FIN from the {} side",
+                    side_name(side)
+                );
                 fin[side] = true;
             }
         }
@@ -331,7 +385,11 @@ async fn watch(shared: &Shared, sp: &Spliced, cancel: &CancellationToken) -> End
                 Ok(true) => {
                     if let Err(e) = sp.socks[to].shutdown(Shutdown::Write) {
                         if e.kind() != io::ErrorKind::NotConnected {
-                            debug!(tunnel = sp.cookies[CLIENT], "shutdown of the {} side: {e}", side_name(to));
+                            debug!(
+                                tunnel = sp.cookies[CLIENT],
+                                "shutdown of the {} side: {e}",
+                                side_name(to)
+                            );
                             return End::Reset(to);
                         }
                     }
@@ -378,11 +436,17 @@ fn drained(shared: &Shared, sp: &Spliced, from: usize, to: usize) -> Result<bool
         maps.flow(sp.cookies[from])
     };
     let Some(counted) = counted else {
-        return Err(End::Failed(io::Error::other("flow entry vanished from the map")));
+        return Err(End::Failed(io::Error::other(
+            "flow entry vanished from the map",
+        )));
     };
     let info = sys::tcp_info(&sp.socks[to]).map_err(End::Failed)?;
     if info.state == TCP_CLOSE {
-        debug!(tunnel = sp.cookies[CLIENT], "the {} side is closed", side_name(to));
+        debug!(
+            tunnel = sp.cookies[CLIENT],
+            "the {} side is closed",
+            side_name(to)
+        );
         return Err(End::Reset(to));
     }
     let target = sp.written_before[to] + counted.bytes;
