@@ -6,10 +6,14 @@
 //! [`datapath`], which owns it until it ends. [`control`] serves the command
 //! language on a Unix socket.
 
+pub mod completions;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod datapath;
+pub mod manpage;
 pub mod metrics;
 pub mod privileges;
 pub mod protocol;
+pub mod sdnotify;
 pub mod server;

@@ -54,6 +54,16 @@ struct Cli {
 enum Cmd {
     /// Run the daemon in the foreground (logs to stderr).
     Run(RunArgs),
+    /// Interactive shell: a RouterOS-style prompt with menus, Tab completion and history.
+    Console,
+    /// Print a shell completion script (`proxyd completions bash > /etc/bash_completion.d/proxyd`).
+    Completions {
+        #[arg(value_parser = proxyd::completions::SHELLS.to_vec())]
+        shell: String,
+    },
+    /// Print the proxyd(8) manual page (roff): `proxyd man | man -l -`.
+    #[command(hide = true)]
+    Man,
     /// A RouterOS-style command for the running daemon, e.g. `ip socks print`.
     #[command(external_subcommand)]
     Menu(Vec<String>),
@@ -91,6 +101,18 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Cmd::Console => ExitCode::from(proxyd::console::run(&cli.control, cli.json).clamp(0, 255) as u8),
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            let script = proxyd::completions::script(&shell, &Cli::command()).expect("clap checked the shell");
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), script.as_bytes());
+            ExitCode::SUCCESS
+        }
+        Cmd::Man => {
+            use clap::CommandFactory;
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), proxyd::manpage::render(&Cli::command()).as_bytes());
+            ExitCode::SUCCESS
         }
         Cmd::Menu(words) if words.iter().any(|w| w == "--help" || w == "-h" || w == "help") => menu_help(words),
         Cmd::Menu(words) => ExitCode::from(client::run(&cli.control, words, cli.json).clamp(0, 255) as u8),
@@ -153,8 +175,10 @@ fn run(control_path: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(control::serve(listener, controller));
         tokio::spawn(server.clone().reap_idle_forever());
         tracing::info!(control = %control_path.display(), "ready");
+        proxyd::sdnotify::notify_ready();
 
         shutdown_signal().await;
+        proxyd::sdnotify::notify_stopping();
         tracing::info!("shutting down: no new clients; {} open connection(s) get {:?}", server.registry.len(), args.shutdown_grace);
         server.stop_listening();
         let _ = std::fs::remove_file(&control_path);

@@ -54,6 +54,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3-socks",
     "python3-pyftpdlib",
     "iperf3",
+    "tmux",
+    "systemd",
+    "python3-prometheus-client",
+    "groff-base",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -45,6 +45,10 @@ pub struct BenchArgs {
     /// Skip the iperf3 reference runs.
     #[arg(long)]
     pub no_iperf: bool,
+    /// Output folder. Default target/bench (smoke runs: target/bench/smoke, so
+    /// they never overwrite a real run's results).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 pub struct Cfg {
@@ -127,6 +131,74 @@ struct Ctx {
     work: PathBuf,
     logs: PathBuf,
     dsts: Vec<std::net::SocketAddrV4>,
+    echo_pids: Vec<i32>,
+}
+
+/// CPU seconds so far: the proxy's tree, the load generator (this process),
+/// the echo server, and the machine (busy, total, irq+softirq).
+#[derive(Clone, Copy)]
+struct Snap {
+    proxy: f64,
+    gen: f64,
+    echo: f64,
+    busy: f64,
+    total: f64,
+    softirq: f64,
+}
+
+fn snap(ctx: &Ctx, pid: Option<i32>) -> Snap {
+    let (busy, total, softirq) = procs::machine_cpu();
+    Snap {
+        proxy: pid.map_or(0.0, procs::tree_cpu_secs),
+        gen: procs::proc_cpu_secs(std::process::id() as i32),
+        echo: ctx.echo_pids.iter().map(|&p| procs::proc_cpu_secs(p)).sum(),
+        busy,
+        total,
+        softirq,
+    }
+}
+
+/// Cores in use between snapshots, per party (medians over runs when printed).
+#[derive(Default)]
+struct Cores {
+    proxy: Vec<f64>,
+    gen: Vec<f64>,
+    echo: Vec<f64>,
+    softirq: Vec<f64>,
+    other: Vec<f64>,
+    busy: Vec<f64>,
+}
+
+impl Cores {
+    fn add(&mut self, a: &Snap, b: &Snap) {
+        let wall = ((b.total - a.total) / cores()).max(1e-3);
+        let d = |x: f64, y: f64| (y - x) / wall;
+        let (p, g, e, s, busy) = (d(a.proxy, b.proxy), d(a.gen, b.gen), d(a.echo, b.echo), d(a.softirq, b.softirq), d(a.busy, b.busy));
+        self.proxy.push(p);
+        self.gen.push(g);
+        self.echo.push(e);
+        self.softirq.push(s);
+        self.busy.push(busy);
+        // No IRQ time accounting on this kernel kind: softirq work is inside
+        // the times of whichever tasks ran, so it is a share, not an addend.
+        self.other.push((busy - p - g - e).max(0.0));
+    }
+    fn text(&self, proxied: bool) -> String {
+        format!(
+            "machine busy {:.2} of {} cores = {}load generator {:.2} + echo server {:.2} + other processes and kernel threads {:.2} (irq/softirq share of the busy time, sampled: {:.2} cores)",
+            median(&self.busy),
+            cores(),
+            if proxied { format!("proxy {:.2} + ", median(&self.proxy)) } else { String::new() },
+            median(&self.gen),
+            median(&self.echo),
+            median(&self.other),
+            median(&self.softirq)
+        )
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({"machine_busy": median(&self.busy), "proxy": median(&self.proxy), "load_generator": median(&self.gen),
+                           "echo_server": median(&self.echo), "irq_softirq": median(&self.softirq), "other_processes": median(&self.other)})
+    }
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -138,7 +210,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // Fork the echo server first, while this process has no other thread.
     let mut echo = echo::EchoServer::spawn(2)?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
-    let out = root.join("target/bench");
+    let out = args.out.clone().unwrap_or_else(|| root.join(if args.smoke { "target/bench/smoke" } else { "target/bench" }));
     let logs = out.join("logs");
     std::fs::create_dir_all(&logs)?;
     let work = PathBuf::from(format!("/tmp/proxyd-bench-{}", std::process::id()));
@@ -158,8 +230,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         },
         scale_limit: Duration::from_secs(if args.smoke { 15 } else { 90 }),
     };
-    let ctx = Ctx { bin: root.join("target/release/proxyd"), work: work.clone(), logs, dsts: echo.addrs.clone() };
-    let machine = report::machine_info(&root, &ctx.bin);
+    let ctx = Ctx { bin: root.join("target/release/proxyd"), work: work.clone(), logs, dsts: echo.addrs.clone(), echo_pids: echo.pids.clone() };
+    let mut machine = report::machine_info(&root, &ctx.bin);
     eprintln!("bench: {}", machine.summary());
     if machine.load1 > 0.5 {
         eprintln!("bench: warning: load average {:.2} at start; other work on this 2-core machine skews the figures", machine.load1);
@@ -167,28 +239,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let iperf = if args.no_iperf || cfg.smoke { None } else { Some(iperf3(&cfg)) };
 
-    let mut results = Vec::new();
     let wanted: Vec<&str> = args.systems.split(',').map(str::trim).collect();
-    for kind in [Kind::Direct, Kind::Dante, Kind::Proxyd("userspace"), Kind::Proxyd("kernel")] {
-        let short = match kind {
-            Kind::Proxyd(p) => p.to_string(),
-            k => k.name(),
-        };
-        if !wanted.iter().any(|w| *w == short || *w == kind.name()) {
-            continue;
-        }
-        eprintln!("bench: {} ...", kind.name());
-        let t = Instant::now();
-        let r = run_system(kind, &ctx, &cfg);
-        match &r.reason {
-            Some(why) if !r.available => eprintln!("bench: {} unavailable: {why}", r.name),
-            _ => eprintln!("bench: {} done in {:.0} s", r.name, t.elapsed().as_secs_f64()),
-        }
-        results.push(r);
-    }
+    let kinds: Vec<Kind> = [Kind::Direct, Kind::Dante, Kind::Proxyd("userspace"), Kind::Proxyd("kernel")]
+        .into_iter()
+        .filter(|k| {
+            let short = match k {
+                Kind::Proxyd(p) => p.to_string(),
+                k => k.name(),
+            };
+            wanted.iter().any(|w| *w == short || *w == k.name())
+        })
+        .collect();
+    let results = run_systems(&kinds, &ctx, &cfg);
     echo.stop();
     let _ = std::fs::remove_dir_all(&work);
 
+    machine.load_end = report::load_average();
     let elapsed = started.elapsed().as_secs_f64();
     let md = report::write(&out, &machine, &cfg, iperf.as_ref(), &results, elapsed)?;
     println!("{md}");
@@ -209,7 +275,7 @@ fn iperf3(cfg: &Cfg) -> Iperf {
     let Ok(mut server) = server else { return fail("iperf3 is not installed (`cargo xtask setup`)".into()) };
     std::thread::sleep(Duration::from_millis(300));
     let secs = cfg.bulk.as_secs_f64().ceil().max(1.0) as u64;
-    let mut one_flow = |flows: usize| -> Result<f64, String> {
+    let one_flow = |flows: usize| -> Result<f64, String> {
         let mut v = Vec::new();
         for _ in 0..cfg.repeats {
             let out = Command::new("iperf3")
@@ -238,132 +304,272 @@ fn start(kind: Kind, ctx: &Ctx) -> Result<Option<Proxy>> {
     })
 }
 
-fn run_system(kind: Kind, ctx: &Ctx, cfg: &Cfg) -> SysResult {
-    let mut r = SysResult { name: kind.name(), available: true, ..Default::default() };
-    let mut proxy = match start(kind, ctx) {
-        Ok(p) => p,
-        Err(e) => {
-            r.available = false;
-            r.reason = Some(format!("{e:#}"));
-            return r;
+/// A system under test during the performance phase.
+struct Sys {
+    kind: Kind,
+    r: SysResult,
+    proxy: Option<Proxy>,
+    target: Option<Target>,
+    cpu: BTreeMap<String, Cores>,
+    socks: BTreeMap<String, Vec<procs::Sock>>,
+    threads: BTreeMap<String, (u64, usize)>,
+    failed: BTreeMap<String, u64>,
+    drops: BTreeMap<String, u64>,
+}
+
+impl Sys {
+    fn pid(&self) -> Option<i32> {
+        self.proxy.as_ref().map(|p| p.pid)
+    }
+}
+
+/// Every system side by side: all proxies run at once and every repeat of a
+/// measurement visits each system in turn (rotating the order), so changing
+/// background load on the machine falls on all of them alike. Order: bulk and
+/// latency; the scale test per system on a freshly started proxy; then the
+/// connection rates on fresh proxies (last, because of their TIME_WAITs).
+fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
+    let mut systems: Vec<Sys> = kinds
+        .iter()
+        .map(|&kind| {
+            let mut r = SysResult { name: kind.name(), available: true, ..Default::default() };
+            let (proxy, target) = match start(kind, ctx) {
+                Ok(p) => {
+                    r.check = match &p {
+                        Some(p) => p.path_check.clone(),
+                        None => "no proxy: the load generator connects to the echo/sink server".into(),
+                    };
+                    if let Some(p) = &p {
+                        r.diag_json.insert("threads_at_start".into(), procs::threads(p.pid).into());
+                    }
+                    let t = Target { via: p.as_ref().map_or(Via::Direct, |p| Via::Socks4(p.addr)), dsts: ctx.dsts.clone() };
+                    (p, Some(t))
+                }
+                Err(e) => {
+                    r.available = false;
+                    r.reason = Some(format!("{e:#}"));
+                    eprintln!("bench: {} unavailable: {e:#}", r.name);
+                    (None, None)
+                }
+            };
+            Sys {
+                kind,
+                r,
+                proxy,
+                target,
+                cpu: BTreeMap::new(),
+                socks: BTreeMap::new(),
+                threads: BTreeMap::new(),
+                failed: BTreeMap::new(),
+                drops: BTreeMap::new(),
+            }
+        })
+        .collect();
+    let n = systems.len();
+    let order = |rep: usize| (0..n).map(move |i| (i + rep) % n);
+
+    for (key, flows) in [("bulk1_gbps", 1usize), ("bulk8_gbps", 8)] {
+        eprintln!("bench: {key} ...");
+        for rep in 0..cfg.repeats {
+            for i in order(rep) {
+                if systems[i].target.is_some() {
+                    bulk_once(&mut systems[i], key, flows, rep, ctx, cfg);
+                }
+            }
         }
-    };
-    r.check = match &proxy {
-        Some(p) => p.path_check.clone(),
-        None => "no proxy: the load generator connects to the echo/sink server".into(),
-    };
-    let target = Target { via: proxy.as_ref().map_or(Via::Direct, |p| Via::Socks4(p.addr)), dsts: ctx.dsts.clone() };
-    let pid = proxy.as_ref().map(|p| p.pid);
-    let proxy_cpu = || pid.map_or(0.0, procs::tree_cpu_secs);
-    if let Some(pid) = pid {
-        r.diag_json.insert("threads_at_start".into(), procs::threads(pid).into());
+    }
+    eprintln!("bench: latency ...");
+    for rep in 0..cfg.repeats {
+        for i in order(rep) {
+            let s = &mut systems[i];
+            let Some(target) = &s.target else { continue };
+            match load::latency(target, cfg.lat) {
+                Ok(l) => {
+                    s.r.push("lat_mean_us", l.mean);
+                    s.r.push("lat_p50_us", l.p50);
+                    s.r.push("lat_p99_us", l.p99);
+                    s.r.push("lat_samples", l.n as f64);
+                }
+                Err(e) => s.r.note("lat_mean_us", format!("run {}: {e}", rep + 1)),
+            }
+        }
+    }
+    // Bulk diagnostics, then stop the proxies.
+    for s in &mut systems {
+        if s.target.is_none() {
+            continue;
+        }
+        let proxied = s.proxy.is_some();
+        let port = s.proxy.as_ref().map_or(0, |p| p.addr.port());
+        for (key, label) in [("bulk1_gbps", "bulk 1 flow"), ("bulk8_gbps", "bulk 8 flows")] {
+            let Some(cpu) = s.cpu.get(key) else { continue };
+            let mut line = format!("{label}: {}", cpu.text(proxied));
+            let socks = s.socks.get(key).cloned().unwrap_or_default();
+            let threads = s.threads.get(key).copied().unwrap_or((0, 0));
+            if proxied {
+                line += &format!("; proxy has {} threads in {} process(es)", threads.0, threads.1);
+                line += &sock_summary(&socks, port);
+            }
+            s.r.diag.push(line);
+            let socks_json: Vec<_> = socks
+                .iter()
+                .map(|x| serde_json::json!({"local": x.local, "client_side": x.local.ends_with(&format!(":{port}")), "recv_queued": x.r, "rcvbuf": x.rb, "send_queued": x.t, "sndbuf": x.tb}))
+                .collect();
+            s.r.diag_json.insert(key.into(), serde_json::json!({"cores": cpu.json(), "proxy_threads": threads.0, "proxy_processes": threads.1, "proxy_sockets_mid_run": socks_json}));
+        }
+        if let Some(p) = s.proxy.as_mut() {
+            p.stop();
+        }
+        s.proxy = None;
     }
 
-    // Bulk throughput, and CPU per GiB from the same runs.
-    for (key, flows) in [("bulk1_gbps", 1usize), ("bulk8_gbps", 8)] {
-        let (mut pcores, mut mcores, mut socks, mut threads) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    // Scale: one system at a time, each on a fresh proxy, so earlier runs'
+    // buffers do not blur its memory. Before the connection-rate runs: their
+    // TIME_WAIT sockets hold 127.0.0.1 ports for a minute, and Dante binds
+    // its upstream sockets to 127.0.0.1 port 0 (no 4-tuple reuse for bind).
+    for s in &mut systems {
+        if s.target.is_none() {
+            continue;
+        }
+        eprintln!("bench: scale, {} ...", s.r.name);
+        std::thread::sleep(Duration::from_millis(300));
+        match start(s.kind, ctx) {
+            Ok(p) => scale(&mut s.r, p, ctx, cfg),
+            Err(e) => s.r.note("tunnels_ok", format!("restart for the scale test failed: {e:#}")),
+        }
+    }
+
+    // Connection rate, on freshly started proxies again.
+    for s in &mut systems {
+        if s.target.is_none() {
+            continue;
+        }
+        match start(s.kind, ctx) {
+            Ok(p) => {
+                s.target = Some(Target { via: p.as_ref().map_or(Via::Direct, |p| Via::Socks4(p.addr)), dsts: ctx.dsts.clone() });
+                s.proxy = p;
+            }
+            Err(e) => {
+                s.r.note("conn_c1", format!("restart for the connection-rate runs failed: {e:#}"));
+                s.target = None;
+            }
+        }
+    }
+    for &c in &cfg.concs {
+        eprintln!("bench: connections c={c} ...");
+        let key = format!("conn_c{c}");
         for rep in 0..cfg.repeats {
-            let (c0, m0) = (proxy_cpu(), procs::machine_cpu());
-            let mut sampled = Vec::new();
-            let res = load::bulk(&target, flows, cfg.bulk, || {
-                if let (0, Some(pid)) = (rep, pid) {
-                    sampled = procs::socket_info(&procs::tree_pids(pid));
-                    threads = procs::threads(pid);
+            for i in order(rep) {
+                let s = &mut systems[i];
+                let Some(target) = s.target.clone() else { continue };
+                let pid = s.pid();
+                let (s0, d0) = (snap(ctx, pid), procs::listen_drops());
+                let res = load::connrate(&target, c, cfg.conn);
+                let (s1, d1) = (snap(ctx, pid), procs::listen_drops());
+                s.cpu.entry(key.clone()).or_default().add(&s0, &s1);
+                *s.drops.entry(key.clone()).or_default() += d1.saturating_sub(d0);
+                *s.failed.entry(key.clone()).or_default() += res.errors;
+                s.r.push(&key, res.ok as f64 / res.secs);
+                if let Some(e) = res.first_error {
+                    s.r.note(&key, format!("run {}: {} failed ({e})", rep + 1, res.errors));
                 }
-            });
-            let (c1, m1) = (proxy_cpu(), procs::machine_cpu());
-            match res {
-                Ok(b) => {
-                    r.push(key, b.gbps());
-                    let gib = b.bytes as f64 / (1u64 << 30) as f64;
-                    if pid.is_some() {
-                        r.push("cpu_proxy_s_per_gib", (c1 - c0) / gib);
-                    }
-                    r.push("cpu_machine_s_per_gib", (m1.0 - m0.0) / gib);
-                    pcores.push((c1 - c0) / b.secs);
-                    mcores.push((m1.0 - m0.0) / (m1.1 - m0.1) * cores());
-                    if b.mismatches > 0 {
-                        r.note(key, format!("{} flow(s): sink count differs from bytes sent", b.mismatches));
-                    }
-                }
-                Err(e) => r.note(key, format!("run {}: {e}", rep + 1)),
-            }
-            if rep == 0 {
-                socks = sampled;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let label = if flows == 1 { "bulk 1 flow" } else { "bulk 8 flows" };
-        let mut line = format!("{label}: machine busy {:.2} of {} cores", median(&mcores), cores());
-        if pid.is_some() {
-            line += &format!(", proxy {:.2} cores ({} threads)", median(&pcores), threads);
-            if !socks.is_empty() {
-                line += &format!("; proxy sockets mid-run: {}", socks.join("; "));
+                // Let the proxy reap the closed tunnels before the next run.
+                std::thread::sleep(Duration::from_millis(if cfg.smoke { 100 } else { 300 }));
             }
         }
-        r.diag.push(line);
-        r.diag_json.insert(
-            key.into(),
-            serde_json::json!({"proxy_cores": median(&pcores), "machine_cores": median(&mcores), "proxy_threads": threads, "proxy_sockets": socks}),
+    }
+
+    for s in &mut systems {
+        if s.target.is_none() {
+            continue;
+        }
+        let proxied = s.proxy.is_some();
+        for &c in &cfg.concs {
+            let key = format!("conn_c{c}");
+            let Some(cpu) = s.cpu.get(&key) else { continue };
+            let (failed, drops) = (s.failed.get(&key).copied().unwrap_or(0), s.drops.get(&key).copied().unwrap_or(0));
+            let mut line = format!("connections c={c}: {}", cpu.text(proxied));
+            let rate = s.r.get(&key).unwrap_or(0.0);
+            let per_conn_us = if rate > 0.0 { median(&cpu.proxy) / rate * 1e6 } else { f64::NAN };
+            if proxied {
+                line += &format!("; proxy CPU {per_conn_us:.0} µs per connection");
+            }
+            s.r.diag_json.insert(format!("{key}_proxy_cpu_us_per_conn"), per_conn_us.into());
+            if failed > 0 {
+                line += &format!("; {failed} failed attempts");
+            }
+            line += &format!("; {drops} listen-queue drops (TcpExt ListenDrops, all runs)");
+            s.r.diag.push(line);
+            s.r.diag_json.insert(key.clone(), serde_json::json!({"cores": cpu.json(), "failed": failed, "listen_drops": drops}));
+        }
+        if let Some(p) = s.proxy.as_mut() {
+            p.stop();
+        }
+        s.proxy = None;
+    }
+    systems.into_iter().map(|s| s.r).collect()
+}
+
+/// One bulk run of one system: throughput, CPU per GiB, and (first repeat)
+/// the proxy's socket buffers mid-run.
+fn bulk_once(s: &mut Sys, key: &str, flows: usize, rep: usize, ctx: &Ctx, cfg: &Cfg) {
+    let Some(target) = s.target.clone() else { return };
+    let pid = s.pid();
+    let s0 = snap(ctx, pid);
+    let mut sampled = Vec::new();
+    let mut threads = (0, 0);
+    let res = load::bulk(&target, flows, cfg.bulk, || {
+        if let (0, Some(pid)) = (rep, pid) {
+            sampled = procs::socket_info(&procs::tree_pids(pid));
+            threads = procs::tree_threads(pid);
+        }
+    });
+    let s1 = snap(ctx, pid);
+    match res {
+        Ok(b) => {
+            s.cpu.entry(key.to_string()).or_default().add(&s0, &s1);
+            s.r.push(key, b.gbps());
+            let gib = b.bytes as f64 / (1u64 << 30) as f64;
+            if pid.is_some() {
+                s.r.push("cpu_proxy_s_per_gib", (s1.proxy - s0.proxy) / gib);
+            }
+            s.r.push("cpu_machine_s_per_gib", (s1.busy - s0.busy) / gib);
+            if b.mismatches > 0 {
+                s.r.note(key, format!("{} flow(s): sink count differs from bytes sent", b.mismatches));
+            }
+        }
+        Err(e) => s.r.note(key, format!("run {}: {e}", rep + 1)),
+    }
+    if rep == 0 {
+        s.socks.insert(key.to_string(), sampled);
+        s.threads.insert(key.to_string(), threads);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+}
+
+/// "client side: rcvbuf .. (queued ..), sndbuf ..; upstream: ..." (medians over the sockets).
+fn sock_summary(socks: &[procs::Sock], port: u16) -> String {
+    let kib = |v: f64| if v >= 1024.0 * 1024.0 { format!("{:.1} MiB", v / 1048576.0) } else { format!("{:.0} KiB", v / 1024.0) };
+    let mut out = String::new();
+    for (label, client) in [("client-side", true), ("upstream", false)] {
+        let v: Vec<&procs::Sock> = socks.iter().filter(|s| s.local.ends_with(&format!(":{port}")) == client).collect();
+        if v.is_empty() {
+            continue;
+        }
+        let m = |f: fn(&procs::Sock) -> u64| median(&v.iter().map(|s| f(s) as f64).collect::<Vec<_>>());
+        out += &format!(
+            "; {label} sockets ({}): rcvbuf {} with {} queued, sndbuf {} with {} queued",
+            v.len(),
+            kib(m(|s| s.rb)),
+            kib(m(|s| s.r)),
+            kib(m(|s| s.tb)),
+            kib(m(|s| s.t))
         );
     }
-
-    // Latency.
-    for rep in 0..cfg.repeats {
-        match load::latency(&target, cfg.lat) {
-            Ok(l) => {
-                r.push("lat_mean_us", l.mean);
-                r.push("lat_p50_us", l.p50);
-                r.push("lat_p99_us", l.p99);
-                r.push("lat_samples", l.n as f64);
-            }
-            Err(e) => r.note("lat_mean_us", format!("run {}: {e}", rep + 1)),
-        }
+    if !out.is_empty() {
+        out = format!(" — mid-run medians{out}");
     }
-
-    // Connection rate.
-    for &c in &cfg.concs {
-        let key = format!("conn_c{c}");
-        let (mut pcores, mut mcores, mut errs) = (Vec::new(), Vec::new(), 0);
-        for rep in 0..cfg.repeats {
-            let (c0, m0) = (proxy_cpu(), procs::machine_cpu());
-            let res = load::connrate(&target, c, cfg.conn);
-            let (c1, m1) = (proxy_cpu(), procs::machine_cpu());
-            r.push(&key, res.ok as f64 / res.secs);
-            pcores.push((c1 - c0) / res.secs);
-            mcores.push((m1.0 - m0.0) / (m1.1 - m0.1) * cores());
-            errs += res.errors;
-            if let Some(e) = res.first_error {
-                r.note(&key, format!("run {}: {} failed ({e})", rep + 1, res.errors));
-            }
-            // Let the proxy reap the closed tunnels before the next run.
-            std::thread::sleep(Duration::from_millis(if cfg.smoke { 100 } else { 500 }));
-        }
-        let mut line = format!("connections c={c}: machine busy {:.2} of {} cores", median(&mcores), cores());
-        if pid.is_some() {
-            line += &format!(", proxy {:.2} cores", median(&pcores));
-        }
-        if errs > 0 {
-            line += &format!(", {errs} failed attempts");
-        }
-        r.diag.push(line);
-        r.diag_json.insert(key.clone(), serde_json::json!({"proxy_cores": median(&pcores), "machine_cores": median(&mcores), "failed": errs}));
-    }
-    if let Some(p) = proxy.as_mut() {
-        p.stop();
-    }
-
-    // Scale: a fresh proxy, so earlier runs' buffers do not blur its memory.
-    std::thread::sleep(Duration::from_millis(500));
-    let proxy = match start(kind, ctx) {
-        Ok(p) => p,
-        Err(e) => {
-            r.note("tunnels_ok", format!("restart for the scale test failed: {e:#}"));
-            return r;
-        }
-    };
-    scale(&mut r, proxy, ctx, cfg);
-    r
+    out
 }
 
 fn cores() -> f64 {
@@ -383,8 +589,8 @@ fn scale(r: &mut SysResult, mut proxy: Option<Proxy>, ctx: &Ctx, cfg: &Cfg) {
     let deadline = Instant::now() + cfg.scale_limit;
     let mut streams = Vec::new();
     let mut err = None;
-    let mut first: Option<(usize, u64)> = None;
-    let mut last: Option<(usize, u64)> = None;
+    let mut first: Option<(usize, u64, u64)> = None;
+    let mut last: Option<(usize, u64, u64)> = None;
     let mut dline = String::from("scale:");
     for (i, &n) in cfg.tunnels.iter().enumerate() {
         let t = Instant::now();
@@ -398,8 +604,8 @@ fn scale(r: &mut SysResult, mut proxy: Option<Proxy>, ctx: &Ctx, cfg: &Cfg) {
             let (rss, pss, fds, procs) = procs::tree_mem(pid);
             if held == n {
                 r.push(&key, rss as f64 / 1024.0);
-                first.get_or_insert((n, rss));
-                last = Some((n, rss));
+                first.get_or_insert((n, rss, pss));
+                last = Some((n, rss, pss));
             }
             steps.push(serde_json::json!({"tunnels": held, "rss_kib": rss, "pss_kib": pss, "fds": fds, "processes": procs, "open_secs": open_s}));
             dline += &format!(" {held} tunnels: RSS {:.1} MiB (PSS {:.1} MiB, {procs} processes, {fds} fds), opened in {open_s:.1} s;", rss as f64 / 1024.0, pss as f64 / 1024.0);
@@ -412,6 +618,15 @@ fn scale(r: &mut SysResult, mut proxy: Option<Proxy>, ctx: &Ctx, cfg: &Cfg) {
             break;
         }
     }
+    if let Some(pid) = pid {
+        let kinds = procs::fd_kinds(pid);
+        dline += &format!(
+            " proxy fds at {} tunnels: {};",
+            streams.len(),
+            kinds.iter().map(|(k, n)| format!("{n} {k}")).collect::<Vec<_>>().join(", ")
+        );
+        r.diag_json.insert("fd_kinds_at_max".into(), kinds.iter().map(|(k, n)| serde_json::json!({"kind": k, "count": n})).collect::<Vec<_>>().into());
+    }
     let t = Instant::now();
     let ok = load::verify_tunnels(&mut streams);
     let max = *cfg.tunnels.last().unwrap_or(&0);
@@ -422,9 +637,12 @@ fn scale(r: &mut SysResult, mut proxy: Option<Proxy>, ctx: &Ctx, cfg: &Cfg) {
     } else if ok < max {
         r.note("tunnels_ok", format!("{ok} of {max} answered"));
     }
-    if let (Some((n0, m0)), Some((n1, m1))) = (first, last) {
+    if let (Some((n0, m0, p0)), Some((n1, m1, p1))) = (first, last) {
         if n1 > n0 {
             r.push("rss_slope_kib", (m1 as f64 - m0 as f64) / (n1 - n0) as f64);
+            let pss_slope = (p1 as f64 - p0 as f64) / (n1 - n0) as f64;
+            dline += &format!("; slope {n0}->{n1}: VmRSS {:.2} KiB, PSS {pss_slope:.2} KiB per tunnel", (m1 as f64 - m0 as f64) / (n1 - n0) as f64);
+            r.diag_json.insert("pss_slope_kib".into(), pss_slope.into());
         }
     }
     r.diag.push(dline);

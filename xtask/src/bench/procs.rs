@@ -16,7 +16,6 @@ pub struct Proxy {
     pub child: Child,
     pub pid: i32,
     pub addr: SocketAddrV4,
-    pub log: PathBuf,
     pub pin_dir: Option<PathBuf>,
     /// What the proxy said about itself (proxyd: the `data-path:` line).
     pub path_check: String,
@@ -77,7 +76,7 @@ impl Proxy {
         fs::create_dir_all(&dir)?;
         let log = logs.join(format!("proxyd-{path}.log"));
         let control = dir.join("control.sock");
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/proxyd-bench-{}", std::process::id()));
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/proxyd-bench-{}-{path}", std::process::id()));
         let mut cmd = Command::new(bin);
         cmd.arg("run")
             .arg("--state")
@@ -89,12 +88,11 @@ impl Proxy {
             .arg(&pin_dir)
             .stdin(Stdio::null())
             .stdout(File::create(&log)?)
-            .stderr(File::create(&log)?)
-            .env("RUST_LOG", "warn");
+            .stderr(File::create(&log)?);
         die_with_parent(&mut cmd);
-        let mut child = cmd.spawn().with_context(|| format!("cannot start {}", bin.display()))?;
+        let child = cmd.spawn().with_context(|| format!("cannot start {}", bin.display()))?;
         let pid = child.id() as i32;
-        let mut p = Proxy { child, pid, addr: SocketAddrV4::new([127, 0, 0, 1].into(), 0), log: log.clone(), pin_dir: Some(pin_dir), path_check: String::new() };
+        let mut p = Proxy { child, pid, addr: SocketAddrV4::new([127, 0, 0, 1].into(), 0), pin_dir: Some(pin_dir), path_check: String::new() };
         let r = (|| -> Result<()> {
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
@@ -121,7 +119,7 @@ impl Proxy {
             if !line.contains(&format!("in use: {path}")) {
                 bail!("asked for data-path {path}, `ip socks print` says `{line}`");
             }
-            p.path_check = line;
+            p.path_check = format!("asked for `--data-path {path}`; `proxyd ip socks print` says `{line}` (log: {})", log.display());
             wait_port(&mut p.child, p.addr, &log)
         })();
         match r {
@@ -158,13 +156,13 @@ impl Proxy {
         die_with_parent(&mut cmd);
         let child = cmd.spawn().context("cannot start danted (is dante-server installed? `cargo xtask setup`)")?;
         let pid = child.id() as i32;
-        let mut p = Proxy { child, pid, addr: SocketAddrV4::new([127, 0, 0, 1].into(), port), log: log.clone(), pin_dir: None, path_check: String::new() };
+        let mut p = Proxy { child, pid, addr: SocketAddrV4::new([127, 0, 0, 1].into(), port), pin_dir: None, path_check: String::new() };
         if let Err(e) = wait_port(&mut p.child, p.addr, &log) {
             p.stop();
             return Err(e);
         }
         let v = Command::new("danted").arg("-v").output().map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string()).unwrap_or_default();
-        p.path_check = v.split(" Copyright").next().unwrap_or("").trim().to_string();
+        p.path_check = format!("{} from Debian, SOCKS4 on 127.0.0.1 (config written by the bench; log: {})", v.split(" Copyright").next().unwrap_or("").trim().trim_end_matches('.'), log.display());
         Ok(p)
     }
 
@@ -242,6 +240,11 @@ pub fn tree_cpu_secs(root: i32) -> f64 {
     ticks as f64 / clk_tck()
 }
 
+/// CPU seconds (user + system, all threads) of one process, children excluded.
+pub fn proc_cpu_secs(pid: i32) -> f64 {
+    stat_fields(pid).map_or(0.0, |f| (11..=12).map(|i| f.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)).sum::<u64>() as f64 / clk_tck())
+}
+
 pub fn threads(pid: i32) -> u64 {
     stat_fields(pid).and_then(|f| f.get(17).and_then(|s| s.parse().ok())).unwrap_or(0)
 }
@@ -265,50 +268,110 @@ pub fn tree_mem(root: i32) -> (u64, u64, u64, usize) {
     (rss, pss, fds, pids.len())
 }
 
-/// Machine CPU: (busy seconds, total seconds) over all CPUs, from /proc/stat.
-pub fn machine_cpu() -> (f64, f64) {
+/// What the open fds of a process tree are: kind -> count ("socket",
+/// "anon_inode:[eventfd]", "pipe", "file", ...), most frequent first.
+pub fn fd_kinds(root: i32) -> Vec<(String, u64)> {
+    let mut m: HashMap<String, u64> = HashMap::new();
+    for pid in tree_pids(root) {
+        let Ok(rd) = fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        for e in rd.flatten() {
+            let t = fs::read_link(e.path()).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+            let kind = if t.starts_with("socket:") {
+                "socket".to_string()
+            } else if t.starts_with("pipe:") {
+                "pipe".to_string()
+            } else if t.starts_with("anon_inode:") {
+                t
+            } else {
+                "file".to_string()
+            };
+            *m.entry(kind).or_default() += 1;
+        }
+    }
+    let mut v: Vec<(String, u64)> = m.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v
+}
+
+/// Machine CPU from /proc/stat, seconds over all CPUs: (busy, total, irq + softirq).
+pub fn machine_cpu() -> (f64, f64, f64) {
     let s = fs::read_to_string("/proc/stat").unwrap_or_default();
     let line = s.lines().next().unwrap_or("");
     let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
     let total: u64 = v.iter().take(8).sum();
     let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    ((total - idle) as f64 / clk_tck(), total as f64 / clk_tck())
+    let irq = v.get(5).copied().unwrap_or(0) + v.get(6).copied().unwrap_or(0);
+    ((total - idle) as f64 / clk_tck(), total as f64 / clk_tck(), irq as f64 / clk_tck())
 }
 
-/// `ss` socket memory of the given processes' established TCP sockets:
-/// one string per socket, "local->peer skmem(rb=..,tb=..) cwnd=..".
-pub fn socket_info(pids: &[i32]) -> Vec<String> {
+/// One established TCP socket of a watched process, from `ss -tnmi`.
+#[derive(Debug, Default, Clone)]
+pub struct Sock {
+    pub local: String,
+    /// Bytes queued: receive (r) and send (t); buffer sizes rb and tb (skmem).
+    pub r: u64,
+    pub rb: u64,
+    pub t: u64,
+    pub tb: u64,
+}
+
+/// The established TCP sockets of the given processes.
+pub fn socket_info(pids: &[i32]) -> Vec<Sock> {
     let Ok(out) = Command::new("ss").args(["-tnmpiH", "state", "established"]).output() else { return vec![] };
     let text = String::from_utf8_lossy(&out.stdout);
     let mut res = Vec::new();
-    let mut cur: Option<String> = None;
-    let mut flush = |cur: &mut Option<String>, res: &mut Vec<String>| {
-        if let Some(c) = cur.take() {
-            res.push(c);
-        }
-    };
+    let mut cur: Option<Sock> = None;
     for line in text.lines() {
         if !line.starts_with(char::is_whitespace) {
-            flush(&mut cur, &mut res);
-            let mine = pids.iter().any(|p| line.contains(&format!("pid={p},")));
-            if mine {
+            res.extend(cur.take());
+            if pids.iter().any(|p| line.contains(&format!("pid={p},"))) {
                 let f: Vec<&str> = line.split_whitespace().collect();
-                cur = Some(format!("{}->{}", f.get(2).unwrap_or(&"?"), f.get(3).unwrap_or(&"?")));
+                cur = Some(Sock { local: f.get(2).unwrap_or(&"?").to_string(), ..Default::default() });
             }
-        } else if let Some(c) = cur.as_mut() {
+        }
+        if let Some(c) = cur.as_mut() {
             for tok in line.split_whitespace() {
-                if tok.starts_with("skmem:") {
-                    let inner = tok.trim_start_matches("skmem:(").trim_end_matches(')');
-                    let keep: Vec<&str> = inner.split(',').filter(|k| k.starts_with('r') || k.starts_with('t')).collect();
-                    c.push_str(&format!(" skmem({})", keep.join(",")));
-                }
-                if tok.starts_with("cwnd:") || tok.starts_with("rcv_space:") || tok.starts_with("snd_wnd:") || tok.starts_with("rcv_wnd:") {
-                    c.push(' ');
-                    c.push_str(tok);
+                if let Some(inner) = tok.strip_prefix("skmem:(") {
+                    for k in inner.trim_end_matches(')').split(',') {
+                        let num = |p: &str| k.strip_prefix(p).and_then(|v| v.parse::<u64>().ok());
+                        if let Some(v) = num("rb") {
+                            c.rb = v;
+                        } else if let Some(v) = num("tb") {
+                            c.tb = v;
+                        } else if let Some(v) = num("r") {
+                            c.r = v;
+                        } else if let Some(v) = num("t") {
+                            c.t = v;
+                        }
+                    }
                 }
             }
         }
     }
-    flush(&mut cur, &mut res);
+    res.extend(cur.take());
     res
+}
+
+/// TcpExt ListenOverflows + ListenDrops (machine-wide counters).
+pub fn listen_drops() -> u64 {
+    let s = fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let lines: Vec<&str> = s.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+    if lines.len() < 2 {
+        return 0;
+    }
+    let names: Vec<&str> = lines[0].split_whitespace().collect();
+    let vals: Vec<&str> = lines[1].split_whitespace().collect();
+    names
+        .iter()
+        .zip(&vals)
+        .filter(|(n, _)| **n == "ListenOverflows" || **n == "ListenDrops")
+        .map(|(_, v)| v.parse::<u64>().unwrap_or(0))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Threads summed over a process tree, and the number of processes.
+pub fn tree_threads(root: i32) -> (u64, usize) {
+    let pids = tree_pids(root);
+    (pids.iter().map(|&p| threads(p)).sum(), pids.len())
 }
