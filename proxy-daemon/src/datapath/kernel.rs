@@ -16,6 +16,7 @@
 //! in the reverse order. The per-tunnel task in [`tunnel`] watches both
 //! sockets for FIN/RST and closes without loss (see there).
 
+mod hangup;
 mod sys;
 mod tunnel;
 
@@ -96,6 +97,15 @@ struct Shared {
     /// Whether bytes already queued at attach time are moved by userspace
     /// (the default) or left to the verdict (tests of the kernel's handling).
     hand_over_queued: AtomicBool,
+    /// The hangup watcher shared by all tunnels, and its dispatcher task.
+    hangups: Arc<hangup::Hangups>,
+    hangup_task: JoinHandle<()>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.hangup_task.abort();
+    }
 }
 
 struct Maps {
@@ -184,6 +194,8 @@ impl KernelDataPath {
             .map_err(|e| error_line(&format!("attaching {VERDICT_PROG} to {SPLICE_MAP}"), &e))?;
 
         let log_task = logger.and_then(spawn_log_poller);
+        let (hangups, hangup_task) =
+            hangup::Hangups::start().map_err(|e| io::Error::new(e.kind(), format!("cannot start the hangup watcher: {e}")))?;
         info!(pin_dir = %pin_dir.display(), "kernel data path loaded: sk_skb verdict attached to sockhash {SPLICE_MAP}");
         Ok(KernelDataPath {
             shared: Arc::new(Shared {
@@ -191,6 +203,8 @@ impl KernelDataPath {
                 _ebpf: Mutex::new(ebpf),
                 socket_buffer: AtomicU32::new(DEFAULT_SOCKET_BUFFER),
                 hand_over_queued: AtomicBool::new(true),
+                hangups,
+                hangup_task,
             }),
             pins,
             log_task,

@@ -136,8 +136,8 @@ pub fn set_linger_zero(sock: &impl AsFd) -> io::Result<()> {
     Ok(())
 }
 
-/// A private epoll set, edge-triggered, that reports only the events asked
-/// for: the tunnel watches for FIN/RST without a wake-up per received skb.
+/// An epoll set, edge-triggered, that reports only the events asked for:
+/// tunnels watch for FIN/RST without a wake-up per received skb.
 pub struct Epoll {
     fd: OwnedFd,
 }
@@ -182,9 +182,19 @@ impl Epoll {
         Ok(())
     }
 
+    /// Stops watching `fd` (it must still be open).
+    pub fn unwatch(&self, fd: std::os::fd::RawFd) -> io::Result<()> {
+        // SAFETY: both fds are open for the call; DEL ignores the event argument.
+        let rc = unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Collects pending events without blocking, as `(token, events)`.
     pub fn drain(&self) -> io::Result<Vec<(u64, u32)>> {
-        const N: usize = 8;
+        const N: usize = 64;
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; N];
         let mut out = Vec::new();
         loop {

@@ -13,9 +13,10 @@
 //! ways; the pair leaves the maps and is closed when both directions are
 //! done, on RST/error (the other side is reset too), or on cancel.
 //!
-//! The sockets leave tokio's reactor once spliced: a private edge-triggered
-//! epoll set asks only for `EPOLLRDHUP`/`EPOLLHUP`/`EPOLLERR`, so userspace is
-//! not woken for every skb the kernel moves.
+//! The sockets leave tokio's reactor once spliced: the daemon's shared
+//! edge-triggered epoll set ([`super::hangup`]) asks only for
+//! `EPOLLRDHUP`/`EPOLLHUP`/`EPOLLERR`, so userspace is not woken for every
+//! skb the kernel moves, and a tunnel costs no descriptor beyond its sockets.
 //!
 //! If the pair cannot enter the maps (a side already closed its write half,
 //! so the socket is no longer `ESTABLISHED`; or the maps are full) the tunnel
@@ -28,13 +29,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proxy_common::FlowStats as MapFlow;
-use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::sys::{self, Epoll, EV_ERR, EV_HUP, EV_RDHUP};
+use super::sys::{self, EV_ERR, EV_HUP, EV_RDHUP};
 use super::{error_line, monotonic_ns, KernelFlow, Shared};
 
 /// Index of the client socket in the per-tunnel arrays.
@@ -91,7 +91,7 @@ pub(super) async fn run(
         Ok(true) => {
             debug!(
                 tunnel = id,
-                "a side closed before splicing; relaying in userspace"
+                "cannot splice (a side closed, or never went quiet); relaying in userspace"
             );
             flow.freeze();
             return relay(&flow, [client, upstream], cancel).await;
@@ -153,12 +153,20 @@ pub(super) async fn run(
     // Dropping `spliced` closes both sockets.
 }
 
+/// Bytes moved per direction per round of [`hand_over`] (bounds its memory).
+const HAND_OVER_CHUNK: usize = 1 << 20;
+/// Rounds of [`hand_over`] before a pair that never goes quiet is relayed instead.
+const HAND_OVER_ROUNDS: usize = 64;
+
 /// Moves, in userspace, what must precede the spliced stream: the client's
-/// early bytes, then whatever either socket has already received (read to
-/// the end, so that no partly read skb is left for the verdict: the kernel
-/// hands it whole skbs and would send the part already read again).
-/// Returns true when a side's FIN was already seen: such a socket can no
-/// longer enter a sockhash, and the pair is relayed instead.
+/// early bytes, then whatever either socket has already received, until
+/// both receive queues are empty in the same round (so that no partly read
+/// skb is left for the verdict: the kernel hands it whole skbs and would
+/// send the part already read again). Memory is bounded by
+/// [`HAND_OVER_CHUNK`] per direction.
+/// Returns true when the pair cannot be spliced: a side's FIN was already
+/// seen (such a socket can no longer enter a sockhash), or a side kept
+/// sending for [`HAND_OVER_ROUNDS`] rounds. Such a pair is relayed instead.
 async fn hand_over(
     shared: &Shared,
     flow: &KernelFlow,
@@ -166,37 +174,61 @@ async fn hand_over(
     upstream: &mut TcpStream,
     mut to_upstream: Vec<u8>,
 ) -> io::Result<bool> {
+    let queued = shared.hand_over_queued.load(std::sync::atomic::Ordering::Relaxed);
     let mut to_client = Vec::new();
-    let (mut client_eof, mut upstream_eof) = (false, false);
-    if shared
-        .hand_over_queued
-        .load(std::sync::atomic::Ordering::Relaxed)
-    {
-        client_eof = read_queued(client, &mut to_upstream)?;
-        upstream_eof = read_queued(upstream, &mut to_client)?;
+    for round in 0.. {
+        let (mut from_client, mut from_upstream) = (Queue::Empty, Queue::Empty);
+        if queued {
+            from_client = read_queued(client, &mut to_upstream, HAND_OVER_CHUNK)?;
+            from_upstream = read_queued(upstream, &mut to_client, HAND_OVER_CHUNK)?;
+        }
+        // Counted when taken on (like the verdict counts before it redirects).
+        flow.add_user(to_upstream.len() as u64, to_client.len() as u64);
+        upstream.write_all(&to_upstream).await?;
+        client.write_all(&to_client).await?;
+        to_upstream.clear();
+        to_client.clear();
+        match (from_client, from_upstream) {
+            (Queue::Eof, _) | (_, Queue::Eof) => return Ok(true),
+            (Queue::Empty, Queue::Empty) => return Ok(false),
+            _ if round >= HAND_OVER_ROUNDS => {
+                debug!("a side kept sending while the pair was being spliced");
+                return Ok(true);
+            }
+            _ => {}
+        }
     }
-    // Counted when taken on (like the verdict counts before it redirects).
-    flow.add_user(to_upstream.len() as u64, to_client.len() as u64);
-    upstream.write_all(&to_upstream).await?;
-    client.write_all(&to_client).await?;
-    Ok(client_eof || upstream_eof)
+    unreachable!("the loop returns")
 }
 
-/// Appends what `sock` holds right now to `buf`, without waiting (and
-/// without tokio's readiness cache); true at EOF.
-fn read_queued(sock: &TcpStream, buf: &mut Vec<u8>) -> io::Result<bool> {
+/// What [`read_queued`] found.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Queue {
+    /// The receive queue is empty.
+    Empty,
+    /// End of stream.
+    Eof,
+    /// `limit` bytes were read and more may wait.
+    More,
+}
+
+/// Appends what `sock` holds right now to `buf`, up to `limit` bytes,
+/// without waiting (and without tokio's readiness cache).
+fn read_queued(sock: &TcpStream, buf: &mut Vec<u8>, limit: usize) -> io::Result<Queue> {
     use nix::errno::Errno;
     use nix::sys::socket::{recv, MsgFlags};
     let mut chunk = vec![0u8; 64 * 1024];
-    loop {
-        match recv(sock.as_raw_fd(), &mut chunk, MsgFlags::MSG_DONTWAIT) {
-            Ok(0) => return Ok(true),
+    while buf.len() < limit {
+        let room = (limit - buf.len()).min(chunk.len());
+        match recv(sock.as_raw_fd(), &mut chunk[..room], MsgFlags::MSG_DONTWAIT) {
+            Ok(0) => return Ok(Queue::Eof),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(Errno::EAGAIN) => return Ok(false),
+            Err(Errno::EAGAIN) => return Ok(Queue::Empty),
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
         }
     }
+    Ok(Queue::More)
 }
 
 fn side_name(side: usize) -> &'static str {
@@ -343,22 +375,22 @@ fn leave_maps(shared: &Shared, cookies: [u64; 2]) {
 
 /// Waits for FIN/RST on both sockets and closes each direction without loss.
 async fn watch(shared: &Shared, sp: &Spliced, cancel: &CancellationToken) -> End {
-    let epoll = match watch_set(sp) {
-        Ok(epoll) => epoll,
+    let registration = match shared.hangups.register(&sp.socks) {
+        Ok(r) => r,
         Err(e) => return End::Failed(e),
     };
+    let waiter = &registration.waiter;
     // FIN received on socket i.
     let mut fin = [false; 2];
     // Write half of socket i shut (the direction towards i is done).
     let mut shut = [false; 2];
     let mut delay = DRAIN_POLL_MIN;
     loop {
-        let events = match epoll.get_ref().drain() {
-            Ok(events) => events,
-            Err(e) => return End::Failed(e),
-        };
-        for (token, bits) in events {
-            let side = token as usize;
+        for side in [CLIENT, UPSTREAM] {
+            let bits = waiter.take(side);
+            if bits == 0 {
+                continue;
+            }
             tracing::trace!(
                 tunnel = sp.cookies[CLIENT],
                 "{} side: epoll events {bits:#x}",
@@ -407,22 +439,10 @@ async fn watch(shared: &Shared, sp: &Spliced, cancel: &CancellationToken) -> End
         tokio::select! {
             biased;
             _ = cancel.cancelled() => return End::Cancelled,
-            ready = epoll.readable() => match ready {
-                // Clear, then drain at the top of the loop: an event that
-                // arrives after the drain sets readiness again.
-                Ok(mut guard) => guard.clear_ready(),
-                Err(e) => return End::Failed(e),
-            },
+            _ = waiter.notify.notified() => {}
             _ = tokio::time::sleep(delay), if draining => delay = (delay * 2).min(DRAIN_POLL_MAX),
         }
     }
-}
-
-fn watch_set(sp: &Spliced) -> io::Result<AsyncFd<Epoll>> {
-    let epoll = Epoll::new()?;
-    epoll.watch_hangup(&sp.socks[CLIENT], CLIENT as u64)?;
-    epoll.watch_hangup(&sp.socks[UPSTREAM], UPSTREAM as u64)?;
-    sys::async_epoll(epoll)
 }
 
 /// Whether every byte received on `from` has been acknowledged by `to`'s peer.
