@@ -27,6 +27,8 @@ enum Task {
         #[arg(long, default_value = "auto")]
         data_path: String,
     },
+    /// Build everything and run the daemon with the BPF programs loaded (data-path=kernel).
+    BuildAndLoad,
     /// Benchmark proxyd (kernel and userspace) against Dante and the direct path.
     Bench(bench::BenchArgs),
     /// Run every fuzz target for a bounded time from the committed seed corpus.
@@ -69,6 +71,7 @@ fn main() -> Result<()> {
         Task::Run { data_path } => run(&data_path),
         Task::Test { args } => test(&args),
         Task::Fuzz { seconds } => fuzz(seconds),
+        Task::BuildAndLoad => run("kernel"),
         Task::Bench(args) => {
             setup()?;
             build(true)?;
