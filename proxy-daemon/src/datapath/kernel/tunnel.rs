@@ -84,7 +84,8 @@ pub(super) async fn run(
     let handed_over = tokio::select! {
         biased;
         _ = cancel.cancelled() => return,
-        done = hand_over(&shared, &flow, &mut client, &mut upstream, early) => done,
+        // Boxed so its buffers' state does not stay in the long-lived task.
+        done = Box::pin(hand_over(&shared, &flow, &mut client, &mut upstream, early)) => done,
     };
     match handed_over {
         Ok(false) => {}
@@ -94,7 +95,7 @@ pub(super) async fn run(
                 "cannot splice (a side closed, or never went quiet); relaying in userspace"
             );
             flow.freeze();
-            return relay(&flow, [client, upstream], cancel).await;
+            return Box::pin(relay(&flow, [client, upstream], cancel)).await;
         }
         Err(e) => {
             debug!(tunnel = id, "handing over queued bytes: {e}");
