@@ -44,3 +44,79 @@ pub const VERDICT_PROG: &str = "proxyd_verdict";
 /// sockhash entries are allocated on insert; only the bucket array (16 bytes
 /// per entry, so 1 MiB per map here) is allocated up front.
 pub const MAX_SOCKETS: usize = 65_536;
+
+// --- XDP prefilter (`proxyd_xdp`) ------------------------------------------
+//
+// The prefilter drops TCP packets to the SOCKS port from source prefixes that
+// the access list denies whatever they ask. IPv4 now; IPv6 gets its own trie,
+// counter map and key type (`[u8; 16]`) with the same value types.
+
+/// What the XDP program matches, in [`XDP_CONFIG_MAP`] (an array of one).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XdpConfig {
+    /// The listening TCP port (host byte order); 0: match nothing (pass all).
+    pub port: u32,
+    /// The listening IPv4 address (network byte order); all zeros: any
+    /// destination address (the listener is bound to the unspecified address).
+    pub addr_v4: [u8; 4],
+}
+
+/// Value of the deny trie [`XDP_DENY_V4_MAP`] (key: `{prefix_len: u32,
+/// addr: [u8; 4]}`, the LPM trie key layout): the access-list rule that denies
+/// the prefix, and the prefix length, so the program can find the prefix's
+/// drop counter (the trie returns the value, not the matching key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XdpDeny {
+    /// Number of the access-list rule that decides for this prefix.
+    pub rule: u32,
+    /// Length of the prefix this entry was inserted with.
+    pub prefix_len: u32,
+}
+
+/// Key of the drop counters [`XDP_DROPS_V4_MAP`]: a prefix of the deny trie,
+/// with the host bits of `addr` cleared.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct XdpPrefixV4 {
+    pub prefix_len: u32,
+    /// Network byte order.
+    pub addr: [u8; 4],
+}
+
+/// Per-CPU drop counters of one prefix (value of [`XDP_DROPS_V4_MAP`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XdpDrops {
+    /// Packets dropped.
+    pub packets: u64,
+    /// Their bytes, from the Ethernet header on.
+    pub bytes: u64,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `#[repr(C)]`, made only of integers and byte arrays with no padding
+// (4 + 4, 4 + 4, 4 + 4, 8 + 8 bytes), every bit pattern valid.
+unsafe impl aya::Pod for XdpConfig {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for XdpDeny {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for XdpPrefixV4 {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for XdpDrops {}
+
+/// The XDP prefilter program.
+pub const XDP_PROG: &str = "proxyd_xdp";
+/// Array of one [`XdpConfig`] (BTF).
+pub const XDP_CONFIG_MAP: &str = "XDP_CONFIG";
+/// LPM trie: IPv4 source prefix -> [`XdpDeny`] (BTF).
+pub const XDP_DENY_V4_MAP: &str = "XDP_DENY_V4";
+/// Per-CPU hash: [`XdpPrefixV4`] -> [`XdpDrops`] (BTF).
+pub const XDP_DROPS_V4_MAP: &str = "XDP_DROPS_V4";
+/// Most prefixes the IPv4 deny trie (and its counters) hold. Prefixes beyond
+/// it are left out, which only drops less (the access list still decides).
+pub const MAX_XDP_PREFIXES: usize = 16_384;

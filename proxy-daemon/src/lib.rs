@@ -17,3 +17,4 @@ pub mod privileges;
 pub mod protocol;
 pub mod sdnotify;
 pub mod server;
+pub mod xdp;

@@ -191,6 +191,7 @@ fn run(control_path: PathBuf, args: RunArgs) -> anyhow::Result<()> {
             server.registry.cancel_all();
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        server.stop_prefilter();
         tracing::info!("stopped");
         Ok::<(), anyhow::Error>(())
     })

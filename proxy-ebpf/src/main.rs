@@ -8,8 +8,12 @@
 //! the redirect target is always present while a socket is spliced.
 //! A lookup miss passes the skb up to the socket itself (`SK_PASS`): never
 //! drop data. Only empty skbs (a bare FIN) are dropped.
+//!
+//! The same object carries the XDP prefilter ([`xdp`]), loaded separately.
 #![no_std]
 #![no_main]
+
+mod xdp;
 
 use aya_ebpf::{
     bindings::{sk_action, BPF_F_NO_PREALLOC},

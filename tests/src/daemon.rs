@@ -137,6 +137,18 @@ pub struct Daemon {
     child: Option<Child>,
     log: Arc<Mutex<Vec<u8>>>,
     pin_dir: Option<PathBuf>,
+    options: Options,
+}
+
+/// Extra ways to start `proxyd run` (see [`Daemon::start_with`]); kept across restarts.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Arguments appended after `proxyd run ...` (e.g. `--shutdown-grace 2s`).
+    pub args: Vec<String>,
+    /// Environment variables for the daemon (e.g. `PROXYD_LOG=trace`).
+    pub env: Vec<(String, String)>,
+    /// Soft `RLIMIT_NOFILE` the daemon starts with (the hard limit is inherited).
+    pub nofile_soft: Option<u64>,
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -144,6 +156,11 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 impl Daemon {
     /// Starts a daemon on `data_path` in a fresh temp dir and waits for its control socket.
     pub fn start(data_path: &str) -> Daemon {
+        Daemon::start_with(data_path, Options::default())
+    }
+
+    /// Like [`Daemon::start`], with extra arguments, environment or a lower open-files limit.
+    pub fn start_with(data_path: &str, options: Options) -> Daemon {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -166,6 +183,7 @@ impl Daemon {
             child: None,
             log: Arc::new(Mutex::new(Vec::new())),
             pin_dir,
+            options,
         };
         d.spawn();
         d
@@ -183,6 +201,30 @@ impl Daemon {
             .arg(&self.data_path);
         if let Some(p) = &self.pin_dir {
             cmd.arg("--bpf-pin-dir").arg(p);
+        }
+        cmd.args(&self.options.args);
+        for (k, v) in &self.options.env {
+            cmd.env(k, v);
+        }
+        if let Some(soft) = self.options.nofile_soft {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec only async-signal-safe calls: getrlimit/setrlimit.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut lim = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    lim.rlim_cur = soft.min(lim.rlim_max);
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         cmd.env_remove("PROXYD_CONTROL")
             .stdin(Stdio::null())
@@ -284,6 +326,36 @@ impl Daemon {
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("daemon not running").id()
+    }
+
+    /// The BPF pin dir passed with `--bpf-pin-dir` (None on the userspace path).
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
+    }
+
+    /// Sends `signal` to the daemon without waiting.
+    pub fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) on our own (not yet reaped) child's pid.
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
+    }
+
+    /// Waits up to `timeout` for the daemon to exit; returns its status (and forgets
+    /// the child) or None if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Some(st) = child.try_wait().unwrap() {
+                self.child = None;
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Sends SIGTERM and waits (10 s, then SIGKILL) for the daemon to exit; returns

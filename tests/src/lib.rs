@@ -12,10 +12,11 @@
 
 pub mod daemon;
 pub mod fixtures;
+pub mod hardening;
 pub mod sha256;
 pub mod socks;
 
-pub use daemon::{Cli, Conn, Daemon};
+pub use daemon::{Cli, Conn, Daemon, Options};
 
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};

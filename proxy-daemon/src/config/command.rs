@@ -70,6 +70,8 @@ pub struct PrintOptions {
     pub interval: Option<std::time::Duration>,
     /// `print where name=value ...`: only rows whose properties match.
     pub filters: Vec<(String, String)>,
+    /// `access print stats`: what the XDP prefilter dropped, per rule.
+    pub stats: bool,
 }
 
 /// A numbered list of the configuration.
@@ -331,6 +333,7 @@ fn print_options(menu: Menu, args: &[&str]) -> Result<PrintOptions, CommandError
         match (*a, a.split_once('=')) {
             ("detail", _) => opts.detail = true,
             ("count-only", _) => opts.count_only = true,
+            ("stats", _) if menu == Menu::Access => opts.stats = true,
             ("without-paging" | "brief", _) => {}
             ("where", _) if menu == Menu::Connections => in_where = true,
             (_, Some(("interval", v))) => {
@@ -346,6 +349,8 @@ fn print_options(menu: Menu, args: &[&str]) -> Result<PrintOptions, CommandError
             (other, _) => {
                 let allowed = if menu == Menu::Connections {
                     "detail, count-only, interval=TIME, where NAME=VALUE..., without-paging"
+                } else if menu == Menu::Access {
+                    "detail, count-only, stats, interval=TIME, without-paging"
                 } else {
                     "detail, count-only, interval=TIME, without-paging"
                 };
@@ -762,6 +767,11 @@ mod tests {
         assert_eq!(parse(Menu::Root, &w("ip socks set enabled=yes")).unwrap().1, Command::SettingsSet(vec![("enabled".into(), "yes".into())]));
         assert_eq!(parse(Menu::Root, &w("ip socks print")).unwrap().1, Command::SettingsPrint);
         assert_eq!(parse(Menu::Root, &w("/ip socks access print")).unwrap().1, Command::Print(Menu::Access, PrintOptions::default()));
+        assert_eq!(
+            parse(Menu::Root, &w("ip socks access print stats")).unwrap().1,
+            Command::Print(Menu::Access, PrintOptions { stats: true, ..Default::default() })
+        );
+        assert!(parse(Menu::Root, &w("ip socks users print stats")).is_err());
         assert_eq!(parse(Menu::Root, &w("ip socks connections print")).unwrap().1, Command::Print(Menu::Connections, PrintOptions::default()));
         assert_eq!(parse(Menu::Root, &w("/ip/socks/access print")).unwrap().0, Menu::Access);
         // Inside /ip socks, as the prompt `ip socks>` shows.

@@ -8,6 +8,8 @@ use super::command::{quote, Menu};
 use super::users::{format_rate, User};
 use super::{format_prefix, time, AccessRule, Config, Settings};
 use crate::datapath::DataPathKind;
+use crate::xdp::{InterfaceStatus, RuleDrops};
+use std::collections::BTreeMap;
 
 /// `/ip socks print`: the manual's four lines in its order, then proxyd's own.
 pub fn settings(s: &Settings, active: Option<DataPathKind>) -> String {
@@ -91,6 +93,55 @@ fn rule_props(r: &AccessRule, for_export: bool) -> Vec<String> {
 pub fn access(config: &Config) -> String {
     let rows: Vec<_> = config.access.rules.iter().map(|r| (r.disabled, r.comment.as_deref(), rule_props(r, false))).collect();
     flagged_list(&rows)
+}
+
+/// `/ip socks access print stats`: each rule with what the XDP prefilter
+/// dropped for it (summed over its prefixes; only unconditional `deny` rules
+/// have prefixes). `drops` is `None` while the prefilter is off.
+pub fn access_stats(config: &Config, drops: Option<&BTreeMap<usize, RuleDrops>>) -> String {
+    let mut out = String::from("Flags: X - disabled\n");
+    let rows: Vec<Vec<String>> = config
+        .access
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let d = drops.map(|m| m.get(&i).copied().unwrap_or_default());
+            let n = |f: fn(&RuleDrops) -> u64| d.as_ref().map_or_else(|| "-".to_string(), |d| f(d).to_string());
+            vec![
+                if r.disabled { "X".into() } else { String::new() },
+                r.src_address.as_ref().map(format_prefix).unwrap_or_default(),
+                r.action.to_string(),
+                n(|d| d.prefixes as u64),
+                n(|d| d.packets),
+                n(|d| d.bytes),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["", "SRC-ADDRESS", "ACTION", "XDP-PREFIXES", "XDP-PACKETS", "XDP-BYTES"], &rows));
+    if drops.is_none() {
+        out.push_str("XDP prefilter off (xdp-interfaces is empty): nothing is dropped before the handshake\n");
+    }
+    out
+}
+
+pub fn access_stats_json(config: &Config, drops: Option<&BTreeMap<usize, RuleDrops>>) -> Value {
+    let mut rows = access_json(config);
+    if let Value::Array(items) = &mut rows {
+        for (i, item) in items.iter_mut().enumerate() {
+            let d = drops.map(|m| m.get(&i).copied().unwrap_or_default());
+            item["xdp-prefixes"] = json!(d.map(|d| d.prefixes));
+            item["xdp-packets"] = json!(d.map(|d| d.packets));
+            item["xdp-bytes"] = json!(d.map(|d| d.bytes));
+        }
+    }
+    rows
+}
+
+/// The `xdp-attached: IFACE (MODE), ...` line under `/ip socks print`.
+pub fn xdp_attached(status: &[InterfaceStatus]) -> String {
+    let list: Vec<String> = status.iter().map(|s| format!("{} ({})", s.interface, s.mode)).collect();
+    format!("xdp-attached: {}\n", list.join(", "))
 }
 
 /// `/ip socks users print`: like the access list; the password never shows.
@@ -278,6 +329,25 @@ mod tests {
     fn access_print_flags_and_comments() {
         let c = configured(&["ip socks access add action=deny disabled=yes comment=\"block all\""]);
         assert_eq!(access(&c), "Flags: X - disabled\n0 X ;;; block all\n    action=deny\n");
+    }
+
+    /// `access print stats` lists drops per rule, or `-` while the prefilter is off.
+    #[test]
+    fn access_stats_layout() {
+        let c = configured(&["ip socks access add src-address=10.0.0.0/8 action=allow", "ip socks access add action=deny"]);
+        let mut m = BTreeMap::new();
+        m.insert(1, RuleDrops { prefixes: 8, packets: 3, bytes: 180 });
+        let on = access_stats(&c, Some(&m));
+        assert_eq!(
+            on,
+            "Flags: X - disabled\n#  SRC-ADDRESS ACTION XDP-PREFIXES XDP-PACKETS XDP-BYTES\n0  10.0.0.0/8  allow  0            0           0\n1              deny   8            3           180\n"
+        );
+        let off = access_stats(&c, None);
+        assert!(off.contains("XDP prefilter off"), "{off}");
+        let j = access_stats_json(&c, Some(&m));
+        assert_eq!(j[1]["xdp-packets"], 3);
+        assert_eq!(j[0]["xdp-packets"], 0);
+        assert!(access_stats_json(&c, None)[1]["xdp-packets"].is_null());
     }
 
     /// Tables pad columns and number rows from 0.

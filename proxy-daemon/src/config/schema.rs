@@ -70,7 +70,7 @@ pub const MENUS: &[MenuDef] = &[
             CommandDef { name: "move", usage: "move N [M]", summary: "put rule N before rule M (at the end without M)" },
             CommandDef { name: "enable", usage: "enable N[,N...]", summary: "enable rules" },
             CommandDef { name: "disable", usage: "disable N[,N...]", summary: "disable rules" },
-            CommandDef { name: "print", usage: "print [detail] [count-only]", summary: "list the rules" },
+            CommandDef { name: "print", usage: "print [detail] [count-only] [stats]", summary: "list the rules; `stats`: what the XDP prefilter dropped per rule" },
             EXPORT,
         ],
         properties: &[

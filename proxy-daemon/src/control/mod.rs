@@ -98,7 +98,20 @@ impl Controller {
                 Err(n) => Response::err(1, format!("no such item: {n} (see connections print)")),
             },
             Command::Export(menu) => Response::ok(render::export(&config, *menu)),
-            Command::SettingsPrint => out(render::settings(&config.settings, active), render::settings_json(&config.settings, active)),
+            Command::SettingsPrint => {
+                let xdp = self.server.prefilter_status();
+                let mut text = render::settings(&config.settings, active);
+                let mut value = render::settings_json(&config.settings, active);
+                if !config.settings.xdp_interfaces.is_empty() {
+                    text.push_str(&render::xdp_attached(&xdp));
+                }
+                value["xdp-attached"] = serde_json::to_value(&xdp).unwrap_or_default();
+                out(text, value)
+            }
+            Command::Print(Menu::Access, opts) if opts.stats => {
+                let drops = self.server.prefilter_drops();
+                out(render::access_stats(&config, drops.as_ref()), render::access_stats_json(&config, drops.as_ref()))
+            }
             Command::Print(Menu::Access, _) => out(render::access(&config), render::access_json(&config)),
             Command::Print(Menu::Users, _) => out(render::users(&config), render::users_json(&config)),
             Command::Print(_, opts) => {

@@ -39,7 +39,7 @@ use tracing::{debug, info, warn};
 use super::{monotonic_ns, DataPath, DataPathKind, FlowSource, FlowStats, Pair, Tunnel};
 
 /// The BPF object built by `build.rs` (empty when built with `PROXYD_SKIP_EBPF=1`).
-static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+pub(crate) static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
 /// `SO_SNDBUF`/`SO_RCVBUF` set on both sockets of a spliced pair, in bytes
 /// (0 keeps the kernel's autotuning). Set with the `*FORCE` options, so

@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 use crate::config::{Config, DataPathMode, Settings};
 use crate::datapath::userspace::{Limits, RateLimit, UserspaceRelay};
 use crate::datapath::{kernel::KernelDataPath, DataPathKind, SharedDataPath};
+use crate::xdp::{self, Prefilter};
 use registry::Registry;
 
 /// How often the idle reaper looks at the connections.
@@ -42,6 +43,8 @@ pub struct Server {
     pub metrics: crate::metrics::Metrics,
     /// The metrics endpoint, when `metrics-address` is set.
     metrics_listener: Mutex<Option<ActiveListener>>,
+    /// The XDP prefilter, loaded while `xdp-interfaces` is not empty.
+    prefilter: Mutex<Option<Prefilter>>,
 }
 
 struct ActiveListener {
@@ -63,6 +66,10 @@ pub struct Prepared {
     /// The same for the metrics endpoint.
     metrics: Option<Option<(SocketAddr, std::net::TcpListener)>>,
     datapath: Option<SharedDataPath>,
+    /// The XDP prefilter: a freshly loaded one (it was off) and the
+    /// interfaces newly attached; `None` when `xdp-interfaces` is empty.
+    /// Dropped uncommitted, it detaches and unloads again.
+    xdp: Option<(Option<Prefilter>, xdp::NewAttachments)>,
 }
 
 impl Server {
@@ -78,6 +85,7 @@ impl Server {
             user_limits: Mutex::new(HashMap::new()),
             metrics: Default::default(),
             metrics_listener: Mutex::new(None),
+            prefilter: Mutex::new(None),
         }))
     }
 
@@ -132,7 +140,15 @@ impl Server {
             });
         }
         if !new.xdp_interfaces.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::Unsupported, "xdp-interfaces: the XDP prefilter is not available yet"));
+            let current = self.prefilter.lock().unwrap();
+            p.xdp = Some(match &*current {
+                Some(pf) => (None, pf.attach_missing(&new.xdp_interfaces)?),
+                None => {
+                    let pf = Prefilter::load(&self.pin_dir)?;
+                    let links = pf.attach_missing(&new.xdp_interfaces)?;
+                    (Some(pf), links)
+                }
+            });
         }
         if new.data_path != old.settings.data_path {
             p.datapath = Some(select_datapath(new.data_path, &self.pin_dir)?);
@@ -142,6 +158,26 @@ impl Server {
 
     /// Makes `config` current, with what [`Server::prepare`] got ready for it.
     pub fn commit(self: &Arc<Self>, config: Config, prepared: Prepared) {
+        {
+            // Before the new access list is current: the trie drops only what
+            // the new list denies by the time it decides.
+            let mut slot = self.prefilter.lock().unwrap();
+            match prepared.xdp {
+                Some((loaded, links)) => {
+                    if let Some(pf) = loaded {
+                        *slot = Some(pf);
+                    }
+                    if let Some(pf) = slot.as_ref() {
+                        pf.commit(&config.settings, &config.access, links);
+                    }
+                }
+                None => {
+                    if slot.take().is_some() {
+                        tracing::info!("xdp-interfaces is empty: XDP prefilter unloaded");
+                    }
+                }
+            }
+        }
         *self.config.write().unwrap() = Arc::new(config);
         if let Some(dp) = prepared.datapath {
             tracing::info!(data_path = %dp.kind(), "new tunnels use the {} data path", dp.kind());
@@ -186,6 +222,23 @@ impl Server {
     /// Stops accepting new clients (shutdown).
     pub fn stop_listening(&self) {
         *self.listener.lock().unwrap() = None;
+    }
+
+    /// Detaches and unloads the XDP prefilter and removes its pins (shutdown).
+    pub fn stop_prefilter(&self) {
+        if self.prefilter.lock().unwrap().take().is_some() {
+            tracing::info!("XDP prefilter unloaded");
+        }
+    }
+
+    /// Where the XDP prefilter is attached, and how; empty when it is off.
+    pub fn prefilter_status(&self) -> Vec<xdp::InterfaceStatus> {
+        self.prefilter.lock().unwrap().as_ref().map(|p| p.status()).unwrap_or_default()
+    }
+
+    /// The XDP prefilter's drops per access-list rule; `None` when it is off.
+    pub fn prefilter_drops(&self) -> Option<std::collections::BTreeMap<usize, xdp::RuleDrops>> {
+        self.prefilter.lock().unwrap().as_ref().map(|p| p.drops_by_rule())
     }
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener) {

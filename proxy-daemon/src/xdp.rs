@@ -1,0 +1,484 @@
+//! The XDP prefilter: drops TCP packets to the SOCKS port from source
+//! prefixes that the access list denies whatever they ask for
+//! ([`denied_sources`]), at the driver, before a socket exists.
+//!
+//! Off while `xdp-interfaces` is empty: nothing is loaded or attached. When
+//! it is set, the program `proxyd_xdp` is loaded from the same BPF object as
+//! the kernel data path (a second loader, with the data path's maps shrunk to
+//! one entry since this one never uses them), its maps are pinned under
+//! `<pin dir>/xdp/` (BTF, so `bpftool map dump pinned <pin dir>/xdp/XDP_DROPS_V4`
+//! prints field names), and it is attached to each listed interface in native
+//! (driver) mode, else in generic (skb) mode; which one is logged and shown
+//! by `ip socks print`.
+//!
+//! Attachments are BPF links owned by this process: a clean exit detaches
+//! them and removes the pins; after `kill -9` the kernel detaches them when
+//! the process's fds close, and the next start removes the stale pins.
+//!
+//! Changes follow the server's prepare/commit split: attaching to new
+//! interfaces (and loading, when the prefilter was off) can fail and happens
+//! in [`Prefilter::load`]/[`Prefilter::attach_missing`]; what they return
+//! detaches again if dropped uncommitted. [`Prefilter::commit`] cannot fail:
+//! it detaches interfaces that left the list, points the program at the
+//! listening port, and brings the trie to the access list's denied prefixes
+//! without reloading the program. It removes stale trie entries before adding
+//! new ones, and if a removal ever failed it switches the prefilter off
+//! (port 0: pass everything), so a source the new list allows is never
+//! dropped. Adding fewer entries (a full trie) only drops less.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, MapData, MapError, MapInfo, PerCpuHashMap, PerCpuValues};
+use aya::programs::{xdp::XdpLink, Xdp, XdpMode};
+use aya::{Ebpf, EbpfLoader};
+use ipnet::IpNet;
+use proxy_common::{
+    XdpConfig, XdpDeny, XdpDrops, XdpPrefixV4, FLOWS_MAP, MAX_XDP_PREFIXES, PEERS_MAP, SOCKS_MAP, SPLICE_MAP,
+    XDP_CONFIG_MAP, XDP_DENY_V4_MAP, XDP_DROPS_V4_MAP, XDP_PROG,
+};
+use tracing::{error, info, warn};
+
+use crate::config::prefilter::denied_sources;
+use crate::config::{AccessList, Settings};
+use crate::datapath::kernel::BPF_OBJECT;
+
+/// The folder under the pin dir that holds the prefilter's pins.
+pub const PIN_SUBDIR: &str = "xdp";
+/// Maps pinned there.
+const PINNED_MAPS: [&str; 3] = [XDP_CONFIG_MAP, XDP_DENY_V4_MAP, XDP_DROPS_V4_MAP];
+/// The kernel data path's maps, in the same object: created at one entry each.
+const UNUSED_MAPS: [&str; 4] = [SOCKS_MAP, SPLICE_MAP, PEERS_MAP, FLOWS_MAP];
+/// `statfs.f_type` of a BPF filesystem.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// `BPF_NOEXIST` (linux/bpf.h): create only.
+const BPF_NOEXIST: u64 = 1;
+/// Where bpffs is mounted by convention.
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+/// How the program is attached to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// In the driver (`XDP_FLAGS_DRV_MODE`).
+    Native,
+    /// In the generic network stack (`XDP_FLAGS_SKB_MODE`): the driver has no XDP.
+    Generic,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Native => "native",
+            Mode::Generic => "generic",
+        })
+    }
+}
+
+/// One interface the program is attached to.
+pub struct Attachment {
+    pub mode: Mode,
+    /// Dropping it detaches the program from the interface.
+    _link: XdpLink,
+}
+
+/// Interfaces newly attached by [`Prefilter::attach_missing`], for [`Prefilter::commit`].
+pub type NewAttachments = Vec<(String, Attachment)>;
+
+/// What `ip socks print` shows per interface.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct InterfaceStatus {
+    pub interface: String,
+    pub mode: Mode,
+}
+
+/// Drops counted for one access-list rule, summed over its prefixes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RuleDrops {
+    /// Prefixes of this rule in the prefilter.
+    pub prefixes: usize,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The loaded prefilter.
+pub struct Prefilter {
+    state: Mutex<State>,
+    /// The kernel's id of the loaded program (stays the same across updates).
+    prog_id: u32,
+}
+
+struct State {
+    /// Keeps the program loaded.
+    ebpf: Ebpf,
+    config: Array<MapData, XdpConfig>,
+    deny: LpmTrie<MapData, [u8; 4], XdpDeny>,
+    drops: PerCpuHashMap<MapData, XdpPrefixV4, XdpDrops>,
+    /// Interface name -> attachment.
+    links: BTreeMap<String, Attachment>,
+    /// What the trie holds: prefix -> rule.
+    installed: BTreeMap<XdpPrefixV4, u32>,
+    _pins: Pins,
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        for (name, a) in std::mem::take(&mut self.links) {
+            drop(a);
+            info!(interface = %name, "XDP prefilter detached from {name}");
+        }
+        // `pins` unpins after this.
+    }
+}
+
+impl Prefilter {
+    /// Loads the program and creates and pins its maps under
+    /// `<pin_root>/xdp/`, removing stale pins of a previous run there
+    /// (mounting bpffs at /sys/fs/bpf if needed). Attaches nothing, matches
+    /// nothing (port 0) until [`commit`](Self::commit).
+    pub fn load(pin_root: &Path) -> io::Result<Prefilter> {
+        if BPF_OBJECT.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "xdp-interfaces: this proxyd was built without its BPF programs (PROXYD_SKIP_EBPF=1)",
+            ));
+        }
+        let dir = pin_root.join(PIN_SUBDIR);
+        let mut pins = Pins::prepare(&dir)?;
+        let mut loader = EbpfLoader::new();
+        for name in UNUSED_MAPS {
+            loader.map_max_entries(name, 1);
+        }
+        let mut ebpf = loader
+            .load(BPF_OBJECT)
+            .map_err(|e| error_line("xdp-interfaces: loading the BPF object", &e))?;
+        for name in PINNED_MAPS {
+            let path = dir.join(name);
+            let map = ebpf.map(name).ok_or_else(|| missing("map", name))?;
+            map.pin(&path)
+                .map_err(|e| error_line(&format!("xdp-interfaces: pinning BPF map {name} at {}", path.display()), &e))?;
+            let id = MapInfo::from_pin(&path).map(|info| info.id()).ok();
+            pins.files.push((path, id));
+        }
+        let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| missing("map", name));
+        let convert = |name: &str, e: MapError| error_line(&format!("BPF map {name}"), &e);
+        let config = Array::try_from(take(XDP_CONFIG_MAP)?).map_err(|e| convert(XDP_CONFIG_MAP, e))?;
+        let deny = LpmTrie::try_from(take(XDP_DENY_V4_MAP)?).map_err(|e| convert(XDP_DENY_V4_MAP, e))?;
+        let drops = PerCpuHashMap::try_from(take(XDP_DROPS_V4_MAP)?).map_err(|e| convert(XDP_DROPS_V4_MAP, e))?;
+        let program = program(&mut ebpf)?;
+        program.load().map_err(|e| {
+            // The verifier's whole log, for `PROXYD_LOG=debug`.
+            tracing::debug!("loading {XDP_PROG}: {e:#?}");
+            error_line(&format!("xdp-interfaces: loading BPF program {XDP_PROG}"), &e)
+        })?;
+        let prog_id = program
+            .info()
+            .map(|i| i.id())
+            .map_err(|e| error_line(&format!("BPF program {XDP_PROG}"), &e))?;
+        info!(pin_dir = %dir.display(), prog_id, "XDP prefilter loaded");
+        Ok(Prefilter {
+            prog_id,
+            state: Mutex::new(State {
+                ebpf,
+                config,
+                deny,
+                drops,
+                links: BTreeMap::new(),
+                installed: BTreeMap::new(),
+                _pins: pins,
+            }),
+        })
+    }
+
+    /// Attaches the program to every interface of `want` it is not attached
+    /// to yet: native mode, else generic. Nothing is kept if one fails; the
+    /// attachments returned detach again when dropped without
+    /// [`commit`](Self::commit).
+    pub fn attach_missing(&self, want: &[String]) -> io::Result<NewAttachments> {
+        let mut st = self.lock();
+        let mut new = Vec::new();
+        for name in want {
+            if st.links.contains_key(name) || new.iter().any(|(n, _)| n == name) {
+                continue;
+            }
+            let program = program(&mut st.ebpf)?;
+            let attachment = attach(program, name)?;
+            new.push((name.clone(), attachment));
+        }
+        Ok(new)
+    }
+
+    /// Makes `settings` and `access` current: detaches from interfaces no
+    /// longer listed, keeps `new` attachments, sets the port and address to
+    /// match, and brings the trie to the access list. Cannot fail (map
+    /// errors are logged; see the module notes for why that is safe).
+    pub fn commit(&self, settings: &Settings, access: &AccessList, new: NewAttachments) {
+        let mut st = self.lock();
+        let gone: Vec<String> = st.links.keys().filter(|n| !settings.xdp_interfaces.contains(n)).cloned().collect();
+        for name in gone {
+            st.links.remove(&name);
+            info!(interface = %name, "XDP prefilter detached from {name}");
+        }
+        for (name, a) in new {
+            if settings.xdp_interfaces.contains(&name) {
+                st.links.insert(name, a);
+            }
+        }
+        st.sync(settings, access);
+    }
+
+    /// The interfaces the program is attached to, and how.
+    pub fn status(&self) -> Vec<InterfaceStatus> {
+        let st = self.lock();
+        st.links
+            .iter()
+            .map(|(n, a)| InterfaceStatus { interface: n.clone(), mode: a.mode })
+            .collect()
+    }
+
+    /// The kernel's id of the program (the same for the prefilter's lifetime).
+    pub fn prog_id(&self) -> u32 {
+        self.prog_id
+    }
+
+    /// Drops per access-list rule (summed over the rule's prefixes).
+    pub fn drops_by_rule(&self) -> BTreeMap<usize, RuleDrops> {
+        let st = self.lock();
+        let mut out: BTreeMap<usize, RuleDrops> = BTreeMap::new();
+        for (prefix, rule) in &st.installed {
+            let entry = out.entry(*rule as usize).or_default();
+            entry.prefixes += 1;
+            if let Ok(values) = st.drops.get(prefix, 0) {
+                for v in values.iter() {
+                    entry.packets += v.packets;
+                    entry.bytes += v.bytes;
+                }
+            }
+        }
+        out
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl State {
+    fn sync(&mut self, settings: &Settings, access: &AccessList) {
+        let mut want: BTreeMap<XdpPrefixV4, u32> = BTreeMap::new();
+        let mut left_out = 0usize;
+        for d in denied_sources(access) {
+            // IPv6 prefixes wait for the IPv6 trie.
+            let IpNet::V4(net) = d.prefix else { continue };
+            if want.len() >= MAX_XDP_PREFIXES {
+                left_out += 1;
+                continue;
+            }
+            let key = XdpPrefixV4 { prefix_len: net.prefix_len() as u32, addr: net.network().octets() };
+            want.insert(key, d.rule as u32);
+        }
+        if left_out > 0 {
+            warn!(
+                "XDP prefilter: {left_out} denied prefix(es) beyond the trie's {MAX_XDP_PREFIXES} are not dropped early (the access list still refuses them)"
+            );
+        }
+
+        // 1. Remove what the new list does not deny (before anything is added).
+        let mut failed = false;
+        let stale: Vec<XdpPrefixV4> = self.installed.keys().filter(|k| !want.contains_key(k)).copied().collect();
+        for key in stale {
+            match self.deny.remove(&trie_key(&key)) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => {
+                    error!("XDP prefilter: cannot remove {}/{} from the trie: {e}", addr(&key), key.prefix_len);
+                    failed = true;
+                    continue;
+                }
+            }
+            let _ = self.drops.remove(&key);
+            self.installed.remove(&key);
+        }
+
+        // 2. Match the listening port (0: pass everything). Off when a stale
+        //    entry could not be removed, so nothing allowed is ever dropped.
+        let (port, addr_v4) = match settings.listen_address.to_canonical() {
+            _ if failed || !settings.enabled => (0, [0; 4]),
+            IpAddr::V4(a) => (settings.port as u32, a.octets()),
+            IpAddr::V6(a) if a.is_unspecified() => (settings.port as u32, [0; 4]),
+            // A specific IPv6 listen address gets no IPv4 packet.
+            IpAddr::V6(_) => (0, [0; 4]),
+        };
+        if let Err(e) = self.config.set(0, XdpConfig { port, addr_v4 }, 0) {
+            error!("XDP prefilter: cannot set the port: {e}");
+        }
+        if failed {
+            error!("XDP prefilter switched off until the next access-list change");
+        }
+
+        // 3. Add (or re-number) what it denies; counters first.
+        let cpus = aya::util::nr_cpus().ok();
+        let mut added = 0usize;
+        for (key, rule) in &want {
+            if self.installed.get(key) == Some(rule) {
+                continue;
+            }
+            if !self.installed.contains_key(key) {
+                if let Some(zero) = cpus.and_then(|n| PerCpuValues::try_from(vec![XdpDrops::default(); n]).ok()) {
+                    // NOEXIST: keep counts that the program made in between.
+                    let _ = self.drops.insert(key, zero, BPF_NOEXIST);
+                }
+            }
+            match self.deny.insert(&trie_key(key), XdpDeny { rule: *rule, prefix_len: key.prefix_len }, 0) {
+                Ok(()) => {
+                    self.installed.insert(*key, *rule);
+                    added += 1;
+                }
+                Err(e) => warn!("XDP prefilter: cannot add {}/{}: {e} (the access list still refuses it)", addr(key), key.prefix_len),
+            }
+        }
+        info!(prefixes = self.installed.len(), added, port, "XDP prefilter updated");
+    }
+}
+
+fn trie_key(k: &XdpPrefixV4) -> Key<[u8; 4]> {
+    Key::new(k.prefix_len, k.addr)
+}
+
+fn addr(k: &XdpPrefixV4) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(k.addr)
+}
+
+fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+fn program(ebpf: &mut Ebpf) -> io::Result<&mut Xdp> {
+    ebpf.program_mut(XDP_PROG)
+        .ok_or_else(|| missing("program", XDP_PROG))?
+        .try_into()
+        .map_err(|e| error_line(&format!("BPF program {XDP_PROG}"), &e))
+}
+
+/// Native mode first, generic if the driver refuses.
+fn attach(program: &mut Xdp, name: &str) -> io::Result<Attachment> {
+    let native = match program.attach(name, XdpMode::Driver) {
+        Ok(id) => {
+            let link = program.take_link(id).map_err(|e| error_line("XDP link", &e))?;
+            info!(interface = %name, mode = "native", "XDP prefilter attached to {name} in native (driver) mode");
+            return Ok(Attachment { mode: Mode::Native, _link: link });
+        }
+        Err(aya::programs::ProgramError::UnknownInterface { .. }) => {
+            return Err(io::Error::new(io::ErrorKind::NotFound, format!("xdp-interfaces: no interface named {name}")));
+        }
+        Err(e) => error_line("native", &e),
+    };
+    match program.attach(name, XdpMode::Skb) {
+        Ok(id) => {
+            let link = program.take_link(id).map_err(|e| error_line("XDP link", &e))?;
+            info!(interface = %name, mode = "generic", "XDP prefilter attached to {name} in generic (skb) mode ({native})");
+            Ok(Attachment { mode: Mode::Generic, _link: link })
+        }
+        Err(e) => {
+            let generic = error_line("generic", &e);
+            Err(io::Error::new(
+                generic.kind(),
+                format!("xdp-interfaces: cannot attach the XDP prefilter to {name}: {native}; {generic}"),
+            ))
+        }
+    }
+}
+
+/// The prefilter's pin folder and the pins this process created in it.
+struct Pins {
+    dir: PathBuf,
+    files: Vec<(PathBuf, Option<u32>)>,
+}
+
+impl Pins {
+    /// Makes `dir` a folder on bpffs and removes stale pins of ours from it.
+    fn prepare(dir: &Path) -> io::Result<Pins> {
+        let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+        if !is_bpffs(existing)? {
+            let root = Path::new(BPFFS_ROOT);
+            if dir.starts_with(root) && root.is_dir() && !is_bpffs(root).unwrap_or(false) {
+                nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), Some("mode=0700"))
+                    .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("mounting bpffs at {BPFFS_ROOT}: {e}")))?;
+                info!("mounted bpffs at {BPFFS_ROOT}");
+            } else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("BPF pin dir {} is not on a BPF filesystem (mount one with `mount -t bpf bpf DIR`)", dir.display()),
+                ));
+            }
+        }
+        std::fs::create_dir_all(dir).map_err(|e| io::Error::new(e.kind(), format!("creating BPF pin dir {}: {e}", dir.display())))?;
+        for name in PINNED_MAPS {
+            let path = dir.join(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => info!("removed stale pin {}", path.display()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io::Error::new(e.kind(), format!("removing stale pin {}: {e}", path.display()))),
+            }
+        }
+        Ok(Pins { dir: dir.to_path_buf(), files: Vec::new() })
+    }
+}
+
+impl Drop for Pins {
+    /// Unpins what this process pinned (unless replaced since), then the
+    /// folder, and the pin dir above it, if empty.
+    fn drop(&mut self) {
+        for (path, id) in self.files.drain(..) {
+            let pinned = MapInfo::from_pin(&path).map(|info| info.id()).ok();
+            if id.is_some() && pinned != id {
+                continue;
+            }
+            if let Err(e) = std::fs::remove_file(&path) {
+                warn!("removing pin {}: {e}", path.display());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+        if let Some(parent) = self.dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+fn is_bpffs(path: &Path) -> io::Result<bool> {
+    let st = nix::sys::statfs::statfs(path)
+        .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("statfs {}: {e}", path.display())))?;
+    Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+fn missing(what: &str, name: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, format!("the BPF object has no {what} named {name}"))
+}
+
+/// `"<op>: <cause>: <cause>..."` on one line (verifier logs cut to their first line).
+fn error_line(op: &str, err: &(dyn std::error::Error + 'static)) -> io::Error {
+    let mut line = op.to_string();
+    let mut kind = io::ErrorKind::Other;
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        let text = e.to_string();
+        let first = text.lines().next().unwrap_or("").trim();
+        if !first.is_empty() && !line.ends_with(first) {
+            line.push_str(": ");
+            line.push_str(first);
+        }
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            kind = io.kind();
+        }
+        cur = e.source();
+    }
+    io::Error::new(kind, line)
+}
