@@ -6,6 +6,7 @@
 //! [`datapath`], which owns it until it ends. [`control`] serves the command
 //! language on a Unix socket.
 
+pub mod bpf;
 pub mod completions;
 pub mod config;
 pub mod console;

@@ -29,7 +29,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
@@ -45,6 +45,7 @@ use tracing::{error, info, warn};
 
 use crate::config::prefilter::denied_sources;
 use crate::config::{AccessList, Settings};
+use crate::bpf::{error_line, missing, Pins};
 use crate::datapath::kernel::BPF_OBJECT;
 
 /// The folder under the pin dir that holds the prefilter's pins.
@@ -53,12 +54,8 @@ pub const PIN_SUBDIR: &str = "xdp";
 const PINNED_MAPS: [&str; 3] = [XDP_CONFIG_MAP, XDP_DENY_V4_MAP, XDP_DROPS_V4_MAP];
 /// The kernel data path's maps, in the same object: created at one entry each.
 const UNUSED_MAPS: [&str; 4] = [SOCKS_MAP, SPLICE_MAP, PEERS_MAP, FLOWS_MAP];
-/// `statfs.f_type` of a BPF filesystem.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// `BPF_NOEXIST` (linux/bpf.h): create only.
 const BPF_NOEXIST: u64 = 1;
-/// Where bpffs is mounted by convention.
-const BPFFS_ROOT: &str = "/sys/fs/bpf";
 
 /// How the program is attached to an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -148,7 +145,7 @@ impl Prefilter {
             ));
         }
         let dir = pin_root.join(PIN_SUBDIR);
-        let mut pins = Pins::prepare(&dir)?;
+        let mut pins = Pins::prepare(&dir, &PINNED_MAPS, true)?;
         let mut loader = EbpfLoader::new();
         for name in UNUSED_MAPS {
             loader.map_max_entries(name, 1);
@@ -162,7 +159,7 @@ impl Prefilter {
             map.pin(&path)
                 .map_err(|e| error_line(&format!("xdp-interfaces: pinning BPF map {name} at {}", path.display()), &e))?;
             let id = MapInfo::from_pin(&path).map(|info| info.id()).ok();
-            pins.files.push((path, id));
+            pins.record(path, id);
         }
         let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| missing("map", name));
         let convert = |name: &str, e: MapError| error_line(&format!("BPF map {name}"), &e);
@@ -397,88 +394,3 @@ fn attach(program: &mut Xdp, name: &str) -> io::Result<Attachment> {
     }
 }
 
-/// The prefilter's pin folder and the pins this process created in it.
-struct Pins {
-    dir: PathBuf,
-    files: Vec<(PathBuf, Option<u32>)>,
-}
-
-impl Pins {
-    /// Makes `dir` a folder on bpffs and removes stale pins of ours from it.
-    fn prepare(dir: &Path) -> io::Result<Pins> {
-        let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
-        if !is_bpffs(existing)? {
-            let root = Path::new(BPFFS_ROOT);
-            if dir.starts_with(root) && root.is_dir() && !is_bpffs(root).unwrap_or(false) {
-                nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), Some("mode=0700"))
-                    .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("mounting bpffs at {BPFFS_ROOT}: {e}")))?;
-                info!("mounted bpffs at {BPFFS_ROOT}");
-            } else {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("BPF pin dir {} is not on a BPF filesystem (mount one with `mount -t bpf bpf DIR`)", dir.display()),
-                ));
-            }
-        }
-        std::fs::create_dir_all(dir).map_err(|e| io::Error::new(e.kind(), format!("creating BPF pin dir {}: {e}", dir.display())))?;
-        for name in PINNED_MAPS {
-            let path = dir.join(name);
-            match std::fs::remove_file(&path) {
-                Ok(()) => info!("removed stale pin {}", path.display()),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io::Error::new(e.kind(), format!("removing stale pin {}: {e}", path.display()))),
-            }
-        }
-        Ok(Pins { dir: dir.to_path_buf(), files: Vec::new() })
-    }
-}
-
-impl Drop for Pins {
-    /// Unpins what this process pinned (unless replaced since), then the
-    /// folder, and the pin dir above it, if empty.
-    fn drop(&mut self) {
-        for (path, id) in self.files.drain(..) {
-            let pinned = MapInfo::from_pin(&path).map(|info| info.id()).ok();
-            if id.is_some() && pinned != id {
-                continue;
-            }
-            if let Err(e) = std::fs::remove_file(&path) {
-                warn!("removing pin {}: {e}", path.display());
-            }
-        }
-        let _ = std::fs::remove_dir(&self.dir);
-        if let Some(parent) = self.dir.parent() {
-            let _ = std::fs::remove_dir(parent);
-        }
-    }
-}
-
-fn is_bpffs(path: &Path) -> io::Result<bool> {
-    let st = nix::sys::statfs::statfs(path)
-        .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("statfs {}: {e}", path.display())))?;
-    Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
-}
-
-fn missing(what: &str, name: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::NotFound, format!("the BPF object has no {what} named {name}"))
-}
-
-/// `"<op>: <cause>: <cause>..."` on one line (verifier logs cut to their first line).
-fn error_line(op: &str, err: &(dyn std::error::Error + 'static)) -> io::Error {
-    let mut line = op.to_string();
-    let mut kind = io::ErrorKind::Other;
-    let mut cur = Some(err);
-    while let Some(e) = cur {
-        let text = e.to_string();
-        let first = text.lines().next().unwrap_or("").trim();
-        if !first.is_empty() && !line.ends_with(first) {
-            line.push_str(": ");
-            line.push_str(first);
-        }
-        if let Some(io) = e.downcast_ref::<io::Error>() {
-            kind = io.kind();
-        }
-        cur = e.source();
-    }
-    io::Error::new(kind, line)
-}

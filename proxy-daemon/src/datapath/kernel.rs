@@ -21,7 +21,7 @@ mod sys;
 mod tunnel;
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{monotonic_ns, DataPath, DataPathKind, FlowSource, FlowStats, Pair, Tunnel};
+use crate::bpf::{error_line, missing, Pins};
 
 /// The BPF object built by `build.rs` (empty when built with `PROXYD_SKIP_EBPF=1`).
 pub(crate) static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
@@ -144,7 +145,7 @@ impl KernelDataPath {
                 "this proxyd was built without its BPF programs (PROXYD_SKIP_EBPF=1)",
             ));
         }
-        let mut pins = Pins::prepare(pin_dir)?;
+        let mut pins = Pins::prepare(pin_dir, &PINNED_MAPS, false)?;
         let sockets = max_tunnels.clamp(1, u32::MAX / 2) * 2;
         let mut loader = EbpfLoader::new();
         for name in PINNED_MAPS {
@@ -169,7 +170,7 @@ impl KernelDataPath {
                 error_line(&format!("pinning BPF map {name} at {}", path.display()), &e)
             })?;
             let id = MapInfo::from_pin(&path).map(|info| info.id()).ok();
-            pins.files.push((path, id));
+            pins.record(path, id);
         }
         let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| missing("map", name));
         let convert =
@@ -388,86 +389,6 @@ impl FlowSource for KernelFlow {
     }
 }
 
-/// The pin dir and the pins this process created in it.
-struct Pins {
-    dir: PathBuf,
-    /// Each pin with the id of the map pinned there, so that only our own
-    /// pins are removed (a later `load` on the same dir replaces them).
-    files: Vec<(PathBuf, Option<u32>)>,
-}
-
-/// Where bpffs is mounted by convention; the daemon mounts it there if needed.
-const BPFFS_ROOT: &str = "/sys/fs/bpf";
-
-impl Pins {
-    /// Makes sure `dir` is a folder on bpffs (mounting bpffs at
-    /// `/sys/fs/bpf` if `dir` is below it and nothing is mounted there),
-    /// and removes stale pins of ours from it.
-    fn prepare(dir: &Path) -> io::Result<Self> {
-        let shown = dir.display();
-        // The nearest existing ancestor tells which filesystem `dir` is on.
-        let existing = dir
-            .ancestors()
-            .find(|p| p.exists())
-            .unwrap_or(Path::new("/"));
-        let on_bpffs = sys::is_bpffs(existing)
-            .map_err(|e| error_line(&format!("statfs {}", existing.display()), &e))?;
-        if !on_bpffs {
-            let root = Path::new(BPFFS_ROOT);
-            if dir.starts_with(root) && root.is_dir() && !sys::is_bpffs(root).unwrap_or(false) {
-                sys::mount_bpffs(root)
-                    .map_err(|e| error_line(&format!("mounting bpffs at {BPFFS_ROOT}"), &e))?;
-                info!("mounted bpffs at {BPFFS_ROOT}");
-            } else {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("BPF pin dir {shown} is not on a BPF filesystem (mount one with `mount -t bpf bpf DIR`)"),
-                ));
-            }
-        }
-        std::fs::create_dir_all(dir)
-            .map_err(|e| error_line(&format!("creating BPF pin dir {shown}"), &e))?;
-        for name in PINNED_MAPS {
-            let path = dir.join(name);
-            match std::fs::remove_file(&path) {
-                Ok(()) => info!("removed stale pin {}", path.display()),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(error_line(
-                        &format!("removing stale pin {}", path.display()),
-                        &e,
-                    ))
-                }
-            }
-        }
-        Ok(Pins {
-            dir: dir.to_path_buf(),
-            files: Vec::new(),
-        })
-    }
-
-    /// Unpins everything this process pinned, then the folder if empty.
-    fn remove(&mut self) {
-        for (path, id) in self.files.drain(..) {
-            let pinned = MapInfo::from_pin(&path).map(|info| info.id()).ok();
-            if id.is_some() && pinned != id {
-                continue; // replaced by someone else since
-            }
-            if let Err(e) = std::fs::remove_file(&path) {
-                warn!("removing pin {}: {e}", path.display());
-            }
-        }
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
-impl Drop for Pins {
-    /// Also unpins when `load` fails half-way.
-    fn drop(&mut self) {
-        self.remove();
-    }
-}
-
 /// Reads the programs' log ring buffer whenever it is readable.
 fn spawn_log_poller(logger: EbpfLogger<BpfLog>) -> Option<JoinHandle<()>> {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -514,31 +435,3 @@ impl log::Log for BpfLog {
     fn flush(&self) {}
 }
 
-fn missing(what: &str, name: &str) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("the BPF object has no {what} named {name}"),
-    )
-}
-
-/// `"<op>: <cause>: <cause>..."` on one line (verifier logs are cut to their
-/// first line), keeping the `io::ErrorKind` of an underlying OS error so the
-/// caller can tell "no permission" from other failures.
-fn error_line(op: &str, err: &(dyn std::error::Error + 'static)) -> io::Error {
-    let mut line = op.to_string();
-    let mut kind = io::ErrorKind::Other;
-    let mut cur = Some(err);
-    while let Some(e) = cur {
-        let text = e.to_string();
-        let first = text.lines().next().unwrap_or("").trim();
-        if !first.is_empty() && !line.ends_with(first) {
-            line.push_str(": ");
-            line.push_str(first);
-        }
-        if let Some(io) = e.downcast_ref::<io::Error>() {
-            kind = io.kind();
-        }
-        cur = e.source();
-    }
-    io::Error::new(kind, line)
-}

@@ -6,19 +6,13 @@
 //! Every `unsafe` block of the kernel data path lives here, each with its
 //! SAFETY argument; callers get safe functions over `AsFd`.
 
-use std::ffi::CString;
 use std::io;
 use std::mem;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
 
 use aya_log::EbpfLogger;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-
-/// `statfs.f_type` of a BPF filesystem (`include/uapi/linux/magic.h`).
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// The kernel's 64-bit identifier of a socket (`SO_COOKIE`): the sockhash key.
 pub fn socket_cookie(sock: &impl AsFd) -> io::Result<u64> {
@@ -237,28 +231,3 @@ pub fn async_logger<T>(logger: EbpfLogger<T>) -> io::Result<AsyncFd<EbpfLogger<T
     Ok(unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }?)
 }
 
-/// Whether `path` lies on a BPF filesystem.
-pub fn is_bpffs(path: &Path) -> io::Result<bool> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
-    // SAFETY: `statfs` is plain old data; all-zero is a valid value.
-    let mut st: libc::statfs = unsafe { mem::zeroed() };
-    // SAFETY: `c` is a NUL-terminated path; `st` is valid for writes.
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st.f_type as i64 == BPF_FS_MAGIC)
-}
-
-/// `mount -t bpf bpf <target>` (mode 0700).
-pub fn mount_bpffs(target: &Path) -> io::Result<()> {
-    nix::mount::mount(
-        Some("bpf"),
-        target,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        Some("mode=0700"),
-    )
-    .map_err(io::Error::from)
-}

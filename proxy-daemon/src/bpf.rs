@@ -1,0 +1,124 @@
+//! What the two BPF loaders (the kernel data path and the XDP prefilter)
+//! share: bpffs detection and mounting, pin folders that remove stale pins
+//! at start and their own pins at exit, and load errors as one line.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use aya::maps::MapInfo;
+use tracing::{info, warn};
+
+/// Where bpffs is mounted by convention; the daemon mounts it there if needed.
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+/// `statfs.f_type` of a BPF filesystem (`include/uapi/linux/magic.h`).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Whether `path` lies on a BPF filesystem.
+pub fn is_bpffs(path: &Path) -> io::Result<bool> {
+    let st = nix::sys::statfs::statfs(path).map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("statfs {}: {e}", path.display())))?;
+    Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// A pin folder on bpffs and the pins this process made in it.
+pub struct Pins {
+    pub dir: PathBuf,
+    /// Pinned paths with the id of the map pinned there; at exit only pins
+    /// that are still ours are removed (a later load may have taken over).
+    files: Vec<(PathBuf, Option<u32>)>,
+    /// Also remove the parent folder when it is left empty (a subfolder of the pin dir).
+    remove_parent: bool,
+}
+
+impl Pins {
+    /// Makes sure `dir` is a folder on bpffs (mounting bpffs at
+    /// [`BPFFS_ROOT`] if `dir` is below it and nothing is mounted there),
+    /// and removes stale pins named `names` from it.
+    pub fn prepare(dir: &Path, names: &[&str], remove_parent: bool) -> io::Result<Self> {
+        let shown = dir.display();
+        // The nearest existing ancestor tells which filesystem `dir` is on.
+        let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+        if !is_bpffs(existing)? {
+            let root = Path::new(BPFFS_ROOT);
+            if dir.starts_with(root) && root.is_dir() && !is_bpffs(root).unwrap_or(false) {
+                nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), Some("mode=0700"))
+                    .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("mounting bpffs at {BPFFS_ROOT}: {e}")))?;
+                info!("mounted bpffs at {BPFFS_ROOT}");
+            } else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("BPF pin dir {shown} is not on a BPF filesystem (mount one with `mount -t bpf bpf DIR`)"),
+                ));
+            }
+        }
+        std::fs::create_dir_all(dir).map_err(|e| error_line(&format!("creating BPF pin dir {shown}"), &e))?;
+        for name in names {
+            let path = dir.join(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => info!("removed stale pin {}", path.display()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(error_line(&format!("removing stale pin {}", path.display()), &e)),
+            }
+        }
+        Ok(Pins { dir: dir.to_path_buf(), files: Vec::new(), remove_parent })
+    }
+
+    /// Records a pin made at `path` for the map with id `id`.
+    pub fn record(&mut self, path: PathBuf, id: Option<u32>) {
+        self.files.push((path, id));
+    }
+
+    /// Unpins everything this process pinned (unless replaced since), then
+    /// the folder if empty.
+    pub fn remove(&mut self) {
+        for (path, id) in self.files.drain(..) {
+            let pinned = MapInfo::from_pin(&path).map(|info| info.id()).ok();
+            if id.is_some() && pinned != id {
+                continue;
+            }
+            if let Err(e) = std::fs::remove_file(&path) {
+                warn!("removing pin {}: {e}", path.display());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+        if self.remove_parent {
+            if let Some(parent) = self.dir.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
+    }
+}
+
+impl Drop for Pins {
+    /// Also unpins when a load fails half-way.
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// An object without the named map or program.
+pub fn missing(what: &str, name: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, format!("the BPF object has no {what} named {name}"))
+}
+
+/// `"<op>: <cause>: <cause>..."` on one line (verifier logs are cut to their
+/// first line), keeping the `io::ErrorKind` of an underlying OS error so the
+/// caller can tell "no permission" from other failures.
+pub fn error_line(op: &str, err: &(dyn std::error::Error + 'static)) -> io::Error {
+    let mut line = op.to_string();
+    let mut kind = io::ErrorKind::Other;
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        let text = e.to_string();
+        let first = text.lines().next().unwrap_or("").trim();
+        if !first.is_empty() && !line.ends_with(first) {
+            line.push_str(": ");
+            line.push_str(first);
+        }
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            kind = io.kind();
+        }
+        cur = e.source();
+    }
+    io::Error::new(kind, line)
+}
