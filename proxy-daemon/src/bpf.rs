@@ -20,6 +20,21 @@ pub fn is_bpffs(path: &Path) -> io::Result<bool> {
     Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
 }
 
+/// Mounts bpffs at [`BPFFS_ROOT`] when nothing is mounted there. Called at
+/// start-up while the daemon still may (it needs CAP_SYS_ADMIN, which is
+/// dropped right after); failure only matters if BPF is used, and then the
+/// loader says so.
+pub fn mount_if_missing() {
+    let root = Path::new(BPFFS_ROOT);
+    if !root.is_dir() || is_bpffs(root).unwrap_or(true) {
+        return;
+    }
+    match nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), Some("mode=0700")) {
+        Ok(()) => info!("mounted bpffs at {BPFFS_ROOT}"),
+        Err(e) => tracing::debug!("cannot mount bpffs at {BPFFS_ROOT}: {e}"),
+    }
+}
+
 /// A pin folder on bpffs and the pins this process made in it.
 pub struct Pins {
     pub dir: PathBuf,

@@ -152,7 +152,9 @@ fn init_logging() {
 
 fn run(control_path: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     let config = store::load(&args.state).context("cannot start: the state file is broken")?;
-    raise_nofile_limit(config.settings.max_connections);
+    proxyd::server::raise_nofile_limit(config.settings.max_connections);
+    // Mounting bpffs needs CAP_SYS_ADMIN, which is about to go.
+    proxyd::bpf::mount_if_missing();
     // Before the runtime starts its threads: capabilities are per thread.
     proxyd::privileges::drop_privileges()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
@@ -204,20 +206,5 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
-    }
-}
-
-/// Each connection holds two sockets; raise the soft open-files limit towards
-/// what `max-connections` needs, as far as the hard limit allows.
-fn raise_nofile_limit(max_connections: u32) {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
-    let want = (max_connections as u64) * 2 + 64;
-    let target = want.min(hard).max(soft);
-    if target > soft {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, target, hard);
-    }
-    if want > hard {
-        tracing::warn!("max-connections={max_connections} needs about {want} open files, but the limit is {hard}; connections beyond it will be refused at accept");
     }
 }

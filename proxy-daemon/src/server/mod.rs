@@ -158,6 +158,9 @@ impl Server {
 
     /// Makes `config` current, with what [`Server::prepare`] got ready for it.
     pub fn commit(self: &Arc<Self>, config: Config, prepared: Prepared) {
+        if config.settings.max_connections > self.config().settings.max_connections {
+            raise_nofile_limit(config.settings.max_connections);
+        }
         {
             // Before the new access list is current: the trie drops only what
             // the new list denies by the time it decides.
@@ -286,6 +289,25 @@ impl Server {
             let timeout = self.config().settings.connection_idle_timeout;
             self.registry.reap_idle(timeout);
         }
+    }
+}
+
+/// Each connection holds two sockets; raises the soft open-files limit towards
+/// what `max-connections` needs, as far as the hard limit allows (no
+/// capability needed), and warns when the hard limit is too low.
+pub fn raise_nofile_limit(max_connections: u32) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    let want = (max_connections as u64) * 2 + 64;
+    let target = want.min(hard).max(soft);
+    if target > soft {
+        match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
+            Ok(()) => tracing::info!("open-files limit raised from {soft} to {target} for max-connections={max_connections}"),
+            Err(e) => tracing::warn!("cannot raise the open-files limit from {soft} to {target}: {e}"),
+        }
+    }
+    if want > hard {
+        tracing::warn!("max-connections={max_connections} needs about {want} open files, but the limit is {hard}; connections beyond it will be refused at accept");
     }
 }
 
