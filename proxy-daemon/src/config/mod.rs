@@ -304,6 +304,34 @@ impl AccessList {
             .unwrap_or(Decision { action: Action::Allow, rule: None })
     }
 
+    /// Decides a request for a destination *name* before it is resolved, when
+    /// that is possible: every rule up to the deciding one either fails on the
+    /// client's address, the port or the name, or needs no destination address.
+    /// `None` when a rule that tests the destination address comes first (then
+    /// resolve and [`AccessList::decide`] per address). Denying by name this
+    /// way never sends a DNS query for a denied name.
+    pub fn decide_by_name(&self, src: SocketAddr, dst_port: u16, name: &str) -> Option<Decision> {
+        let probe = AccessRequest { src, dst: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), dst_port), dst_name: Some(name) };
+        for (i, r) in self.rules.iter().enumerate().filter(|(_, r)| !r.disabled) {
+            let other_fields = r.src_address.is_none_or(|n| n.contains(&src.ip()))
+                && r.src_port.is_none_or(|p| p.contains(src.port()))
+                && r.dst_port.is_none_or(|p| p.contains(dst_port));
+            if !other_fields {
+                continue;
+            }
+            match &r.dst_address {
+                None => return Some(Decision { action: r.action, rule: Some(i) }),
+                Some(d @ DstMatch::Domain(_)) => {
+                    if d.matches(&probe) {
+                        return Some(Decision { action: r.action, rule: Some(i) });
+                    }
+                }
+                Some(DstMatch::Net(_)) => return None,
+            }
+        }
+        Some(Decision { action: Action::Allow, rule: None })
+    }
+
     /// True when some request from anywhere to anywhere is allowed by an
     /// unconditional rule or by default: an open proxy.
     pub fn is_open(&self) -> bool {
@@ -395,6 +423,19 @@ mod tests {
         assert_eq!(DstMatch::parse("1.2.3.4/33"), None);
         assert_eq!(DstMatch::parse("bad name"), None);
         assert_eq!(DstMatch::parse("999"), None);
+    }
+
+    /// A name rule decides before resolution; an address rule in front defers to resolution.
+    #[test]
+    fn decide_by_name() {
+        let deny_name = AccessRule { dst_address: DstMatch::parse("blocked.test"), action: Action::Deny, ..Default::default() };
+        let list = AccessList { rules: vec![deny_name.clone()] };
+        let src: SocketAddr = "127.0.0.1:5".parse().unwrap();
+        assert_eq!(list.decide_by_name(src, 80, "blocked.test").map(|d| d.action), Some(Action::Deny));
+        assert_eq!(list.decide_by_name(src, 80, "other.test"), Some(Decision { action: Action::Allow, rule: None }));
+        let by_addr = AccessRule { dst_address: DstMatch::parse("10.0.0.0/8"), action: Action::Allow, ..Default::default() };
+        let list = AccessList { rules: vec![by_addr, deny_name] };
+        assert_eq!(list.decide_by_name(src, 80, "blocked.test"), None);
     }
 
     /// Ports parse as N or N-M with N <= M.

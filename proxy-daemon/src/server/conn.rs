@@ -171,6 +171,12 @@ async fn negotiate(server: &Server, client: &mut TcpStream, peer: SocketAddr, sl
     tokio::time::timeout(HANDSHAKE_TIMEOUT, read_more(client, &mut buf, &slot.entry)).await.map_err(|_| Failure::Deadline)??;
     let config = server.config();
     match buf[0] {
+        // SOCKS4 carries no password: under auth-method=password it would bypass the login.
+        4 if config.settings.auth_method == crate::config::AuthMethod::Password => {
+            tracing::info!(src = %peer, "SOCKS4 client refused: auth-method=password");
+            super::socks4::reply_failure(client).await;
+            Err(Failure::Refused("SOCKS4 while auth-method=password".into()))
+        }
         4 => super::socks4::handshake(&config, client, peer, &slot.entry, buf).await.map(Some),
         5 if config.settings.version >= 5 => super::socks5::handshake(server, &config, client, peer, &slot.entry, buf).await,
         5 => {
@@ -207,6 +213,15 @@ pub fn check_access(config: &Config, src: SocketAddr, dst: SocketAddr, dst_name:
     match decision.action {
         Action::Allow => Ok(()),
         Action::Deny => Err(Failure::Denied(decision.rule.map_or_else(|| "-".into(), |r| r.to_string()))),
+    }
+}
+
+/// Refuses a request for a name that the access list denies by name alone,
+/// before any DNS query for it is made.
+pub fn deny_by_name(config: &Config, src: SocketAddr, port: u16, host: &str) -> Result<(), Failure> {
+    match config.access.decide_by_name(src, port, host) {
+        Some(d) if d.action == Action::Deny => Err(Failure::Denied(d.rule.map_or_else(|| "-".into(), |r| r.to_string()))),
+        _ => Ok(()),
     }
 }
 

@@ -41,14 +41,17 @@ async fn run(config: &Config, client: &mut TcpStream, peer: SocketAddr, entry: &
         }
     };
     let (request, early) = tokio::time::timeout(HANDSHAKE_TIMEOUT, read).await.map_err(|_| Failure::Deadline)??;
-    let candidates = match &request.destination {
-        Destination::Addr(a) => vec![SocketAddr::V4(*a)],
-        Destination::Name { host, port } => conn::resolve(host, *port, true).await?,
+    let (candidates, name) = match &request.destination {
+        Destination::Addr(a) => (vec![SocketAddr::V4(*a)], None),
+        Destination::Name { host, port } => {
+            conn::deny_by_name(config, peer, *port, host)?;
+            (conn::resolve(host, *port, true).await?, Some(host.as_str()))
+        }
     };
 
     match request.command {
         Command::Connect => {
-            let upstream = conn::connect(config, peer, &candidates, None, entry).await?;
+            let upstream = conn::connect(config, peer, &candidates, name, entry).await?;
             client.write_all(&Reply::granted(v4(upstream.local_addr()?)).encode()).await?;
             entry.touch();
             Ok(Established { kind: ConnType::Out, upstream, early, limits: None })
@@ -56,7 +59,7 @@ async fn run(config: &Config, client: &mut TcpStream, peer: SocketAddr, entry: &
         Command::Bind => {
             let dst = candidates[0];
             entry.set_destination(dst);
-            check_access(config, peer, dst, None)?;
+            check_access(config, peer, dst, name)?;
             if !early.is_empty() {
                 return Err(Failure::Bind(format!("{} unexpected bytes after the request", early.len())));
             }

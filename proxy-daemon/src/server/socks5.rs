@@ -145,7 +145,10 @@ async fn run(
             // The client's own UDP address; a name here is not resolved.
             (vec![SocketAddr::from(([0, 0, 0, 0], *port))], None)
         }
-        Address::Domain { host, port } => (conn::resolve(host, *port, false).await?, Some(host.as_str())),
+        Address::Domain { host, port } => {
+            conn::deny_by_name(config, peer, *port, host)?;
+            (conn::resolve(host, *port, false).await?, Some(host.as_str()))
+        }
     };
     let dst = candidates[0];
     let early = std::mem::take(&mut buf);
