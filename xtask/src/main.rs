@@ -228,7 +228,7 @@ fn test(args: &[String]) -> Result<()> {
 }
 
 /// Fuzz targets under fuzz/ (cargo-fuzz, nightly).
-const FUZZ_TARGETS: &[&str] = &["socks4_request", "command_script"];
+const FUZZ_TARGETS: &[&str] = &["socks4_request", "socks5_messages", "command_script"];
 
 fn fuzz(seconds: u32) -> Result<()> {
     if !succeeds(Command::new("cargo").args(["fuzz", "--version"])) {

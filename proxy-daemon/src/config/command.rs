@@ -646,6 +646,14 @@ fn apply_in_place(config: &mut Config, command: &Command) -> Result<(), CommandE
             for (k, v) in pairs {
                 set_setting(&mut config.settings, k, v)?;
             }
+            // Checked after all pairs, so `set version=5 auth-method=password` works in one go.
+            if config.settings.auth_method == AuthMethod::Password && config.settings.version < 5 {
+                let (property, value) = match pairs.iter().rev().find(|(k, _)| k == "version" || k == "auth-method") {
+                    Some((k, v)) => (k.as_str(), v.as_str()),
+                    None => ("auth-method", "password"),
+                };
+                return Err(invalid(property, value, "auth-method=password needs version=5 (SOCKS4 has no password login)"));
+            }
             Ok(())
         }
         Command::Add(List::Access, _)
@@ -817,6 +825,11 @@ mod tests {
             let msg = e.to_string();
             assert!(msg.contains(prop) && msg.contains("allowed"), "{line}: {msg}");
         }
+        let e = run(&mut Config::default(), "set auth-method=password").unwrap_err();
+        assert!(e.to_string().contains("auth-method") && e.to_string().contains("version=5"), "{e}");
+        let mut c = Config::default();
+        run(&mut c, "set version=5 auth-method=password").unwrap();
+        assert!(run(&mut c, "set version=4").unwrap_err().to_string().contains("version"));
         let e = run(&mut Config::default(), "access add colour=red").unwrap_err();
         assert!(e.to_string().contains("colour") && e.to_string().contains("src-address"));
     }
