@@ -224,7 +224,41 @@ fn test(args: &[String]) -> Result<()> {
     setup()?;
     build(false)?;
     let bin = root().join("target/debug/proxyd");
-    exec(cargo().args(["test", "--no-fail-fast"]).args(args).env("PROXYD_BIN", &bin))
+    exec(cargo().args(["test", "--no-fail-fast"]).args(args).env("PROXYD_BIN", &bin))?;
+    if args.is_empty() {
+        // A few seconds of every benchmark measurement, so the bench cannot rot
+        // (no timing is asserted: it must run and write its report).
+        eprintln!("test: bench smoke run");
+        bench::run(bench::BenchArgs {
+            smoke: true,
+            repeats: None,
+            seconds: None,
+            systems: "direct,dante,userspace,kernel".into(),
+            tunnels: None,
+            no_iperf: true,
+            out: None,
+            proxyd: Some(bin),
+        })
+        .context("the bench smoke run failed")?;
+        check_smoke_report(&root().join("target/bench/smoke/results.json"))?;
+    }
+    Ok(())
+}
+
+/// The smoke run must have measured every system (the kernel path only where
+/// BPF can load: as root), or the bench has rotted.
+fn check_smoke_report(path: &Path) -> Result<()> {
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?).context("bench smoke report")?;
+    let systems = report["systems"].as_array().context("bench smoke report has no systems")?;
+    for s in systems {
+        let name = s["name"].as_str().unwrap_or("?");
+        let optional = name == "proxyd-kernel" && !is_root();
+        if s["available"] != serde_json::Value::Bool(true) && !optional {
+            bail!("bench smoke run: {name} was not measured: {}", s["reason"]);
+        }
+    }
+    eprintln!("test: bench smoke run measured {} systems", systems.len());
+    Ok(())
 }
 
 /// Fuzz targets under fuzz/ (cargo-fuzz, nightly).

@@ -49,6 +49,9 @@ pub struct BenchArgs {
     /// they never overwrite a real run's results).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// The proxyd binary to measure. Default target/release/proxyd.
+    #[arg(long)]
+    pub proxyd: Option<PathBuf>,
 }
 
 pub struct Cfg {
@@ -230,7 +233,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         },
         scale_limit: Duration::from_secs(if args.smoke { 15 } else { 90 }),
     };
-    let ctx = Ctx { bin: root.join("target/release/proxyd"), work: work.clone(), logs, dsts: echo.addrs.clone(), echo_pids: echo.pids.clone() };
+    let bin = args.proxyd.clone().unwrap_or_else(|| root.join("target/release/proxyd"));
+    let ctx = Ctx { bin, work: work.clone(), logs, dsts: echo.addrs.clone(), echo_pids: echo.pids.clone() };
     let mut machine = report::machine_info(&root, &ctx.bin);
     eprintln!("bench: {}", machine.summary());
     if machine.load1 > 0.5 {
