@@ -392,7 +392,7 @@ fn bulk_sink() -> (SocketAddr, JoinHandle<(usize, Instant)>) {
     (addr, t)
 }
 
-/// Lines of the daemon's log that say a tunnel closed.
+/// Lines of the daemon's log that say a tunnel closed (debug level).
 fn tunnels_closed(d: &Daemon) -> Vec<String> {
     d.log()
         .lines()
@@ -423,7 +423,9 @@ fn curl_socks5_fetches_over_ipv4_and_ipv6() {
         (http6.url(), &body6),
     ];
     for dp in data_paths() {
-        let mut d = Daemon::start(dp);
+        // Tunnel summaries are logged at debug.
+        let log = Options { env: vec![("PROXYD_LOG".into(), "info,proxyd::server::conn=debug".into())], ..Default::default() };
+        let mut d = Daemon::start_with(dp, log);
         let port = enable_dual(&mut d, &["version=5"]);
         let proxies = [format!("127.0.0.1:{port}"), format!("[::1]:{port}")];
         let fetch = |flag: &str, proxy: &str, url: &str, user: Option<&str>| {
