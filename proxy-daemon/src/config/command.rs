@@ -423,7 +423,7 @@ fn list_command(list: List, verb: &str, args: &[&str]) -> Result<Command, Comman
         if positional.len() != 1 {
             return Err(CommandError::Usage("usage: move N [M] (M: the item to move before; the end when left out)".into()));
         }
-        let to = dest.map(|d| number(d)).transpose()?;
+        let to = dest.map(number).transpose()?;
         return Ok(Command::Move(list, numbers(&positional)?, to));
     }
     let (items, changes) = item_args(list, args)?;

@@ -90,7 +90,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
@@ -115,7 +115,7 @@ pub fn parse_rate(s: &str) -> Option<Option<u64>> {
 /// Prints a rate the short way: `8M`, `512k`, `1500`.
 pub fn format_rate(bps: u64) -> String {
     for (unit, m) in [("G", 1_000_000_000), ("M", 1_000_000), ("k", 1_000)] {
-        if bps % m == 0 {
+        if bps.is_multiple_of(m) {
             return format!("{}{unit}", bps / m);
         }
     }

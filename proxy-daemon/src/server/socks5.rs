@@ -59,12 +59,15 @@ fn reply_code(e: &Failure) -> ReplyCode {
     }
 }
 
+/// A sans-io parser of one SOCKS5 message: the message and the bytes it took.
+type Parser<T> = fn(&[u8]) -> Result<(T, usize), ParseError>;
+
 /// Reads until `parse` has a whole message; returns it and keeps what follows in `buf`.
 async fn read_message<T>(
     client: &mut TcpStream,
     buf: &mut Vec<u8>,
     entry: &Entry,
-    parse: fn(&[u8]) -> Result<(T, usize), ParseError>,
+    parse: Parser<T>,
 ) -> Result<Result<T, ParseError>, Failure> {
     let read = async {
         loop {
@@ -95,7 +98,8 @@ async fn run(
     let methods = read_message(client, &mut buf, entry, socks5::parse_greeting).await?.map_err(|e| Failure::Malformed(e.to_string()))?;
     let password = config.settings.auth_method == AuthMethod::Password;
     let want = if password { socks5::METHOD_PASSWORD } else { socks5::METHOD_NONE };
-    let usable = methods.contains(&want) && !(password && !config.users.iter().any(|u| !u.disabled));
+    let someone_can_log_in = !password || config.users.iter().any(|u| !u.disabled);
+    let usable = methods.contains(&want) && someone_can_log_in;
     if !usable {
         client.write_all(&[5, socks5::METHOD_UNACCEPTABLE]).await?;
         let why = if password && methods.contains(&want) { "auth-method=password and no user is enabled" } else { "no acceptable method offered" };
