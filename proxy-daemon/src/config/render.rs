@@ -26,8 +26,10 @@ pub fn settings(s: &Settings, active: Option<DataPathKind>) -> String {
         None => out.push_str(&format!("data-path: {}\n", s.data_path)),
     }
     out.push_str(&format!("version: {}\nauth-method: {}\n", s.version, s.auth_method));
-    out.push_str(&format!("metrics-address: {}\n", metrics_address(s)));
-    out.push_str(&format!("xdp-interfaces: {}\n", s.xdp_interfaces.join(",")));
+    for (name, value) in [("metrics-address", metrics_address(s)), ("xdp-interfaces", s.xdp_interfaces.join(","))] {
+        // No trailing blank after an empty value.
+        out.push_str(&format!("{}\n", format!("{name}: {value}").trim_end()));
+    }
     out
 }
 
