@@ -1,9 +1,9 @@
 //! Raw SOCKS4/4a client helpers: build requests byte by byte, read replies, and
 //! classify how the proxy answered a (possibly malformed) request.
 
-use crate::tcp_connect;
+use crate::{accept_timeout, tcp_connect};
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 /// SOCKS4 command CONNECT.
@@ -82,6 +82,14 @@ pub fn connect(proxy: SocketAddr, dst: SocketAddrV4) -> TcpStream {
         "CONNECT {dst} via {proxy} not granted: {r:?}"
     );
     s
+}
+
+/// Opens a CONNECT tunnel through `proxy` to the listener `l` (listening at `dst`);
+/// returns the client's end and the destination's end.
+pub fn tunnel(proxy: SocketAddr, l: &TcpListener, dst: SocketAddrV4) -> (TcpStream, TcpStream) {
+    let c = connect(proxy, dst);
+    let u = accept_timeout(l, Duration::from_secs(5)).expect("the destination accepts the tunnel");
+    (c, u)
 }
 
 /// How a proxy answered a request.

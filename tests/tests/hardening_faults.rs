@@ -75,8 +75,7 @@ fn upstream_reset_mid_stream() {
         let proxy = d.enable(&[]);
         let (l, dst) = listen_local();
         for round in 0..5 {
-            let c = socks::connect(proxy, dst);
-            let mut u = accept_timeout(&l, Duration::from_secs(5)).expect("accept");
+            let (c, mut u) = socks::tunnel(proxy, &l, dst);
             let mut writer = c.try_clone().unwrap();
             let writing = std::thread::spawn(move || {
                 let chunk = vec![0x5a; 16 * 1024];
@@ -119,8 +118,7 @@ fn client_vanishes_mid_transfer() {
         let proxy = d.enable(&[]);
         let (l, dst) = listen_local();
         for (round, reset) in [true, false, true, false].into_iter().enumerate() {
-            let mut c = socks::connect(proxy, dst);
-            let u = accept_timeout(&l, Duration::from_secs(5)).expect("accept");
+            let (mut c, u) = socks::tunnel(proxy, &l, dst);
             let mut writer = u.try_clone().unwrap();
             let writing = std::thread::spawn(move || {
                 let chunk = vec![0xa5; 16 * 1024];
@@ -177,8 +175,7 @@ fn upstream_never_answers_gets_91_within_dial_timeout() {
         let (l, dst) = listen_local();
         std::thread::sleep(Duration::from_millis(300));
         let t = Instant::now();
-        let _c = socks::connect(proxy, dst);
-        let _u = accept_timeout(&l, Duration::from_secs(5)).expect("accept");
+        let (_c, _u) = socks::tunnel(proxy, &l, dst);
         assert!(
             t.elapsed() < Duration::from_secs(1),
             "[{dp}] honest client waited {:?} behind hanging dials",
@@ -406,8 +403,7 @@ fn kill_9_during_transfers_then_restart() {
         let mut clients = Vec::new();
         let mut pumps = Vec::new();
         for _ in 0..4 {
-            let c = socks::connect(proxy, dst);
-            let mut u = accept_timeout(&l, Duration::from_secs(5)).expect("accept");
+            let (c, mut u) = socks::tunnel(proxy, &l, dst);
             let st = stop.clone();
             pumps.push(std::thread::spawn(move || {
                 let chunk = vec![7u8; 16 * 1024];
@@ -497,8 +493,7 @@ fn sigterm_stops_accepting_and_drains() {
         let mut d = Daemon::start_with(dp, options.clone());
         let proxy = d.enable(&[]);
         let (l, dst) = listen_local();
-        let mut c = socks::connect(proxy, dst);
-        let mut u = accept_timeout(&l, Duration::from_secs(5)).expect("accept");
+        let (mut c, mut u) = socks::tunnel(proxy, &l, dst);
         let t = Instant::now();
         d.signal(libc::SIGTERM);
         let refused = wait_until(
@@ -537,8 +532,7 @@ fn sigterm_stops_accepting_and_drains() {
         // Tunnel outlives the grace period.
         let mut d = Daemon::start_with(dp, options);
         let proxy = d.enable(&[]);
-        let mut c = socks::connect(proxy, dst);
-        let _u = accept_timeout(&l, Duration::from_secs(5)).expect("accept");
+        let (mut c, _u) = socks::tunnel(proxy, &l, dst);
         let t = Instant::now();
         d.signal(libc::SIGTERM);
         let st = d

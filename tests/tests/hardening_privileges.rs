@@ -114,8 +114,7 @@ fn keeps_only_needed_capabilities() {
         let proxy = d.enable(&[]);
         let (l, dst) = listen_local();
         // A tunnel carries bytes both ways (kernel path: sockhash/peer/flow map updates).
-        let mut c = socks::connect(proxy, dst);
-        let mut u = accept_timeout(&l, Duration::from_secs(5)).expect("accept");
+        let (mut c, mut u) = socks::tunnel(proxy, &l, dst);
         c.write_all(b"ping").unwrap();
         let mut b = [0u8; 4];
         u.read_exact(&mut b).unwrap();
@@ -173,8 +172,7 @@ fn keeps_only_needed_capabilities() {
         if let Some(low) = (1000..1024).find(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok()) {
             d.cli_ok(&["ip", "socks", "set", &format!("port={low}")]);
             let proxy = format!("127.0.0.1:{low}").parse().unwrap();
-            let mut c = socks::connect(proxy, dst);
-            let mut u = accept_timeout(&l, Duration::from_secs(5)).expect("accept");
+            let (mut c, mut u) = socks::tunnel(proxy, &l, dst);
             c.write_all(b"x").unwrap();
             u.read_exact(&mut [0u8; 1]).unwrap();
         }

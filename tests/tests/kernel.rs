@@ -41,8 +41,7 @@ fn four_gib_pass_without_touching_userspace() {
     let mut d = Daemon::start("kernel");
     let proxy = d.enable(&[]);
     let (l, dst) = listen_local();
-    let mut c = socks::connect(proxy, dst);
-    let mut u = accept_timeout(&l, Duration::from_secs(5)).expect("accept");
+    let (mut c, mut u) = socks::tunnel(proxy, &l, dst);
     // Let the splice settle before measuring.
     c.write_all(b"x").unwrap();
     let mut one = [0u8; 1];
@@ -90,8 +89,7 @@ fn bpftool_dumps_flow_fields_by_name() {
     let mut d = Daemon::start("kernel");
     let proxy = d.enable(&[]);
     let (l, dst) = listen_local();
-    let mut c = socks::connect(proxy, dst);
-    let mut u = accept_timeout(&l, Duration::from_secs(5)).expect("accept");
+    let (mut c, mut u) = socks::tunnel(proxy, &l, dst);
     // The first bytes may be handed over in userspace while the pair is
     // spliced; after a round trip the verdict moves (and counts) everything.
     c.write_all(b"p").unwrap();

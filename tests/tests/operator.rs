@@ -6,7 +6,7 @@
 use proxyd_tests::daemon::proxyd_bin;
 use proxyd_tests::socks::{self, Answer, CONNECT, REJECTED};
 use proxyd_tests::{
-    accept_timeout, data_paths, free_port, listen_local, require_program, require_python_module,
+    data_paths, free_port, listen_local, require_program, require_python_module,
     run_with_timeout, tcp_connect, text, wait_until, Daemon,
 };
 use std::collections::HashMap;
@@ -312,8 +312,7 @@ fn metrics_parse_with_prometheus_client() {
         let (mut tx, mut rx) = (0u64, 0u64);
         let mut tunnels = Vec::new();
         for i in 1..=3usize {
-            let mut c = socks::connect(proxy, dst);
-            let mut u = accept_timeout(&l, Duration::from_secs(5)).expect("accept");
+            let (mut c, mut u) = socks::tunnel(proxy, &l, dst);
             pump(&mut c, &mut u, 1000 * i);
             pump(&mut u, &mut c, 300 * i);
             tx += 1000 * i as u64;
@@ -417,8 +416,7 @@ fn connections_print_interval_refreshes() {
     let mut d = Daemon::start("userspace");
     let proxy = d.enable(&[]);
     let (l, dst) = listen_local();
-    let _c = socks::connect(proxy, dst);
-    let _u = accept_timeout(&l, Duration::from_secs(5)).expect("accept");
+    let (_c, _u) = socks::tunnel(proxy, &l, dst);
     let mut cmd = Command::new(timeout);
     cmd.arg("2.5")
         .arg(proxyd_bin())
@@ -446,8 +444,7 @@ fn connections_remove_closes_a_tunnel() {
         let mut d = Daemon::start(dp);
         let proxy = d.enable(&[]);
         let (l, dst) = listen_local();
-        let mut c = socks::connect(proxy, dst);
-        let mut u = accept_timeout(&l, Duration::from_secs(5)).expect("accept");
+        let (mut c, mut u) = socks::tunnel(proxy, &l, dst);
         pump(&mut c, &mut u, 10);
         let listed = d.cli_ok(&["ip", "socks", "connections", "print"]);
         assert!(listed.contains(&dst.to_string()), "{dp}: {listed}");

@@ -27,8 +27,7 @@ fn half_close_both_directions() {
         let (l, dst) = listen_local();
 
         // Client finishes first.
-        let mut c = socks::connect(proxy, dst);
-        let mut u = accept_timeout(&l, Duration::from_secs(5)).expect("accept");
+        let (mut c, mut u) = socks::tunnel(proxy, &l, dst);
         c.write_all(b"request").unwrap();
         c.shutdown(Shutdown::Write).unwrap();
         assert_eq!(
@@ -43,8 +42,7 @@ fn half_close_both_directions() {
         );
 
         // Upstream finishes first.
-        let mut c = socks::connect(proxy, dst);
-        let mut u = accept_timeout(&l, Duration::from_secs(5)).expect("accept");
+        let (mut c, mut u) = socks::tunnel(proxy, &l, dst);
         u.write_all(b"banner, then EOF").unwrap();
         u.shutdown(Shutdown::Write).unwrap();
         assert_eq!(
@@ -73,8 +71,7 @@ fn close_right_after_last_write_loses_nothing() {
         for (i, &size) in SIZES.iter().enumerate() {
             for upload in [true, false] {
                 let data = pattern(size, i as u64 * 2 + upload as u64);
-                let c = socks::connect(proxy, dst);
-                let u = accept_timeout(&l, Duration::from_secs(5)).expect("accept");
+                let (c, u) = socks::tunnel(proxy, &l, dst);
                 let (mut sender, mut receiver) = if upload { (c, u) } else { (u, c) };
                 let payload = data.clone();
                 let t = std::thread::spawn(move || {
@@ -175,8 +172,7 @@ fn tx_rx_are_exact() {
         let mut d = Daemon::start(dp);
         let proxy = d.enable(&[]);
         let (l, dst) = listen_local();
-        let mut c = socks::connect(proxy, dst);
-        let mut u = accept_timeout(&l, Duration::from_secs(5)).expect("accept");
+        let (mut c, mut u) = socks::tunnel(proxy, &l, dst);
         let src = c.local_addr().unwrap().to_string();
         let (mut tx, mut rx) = (0u64, 0u64);
         for (up, down) in [
