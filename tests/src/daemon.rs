@@ -286,6 +286,13 @@ impl Daemon {
         self.cli.ok(args)
     }
 
+    /// Like [`Daemon::cli_ok`], with the words of one command line split at spaces:
+    /// `d.cmd("ip socks access add action=deny")`.
+    pub fn cmd(&self, line: &str) -> String {
+        let args: Vec<&str> = line.split(' ').collect();
+        self.cli_ok(&args)
+    }
+
     /// `ip socks set enabled=yes port=<free> listen-address=127.0.0.1` plus `extra`
     /// settings; waits until the port accepts and returns the SOCKS address.
     pub fn enable(&mut self, extra: &[&str]) -> SocketAddr {

@@ -253,15 +253,7 @@ fn bad_cli_values_are_refused() {
     for dp in data_paths() {
         let mut d = Daemon::start(dp);
         d.enable(&["max-connections=7"]);
-        d.cli_ok(&[
-            "ip",
-            "socks",
-            "access",
-            "add",
-            "src-address=127.0.0.1",
-            "dst-port=21",
-            "action=allow",
-        ]);
+        d.cmd("ip socks access add src-address=127.0.0.1 dst-port=21 action=allow");
         let export = d.cli_ok(&["export"]);
         let state = std::fs::read(&d.state).unwrap();
         let cases: &[(&[&str], &str)] = &[

@@ -29,7 +29,7 @@ fn assert_goes_through_proxy(d: &Daemon, http: &HttpServer, what: &str, fetch: i
         before,
         "{what}: a denied request reached the destination"
     );
-    d.cli_ok(&["ip", "socks", "access", "remove", "0"]);
+    d.cmd("ip socks access remove 0");
 }
 
 /// curl --socks4 and --socks4a (hostname resolved by proxyd) fetch a page intact.
@@ -193,14 +193,7 @@ fn denied_request_gets_91_and_never_reaches_destination() {
             &format!("dst-port={port}"),
             "action=deny",
         ]);
-        d.cli_ok(&[
-            "ip",
-            "socks",
-            "access",
-            "add",
-            "dst-address=127.0.0.0/8",
-            "action=deny",
-        ]);
+        d.cmd("ip socks access add dst-address=127.0.0.0/8 action=deny");
         for (what, req) in [
             (
                 "SOCKS4 CONNECT",
@@ -232,8 +225,8 @@ fn denied_request_gets_91_and_never_reaches_destination() {
             );
         }
         // With the deny rules gone (removed, disabled) the same request is served.
-        d.cli_ok(&["ip", "socks", "access", "remove", "1"]);
-        d.cli_ok(&["ip", "socks", "access", "disable", "0"]);
+        d.cmd("ip socks access remove 1");
+        d.cmd("ip socks access disable 0");
         let before = http.accepted();
         let mut c = socks::connect(proxy, http.addr);
         c.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();

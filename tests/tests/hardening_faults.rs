@@ -381,14 +381,7 @@ fn kill_9_during_transfers_then_restart() {
     for dp in data_paths() {
         let mut d = Daemon::start(dp);
         let proxy = d.enable(&["max-connections=123", "connection-idle-timeout=1h"]);
-        d.cli_ok(&[
-            "ip",
-            "socks",
-            "access",
-            "add",
-            "src-address=127.0.0.0/8",
-            "action=allow",
-        ]);
+        d.cmd("ip socks access add src-address=127.0.0.0/8 action=allow");
         d.cli_ok(&[
             "ip",
             "socks",

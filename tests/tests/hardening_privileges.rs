@@ -321,7 +321,7 @@ fn raises_nofile_limit_for_max_connections() {
         1024.min(hard),
         "the harness did not lower the soft limit"
     );
-    d.cli_ok(&["ip", "socks", "set", "max-connections=9000"]);
+    d.cmd("ip socks set max-connections=9000");
     d.restart();
     let (soft, _) = nofile_limits(d.pid());
     let want = (2 * 9000u64).min(hard);
@@ -359,7 +359,7 @@ fn raises_nofile_limit_when_max_connections_changes_live() {
         },
     );
     let (_, hard) = nofile_limits(d.pid());
-    d.cli_ok(&["ip", "socks", "set", "max-connections=9000"]);
+    d.cmd("ip socks set max-connections=9000");
     let want = (2 * 9000u64).min(hard);
     let raised = wait_until(Duration::from_secs(2), || nofile_limits(d.pid()).0 >= want);
     assert!(

@@ -201,7 +201,7 @@ fn settings_apply_without_restart() {
         ping(&mut c, &mut u, "tunnel opened before the port change");
         ping(&mut c2, &mut u2, "tunnel via the new port");
 
-        d.cli_ok(&["ip", "socks", "set", "enabled=no"]);
+        d.cmd("ip socks set enabled=no");
         assert!(
             wait_until(Duration::from_secs(3), || tcp_connect(new).is_err()),
             "port {new} still accepts after `set enabled=no`"

@@ -20,7 +20,7 @@ fn manual_enable_and_print() {
     for dp in data_paths() {
         let d = Daemon::start(dp);
         // Listen on loopback only (beyond the manual; not part of the four lines).
-        d.cli_ok(&["ip", "socks", "set", "listen-address=127.0.0.1"]);
+        d.cmd("ip socks set listen-address=127.0.0.1");
         // Port 1080 as in the manual when it is free here, otherwise a free port.
         let port = if TcpListener::bind("127.0.0.1:1080").is_ok() {
             1080
@@ -80,7 +80,7 @@ fn manual_enable_and_print() {
         );
         // JSON variant carries the same values.
         let json: serde_json::Value =
-            serde_json::from_str(&d.cli_ok(&["--json", "ip", "socks", "print"]))
+            serde_json::from_str(&d.cmd("--json ip socks print"))
                 .expect("--json print is JSON");
         assert!(
             json.is_object(),
@@ -107,7 +107,7 @@ fn manual_access_list_example() {
                 text(&out.stderr)
             );
         }
-        let printed = d.cli_ok(&["ip", "socks", "access", "print"]);
+        let printed = d.cmd("ip socks access print");
         assert_eq!(
             norm(&printed),
             [
@@ -125,13 +125,13 @@ fn manual_access_list_example() {
             "`access disable 1` failed: {}",
             text(&out.stderr)
         );
-        let printed = d.cli_ok(&["ip", "socks", "access", "print"]);
+        let printed = d.cmd("ip socks access print");
         assert_eq!(
             norm(&printed)[2],
             "1 X dst-port=1024-65535 action=allow",
             "disabled flag:\n{printed}"
         );
-        d.cli_ok(&["ip", "socks", "access", "enable", "1"]);
+        d.cmd("ip socks access enable 1");
         d.cli_ok(&[
             "ip",
             "socks",
@@ -143,7 +143,7 @@ fn manual_access_list_example() {
         // A comment goes on its own line before the row's properties: either
         // `;;; text` then `N props` (as specified to the tests), or RouterOS's own
         // layout `N ;;; text` then the properties indented.
-        let printed = d.cli_ok(&["ip", "socks", "access", "print"]);
+        let printed = d.cmd("ip socks access print");
         let lines = norm(&printed);
         let head = [
             "Flags: X - disabled",
@@ -160,16 +160,16 @@ fn manual_access_list_example() {
                 || lines[3..] == ["2 ;;; drop everything else", "action=deny"],
             "comment line layout:\n{printed}"
         );
-        d.cli_ok(&["ip", "socks", "access", "move", "2", "0"]);
-        let printed = d.cli_ok(&["ip", "socks", "access", "print"]);
+        d.cmd("ip socks access move 2 0");
+        let printed = d.cmd("ip socks access print");
         let lines = norm(&printed);
         assert!(
             lines[1..3] == [";;; drop everything else", "0 action=deny"]
                 || lines[1..3] == ["0 ;;; drop everything else", "action=deny"],
             "move 2 0:\n{printed}"
         );
-        d.cli_ok(&["ip", "socks", "access", "remove", "0"]);
-        let printed = d.cli_ok(&["ip", "socks", "access", "print"]);
+        d.cmd("ip socks access remove 0");
+        let printed = d.cmd("ip socks access print");
         assert_eq!(
             norm(&printed),
             [
@@ -190,26 +190,11 @@ fn manual_connections_print() {
         let mut d = Daemon::start(dp);
         let proxy = d.enable(&[]);
         // The manual's rules (client 127.0.0.1 instead of 192.168.0.2) leave this tunnel allowed.
-        d.cli_ok(&[
-            "ip",
-            "socks",
-            "access",
-            "add",
-            "src-address=127.0.0.1",
-            "dst-port=21",
-            "action=allow",
-        ]);
-        d.cli_ok(&[
-            "ip",
-            "socks",
-            "access",
-            "add",
-            "dst-port=1024-65535",
-            "action=allow",
-        ]);
-        d.cli_ok(&["ip", "socks", "access", "add", "action=deny"]);
+        d.cmd("ip socks access add src-address=127.0.0.1 dst-port=21 action=allow");
+        d.cmd("ip socks access add dst-port=1024-65535 action=allow");
+        d.cmd("ip socks access add action=deny");
 
-        let empty = d.cli_ok(&["ip", "socks", "connections", "print"]);
+        let empty = d.cmd("ip socks connections print");
         assert_eq!(
             norm(&empty),
             ["# SRC-ADDRESS DST-ADDRESS TX RX"],
@@ -230,14 +215,14 @@ fn manual_connections_print() {
         let want = format!("0 {src} {dst} 5 7");
         let mut printed = String::new();
         let seen = wait_until(Duration::from_secs(3), || {
-            printed = d.cli_ok(&["ip", "socks", "connections", "print"]);
+            printed = d.cmd("ip socks connections print");
             norm(&printed) == ["# SRC-ADDRESS DST-ADDRESS TX RX".to_string(), want.clone()]
         });
         assert!(
             seen,
             "`ip socks connections print` should be the header and `{want}`, got:\n{printed}"
         );
-        let detail = d.cli_ok(&["ip", "socks", "connections", "print", "detail"]);
+        let detail = d.cmd("ip socks connections print detail");
         assert!(
             detail.contains("type=out"),
             "`connections print detail` lacks type=out:\n{detail}"
@@ -269,23 +254,8 @@ fn manual_connections_print() {
 fn export_prints_the_configuration() {
     for dp in data_paths() {
         let d = Daemon::start(dp);
-        d.cli_ok(&[
-            "ip",
-            "socks",
-            "set",
-            "port=1081",
-            "max-connections=42",
-            "connection-idle-timeout=1m30s",
-        ]);
-        d.cli_ok(&[
-            "ip",
-            "socks",
-            "access",
-            "add",
-            "src-address=10.0.0.0/8",
-            "dst-port=80",
-            "action=deny",
-        ]);
+        d.cmd("ip socks set port=1081 max-connections=42 connection-idle-timeout=1m30s");
+        d.cmd("ip socks access add src-address=10.0.0.0/8 dst-port=80 action=deny");
         let export = d.cli_ok(&["export"]);
         for needle in [
             "port=1081",

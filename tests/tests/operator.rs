@@ -133,7 +133,7 @@ fn console_in_a_terminal() {
         s.contains("action=deny"),
         "print does not show the rule:\n{s}"
     );
-    let saved = d.cli_ok(&["ip", "socks", "access", "print", "detail"]);
+    let saved = d.cmd("ip socks access print detail");
     assert!(
         saved.contains("action=deny"),
         "the daemon does not have the rule: {saved}"
@@ -446,9 +446,9 @@ fn connections_remove_closes_a_tunnel() {
         let (l, dst) = listen_local();
         let (mut c, mut u) = socks::tunnel(proxy, &l, dst);
         pump(&mut c, &mut u, 10);
-        let listed = d.cli_ok(&["ip", "socks", "connections", "print"]);
+        let listed = d.cmd("ip socks connections print");
         assert!(listed.contains(&dst.to_string()), "{dp}: {listed}");
-        d.cli_ok(&["ip", "socks", "connections", "remove", "0"]);
+        d.cmd("ip socks connections remove 0");
         assert!(
             socks::closed_within(&mut c, Duration::from_secs(5)),
             "{dp}: the client never saw EOF"

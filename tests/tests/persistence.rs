@@ -9,7 +9,7 @@ use std::time::Duration;
 fn print_all(d: &Daemon) -> (String, String, String) {
     (
         d.cli_ok(&["ip", "socks", "print"]),
-        d.cli_ok(&["ip", "socks", "access", "print"]),
+        d.cmd("ip socks access print"),
         d.cli_ok(&["export"]),
     )
 }
@@ -31,24 +31,8 @@ fn settings_and_rules_survive_restart() {
             "action=allow",
             "comment=ftp control",
         ]);
-        d.cli_ok(&[
-            "ip",
-            "socks",
-            "access",
-            "add",
-            "dst-address=10.1.2.0/24",
-            "src-port=1000-2000",
-            "action=deny",
-            "disabled=yes",
-        ]);
-        d.cli_ok(&[
-            "ip",
-            "socks",
-            "access",
-            "add",
-            "dst-port=1024-65535",
-            "action=allow",
-        ]);
+        d.cmd("ip socks access add dst-address=10.1.2.0/24 src-port=1000-2000 action=deny disabled=yes");
+        d.cmd("ip socks access add dst-port=1024-65535 action=allow");
         let before = print_all(&d);
         d.restart();
         let after = print_all(&d);
@@ -155,7 +139,7 @@ fn kill_9_mid_burst_loses_no_acknowledged_change() {
             w.join().unwrap();
         }
         d.restart();
-        let printed = d.cli_ok(&["ip", "socks", "access", "print"]);
+        let printed = d.cmd("ip socks access print");
         let present: Vec<u32> = printed
             .lines()
             .filter_map(|l| {

@@ -74,8 +74,7 @@ fn enable_dual(d: &mut Daemon, extra: &[&str]) -> u16 {
 }
 
 fn cli(d: &Daemon, cmd: &str) -> String {
-    let args: Vec<&str> = cmd.split(' ').collect();
-    d.cli_ok(&args)
+    d.cmd(cmd)
 }
 
 // ---------------------------------------------------------------------------------

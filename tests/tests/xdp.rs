@@ -200,7 +200,7 @@ fn accepted(net: &Net) -> u64 {
 
 /// Dropped packets per access-list rule, from `--json ip socks access print stats`.
 fn drops(d: &Daemon, rule: usize) -> u64 {
-    let out = d.cli_ok(&["--json", "ip", "socks", "access", "print", "stats"]);
+    let out = d.cmd("--json ip socks access print stats");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     v[rule]["xdp-packets"].as_u64().unwrap_or_else(|| panic!("no xdp-packets for rule {rule}: {out}"))
 }
@@ -224,17 +224,8 @@ fn relay_from(ns: &str, dst: SocketAddrV4) {
 /// Enables the proxy on 10.200.1.1:1080 with the prefilter on both links,
 /// metrics on, and the access list denying B's subnet.
 fn configure(d: &Daemon) {
-    d.cli_ok(&["ip", "socks", "access", "add", "src-address=10.200.2.0/24", "action=deny"]);
-    d.cli_ok(&[
-        "ip",
-        "socks",
-        "set",
-        "enabled=yes",
-        "port=1080",
-        "listen-address=10.200.1.1",
-        "metrics-address=127.0.0.1:9180",
-        "xdp-interfaces=sva,svb",
-    ]);
+    d.cmd("ip socks access add src-address=10.200.2.0/24 action=deny");
+    d.cmd("ip socks set enabled=yes port=1080 listen-address=10.200.1.1 metrics-address=127.0.0.1:9180 xdp-interfaces=sva,svb");
 }
 
 fn wait(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
@@ -266,7 +257,7 @@ fn denied_client_gets_no_syn_ack() {
     assert_eq!(accepted(&net), before, "the daemon accepted B");
     let after = drops(&d, 0);
     assert!(after > drops_before, "drop counter of rule 0 did not rise ({drops_before} -> {after})");
-    let stats = d.cli_ok(&["ip", "socks", "access", "print", "stats"]);
+    let stats = d.cmd("ip socks access print stats");
     assert!(stats.contains("XDP-PACKETS") && stats.contains("10.200.2.0/24"), "{stats}");
 
     if find_program("bpftool").is_some() {
@@ -311,7 +302,7 @@ fn access_change_swaps_dropped_host_without_reload() {
     assert!(connect_from(&net.b, SYN_TIMEOUT).is_err(), "B not dropped");
     let (prog, _) = net.xdp("sva").expect("attached");
 
-    d.cli_ok(&["ip", "socks", "access", "set", "0", "src-address=10.200.1.0/24"]);
+    d.cmd("ip socks access set 0 src-address=10.200.1.0/24");
     let t = Instant::now();
     // Within a second: B's SYN is answered and A's is dropped.
     let b_ok = wait(Duration::from_secs(1), || connect_from(&net.b, Duration::from_millis(300)).is_ok());
@@ -321,11 +312,11 @@ fn access_change_swaps_dropped_host_without_reload() {
     assert_eq!(net.xdp("sva").map(|x| x.0), Some(prog), "program reloaded on sva");
     assert_eq!(net.xdp("svb").map(|x| x.0), Some(prog), "program reloaded on svb");
     let v: serde_json::Value =
-        serde_json::from_str(d.cli_ok(&["--json", "ip", "socks", "access", "print", "stats"]).trim()).unwrap();
+        serde_json::from_str(d.cmd("--json ip socks access print stats").trim()).unwrap();
     assert!(v[0]["xdp-packets"].as_u64().unwrap() >= 1, "{v}");
 
     // And back.
-    d.cli_ok(&["ip", "socks", "access", "set", "0", "src-address=10.200.2.0/24"]);
+    d.cmd("ip socks access set 0 src-address=10.200.2.0/24");
     assert!(wait(Duration::from_secs(1), || connect_from(&net.a, Duration::from_millis(300)).is_ok()), "A still dropped");
     assert!(connect_from(&net.b, Duration::from_millis(500)).is_err(), "B not dropped again");
     assert_eq!(net.xdp("sva").map(|x| x.0), Some(prog));
@@ -343,7 +334,7 @@ fn attach_and_detach_follow_the_list() {
     let net = Net::new();
     let mut d = net.daemon("userspace");
     let xdp_pins = net.pin_dir.join("xdp");
-    d.cli_ok(&["ip", "socks", "set", "enabled=yes", "port=1080", "listen-address=10.200.1.1"]);
+    d.cmd("ip socks set enabled=yes port=1080 listen-address=10.200.1.1");
     assert_eq!((net.xdp("sva"), net.xdp("svb")), (None, None), "attached with xdp-interfaces empty");
     let links = ip(&["-n", &net.s, "link", "show"]);
     assert!(!links.contains("prog/xdp") && !links.contains(" xdp"), "{links}");
@@ -355,7 +346,7 @@ fn attach_and_detach_follow_the_list() {
     assert!(text(&out.stderr).contains("nosuch0"), "{}", text(&out.stderr));
     assert_eq!((net.xdp("sva"), net.xdp("svb")), (None, None), "left attached after a failed change");
 
-    d.cli_ok(&["ip", "socks", "set", "xdp-interfaces=sva,svb"]);
+    d.cmd("ip socks set xdp-interfaces=sva,svb");
     let (prog, generic) = net.xdp("sva").expect("sva attached");
     assert_eq!(net.xdp("svb").map(|x| x.0), Some(prog));
     let mode = if generic { "generic" } else { "native" };
@@ -364,25 +355,25 @@ fn attach_and_detach_follow_the_list() {
     assert!(print.contains(&format!("xdp-attached: sva ({mode}), svb ({mode})")), "{print}");
     assert!(xdp_pins.join("XDP_DENY_V4").exists() && xdp_pins.join("XDP_DROPS_V4").exists());
 
-    d.cli_ok(&["ip", "socks", "set", "xdp-interfaces=sva"]);
+    d.cmd("ip socks set xdp-interfaces=sva");
     assert_eq!(net.xdp("svb"), None, "still attached to svb after it left the list");
     assert_eq!(net.xdp("sva").map(|x| x.0), Some(prog), "sva changed");
 
     // A device without native XDP (a bridge): generic mode, and it says so.
     ip(&["-n", &net.s, "link", "add", "dm0", "type", "bridge"]);
     ip(&["-n", &net.s, "link", "set", "dm0", "up"]);
-    d.cli_ok(&["ip", "socks", "set", "xdp-interfaces=sva,dm0"]);
+    d.cmd("ip socks set xdp-interfaces=sva,dm0");
     assert_eq!(net.xdp("dm0"), Some((prog, true)), "dm0 not in generic mode");
     let print = d.cli_ok(&["ip", "socks", "print"]);
     assert!(print.contains(&format!("xdp-attached: dm0 (generic), sva ({mode})")), "{print}");
     assert!(d.log().contains("XDP prefilter attached to dm0 in generic (skb) mode"), "{}", d.log());
 
-    d.cli_ok(&["ip", "socks", "set", "xdp-interfaces="]);
+    d.cmd("ip socks set xdp-interfaces=");
     assert_eq!((net.xdp("sva"), net.xdp("svb"), net.xdp("dm0")), (None, None, None));
     assert!(!xdp_pins.exists(), "pins left after xdp-interfaces was emptied");
 
     // Clean exit (the saved list attaches again at start).
-    d.cli_ok(&["ip", "socks", "set", "xdp-interfaces=sva,svb"]);
+    d.cmd("ip socks set xdp-interfaces=sva,svb");
     assert!(net.xdp("sva").is_some());
     assert!(d.stop(), "unclean exit:\n{}", d.log());
     assert_eq!((net.xdp("sva"), net.xdp("svb")), (None, None), "attached after a clean exit");
@@ -402,7 +393,7 @@ fn attach_and_detach_follow_the_list() {
 
 /// After the restart, the prefilter still drops B (the saved list is applied).
 fn configure_deny_check(net: &Net, d: &Daemon) {
-    d.cli_ok(&["ip", "socks", "access", "add", "src-address=10.200.2.0/24", "action=deny"]);
+    d.cmd("ip socks access add src-address=10.200.2.0/24 action=deny");
     assert!(wait(Duration::from_secs(5), || connect_from(&net.a, SYN_TIMEOUT).is_ok()), "A cannot reach the proxy");
     assert!(connect_from(&net.b, SYN_TIMEOUT).is_err(), "B not dropped after restart");
 }
