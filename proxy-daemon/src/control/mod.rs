@@ -216,9 +216,22 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
         }
         std::fs::remove_file(path)?;
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    // Bind and listen under a private name, restrict it, then rename it into
+    // place: the path appears only once it accepts connections (a client that
+    // sees the file never gets ECONNREFUSED) and never with looser permissions.
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(".new");
+    let staging = PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
+    let listener = std::os::unix::net::UnixListener::bind(&staging)?;
+    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&staging, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
+    }
+    listener.set_nonblocking(true)?;
+    UnixListener::from_std(listener)
 }
 
 /// Serves the control socket until the process ends.
@@ -263,4 +276,27 @@ async fn handle(stream: UnixStream, controller: &Controller) -> io::Result<()> {
     body.push('\n');
     w.write_all(body.as_bytes()).await?;
     w.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The socket path appears already listening and 0600, with no staging name left
+    /// behind; a second bind on a live socket is refused and leaves it working.
+    #[tokio::test]
+    async fn bind_places_a_listening_private_socket() {
+        let dir = std::env::temp_dir().join(format!("proxyd-bind-{}", std::process::id()));
+        let path = dir.join("control.sock");
+        let listener = bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(!dir.join("control.sock.new").exists());
+        std::os::unix::net::UnixStream::connect(&path).expect("listening as soon as it exists");
+        let err = bind(&path).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        std::os::unix::net::UnixStream::connect(&path).expect("still listening");
+        drop(listener);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
