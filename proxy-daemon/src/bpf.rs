@@ -43,12 +43,16 @@ pub struct Pins {
     files: Vec<(PathBuf, Option<u32>)>,
     /// Also remove the parent folder when it is left empty (a subfolder of the pin dir).
     remove_parent: bool,
+    /// The folder, open and `flock`ed: one daemon per pin folder. Held until
+    /// drop (and released by the kernel if the process dies).
+    _lock: std::fs::File,
 }
 
 impl Pins {
     /// Makes sure `dir` is a folder on bpffs (mounting bpffs at
     /// [`BPFFS_ROOT`] if `dir` is below it and nothing is mounted there),
-    /// and removes stale pins named `names` from it.
+    /// takes its lock (another running proxyd holding it is an error: its
+    /// pins are not touched), and removes stale pins named `names` from it.
     pub fn prepare(dir: &Path, names: &[&str], remove_parent: bool) -> io::Result<Self> {
         let shown = dir.display();
         // The nearest existing ancestor tells which filesystem `dir` is on.
@@ -67,6 +71,17 @@ impl Pins {
             }
         }
         std::fs::create_dir_all(dir).map_err(|e| error_line(&format!("creating BPF pin dir {shown}"), &e))?;
+        let lock = std::fs::File::open(dir).map_err(|e| error_line(&format!("opening BPF pin dir {shown}"), &e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    format!("BPF pin dir {shown} is in use by another running proxyd (give each daemon its own --bpf-pin-dir)"),
+                ))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(error_line(&format!("locking BPF pin dir {shown}"), &e)),
+        }
         for name in names {
             let path = dir.join(name);
             match std::fs::remove_file(&path) {
@@ -75,7 +90,7 @@ impl Pins {
                 Err(e) => return Err(error_line(&format!("removing stale pin {}", path.display()), &e)),
             }
         }
-        Ok(Pins { dir: dir.to_path_buf(), files: Vec::new(), remove_parent })
+        Ok(Pins { dir: dir.to_path_buf(), files: Vec::new(), remove_parent, _lock: lock })
     }
 
     /// Records a pin made at `path` for the map with id `id`.

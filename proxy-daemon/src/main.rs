@@ -151,6 +151,7 @@ fn init_logging() {
 }
 
 fn run(control_path: PathBuf, args: RunArgs) -> anyhow::Result<()> {
+    control::ensure_not_running(&control_path).context("cannot start")?;
     let config = store::load(&args.state).context("cannot start: the state file is broken")?;
     proxyd::server::raise_nofile_limit(config.settings.max_connections);
     // Mounting bpffs needs CAP_SYS_ADMIN, which is about to go.

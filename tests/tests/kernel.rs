@@ -270,3 +270,61 @@ fn kernel_failure_at_start_is_one_line() {
     assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
 }
 
+
+/// A second `proxyd run` by mistake leaves the running one alone: on the same pin dir
+/// it refuses to start (one line naming the dir) and the first daemon's pins stay and
+/// its tunnels keep working; on the same control socket it refuses before loading
+/// anything.
+#[test]
+fn second_daemon_on_the_same_pin_dir_or_socket_is_refused() {
+    const T: &str = "second_daemon_on_the_same_pin_dir_or_socket_is_refused";
+    if !kernel_under_test(T) {
+        return;
+    }
+    let mut d = Daemon::start("kernel");
+    let proxy = d.enable(&[]);
+    let pin = d.pin_dir().expect("kernel daemons have a pin dir").to_path_buf();
+    let pins = |p: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(p).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    };
+    let before = pins(&pin);
+    assert!(before.contains(&"FLOWS".to_string()), "the first daemon pins its maps: {before:?}");
+    let dir = std::env::temp_dir().join(format!("proxyd-second-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let second = |control: &std::path::Path, pin_dir: &std::path::Path| {
+        run_with_timeout(
+            Command::new(proxyd_bin())
+                .args(["run", "--data-path", "kernel", "--bpf-pin-dir"])
+                .arg(pin_dir)
+                .arg("--state")
+                .arg(dir.join("config.rsc"))
+                .arg("--control")
+                .arg(control)
+                .env("PROXYD_LOG", "error"),
+            Duration::from_secs(20),
+        )
+    };
+    let out = second(&dir.join("control.sock"), &pin);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "a second daemon on {} must not start:\n{err}", pin.display());
+    assert!(err.contains("in use by another running proxyd") && err.contains(&*pin.to_string_lossy()), "the error must name the pin dir:\n{err}");
+    let other_pin = std::path::PathBuf::from(format!("{}-other", pin.display()));
+    let out = second(&d.cli.control, &other_pin);
+    let err2 = String::from_utf8_lossy(&out.stderr).into_owned();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success(), "a second daemon on the same control socket must not start:\n{err2}");
+    assert!(err2.contains("another proxyd is running on this control socket"), "{err2}");
+    assert!(!other_pin.exists(), "refused before loading BPF, yet {} was made", other_pin.display());
+    assert_eq!(pins(&pin), before, "the first daemon's pins changed");
+    let (l, dst) = listen_local();
+    let (mut c, mut u) = socks::tunnel(proxy, &l, dst);
+    c.write_all(b"still here").unwrap();
+    let mut got = [0u8; 10];
+    u.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"still here");
+    drop((c, u));
+    drop(d);
+    assert!(!pin.exists(), "the first daemon removes its pin dir at a clean stop");
+}

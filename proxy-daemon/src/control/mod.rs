@@ -199,6 +199,19 @@ fn row_matches(r: &crate::server::registry::Row, filters: &[(String, String)]) -
     })
 }
 
+/// Fails when a running proxyd answers on the control socket `path`. `run`
+/// checks this before it loads anything, so a second daemon started by
+/// mistake leaves the first one's listener and BPF pins alone.
+pub fn ensure_not_running(path: &Path) -> io::Result<()> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{}: another proxyd is running on this control socket", path.display()),
+        ));
+    }
+    Ok(())
+}
+
 /// Binds the control socket (mode 0600) at `path`, replacing a stale one.
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -208,12 +221,7 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
         }
     }
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!("{}: another proxyd is running on this control socket", path.display()),
-            ));
-        }
+        ensure_not_running(path)?;
         std::fs::remove_file(path)?;
     }
     // Bind and listen under a private name, restrict it, then rename it into
