@@ -235,6 +235,7 @@ fn test(args: &[String]) -> Result<()> {
             seconds: None,
             systems: "direct,dante,userspace,kernel".into(),
             tunnels: None,
+            tests: "bulk,latency,scale,conn".into(),
             no_iperf: true,
             out: None,
             proxyd: Some(bin),

@@ -42,6 +42,10 @@ pub struct BenchArgs {
     /// 16,000 sockets in the proxy under a 20,000 open-files limit).
     #[arg(long)]
     pub tunnels: Option<String>,
+    /// Measurements to run, comma-separated: bulk,latency,scale,conn (bulk also
+    /// gives CPU per GiB). Default all; a partial run's table shows "—" for the rest.
+    #[arg(long, default_value = "bulk,latency,scale,conn")]
+    pub tests: String,
     /// Skip the iperf3 reference runs.
     #[arg(long)]
     pub no_iperf: bool,
@@ -63,6 +67,14 @@ pub struct Cfg {
     pub concs: Vec<usize>,
     pub tunnels: Vec<usize>,
     pub scale_limit: Duration,
+    /// Which measurements run (`--tests`).
+    pub tests: Vec<String>,
+}
+
+impl Cfg {
+    fn runs(&self, test: &str) -> bool {
+        self.tests.iter().any(|t| t == test)
+    }
 }
 
 /// One measured figure: the median of its samples.
@@ -232,7 +244,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             None => vec![1000, 4000, 8000],
         },
         scale_limit: Duration::from_secs(if args.smoke { 15 } else { 90 }),
+        tests: args.tests.split(',').map(|t| t.trim().to_string()).collect(),
     };
+    if let Some(bad) = cfg.tests.iter().find(|t| !["bulk", "latency", "scale", "conn"].contains(&t.as_str())) {
+        anyhow::bail!("--tests: unknown measurement {bad:?} (allowed: bulk, latency, scale, conn)");
+    }
     let bin = args.proxyd.clone().unwrap_or_else(|| root.join("target/release/proxyd"));
     let ctx = Ctx { bin, work: work.clone(), logs, dsts: echo.addrs.clone(), echo_pids: echo.pids.clone() };
     let mut machine = report::machine_info(&root, &ctx.bin);
@@ -373,6 +389,9 @@ fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
     let order = |rep: usize| (0..n).map(move |i| (i + rep) % n);
 
     for (key, flows) in [("bulk1_gbps", 1usize), ("bulk8_gbps", 8)] {
+        if !cfg.runs("bulk") {
+            break;
+        }
         eprintln!("bench: {key} ...");
         for rep in 0..cfg.repeats {
             for i in order(rep) {
@@ -383,7 +402,7 @@ fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
         }
     }
     eprintln!("bench: latency ...");
-    for rep in 0..cfg.repeats {
+    for rep in 0..if cfg.runs("latency") { cfg.repeats } else { 0 } {
         for i in order(rep) {
             let s = &mut systems[i];
             let Some(target) = &s.target else { continue };
@@ -432,7 +451,7 @@ fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
     // TIME_WAIT sockets hold 127.0.0.1 ports for a minute, and Dante binds
     // its upstream sockets to 127.0.0.1 port 0 (no 4-tuple reuse for bind).
     for s in &mut systems {
-        if s.target.is_none() {
+        if s.target.is_none() || !cfg.runs("scale") {
             continue;
         }
         eprintln!("bench: scale, {} ...", s.r.name);
@@ -459,7 +478,7 @@ fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
             }
         }
     }
-    for &c in &cfg.concs {
+    for &c in cfg.concs.iter().filter(|_| cfg.runs("conn")) {
         eprintln!("bench: connections c={c} ...");
         let key = format!("conn_c{c}");
         for rep in 0..cfg.repeats {
