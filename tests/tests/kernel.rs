@@ -139,7 +139,7 @@ fn transfer(proxy: std::net::SocketAddr, l: &std::net::TcpListener, dst: std::ne
     let c = socks::connect(proxy, dst);
     let u = accept_timeout(l, Duration::from_secs(10)).expect("accept");
     let data = pattern(len, i as u64);
-    let (mut sender, mut receiver) = if i % 2 == 0 { (c, u) } else { (u, c) };
+    let (mut sender, mut receiver) = if i.is_multiple_of(2) { (c, u) } else { (u, c) };
     receiver.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let half_close = i % 4 >= 2;
     let want = sha256::hex(&data);

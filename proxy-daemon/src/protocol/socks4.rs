@@ -232,11 +232,11 @@ mod tests {
     #[test]
     fn user_id_limit() {
         let mut ok = b"\x04\x01\x00\x50\x7f\x00\x00\x01".to_vec();
-        ok.extend(std::iter::repeat(b'u').take(255));
+        ok.extend(std::iter::repeat_n(b'u', 255));
         ok.push(0);
         assert!(parse_request(&ok).is_ok());
         let mut long = b"\x04\x01\x00\x50\x7f\x00\x00\x01".to_vec();
-        long.extend(std::iter::repeat(b'u').take(256));
+        long.extend(std::iter::repeat_n(b'u', 256));
         assert_eq!(parse_request(&long), Err(ParseError::UserIdTooLong));
         long.push(0);
         assert_eq!(parse_request(&long), Err(ParseError::UserIdTooLong));
@@ -250,10 +250,10 @@ mod tests {
         msg.push(0);
         assert_eq!(parse_request(&msg), Err(ParseError::EmptyHostname));
         let mut long = b"\x04\x01\x00\x50\x00\x00\x00\x01\x00".to_vec();
-        long.extend(std::iter::repeat(b'h').take(256));
+        long.extend(std::iter::repeat_n(b'h', 256));
         assert_eq!(parse_request(&long), Err(ParseError::HostnameTooLong));
         let mut max = b"\x04\x01\x00\x50\x00\x00\x00\x01\x00".to_vec();
-        max.extend(std::iter::repeat(b'h').take(255));
+        max.extend(std::iter::repeat_n(b'h', 255));
         max.push(0);
         assert!(parse_request(&max).is_ok());
         assert!(MAX_REQUEST_LEN >= max.len());

@@ -271,7 +271,10 @@ pub fn encode_udp(from: SocketAddr, payload: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    fn check_all_prefixes<T: PartialEq + fmt::Debug>(msg: &[u8], parse: fn(&[u8]) -> Result<(T, usize), ParseError>) -> T {
+    /// A parser under test: a message and how many bytes it took, or why not.
+    type Parser<T> = fn(&[u8]) -> Result<(T, usize), ParseError>;
+
+    fn check_all_prefixes<T: PartialEq + fmt::Debug>(msg: &[u8], parse: Parser<T>) -> T {
         for n in 0..msg.len() {
             assert_eq!(parse(&msg[..n]).map(|_| ()), Err(ParseError::Incomplete), "prefix of {n} bytes");
         }

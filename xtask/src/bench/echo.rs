@@ -132,8 +132,8 @@ fn serve(listeners: &[RawFd]) {
             if n < 0 {
                 continue;
             }
-            for i in 0..n as usize {
-                let data = events[i].u64;
+            for ev in &events[..n as usize] {
+                let data = ev.u64;
                 if data & LISTENER_TAG != 0 {
                     let l = (data & !LISTENER_TAG) as RawFd;
                     loop {

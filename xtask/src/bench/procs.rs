@@ -289,7 +289,7 @@ pub fn fd_kinds(root: i32) -> Vec<(String, u64)> {
         }
     }
     let mut v: Vec<(String, u64)> = m.into_iter().collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|x| std::cmp::Reverse(x.1));
     v
 }
 
