@@ -23,9 +23,10 @@ mod tunnel;
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
 
-use aya::maps::{HashMap as BpfHashMap, MapData, MapInfo, SockHash};
+use aya::maps::{HashMap as BpfHashMap, IterableMap, MapData, MapInfo, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
@@ -88,9 +89,9 @@ pub struct KernelDataPath {
 
 /// What the tunnel tasks share with the loader.
 struct Shared {
-    /// The four maps. Reads (counters) take the read lock; inserts/removes
-    /// take the write lock (aya's map handles want `&mut` for updates).
-    maps: RwLock<Maps>,
+    /// The four maps, used without a lock: every element command is atomic
+    /// in the kernel, and each tunnel touches only its own two keys.
+    maps: Maps,
     /// Keeps the program loaded and attached to `SPLICE`.
     _ebpf: Mutex<Ebpf>,
     /// Socket buffer size for new pairs (0: leave the kernel's autotuning).
@@ -109,6 +110,8 @@ impl Drop for Shared {
     }
 }
 
+/// The maps, owned through aya (which created and pinned them); elements are
+/// read and written with [`sys`]'s map commands, which take `&self`.
 struct Maps {
     socks: SockHash<MapData, u64>,
     splice: SockHash<MapData, u64>,
@@ -119,7 +122,42 @@ struct Maps {
 impl Maps {
     /// One socket's flow entry, if the socket is in the maps.
     fn flow(&self, cookie: u64) -> Option<MapFlow> {
-        self.flows.get(&cookie, 0).ok()
+        sys::map_lookup(self.flows.map().fd().as_fd(), &cookie).ok().flatten()
+    }
+
+    /// Everything a pair needs before its first verdict, in the order of the
+    /// module docs: `PEERS`, `FLOWS`, `SOCKS` (both), then the upstream in
+    /// `SPLICE`. The client enters `SPLICE` with [`Maps::splice_in`].
+    fn enter(&self, [c, u]: [u64; 2], [cfd, ufd]: [u32; 2], fresh: MapFlow) -> io::Result<()> {
+        let (peers, flows, socks) = (self.peers.map().fd().as_fd(), self.flows.map().fd().as_fd(), self.socks.map().fd().as_fd());
+        sys::map_update(peers, &c, &u, 0)?;
+        sys::map_update(peers, &u, &c, 0)?;
+        sys::map_update(flows, &c, &fresh, 0)?;
+        sys::map_update(flows, &u, &fresh, 0)?;
+        sys::map_update(socks, &c, &cfd, 0)?;
+        sys::map_update(socks, &u, &ufd, 0)?;
+        self.splice_in(u, ufd)
+    }
+
+    /// Puts one socket under the verdict.
+    fn splice_in(&self, cookie: u64, fd: u32) -> io::Result<()> {
+        sys::map_update(self.splice.map().fd().as_fd(), &cookie, &fd, 0)
+    }
+
+    /// Takes one socket from under the verdict (missing is fine).
+    fn splice_out(&self, cookie: u64) {
+        let _ = sys::map_delete(self.splice.map().fd().as_fd(), &cookie);
+    }
+
+    /// Removes the pair from every map, in the reverse order of
+    /// [`Maps::enter`] (missing entries are fine).
+    fn leave(&self, cookies: [u64; 2]) {
+        for cookie in cookies {
+            self.splice_out(cookie);
+        }
+        for (map, cookie) in [self.socks.map(), self.peers.map(), self.flows.map()].into_iter().flat_map(|m| cookies.map(|c| (m, c))) {
+            let _ = sys::map_delete(map.fd().as_fd(), &cookie);
+        }
     }
 }
 
@@ -200,7 +238,7 @@ impl KernelDataPath {
         info!(pin_dir = %pin_dir.display(), "kernel data path loaded: sk_skb verdict attached to sockhash {SPLICE_MAP}");
         Ok(KernelDataPath {
             shared: Arc::new(Shared {
-                maps: RwLock::new(maps),
+                maps,
                 _ebpf: Mutex::new(ebpf),
                 socket_buffer: AtomicU32::new(DEFAULT_SOCKET_BUFFER),
                 hand_over_queued: AtomicBool::new(true),
@@ -348,12 +386,10 @@ impl KernelFlow {
     /// Folds the current `FLOWS` entries into the kept values; does nothing
     /// when the pair is not (or no longer) in the maps.
     fn read_maps(&self) {
-        let (c, u) = {
-            let maps = self.shared.maps.read().unwrap_or_else(|p| p.into_inner());
-            match (maps.flow(self.client), maps.flow(self.upstream)) {
-                (Some(c), Some(u)) => (c, u),
-                _ => return,
-            }
+        let maps = &self.shared.maps;
+        let (c, u) = match (maps.flow(self.client), maps.flow(self.upstream)) {
+            (Some(c), Some(u)) => (c, u),
+            _ => return,
         };
         self.kernel_tx.fetch_max(c.bytes, Ordering::Relaxed);
         self.kernel_rx.fetch_max(u.bytes, Ordering::Relaxed);

@@ -54,9 +54,21 @@ fn wait_port(child: &mut Child, addr: SocketAddrV4, log: &Path) -> Result<()> {
     }
 }
 
+/// A port on 127.0.0.1 free for a proxy to listen on. Chosen below the ephemeral
+/// range: after a connection-rate run, tens of thousands of TIME_WAIT sockets
+/// on 127.0.0.1 can exhaust that range for a minute, and `bind(127.0.0.1:0)`
+/// then fails with EADDRINUSE.
 pub fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+    const FIRST: u16 = 12_000;
+    const COUNT: u16 = 20_000;
+    let start = (std::process::id() as u64 ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos() as u64) % u64::from(COUNT);
+    for i in 0..COUNT {
+        let port = FIRST + ((start as u16).wrapping_add(i) % COUNT);
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return Ok(l.local_addr()?.port());
+        }
+    }
+    bail!("no free port on 127.0.0.1 between {FIRST} and {}", FIRST + COUNT - 1)
 }
 
 fn proxyd_cli(bin: &Path, control: &Path, args: &[&str]) -> Result<String> {

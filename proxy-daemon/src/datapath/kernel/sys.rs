@@ -1,15 +1,17 @@
 //! The few raw Linux calls the kernel data path needs and that neither std,
 //! tokio nor nix wrap: socket cookies, `TCP_INFO`, `SIOCOUTQ`, forced buffer
-//! sizes, a private epoll set (and handing fds to tokio's reactor), and bpffs
-//! detection/mounting.
+//! sizes, a private epoll set (and handing fds to tokio's reactor), bpffs
+//! detection/mounting, and map element commands that need no `&mut` (so the
+//! maps are shared by all tunnel tasks without a lock).
 //!
 //! Every `unsafe` block of the kernel data path lives here, each with its
 //! SAFETY argument; callers get safe functions over `AsFd`.
 
 use std::io;
 use std::mem;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
+use aya::Pod;
 use aya_log::EbpfLogger;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -231,3 +233,68 @@ pub fn async_logger<T>(logger: EbpfLogger<T>) -> io::Result<AsyncFd<EbpfLogger<T
     Ok(unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }?)
 }
 
+
+/// The `union bpf_attr` member of the map element commands (lookup, update,
+/// delete): `map_fd`, `key`, `value`, `flags`, passed with exactly this size.
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// `bpf(2)` on one map element. Maps are shared between threads without a
+/// lock: each element command is atomic in the kernel.
+fn map_elem(cmd: u32, map: BorrowedFd<'_>, key: *const u8, value: u64, flags: u64) -> io::Result<()> {
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key as u64,
+        value,
+        flags,
+    };
+    // SAFETY: `attr` is a valid prefix of `union bpf_attr` for the element
+    // commands, of the size passed; `key` (and `value`, when set) point to
+    // live buffers of the map's key and value size for the whole call (the
+    // callers pass `&K`/`&V`/`&mut V` of the map's declared types, all `Pod`).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            &mut attr as *mut MapElemAttr,
+            mem::size_of::<MapElemAttr>() as libc::c_long,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+const BPF_MAP_LOOKUP_ELEM: u32 = 1;
+const BPF_MAP_UPDATE_ELEM: u32 = 2;
+const BPF_MAP_DELETE_ELEM: u32 = 3;
+
+/// Sets `map[key] = value` (`flags`: `BPF_ANY` 0, `BPF_NOEXIST` 1, ...).
+/// For a sockhash the value is the socket's fd as a `u32`.
+pub fn map_update<K: Pod, V: Pod>(map: BorrowedFd<'_>, key: &K, value: &V, flags: u64) -> io::Result<()> {
+    map_elem(BPF_MAP_UPDATE_ELEM, map, (key as *const K).cast(), value as *const V as u64, flags)
+}
+
+/// Removes `map[key]`; a missing key is `ErrorKind::NotFound`.
+pub fn map_delete<K: Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
+    map_elem(BPF_MAP_DELETE_ELEM, map, (key as *const K).cast(), 0, 0)
+}
+
+/// `map[key]`, or `None` when the key is missing.
+pub fn map_lookup<K: Pod, V: Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
+    // SAFETY: `Pod` types are valid for any bit pattern, all zeros included.
+    let mut value: V = unsafe { mem::zeroed() };
+    match map_elem(BPF_MAP_LOOKUP_ELEM, map, (key as *const K).cast(), &mut value as *mut V as u64, 0) {
+        Ok(()) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}

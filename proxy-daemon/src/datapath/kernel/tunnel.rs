@@ -277,34 +277,23 @@ fn splice(
         (Ok(c), Ok(u)) => [c, u],
         (Err(e), _) | (_, Err(e)) => return Err(SpliceError::Nothing(e, socks)),
     };
-    let [c, u] = cookies;
-    let (cfd, ufd) = (socks[CLIENT].as_raw_fd(), socks[UPSTREAM].as_raw_fd());
+    let fds = [
+        socks[CLIENT].as_raw_fd() as u32,
+        socks[UPSTREAM].as_raw_fd() as u32,
+    ];
     let fresh = MapFlow {
         bytes: 0,
         packets: 0,
         last_ns: monotonic_ns(),
     };
-    let mut maps = shared.maps.write().unwrap_or_else(|p| p.into_inner());
-    let m = &mut *maps;
-    let ready = m
-        .peers
-        .insert(c, u, 0)
-        .and_then(|()| m.peers.insert(u, c, 0))
-        .and_then(|()| m.flows.insert(c, fresh, 0))
-        .and_then(|()| m.flows.insert(u, fresh, 0))
-        .and_then(|()| m.socks.insert(c, cfd, 0))
-        .and_then(|()| m.socks.insert(u, ufd, 0))
-        .and_then(|()| m.splice.insert(u, ufd, 0));
-    if let Err(e) = ready {
-        drop(maps);
+    if let Err(e) = shared.maps.enter(cookies, fds, fresh) {
         leave_maps(shared, cookies);
         return Err(SpliceError::Nothing(
             error_line("inserting into the BPF maps", &e),
             socks,
         ));
     }
-    let client_in = m.splice.insert(c, cfd, 0);
-    drop(maps);
+    let client_in = shared.maps.splice_in(cookies[CLIENT], fds[CLIENT]);
     let spliced = Spliced {
         socks,
         cookies,
@@ -342,10 +331,7 @@ async fn unsplice_half(
     sp: &Spliced,
     cancel: &CancellationToken,
 ) {
-    {
-        let mut maps = shared.maps.write().unwrap_or_else(|p| p.into_inner());
-        let _ = maps.splice.remove(&sp.cookies[UPSTREAM]);
-    }
+    shared.maps.splice_out(sp.cookies[UPSTREAM]);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     let mut delay = DRAIN_POLL_MIN;
     while !matches!(drained(shared, sp, UPSTREAM, CLIENT), Ok(true) | Err(_))
@@ -361,17 +347,7 @@ async fn unsplice_half(
 
 /// Removes the pair from every map (missing entries are fine).
 fn leave_maps(shared: &Shared, cookies: [u64; 2]) {
-    let mut maps = shared.maps.write().unwrap_or_else(|p| p.into_inner());
-    for cookie in cookies {
-        let _ = maps.splice.remove(&cookie);
-    }
-    for cookie in cookies {
-        let _ = maps.socks.remove(&cookie);
-    }
-    for cookie in cookies {
-        let _ = maps.peers.remove(&cookie);
-        let _ = maps.flows.remove(&cookie);
-    }
+    shared.maps.leave(cookies);
 }
 
 /// Waits for FIN/RST on both sockets and closes each direction without loss.
@@ -452,10 +428,7 @@ fn drained(shared: &Shared, sp: &Spliced, from: usize, to: usize) -> Result<bool
     // running on it (the FIN may be seen before the verdict ran on the
     // segment that carried it) finishes first, so the counter read next is final.
     sys::tcp_info(&sp.socks[from]).map_err(End::Failed)?;
-    let counted = {
-        let maps = shared.maps.read().unwrap_or_else(|p| p.into_inner());
-        maps.flow(sp.cookies[from])
-    };
+    let counted = shared.maps.flow(sp.cookies[from]);
     let Some(counted) = counted else {
         return Err(End::Failed(io::Error::other(
             "flow entry vanished from the map",
