@@ -134,7 +134,7 @@ pub(super) async fn run(
 
     let end = watch(&shared, &spliced, &cancel).await;
     flow.freeze();
-    leave_maps(&shared, cookies);
+    shared.maps.leave(cookies);
     match end {
         End::Clean => debug!(tunnel = id, "closed by both sides"),
         End::Cancelled => debug!(tunnel = id, "cancelled"),
@@ -287,7 +287,7 @@ fn splice(
         last_ns: monotonic_ns(),
     };
     if let Err(e) = shared.maps.enter(cookies, fds, fresh) {
-        leave_maps(shared, cookies);
+        shared.maps.leave(cookies);
         return Err(SpliceError::Nothing(
             error_line("inserting into the BPF maps", &e),
             socks,
@@ -342,12 +342,7 @@ async fn unsplice_half(
         delay = (delay * 2).min(DRAIN_POLL_MAX);
     }
     flow.freeze();
-    leave_maps(shared, sp.cookies);
-}
-
-/// Removes the pair from every map (missing entries are fine).
-fn leave_maps(shared: &Shared, cookies: [u64; 2]) {
-    shared.maps.leave(cookies);
+    shared.maps.leave(sp.cookies);
 }
 
 /// Waits for FIN/RST on both sockets and closes each direction without loss.
