@@ -297,30 +297,45 @@ impl Daemon {
     /// settings; waits until the port accepts and returns the SOCKS address.
     pub fn enable(&mut self, extra: &[&str]) -> SocketAddr {
         let port = free_port();
-        let port_arg = format!("port={port}");
-        let mut args = vec![
-            "ip",
-            "socks",
-            "set",
-            "enabled=yes",
-            &port_arg,
-            "listen-address=127.0.0.1",
-        ];
-        args.extend_from_slice(extra);
-        self.cli_ok(&args);
-        self.port = Some(port);
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let up = wait_until(Duration::from_secs(5), || {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
-        });
-        assert!(
-            up,
-            "proxyd does not accept on {addr} after `ip socks set enabled=yes`; stderr:\n{}",
-            self.log()
-        );
-        // Let the daemon drop the probe connection before tests count connections.
-        wait_until(Duration::from_secs(2), || self.cli.connections().is_empty());
+        if let Err(e) = self.try_enable("127.0.0.1", port, extra, &[addr]) {
+            panic!("`ip socks set enabled=yes port={port}` failed: {e}");
+        }
         addr
+    }
+
+    /// `ip socks set enabled=yes port=<port> listen-address=<listen>` plus `extra`;
+    /// on success waits until every address in `accepts` takes connections (panics
+    /// if one does not); on refusal returns the CLI's stderr.
+    pub fn try_enable(
+        &mut self,
+        listen: &str,
+        port: u16,
+        extra: &[&str],
+        accepts: &[SocketAddr],
+    ) -> Result<(), String> {
+        let port_arg = format!("port={port}");
+        let listen_arg = format!("listen-address={listen}");
+        let mut args = vec!["ip", "socks", "set", "enabled=yes", &port_arg, &listen_arg];
+        args.extend_from_slice(extra);
+        let out = self.cli(&args);
+        if !out.status.success() {
+            return Err(text(&out.stderr));
+        }
+        self.port = Some(port);
+        for addr in accepts {
+            let up = wait_until(Duration::from_secs(5), || {
+                TcpStream::connect_timeout(addr, Duration::from_millis(500)).is_ok()
+            });
+            assert!(
+                up,
+                "proxyd does not accept on {addr} after `ip socks set enabled=yes`; stderr:\n{}",
+                self.log()
+            );
+        }
+        // Let the daemon drop the probe connections before tests count connections.
+        wait_until(Duration::from_secs(2), || self.cli.connections().is_empty());
+        Ok(())
     }
 
     /// The SOCKS address set by [`Daemon::enable`].

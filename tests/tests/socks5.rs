@@ -43,38 +43,16 @@ fn enable_dual(d: &mut Daemon, extra: &[&str]) -> u16 {
             .local_addr()
             .unwrap()
             .port();
-        let port_arg = format!("port={port}");
-        let mut args = vec![
-            "ip",
-            "socks",
-            "set",
-            "enabled=yes",
-            &port_arg,
-            "listen-address=::",
+        let accepts = [
+            SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
         ];
-        args.extend_from_slice(extra);
-        let out = d.cli(&args);
-        if out.status.success() {
-            d.port = Some(port);
-            for a in [
-                SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-                SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
-            ] {
-                let up = wait_until(Duration::from_secs(5), || {
-                    TcpStream::connect_timeout(&a, Duration::from_millis(500)).is_ok()
-                });
-                assert!(up, "proxyd does not accept on {a}; stderr:\n{}", d.log());
-            }
-            wait_until(Duration::from_secs(2), || d.cli.connections().is_empty());
-            return port;
+        match d.try_enable("::", port, extra, &accepts) {
+            Ok(()) => return port,
+            Err(e) => last = e,
         }
-        last = text(&out.stderr);
     }
     panic!("cannot enable proxyd on listen-address=:: (5 ports tried): {last}");
-}
-
-fn cli(d: &Daemon, cmd: &str) -> String {
-    d.cmd(cmd)
 }
 
 // ---------------------------------------------------------------------------------
@@ -423,7 +401,13 @@ fn curl_socks5_fetches_over_ipv4_and_ipv6() {
     ];
     for dp in data_paths() {
         // Tunnel summaries are logged at debug.
-        let log = Options { env: vec![("PROXYD_LOG".into(), "info,proxyd::server::conn=debug".into())], ..Default::default() };
+        let log = Options {
+            env: vec![(
+                "PROXYD_LOG".into(),
+                "info,proxyd::server::conn=debug".into(),
+            )],
+            ..Default::default()
+        };
         let mut d = Daemon::start_with(dp, log);
         let port = enable_dual(&mut d, &["version=5"]);
         let proxies = [format!("127.0.0.1:{port}"), format!("[::1]:{port}")];
@@ -446,7 +430,7 @@ fn curl_socks5_fetches_over_ipv4_and_ipv6() {
                     "name=alice",
                     &format!("password={ALICE_PW}"),
                 ]);
-                cli(&d, "ip socks set auth-method=password");
+                d.cmd("ip socks set auth-method=password");
             }
             for proxy in &proxies {
                 for flag in ["--socks5", "--socks5-hostname"] {
@@ -630,7 +614,7 @@ fn udp_associate_round_trip_with_pysocks() {
                     "name=alice",
                     &format!("password={ALICE_PW}"),
                 ]);
-                cli(&d, "ip socks set auth-method=password");
+                d.cmd("ip socks set auth-method=password");
                 ("alice", ALICE_PW)
             } else {
                 ("", "")
@@ -844,7 +828,7 @@ fn version_4_refuses_socks5_and_version_5_serves_both() {
         let mut d = Daemon::start(dp);
         let proxy = d.enable(&[]);
         assert!(
-            cli(&d, "ip socks print").contains("version: 4"),
+            d.cmd("ip socks print").contains("version: 4"),
             "[{dp}] default version is not 4"
         );
         for methods in [&[0u8][..], &[0, 2], &[2]] {
@@ -884,7 +868,7 @@ fn version_4_refuses_socks5_and_version_5_serves_both() {
         s4.read_to_end(&mut all).unwrap();
         assert!(all.ends_with(b"v4 page"), "[{dp}] SOCKS4 under version=4");
 
-        cli(&d, "ip socks set version=5");
+        d.cmd("ip socks set version=5");
         assert_eq!(
             http_get(connect(proxy, None, &dst)),
             b"v4 page",
@@ -941,7 +925,7 @@ fn password_without_users_refuses_everyone() {
             );
         }
         // The first enabled user opens the door, for that user only.
-        cli(&d, "ip socks users enable 0");
+        d.cmd("ip socks users enable 0");
         let dst = Dst::Ip(SocketAddr::V4(http.addr));
         assert_eq!(
             http_get(connect(proxy, Some(("bob", BOB_PW)), &dst)),
@@ -1030,14 +1014,14 @@ fn only_one_refuses_second_connection_until_first_closes() {
 
         // The user column: --json, print detail, and the USER column of print.
         let json: serde_json::Value =
-            serde_json::from_str(&cli(&d, "--json ip socks connections print")).unwrap();
+            serde_json::from_str(&d.cmd("--json ip socks connections print")).unwrap();
         assert_eq!(json[0]["user"], "bob", "[{dp}] --json row: {json}");
-        let detail = cli(&d, "ip socks connections print detail");
+        let detail = d.cmd("ip socks connections print detail");
         assert!(
             detail.contains("user=bob"),
             "[{dp}] print detail lacks user=bob:\n{detail}"
         );
-        let plain = cli(&d, "ip socks connections print");
+        let plain = d.cmd("ip socks connections print");
         assert!(
             plain.contains("USER") && plain.contains("bob"),
             "[{dp}] print lacks the USER column:\n{plain}"
@@ -1203,20 +1187,10 @@ fn socks5_properties_print_export_and_survive_restart() {
         &format!("password={CAROL_PW}"),
         "rate-limit=512k",
     ]);
-    cli(
-        &d,
-        "ip socks access add src-address=fd00:1234::/32 action=deny comment=v6-lan",
-    );
-    cli(
-        &d,
-        "ip socks access add dst-address=2001:db8::/32 action=deny",
-    );
-    cli(
-        &d,
-        "ip socks access add dst-address=blocked.example action=deny",
-    );
-    cli(
-        &d,
+    d.cmd("ip socks access add src-address=fd00:1234::/32 action=deny comment=v6-lan");
+    d.cmd("ip socks access add dst-address=2001:db8::/32 action=deny");
+    d.cmd("ip socks access add dst-address=blocked.example action=deny");
+    d.cmd(
         "ip socks access add src-address=::1/128 dst-address=::1/128 dst-port=1-1023 action=deny",
     );
     let cleartexts = [ALICE_PW, BOB_PW, CAROL_PW];
@@ -1230,14 +1204,14 @@ fn socks5_properties_print_export_and_survive_restart() {
     };
 
     let check = |d: &Daemon, when: &str| -> String {
-        let settings = cli(d, "ip socks print");
+        let settings = d.cmd("ip socks print");
         for want in ["version: 5", "auth-method: password", "listen-address: ::"] {
             assert!(
                 settings.contains(want),
                 "{when}: `ip socks print` lacks {want:?}:\n{settings}"
             );
         }
-        let users = cli(d, "ip socks users print");
+        let users = d.cmd("ip socks users print");
         for want in [
             "alice",
             "bob",
@@ -1263,8 +1237,8 @@ fn socks5_properties_print_export_and_survive_restart() {
         assert!(flagged, "{when}: bob not flagged disabled:\n{users}");
         for out in [
             users.clone(),
-            cli(d, "ip socks users print detail"),
-            cli(d, "--json ip socks users print"),
+            d.cmd("ip socks users print detail"),
+            d.cmd("--json ip socks users print"),
         ] {
             no_cleartext(&format!("{when}: users print"), &out);
             assert!(
@@ -1273,11 +1247,11 @@ fn socks5_properties_print_export_and_survive_restart() {
             );
         }
         let json: serde_json::Value =
-            serde_json::from_str(&cli(d, "--json ip socks users print")).unwrap();
+            serde_json::from_str(&d.cmd("--json ip socks users print")).unwrap();
         assert_eq!(json[0]["rate-limit"], 8_000_000, "{when}: {json}");
         assert_eq!(json[0]["only-one"], true, "{when}: {json}");
         assert_eq!(json[1]["disabled"], true, "{when}: {json}");
-        let access = cli(d, "ip socks access print");
+        let access = d.cmd("ip socks access print");
         for want in [
             "fd00:1234::/32",
             "2001:db8::/32",
@@ -1290,7 +1264,7 @@ fn socks5_properties_print_export_and_survive_restart() {
                 "{when}: `access print` lacks {want:?}:\n{access}"
             );
         }
-        let export = cli(d, "export");
+        let export = d.cmd("export");
         no_cleartext(&format!("{when}: export"), &export);
         no_cleartext(
             &format!("{when}: state file"),
@@ -1378,9 +1352,9 @@ fn socks5_properties_print_export_and_survive_restart() {
         &format!("password={WRONG_PW}"),
         "rate-limit=0",
     ]);
-    cli(&d, "ip socks users enable 1");
-    cli(&d, "ip socks users set 0 only-one=no comment=moved");
-    let after_set = cli(&d, "export");
+    d.cmd("ip socks users enable 1");
+    d.cmd("ip socks users set 0 only-one=no comment=moved");
+    let after_set = d.cmd("export");
     no_cleartext("after set: export", &after_set);
     assert!(
         !after_set.contains(WRONG_PW),
@@ -1392,11 +1366,11 @@ fn socks5_properties_print_export_and_survive_restart() {
         "not listening after restart"
     );
     assert_eq!(
-        cli(&d, "export"),
+        d.cmd("export"),
         after_set,
         "export changed across restart after set"
     );
-    let users = cli(&d, "ip socks users print");
+    let users = d.cmd("ip socks users print");
     assert!(
         users.contains("moved"),
         "`users set 0 comment=moved` not shown:\n{users}"
@@ -1414,13 +1388,13 @@ fn socks5_properties_print_export_and_survive_restart() {
             ("bob", BOB_PW, true),
         ],
     );
-    cli(&d, "ip socks users remove 1");
+    d.cmd("ip socks users remove 1");
     d.restart();
     assert!(
         wait_until(Duration::from_secs(5), || tcp_connect(proxy).is_ok()),
         "not listening after restart"
     );
-    let users = cli(&d, "ip socks users print");
+    let users = d.cmd("ip socks users print");
     assert!(!users.contains("bob"), "removed user came back:\n{users}");
     logins(
         &d,
@@ -1429,7 +1403,7 @@ fn socks5_properties_print_export_and_survive_restart() {
     );
 
     // The export alone (password hashes, no cleartext) restores the same logins.
-    let export = cli(&d, "export");
+    let export = d.cmd("export");
     d.stop();
     let mut d2 = Daemon::start("userspace");
     d2.stop();
@@ -1440,7 +1414,7 @@ fn socks5_properties_print_export_and_survive_restart() {
         "the export does not listen"
     );
     assert_eq!(
-        cli(&d2, "export"),
+        d2.cmd("export"),
         export,
         "a daemon started from the export exports something else"
     );
@@ -1469,7 +1443,7 @@ fn access_rules_match_domain_names_and_ipv6() {
         let p4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let p6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
         let hport = http4.addr.port();
-        cli(&d, "ip socks access add dst-address=localhost action=deny");
+        d.cmd("ip socks access add dst-address=localhost action=deny");
 
         for name in ["localhost", "LOCALHOST"] {
             let rep = connect_reply(p4, &Dst::Name(name.into(), hport));
@@ -1522,7 +1496,7 @@ fn access_rules_match_domain_names_and_ipv6() {
         );
 
         // IPv6 destinations.
-        cli(&d, "ip socks access add dst-address=::1/128 action=deny");
+        d.cmd("ip socks access add dst-address=::1/128 action=deny");
         let rep = connect_reply(p4, &Dst::Ip(http6.addr));
         assert_eq!(
             rep, 2,
@@ -1533,7 +1507,7 @@ fn access_rules_match_domain_names_and_ipv6() {
             0,
             "[{dp}] a denied IPv6 request reached the server"
         );
-        cli(&d, "ip socks access remove 1");
+        d.cmd("ip socks access remove 1");
         assert_eq!(
             http_get(connect(p6, None, &Dst::Ip(http6.addr))),
             b"six",
@@ -1541,8 +1515,8 @@ fn access_rules_match_domain_names_and_ipv6() {
         );
 
         // IPv6 clients.
-        cli(&d, "ip socks access add src-address=::/0 action=deny");
-        cli(&d, "ip socks access move 1 0");
+        d.cmd("ip socks access add src-address=::/0 action=deny");
+        d.cmd("ip socks access move 1 0");
         let rep = connect_reply(p6, &Dst::Ip(SocketAddr::V4(http4.addr)));
         assert_eq!(
             rep, 2,
@@ -1569,10 +1543,7 @@ fn name_rule_denies_before_resolving() {
     for dp in data_paths() {
         let mut d = Daemon::start(dp);
         let proxy = d.enable(&["version=5"]);
-        cli(
-            &d,
-            "ip socks access add dst-address=blocked.invalid action=deny",
-        );
+        d.cmd("ip socks access add dst-address=blocked.invalid action=deny");
         for name in ["blocked.invalid", "BLOCKED.invalid", "blocked.invalid."] {
             let start = Instant::now();
             let rep = connect_reply(proxy, &Dst::Name(name.into(), 80));
