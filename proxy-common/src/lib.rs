@@ -7,8 +7,9 @@
 #![no_std]
 
 /// Per-socket counters of the bytes the verdict program redirected *from*
-/// that socket (i.e. what the socket's peer on the wire sent through proxyd).
-/// Keyed by the receiving socket's cookie in [`FLOWS_MAP`].
+/// that socket (i.e. what the socket's peer on the wire sent through proxyd),
+/// written only by the program. Keyed by the receiving socket's cookie in
+/// [`FLOWS_MAP`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowStats {
@@ -18,12 +19,58 @@ pub struct FlowStats {
     pub packets: u64,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last skb; 0 if none yet.
     pub last_ns: u64,
+    /// The [`Splice::low`] mark for which an [`EVENT_LOW`] was sent.
+    pub asked: u64,
+    /// The [`Splice::limit`] mark for which an [`EVENT_OVER`] was sent.
+    pub over: u64,
 }
+
+/// Value of [`PEERS_MAP`], written only by userspace (whole values, so the
+/// program always reads one consistent version): where a socket's bytes go,
+/// and the window userspace granted for them.
+///
+/// The verdict always redirects (a passed skb would have to be read back
+/// through the psock, which this kernel was seen to duplicate); the window
+/// only decides when it calls userspace: at `low` ([`EVENT_LOW`]: time to
+/// look at the peer and grant more) and past `limit` ([`EVENT_OVER`]: the
+/// peer did not keep up; userspace takes the socket off the splice, so its
+/// bytes wait in its own receive queue and TCP's window closes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Splice {
+    /// Cookie of the socket the bytes are redirected to.
+    pub peer: u64,
+    /// Bytes ([`FlowStats::bytes`]) granted: past it, an [`EVENT_OVER`].
+    pub limit: u64,
+    /// When `FlowStats::bytes` reaches this, an [`EVENT_LOW`].
+    pub low: u64,
+}
+
+/// What the program tells userspace through [`EVENTS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// Cookie of the receiving socket.
+    pub cookie: u64,
+    /// [`EVENT_LOW`] or [`EVENT_OVER`].
+    pub kind: u64,
+}
+
+/// The socket's redirected bytes reached [`Splice::low`]: time to grant more.
+pub const EVENT_LOW: u64 = 1;
+/// The socket's redirected bytes passed [`Splice::limit`]: the peer is behind.
+pub const EVENT_OVER: u64 = 2;
 
 #[cfg(feature = "user")]
 // SAFETY: `FlowStats` is `#[repr(C)]`, made only of `u64`s (no padding, no
 // pointers), and every bit pattern is a valid value.
 unsafe impl aya::Pod for FlowStats {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for Splice {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for Event {}
 
 /// Sockhash of redirect targets, keyed by socket cookie (`u64`); no program is
 /// attached to it. Both sockets of a pair enter it before either enters
@@ -32,8 +79,12 @@ pub const SOCKS_MAP: &str = "SOCKS";
 /// Sockhash with the stream verdict attached, keyed by socket cookie (`u64`):
 /// a socket in it has its received bytes counted and redirected.
 pub const SPLICE_MAP: &str = "SPLICE";
-/// Peer map: socket cookie -> the cookie of the socket its bytes go to (`u64 -> u64`).
+/// Peer map: socket cookie -> [`Splice`] (the peer's cookie and the window), BTF.
 pub const PEERS_MAP: &str = "PEERS";
+/// Ring buffer of [`Event`]s from the verdict to userspace.
+pub const EVENTS_MAP: &str = "EVENTS";
+/// Size of [`EVENTS_MAP`] in bytes (a power of two, a multiple of the page size).
+pub const EVENTS_BYTES: u32 = 256 * 1024;
 /// Flow map (BTF-typed): socket cookie -> [`FlowStats`].
 pub const FLOWS_MAP: &str = "FLOWS";
 /// The `sk_skb` stream verdict program.

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use crate::datapath::DataPathKind;
 use crate::server::conn::RefusalReason;
 use crate::server::registry::ConnType;
 use crate::server::Server;
@@ -94,6 +95,22 @@ impl Metrics {
                 ("{direction=\"tx\"}".into(), (self.closed_tx.load(Ordering::Relaxed) + open_tx).to_string()),
                 ("{direction=\"rx\"}".into(), (self.closed_rx.load(Ordering::Relaxed) + open_rx).to_string()),
             ],
+        );
+        let (promoted, demoted) = server.path_switches();
+        metric(
+            "proxyd_tunnel_path_switches_total",
+            "counter",
+            "Tunnels moved between the relay and the kernel splice: promoted (bulk, into the sockhash) and demoted (a peer fell behind).",
+            vec![("{switch=\"promoted\"}".into(), promoted.to_string()), ("{switch=\"demoted\"}".into(), demoted.to_string())],
+        );
+        metric(
+            "proxyd_tunnels_active",
+            "gauge",
+            "Open tunnels, by what moves their bytes right now.",
+            [DataPathKind::Kernel, DataPathKind::Userspace]
+                .iter()
+                .map(|p| (format!("{{path=\"{p}\"}}"), rows.iter().filter(|r| r.path == Some(*p)).count().to_string()))
+                .collect(),
         );
         let mut hist: Vec<(String, String)> = HANDSHAKE_BUCKETS
             .iter()

@@ -124,6 +124,9 @@ impl Controller {
                         if let Some(u) = &r.user {
                             s.push_str(&format!(" user={u}"));
                         }
+                        if let Some(path) = r.path {
+                            s.push_str(&format!(" path={path}"));
+                        }
                         s.push('\n');
                     }
                     s

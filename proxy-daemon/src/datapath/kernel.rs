@@ -4,17 +4,24 @@
 //! Maps (names in `proxy_common`, pinned under the pin dir):
 //! - `SOCKS`: sockhash of redirect targets (cookie -> socket), no program;
 //! - `SPLICE`: sockhash with the verdict attached (cookie -> socket);
-//! - `PEERS`: cookie -> peer cookie (BTF);
-//! - `FLOWS`: cookie -> `FlowStats { bytes, packets, last_ns }` of what was
-//!   received on that socket and redirected (BTF, so `bpftool map dump
-//!   pinned DIR/FLOWS` prints the fields by name).
+//! - `PEERS`: cookie -> `Splice { peer, limit, low, forwarded, relay }`: the
+//!   peer's cookie and the window userspace grants (BTF);
+//! - `FLOWS`: cookie -> `FlowStats { bytes, packets, last_ns, passed, asked }`
+//!   of what was received on that socket (BTF, so `bpftool map dump pinned
+//!   DIR/FLOWS` prints the fields by name);
+//! - `EVENTS` (not pinned): a ring of the verdict's requests to userspace.
 //!
 //! A tunnel enters the maps in the order `PEERS`, `FLOWS`, `SOCKS` (both
 //! sockets), `SPLICE` (both): by the time a socket's verdict runs, its peer is
 //! already a valid redirect target, so bytes that arrive during insertion (an
 //! upstream's banner, a client's pipelined data) are never dropped. It leaves
-//! in the reverse order. The per-tunnel task in [`tunnel`] watches both
-//! sockets for FIN/RST and closes without loss (see there).
+//! in the reverse order. The per-tunnel task in [`tunnel`] decides when a
+//! tunnel enters and leaves the maps, keeps its window, and closes without
+//! loss (see there).
+//!
+//! One loaded object serves both policies: [`KernelDataPath::with_policy`]
+//! gives `data-path=auto` (relay first, promote bulk tunnels) and
+//! `data-path=kernel` (splice at once) without loading a second copy.
 
 mod hangup;
 mod sys;
@@ -22,59 +29,47 @@ mod tunnel;
 
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use aya::maps::{HashMap as BpfHashMap, IterableMap, MapData, MapInfo, SockHash};
+use aya::maps::{HashMap as BpfHashMap, IterableMap, MapData, MapInfo, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
 use proxy_common::{
-    FlowStats as MapFlow, FLOWS_MAP, PEERS_MAP, SOCKS_MAP, SPLICE_MAP, VERDICT_PROG,
+    FlowStats as MapFlow, Splice, EVENTS_MAP, FLOWS_MAP, PEERS_MAP, SOCKS_MAP, SPLICE_MAP, VERDICT_PROG,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use super::{monotonic_ns, DataPath, DataPathKind, FlowSource, FlowStats, Pair, Tunnel};
+use super::userspace::Counters;
+use super::{monotonic_ns, DataPath, DataPathKind, FlowSource, FlowStats, Pair, SharedDataPath, Tunnel};
 use crate::bpf::{error_line, missing, Pins};
 
 /// The BPF object built by `build.rs` (empty when built with `PROXYD_SKIP_EBPF=1`).
 pub(crate) static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
-/// `SO_SNDBUF`/`SO_RCVBUF` set on both sockets of a spliced pair, in bytes
-/// (0 keeps the kernel's autotuning). Set with the `*FORCE` options, so
-/// `net.core.[rw]mem_max` does not cap it.
-///
-/// Why fixed and large: a redirected skb is charged to the receiving
-/// socket until the peer's psock has sent it, and the psock backs off for a
-/// jiffy whenever the peer's send buffer is full, so small buffers stall the
-/// splice. Measured here (Linux 6.18, 2 cores, loopback, one tunnel, sender
-/// and receiver in the same process: `cargo run --release --example
-/// kernel_datapath -- bench 4096`), Gbit/s, lowest .. highest of 4 runs:
-///
-/// | buffer    | one way     | both ways at once |
-/// |-----------|-------------|-------------------|
-/// | autotuned | 3.1 .. 9.1  | 3.6 .. 5.1        |
-/// | 4 MiB     | 7.0 .. 11.3 | 5.6 .. 9.5        |
-/// | 8 MiB     | 4.0 .. 11.1 | 2.4 .. 9.3        |
-/// | 16 MiB    | 4.6 .. 11.3 | 2.1 .. 8.2        |
-/// | 32 MiB    | 6.3 .. 11.9 | 5.9 .. 9.7        |
-///
-/// Noisy on 2 cores shared by the four busy sockets of the test, but fixed
-/// buffers beat autotuning, and 4..32 MiB differ less than the noise;
-/// design.md measured 5 vs 17 Gbit/s (defaults vs 16 MiB) with separate
-/// processes, hence 16 MiB. The sizes are limits, not allocations: memory
-/// is used only while bytes are queued, and `net.ipv4.tcp_mem` still caps
-/// the total.
-pub const DEFAULT_SOCKET_BUFFER: u32 = 16 << 20;
+/// What a send queue may hold when `net.ipv4.tcp_wmem` cannot be read: its
+/// maximum on a default Linux.
+const DEFAULT_QUEUE_CAP: u64 = 4 << 20;
+
 
 /// Tunnels the maps hold by default (see `proxy_common::MAX_SOCKETS`).
 pub const DEFAULT_MAX_TUNNELS: u32 = (proxy_common::MAX_SOCKETS / 2) as u32;
 
 /// Names of every pin this data path creates in its pin dir.
 const PINNED_MAPS: [&str; 4] = [SOCKS_MAP, SPLICE_MAP, PEERS_MAP, FLOWS_MAP];
+
+/// When a tunnel enters the sockhash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// `data-path=auto`: start on the relay, promote once bulk.
+    Auto,
+    /// `data-path=kernel`: splice at once.
+    Always,
+}
 
 /// The loaded programs and maps; `attach` splices pairs through them.
 pub struct KernelDataPath {
@@ -94,8 +89,13 @@ struct Shared {
     maps: Maps,
     /// Keeps the program loaded and attached to `SPLICE`.
     _ebpf: Mutex<Ebpf>,
-    /// Socket buffer size for new pairs (0: leave the kernel's autotuning).
-    socket_buffer: AtomicU32,
+    /// Most bytes in flight towards a spliced socket: its send queue plus
+    /// what was redirected to it and has not reached it yet
+    /// (`net.ipv4.tcp_wmem`'s maximum, what the relay lets a send queue hold).
+    queue_cap: u64,
+    /// Tunnels promoted from the relay into the maps, and demoted back.
+    promotions: AtomicU64,
+    demotions: AtomicU64,
     /// Whether bytes already queued at attach time are moved by userspace
     /// (the default) or left to the verdict (tests of the kernel's handling).
     hand_over_queued: AtomicBool,
@@ -115,7 +115,7 @@ impl Drop for Shared {
 struct Maps {
     socks: SockHash<MapData, u64>,
     splice: SockHash<MapData, u64>,
-    peers: BpfHashMap<MapData, u64, u64>,
+    peers: BpfHashMap<MapData, u64, Splice>,
     flows: BpfHashMap<MapData, u64, MapFlow>,
 }
 
@@ -126,17 +126,28 @@ impl Maps {
     }
 
     /// Everything a pair needs before its first verdict, in the order of the
-    /// module docs: `PEERS`, `FLOWS`, `SOCKS` (both), then the upstream in
-    /// `SPLICE`. The client enters `SPLICE` with [`Maps::splice_in`].
-    fn enter(&self, [c, u]: [u64; 2], [cfd, ufd]: [u32; 2], fresh: MapFlow) -> io::Result<()> {
-        let (peers, flows, socks) = (self.peers.map().fd().as_fd(), self.flows.map().fd().as_fd(), self.socks.map().fd().as_fd());
-        sys::map_update(peers, &c, &u, 0)?;
-        sys::map_update(peers, &u, &c, 0)?;
+    /// module docs: `PEERS` (with each direction's window), `FLOWS`, `SOCKS`
+    /// (both), then the upstream in `SPLICE`. The client enters `SPLICE`
+    /// with [`Maps::splice_in`].
+    fn enter(&self, [c, u]: [u64; 2], [cfd, ufd]: [u32; 2], windows: [Splice; 2], fresh: MapFlow) -> io::Result<()> {
+        let (flows, socks) = (self.flows.map().fd().as_fd(), self.socks.map().fd().as_fd());
+        self.set_splice(c, &windows[0])?;
+        self.set_splice(u, &windows[1])?;
         sys::map_update(flows, &c, &fresh, 0)?;
         sys::map_update(flows, &u, &fresh, 0)?;
         sys::map_update(socks, &c, &cfd, 0)?;
         sys::map_update(socks, &u, &ufd, 0)?;
         self.splice_in(u, ufd)
+    }
+
+    /// One socket's `PEERS` value, if the socket is in the maps.
+    fn splice_of(&self, cookie: u64) -> Option<Splice> {
+        sys::map_lookup(self.peers.map().fd().as_fd(), &cookie).ok().flatten()
+    }
+
+    /// Replaces one socket's `PEERS` value (one element, seen whole by the verdict).
+    fn set_splice(&self, cookie: u64, splice: &Splice) -> io::Result<()> {
+        sys::map_update(self.peers.map().fd().as_fd(), &cookie, splice, 0)
     }
 
     /// Puts one socket under the verdict.
@@ -219,6 +230,7 @@ impl KernelDataPath {
             peers: BpfHashMap::try_from(take(PEERS_MAP)?).map_err(|e| convert(PEERS_MAP, e))?,
             flows: BpfHashMap::try_from(take(FLOWS_MAP)?).map_err(|e| convert(FLOWS_MAP, e))?,
         };
+        let ring = RingBuf::try_from(take(EVENTS_MAP)?).map_err(|e| convert(EVENTS_MAP, e))?;
 
         let program: &mut SkSkb = ebpf
             .program_mut(VERDICT_PROG)
@@ -233,14 +245,16 @@ impl KernelDataPath {
             .map_err(|e| error_line(&format!("attaching {VERDICT_PROG} to {SPLICE_MAP}"), &e))?;
 
         let log_task = logger.and_then(spawn_log_poller);
-        let (hangups, hangup_task) =
-            hangup::Hangups::start().map_err(|e| io::Error::new(e.kind(), format!("cannot start the hangup watcher: {e}")))?;
+        let (hangups, hangup_task) = hangup::Hangups::start(ring)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot start the hangup watcher: {e}")))?;
         info!(pin_dir = %pin_dir.display(), "kernel data path loaded: sk_skb verdict attached to sockhash {SPLICE_MAP}");
         Ok(KernelDataPath {
             shared: Arc::new(Shared {
                 maps,
                 _ebpf: Mutex::new(ebpf),
-                socket_buffer: AtomicU32::new(DEFAULT_SOCKET_BUFFER),
+                queue_cap: tcp_mem_max("tcp_wmem").unwrap_or(DEFAULT_QUEUE_CAP),
+                promotions: AtomicU64::new(0),
+                demotions: AtomicU64::new(0),
                 hand_over_queued: AtomicBool::new(true),
                 hangups,
                 hangup_task,
@@ -250,10 +264,15 @@ impl KernelDataPath {
         })
     }
 
-    /// Sets `SO_SNDBUF`/`SO_RCVBUF` for pairs attached from now on
-    /// (0 leaves the kernel's autotuning). See [`DEFAULT_SOCKET_BUFFER`].
-    pub fn set_socket_buffer(&self, bytes: u32) {
-        self.shared.socket_buffer.store(bytes, Ordering::Relaxed);
+    /// This data path under `policy`, as the server's [`DataPath`]; both
+    /// policies share the loaded programs and maps.
+    pub fn with_policy(self: &Arc<Self>, policy: Policy) -> SharedDataPath {
+        Arc::new(WithPolicy { kernel: Arc::clone(self), policy })
+    }
+
+    /// Tunnels promoted from the relay into the maps, and demoted back, so far.
+    pub fn switches(&self) -> (u64, u64) {
+        (self.shared.promotions.load(Ordering::Relaxed), self.shared.demotions.load(Ordering::Relaxed))
     }
 
     /// Test hook: with `false`, bytes that are already queued on a socket
@@ -273,35 +292,29 @@ impl KernelDataPath {
     }
 }
 
-impl DataPath for KernelDataPath {
+/// The kernel data path under one policy.
+struct WithPolicy {
+    kernel: Arc<KernelDataPath>,
+    policy: Policy,
+}
+
+impl DataPath for WithPolicy {
     fn kind(&self) -> DataPathKind {
         DataPathKind::Kernel
     }
 
     fn attach(&self, pair: Pair, cancel: CancellationToken) -> io::Result<Tunnel> {
-        let Pair {
-            client,
-            upstream,
-            client_early,
-        } = pair;
-        let client_cookie = sys::socket_cookie(&client)?;
-        let upstream_cookie = sys::socket_cookie(&upstream)?;
-        let buffer = self.shared.socket_buffer.load(Ordering::Relaxed);
-        for sock in [&client, &upstream] {
-            tune_socket(sock, buffer);
-        }
-        let flow = Arc::new(KernelFlow::new(
-            Arc::clone(&self.shared),
-            client_cookie,
-            upstream_cookie,
-        ));
+        let Pair { client, upstream, client_early } = pair;
+        let shared = &self.kernel.shared;
+        let flow = Arc::new(KernelFlow::new(Arc::clone(shared), sys::socket_cookie(&client)?, sys::socket_cookie(&upstream)?));
         let done = tokio::spawn(tunnel::run(
-            Arc::clone(&self.shared),
+            Arc::clone(shared),
             Arc::clone(&flow),
             client,
             upstream,
             client_early,
             cancel,
+            self.policy,
         ));
         Ok(Tunnel { stats: flow, done })
     }
@@ -317,55 +330,41 @@ impl Drop for KernelDataPath {
     }
 }
 
-/// Socket options for a spliced socket; failures only cost performance.
-fn tune_socket(sock: &tokio::net::TcpStream, buffer: u32) {
-    if let Err(e) = sock.set_nodelay(true) {
-        debug!("TCP_NODELAY: {e}");
-    }
-    if buffer == 0 {
-        return;
-    }
-    let bytes = buffer.min(i32::MAX as u32 / 2) as i32;
-    for (force, plain) in [
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-    ] {
-        // The FORCE variants pass net.core.[rw]mem_max (needs CAP_NET_ADMIN,
-        // which loading BPF programs needs too); fall back to the capped one.
-        if sys::setsockopt_int(sock, libc::SOL_SOCKET, force, bytes).is_err() {
-            if let Err(e) = sys::setsockopt_int(sock, libc::SOL_SOCKET, plain, bytes) {
-                debug!("socket buffer {bytes}: {e}");
-            }
-        }
-    }
+/// The maximum of `net.ipv4.<name>` (`tcp_wmem`), in bytes.
+fn tcp_mem_max(name: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}")).ok()?;
+    text.split_whitespace().nth(2)?.parse().ok()
 }
 
-/// Counters come from the flow map (before and while spliced).
-const SOURCE_MAPS: u8 = 0;
-/// The map entries are gone (tunnel ended) or were never made (relayed):
-/// the values kept here are the whole story.
-const SOURCE_LOCAL: u8 = 1;
-
-/// A tunnel's counters: what userspace moved itself (the client's early
-/// bytes, bytes that were already queued when the pair was spliced, or the
-/// whole tunnel when it had to be relayed) plus what the verdict counted in
-/// `FLOWS` (the last value read is kept, as the entries go with the tunnel).
+/// A tunnel's counters: what userspace moved itself (on the relay, and in
+/// the hand-over before each splice) plus what the verdict counted in `FLOWS`
+/// during each stay in the maps (an epoch: the entries go with it, so the last
+/// value read is kept and added up when the epoch ends).
 struct KernelFlow {
     shared: Arc<Shared>,
     /// Cookie of the client socket: its `FLOWS` entry counts tx.
     client: u64,
     /// Cookie of the upstream socket: its `FLOWS` entry counts rx.
     upstream: u64,
-    /// `SOURCE_MAPS` or `SOURCE_LOCAL`.
-    source: AtomicU8,
-    /// Bytes userspace moved towards the destination / the client.
-    user_tx: AtomicU64,
-    user_rx: AtomicU64,
-    /// Last values read from `FLOWS` for the client / upstream socket.
-    kernel_tx: AtomicU64,
-    kernel_rx: AtomicU64,
-    /// Latest activity seen, `CLOCK_MONOTONIC` ns (starts at attach time).
-    last_ns: AtomicU64,
+    /// Whether the verdict moves the bytes right now (the `path` column).
+    spliced: AtomicBool,
+    /// What userspace moved.
+    user: Counters,
+    /// What the verdict counted (a lock: an epoch's end must not race a read).
+    kernel: Mutex<KernelCounts>,
+}
+
+/// What the verdict counted for one tunnel, per side (client, upstream).
+#[derive(Default)]
+struct KernelCounts {
+    /// Whether the pair is in the maps (counters are read from `FLOWS`).
+    in_maps: bool,
+    /// The epochs that ended.
+    done: [u64; 2],
+    /// Last values read from `FLOWS` in the current epoch.
+    now: [u64; 2],
+    /// Latest activity the verdict stamped, `CLOCK_MONOTONIC` ns.
+    last_ns: u64,
 }
 
 impl KernelFlow {
@@ -374,53 +373,76 @@ impl KernelFlow {
             shared,
             client,
             upstream,
-            source: AtomicU8::new(SOURCE_MAPS),
-            user_tx: AtomicU64::new(0),
-            user_rx: AtomicU64::new(0),
-            kernel_tx: AtomicU64::new(0),
-            kernel_rx: AtomicU64::new(0),
-            last_ns: AtomicU64::new(monotonic_ns()),
+            spliced: AtomicBool::new(false),
+            user: Counters::new(),
+            kernel: Mutex::new(KernelCounts::default()),
         }
     }
 
-    /// Folds the current `FLOWS` entries into the kept values; does nothing
-    /// when the pair is not (or no longer) in the maps.
-    fn read_maps(&self) {
+    /// Folds the current `FLOWS` entries into the kept values while the
+    /// pair is in the maps.
+    fn read_maps(&self, counts: &mut KernelCounts) {
         let maps = &self.shared.maps;
-        let (c, u) = match (maps.flow(self.client), maps.flow(self.upstream)) {
-            (Some(c), Some(u)) => (c, u),
-            _ => return,
-        };
-        self.kernel_tx.fetch_max(c.bytes, Ordering::Relaxed);
-        self.kernel_rx.fetch_max(u.bytes, Ordering::Relaxed);
-        self.last_ns
-            .fetch_max(c.last_ns.max(u.last_ns), Ordering::Relaxed);
+        if !counts.in_maps {
+            return;
+        }
+        if let (Some(c), Some(u)) = (maps.flow(self.client), maps.flow(self.upstream)) {
+            counts.now = [counts.now[0].max(c.bytes), counts.now[1].max(u.bytes)];
+            counts.last_ns = counts.last_ns.max(c.last_ns).max(u.last_ns);
+        }
     }
 
-    /// Stops reading the maps: the kept values are final from now on
-    /// (called right before the entries are removed).
+    fn counts(&self) -> std::sync::MutexGuard<'_, KernelCounts> {
+        self.kernel.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An epoch begins: the pair entered the maps with fresh `FLOWS` entries.
+    fn enter_maps(&self) {
+        self.counts().in_maps = true;
+        self.spliced.store(true, Ordering::Relaxed);
+    }
+
+    /// The epoch ends (called right before the entries are removed): the
+    /// last values are read and added to the finished epochs.
     fn freeze(&self) {
-        self.read_maps();
-        self.source.store(SOURCE_LOCAL, Ordering::Release);
+        let mut counts = self.counts();
+        self.read_maps(&mut counts);
+        counts.in_maps = false;
+        for side in 0..2 {
+            counts.done[side] += std::mem::take(&mut counts.now[side]);
+        }
+        self.spliced.store(false, Ordering::Relaxed);
     }
 
-    /// Counts bytes moved by userspace.
+    /// Counts bytes moved by userspace outside the relay (the hand-over).
     fn add_user(&self, tx: u64, rx: u64) {
-        self.user_tx.fetch_add(tx, Ordering::Relaxed);
-        self.user_rx.fetch_add(rx, Ordering::Relaxed);
-        self.last_ns.fetch_max(monotonic_ns(), Ordering::Relaxed);
+        self.user.tx.fetch_add(tx, Ordering::Relaxed);
+        self.user.rx.fetch_add(rx, Ordering::Relaxed);
+        self.user.last_ns.fetch_max(monotonic_ns(), Ordering::Relaxed);
     }
+
 }
 
 impl FlowSource for KernelFlow {
     fn snapshot(&self) -> FlowStats {
-        if self.source.load(Ordering::Acquire) == SOURCE_MAPS {
-            self.read_maps();
-        }
+        let (kernel, kernel_last) = {
+            let mut counts = self.counts();
+            self.read_maps(&mut counts);
+            ([0, 1].map(|side| counts.done[side] + counts.now[side]), counts.last_ns)
+        };
+        let user = self.user.snapshot();
         FlowStats {
-            tx: self.user_tx.load(Ordering::Relaxed) + self.kernel_tx.load(Ordering::Relaxed),
-            rx: self.user_rx.load(Ordering::Relaxed) + self.kernel_rx.load(Ordering::Relaxed),
-            last_activity_ns: self.last_ns.load(Ordering::Relaxed),
+            tx: user.tx + kernel[0],
+            rx: user.rx + kernel[1],
+            last_activity_ns: user.last_activity_ns.max(kernel_last),
+        }
+    }
+
+    fn path(&self) -> DataPathKind {
+        if self.spliced.load(Ordering::Relaxed) {
+            DataPathKind::Kernel
+        } else {
+            DataPathKind::Userspace
         }
     }
 }

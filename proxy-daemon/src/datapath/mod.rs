@@ -2,7 +2,9 @@
 //!
 //! One trait, two implementations. [`userspace::UserspaceRelay`] copies bytes
 //! through the daemon and works everywhere; [`kernel::KernelDataPath`] puts the
-//! socket pair into a BPF sockhash and lets an `sk_skb` program splice them.
+//! socket pair into a BPF sockhash and lets an `sk_skb` program splice them,
+//! at once (`kernel`) or once a tunnel proves to be bulk (`auto`), and hands
+//! a tunnel back to the same relay when a peer falls behind.
 //! The server hands over a connected [`Pair`] and gets back a [`Tunnel`]: a
 //! live view of the flow's counters and a future that ends with the tunnel.
 //! Nothing outside the data path touches the sockets after `attach`.
@@ -44,6 +46,11 @@ pub struct FlowStats {
 /// Where a tunnel's counters are read from (atomics or a BPF map).
 pub trait FlowSource: Send + Sync {
     fn snapshot(&self) -> FlowStats;
+
+    /// What moves the tunnel's bytes right now.
+    fn path(&self) -> DataPathKind {
+        DataPathKind::Userspace
+    }
 }
 
 /// A tunnel handed to a data path.

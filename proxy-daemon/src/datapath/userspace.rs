@@ -1,20 +1,28 @@
-//! The userspace relay: the data path that works everywhere. Two pumps, one
-//! per direction, copy bytes through the daemon; each counts what it has
-//! handed to the other socket and stamps the last activity. End of stream on
-//! one side becomes a half-close (FIN after the last byte) on the other; an
-//! error on either side resets both, so neither peer mistakes a failure for a
-//! clean end. Buffers exist only while bytes are moving, so idle tunnels cost
-//! little memory. It is also the path for rate-limited SOCKS5 users: a
-//! [`RateLimit`] paces each direction.
+//! The userspace relay, the one copy loop of proxyd: it serves the userspace
+//! data path, rate-limited users, tunnels on the kernel path before they are
+//! promoted into the sockhash and after they are demoted from it, and every
+//! kernel-path fallback.
+//!
+//! Two pumps, one per direction, copy bytes through the daemon; each counts
+//! what it has handed to the other socket and stamps the last activity. End
+//! of stream on one side becomes a half-close (FIN after the last byte) on the
+//! other; an error on either side resets both, so neither peer mistakes a
+//! failure for a clean end. Buffers exist only while bytes are moving, so idle
+//! tunnels cost little memory. A [`RateLimit`] paces each direction.
+//!
+//! [`relay`] can also stop at a byte boundary and hand the sockets back (a
+//! [`Promote`] rule decides when): each pump stops only between chunks, after
+//! its last read was written in full, so nothing is held in the daemon.
 
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{monotonic_ns, DataPath, DataPathKind, FlowSource, FlowStats, Pair, Tunnel};
@@ -26,12 +34,22 @@ const CHUNK: usize = 64 * 1024;
 #[derive(Default)]
 pub struct UserspaceRelay;
 
-/// Counters of one relayed tunnel.
+/// Counters of what the relay moved for one tunnel.
 #[derive(Default)]
-struct Counters {
-    tx: AtomicU64,
-    rx: AtomicU64,
-    last_ns: AtomicU64,
+pub struct Counters {
+    /// Bytes from the client delivered towards the destination.
+    pub tx: AtomicU64,
+    /// Bytes from the destination delivered towards the client.
+    pub rx: AtomicU64,
+    /// `CLOCK_MONOTONIC` ns of the last byte moved.
+    pub last_ns: AtomicU64,
+}
+
+impl Counters {
+    /// Fresh counters, active as of now.
+    pub fn new() -> Self {
+        Counters { last_ns: AtomicU64::new(monotonic_ns()), ..Default::default() }
+    }
 }
 
 impl FlowSource for Counters {
@@ -41,6 +59,137 @@ impl FlowSource for Counters {
             rx: self.rx.load(Ordering::Relaxed),
             last_activity_ns: self.last_ns.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// When [`relay`] should stop and hand the sockets back: once the tunnel
+/// has moved `bytes` (both directions, this relay run) and `after` has passed
+/// since it started.
+#[derive(Clone, Copy, Debug)]
+pub struct Promote {
+    pub bytes: u64,
+    pub after: Duration,
+}
+
+/// How [`relay`] ended.
+#[derive(Debug)]
+pub enum RelayEnd {
+    /// Both directions ended (or failed, or were cancelled): the sockets are closed.
+    Closed,
+    /// The [`Promote`] rule fired: both pumps stopped between chunks and no
+    /// byte is held in the daemon; the sockets are handed back, both open.
+    Stopped,
+}
+
+/// What stops both pumps between chunks. Both pumps run in one task, so
+/// their code between two awaits never interleaves: a pump that reads end of
+/// stream decides (stop or half-close) and records it in one step.
+#[derive(Default)]
+struct Stop {
+    set: AtomicBool,
+    /// A pump has seen end of stream and half-closed: no stop from now on.
+    eof: AtomicBool,
+    notify: Notify,
+}
+
+impl Stop {
+    fn request(&self) {
+        if self.eof.load(Ordering::Acquire) {
+            return;
+        }
+        self.set.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+    fn requested(&self) -> bool {
+        self.set.load(Ordering::Acquire)
+    }
+    async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.requested() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// How one pump ended.
+enum PumpEnd {
+    /// End of stream, passed on as a half-close.
+    Eof,
+    /// Stopped by [`Stop`] between chunks.
+    Stopped,
+}
+
+/// Moves bytes both ways between `socks` (client, upstream) until both
+/// directions end, `cancel` fires, or `promote` says to stop. `early` is
+/// sent to the upstream first. `gates[i]` must complete before the pump that
+/// writes to `socks[i]` starts (the kernel path waits there until its own
+/// queue towards that socket has drained).
+/// On [`RelayEnd::Closed`] the caller drops the sockets; a failed direction
+/// has already set both to reset on close.
+pub async fn relay(
+    socks: &mut [TcpStream; 2],
+    early: Vec<u8>,
+    counters: &Counters,
+    limits: Option<&Limits>,
+    cancel: &CancellationToken,
+    promote: Option<Promote>,
+    gates: [impl Future<Output = io::Result<()>>; 2],
+) -> RelayEnd {
+    let fds = [socks[0].as_fd().as_raw_fd(), socks[1].as_fd().as_raw_fd()];
+    let [client, upstream] = &*socks;
+    let stop = Stop::default();
+    let started = Instant::now();
+    let moved_before = counters.tx.load(Ordering::Relaxed) + counters.rx.load(Ordering::Relaxed);
+    // Promotion waits until both directions run: a gate that has not opened
+    // means bytes of the kernel path are still on their way to that writer.
+    let opened = AtomicU8::new(0);
+    let check = || {
+        if let Some(p) = promote.filter(|_| opened.load(Ordering::Relaxed) == 2) {
+            let moved = counters.tx.load(Ordering::Relaxed) + counters.rx.load(Ordering::Relaxed) - moved_before;
+            if moved >= p.bytes && started.elapsed() >= p.after {
+                stop.request();
+            }
+        }
+    };
+    let [gate_client, gate_upstream] = gates;
+    let up = async {
+        gate_upstream.await?;
+        opened.fetch_add(1, Ordering::Relaxed);
+        let dir = Direction { count: &counters.tx, last_ns: &counters.last_ns, limit: limits.map(|l| &*l.up) };
+        pump(client, upstream, early, dir, &stop, &check).await
+    };
+    let down = async {
+        gate_client.await?;
+        opened.fetch_add(1, Ordering::Relaxed);
+        let dir = Direction { count: &counters.rx, last_ns: &counters.last_ns, limit: limits.map(|l| &*l.down) };
+        pump(upstream, client, Vec::new(), dir, &stop, &check).await
+    };
+    tokio::pin!(up, down);
+    let (mut up_end, mut down_end) = (None, None);
+    while up_end.is_none() || down_end.is_none() {
+        let (result, slot) = tokio::select! {
+            _ = cancel.cancelled() => return RelayEnd::Closed,
+            r = &mut up, if up_end.is_none() => (r, &mut up_end),
+            r = &mut down, if down_end.is_none() => (r, &mut down_end),
+        };
+        match result {
+            Ok(end) => *slot = Some(end),
+            Err(e) => {
+                tracing::debug!(error = %e, "relay direction failed; resetting both sides");
+                // The halves borrow the sockets, so the fds are still open.
+                for fd in fds {
+                    reset_on_close(fd);
+                }
+                return RelayEnd::Closed;
+            }
+        }
+    }
+    match (up_end, down_end) {
+        (Some(PumpEnd::Stopped), Some(PumpEnd::Stopped)) => RelayEnd::Stopped,
+        _ => RelayEnd::Closed,
     }
 }
 
@@ -84,36 +233,13 @@ pub struct Limits {
 impl UserspaceRelay {
     /// Like [`DataPath::attach`], with each direction paced by `limits`.
     pub fn attach_limited(&self, pair: Pair, cancel: CancellationToken, limits: Option<Limits>) -> io::Result<Tunnel> {
-        let counters = Arc::new(Counters { last_ns: AtomicU64::new(monotonic_ns()), ..Default::default() });
-        let client_fd = pair.client.as_fd().as_raw_fd();
-        let upstream_fd = pair.upstream.as_fd().as_raw_fd();
-        let (client_r, client_w) = pair.client.into_split();
-        let (upstream_r, upstream_w) = pair.upstream.into_split();
+        let counters = Arc::new(Counters::new());
         let c = counters.clone();
-        let (up_limit, down_limit) = match limits {
-            Some(l) => (Some(l.up), Some(l.down)),
-            None => (None, None),
-        };
         let done = tokio::spawn(async move {
-            let up = pump(client_r, upstream_w, pair.client_early, &c.tx, &c.last_ns, up_limit.as_deref());
-            let down = pump(upstream_r, client_w, Vec::new(), &c.rx, &c.last_ns, down_limit.as_deref());
-            tokio::pin!(up, down);
-            let (mut up_done, mut down_done) = (false, false);
-            while !(up_done && down_done) {
-                let result = tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    r = &mut up, if !up_done => { up_done = true; r }
-                    r = &mut down, if !down_done => { down_done = true; r }
-                };
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "relay direction failed; resetting both sides");
-                    // Both halves are still owned by the pumps, so the fds are open.
-                    reset_on_close(client_fd);
-                    reset_on_close(upstream_fd);
-                    break;
-                }
-            }
-            // Dropping the pumps drops the halves and closes both sockets.
+            let mut socks = [pair.client, pair.upstream];
+            let open = || async { Ok(()) };
+            relay(&mut socks, pair.client_early, &c, limits.as_ref(), &cancel, None, [open(), open()]).await;
+            // Dropping the sockets closes both.
         });
         Ok(Tunnel { stats: counters, done })
     }
@@ -129,48 +255,81 @@ impl DataPath for UserspaceRelay {
     }
 }
 
-/// Copies one direction until end of stream, then half-closes the writer.
+/// What one pump counts into and how it is paced.
+struct Direction<'a> {
+    count: &'a AtomicU64,
+    last_ns: &'a AtomicU64,
+    limit: Option<&'a RateLimit>,
+}
+
+/// Copies one direction until end of stream (then half-closes the writer)
+/// or until `stop` (only between chunks). `check` runs after every chunk.
 async fn pump(
-    reader: OwnedReadHalf,
-    mut writer: OwnedWriteHalf,
+    reader: &TcpStream,
+    writer: &TcpStream,
     early: Vec<u8>,
-    count: &AtomicU64,
-    last_ns: &AtomicU64,
-    limit: Option<&RateLimit>,
-) -> io::Result<()> {
-    let chunk = limit.map_or(CHUNK, RateLimit::chunk);
+    dir: Direction<'_>,
+    stop: &Stop,
+    check: &(dyn Fn() + Sync),
+) -> io::Result<PumpEnd> {
+    let chunk = dir.limit.map_or(CHUNK, RateLimit::chunk);
     if !early.is_empty() {
-        writer.write_all(&early).await?;
-        count.fetch_add(early.len() as u64, Ordering::Relaxed);
-        last_ns.store(monotonic_ns(), Ordering::Relaxed);
+        write_all(writer, &early).await?;
+        dir.count.fetch_add(early.len() as u64, Ordering::Relaxed);
+        dir.last_ns.store(monotonic_ns(), Ordering::Relaxed);
     }
     loop {
-        reader.readable().await?;
+        tokio::select! {
+            biased;
+            _ = stop.wait() => return Ok(PumpEnd::Stopped),
+            ready = reader.readable() => ready?,
+        }
         // Allocate only for a burst; an idle direction holds no buffer.
         let mut buf = vec![0u8; chunk];
         loop {
+            if stop.requested() {
+                return Ok(PumpEnd::Stopped);
+            }
             let n = match reader.try_read(&mut buf) {
+                Ok(0) if stop.requested() => {
+                    // End of stream stays readable: whoever reads next sees it again.
+                    return Ok(PumpEnd::Stopped);
+                }
                 Ok(0) => {
-                    writer.shutdown().await?;
-                    return Ok(());
+                    stop.eof.store(true, Ordering::Release);
+                    nix::sys::socket::shutdown(writer.as_raw_fd(), nix::sys::socket::Shutdown::Write)?;
+                    return Ok(PumpEnd::Eof);
                 }
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
             };
-            last_ns.store(monotonic_ns(), Ordering::Relaxed);
-            if let Some(wait) = limit.map(|l| l.reserve(n)).filter(|w| !w.is_zero()) {
+            dir.last_ns.store(monotonic_ns(), Ordering::Relaxed);
+            if let Some(wait) = dir.limit.map(|l| l.reserve(n)).filter(|w| !w.is_zero()) {
                 tokio::time::sleep(wait).await;
             }
-            writer.write_all(&buf[..n]).await?;
-            count.fetch_add(n as u64, Ordering::Relaxed);
-            last_ns.store(monotonic_ns(), Ordering::Relaxed);
+            write_all(writer, &buf[..n]).await?;
+            dir.count.fetch_add(n as u64, Ordering::Relaxed);
+            dir.last_ns.store(monotonic_ns(), Ordering::Relaxed);
+            check();
         }
     }
 }
 
+/// Writes all of `buf`, waiting for room as needed.
+async fn write_all(writer: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        match writer.try_write(buf) {
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => writer.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Makes the next close of `fd` send RST instead of FIN (`SO_LINGER` 0).
-fn reset_on_close(fd: std::os::fd::RawFd) {
+pub fn reset_on_close(fd: std::os::fd::RawFd) {
     let linger = libc::linger { l_onoff: 1, l_linger: 0 };
     // SAFETY: fd is an open socket owned by the caller's halves; the option
     // value is a properly sized `linger`.

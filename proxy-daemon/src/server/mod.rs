@@ -21,7 +21,8 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, DataPathMode, Settings};
 use crate::datapath::userspace::{Limits, RateLimit, UserspaceRelay};
-use crate::datapath::{kernel::KernelDataPath, DataPathKind, SharedDataPath};
+use crate::datapath::kernel::{KernelDataPath, Policy};
+use crate::datapath::{DataPathKind, SharedDataPath};
 use crate::xdp::{self, Prefilter};
 use registry::Registry;
 
@@ -35,6 +36,9 @@ pub struct Server {
     config: RwLock<Arc<Config>>,
     pub registry: Arc<Registry>,
     datapath: RwLock<SharedDataPath>,
+    /// The kernel data path once loaded: `auto` and `kernel` share it, and a
+    /// switch between them (or back from `userspace`) loads nothing again.
+    kernel: Mutex<Option<Arc<KernelDataPath>>>,
     listener: Mutex<Option<ActiveListener>>,
     pin_dir: PathBuf,
     /// Pacing of rate-limited users, by name, with the rate it was made for.
@@ -75,11 +79,13 @@ pub struct Prepared {
 impl Server {
     /// Creates the server with the data path `mode` asks for.
     pub fn new(config: Config, mode: DataPathMode, pin_dir: PathBuf) -> io::Result<Arc<Self>> {
-        let datapath = select_datapath(mode, &pin_dir)?;
+        let kernel = Mutex::new(None);
+        let datapath = select_datapath(mode, &pin_dir, &kernel)?;
         Ok(Arc::new(Server {
             config: RwLock::new(Arc::new(config)),
             registry: Arc::new(Registry::default()),
             datapath: RwLock::new(datapath),
+            kernel,
             listener: Mutex::new(None),
             pin_dir,
             user_limits: Mutex::new(HashMap::new()),
@@ -95,6 +101,11 @@ impl Server {
 
     pub fn datapath(&self) -> SharedDataPath {
         self.datapath.read().unwrap().clone()
+    }
+
+    /// Tunnels promoted into the kernel splice and demoted back, so far.
+    pub fn path_switches(&self) -> (u64, u64) {
+        self.kernel.lock().unwrap().as_ref().map_or((0, 0), |k| k.switches())
     }
 
     pub fn datapath_kind(&self) -> DataPathKind {
@@ -151,7 +162,7 @@ impl Server {
             });
         }
         if new.data_path != old.settings.data_path {
-            p.datapath = Some(select_datapath(new.data_path, &self.pin_dir)?);
+            p.datapath = Some(select_datapath(new.data_path, &self.pin_dir, &self.kernel)?);
         }
         Ok(p)
     }
@@ -325,19 +336,34 @@ fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     listener.into_std()
 }
 
-/// Picks the data path for `mode`; `auto` falls back to the relay and says why.
-pub fn select_datapath(mode: DataPathMode, pin_dir: &std::path::Path) -> io::Result<SharedDataPath> {
-    match mode {
-        DataPathMode::Userspace => Ok(Arc::new(UserspaceRelay)),
-        DataPathMode::Kernel => KernelDataPath::load(pin_dir)
-            .map(|k| Arc::new(k) as SharedDataPath)
-            .map_err(|e| io::Error::new(e.kind(), format!("data-path=kernel: cannot load the BPF data path: {e}"))),
-        DataPathMode::Auto => match KernelDataPath::load(pin_dir) {
-            Ok(k) => Ok(Arc::new(k)),
-            Err(e) => {
-                tracing::warn!("data-path=auto: kernel data path unavailable ({e}); using the userspace relay");
-                Ok(Arc::new(UserspaceRelay))
-            }
-        },
+/// Picks the data path for `mode`, loading the kernel path into `kernel`
+/// unless it is there already; `auto` falls back to the relay and says why.
+pub fn select_datapath(
+    mode: DataPathMode,
+    pin_dir: &std::path::Path,
+    kernel: &Mutex<Option<Arc<KernelDataPath>>>,
+) -> io::Result<SharedDataPath> {
+    let policy = match mode {
+        DataPathMode::Userspace => return Ok(Arc::new(UserspaceRelay)),
+        DataPathMode::Kernel => Policy::Always,
+        DataPathMode::Auto => Policy::Auto,
+    };
+    let mut slot = kernel.lock().unwrap();
+    let loaded = match &*slot {
+        Some(k) => Ok(k.clone()),
+        None => KernelDataPath::load(pin_dir).map(Arc::new),
+    };
+    match (loaded, mode) {
+        (Ok(k), _) => {
+            *slot = Some(k.clone());
+            Ok(k.with_policy(policy))
+        }
+        (Err(e), DataPathMode::Kernel) => {
+            Err(io::Error::new(e.kind(), format!("data-path=kernel: cannot load the BPF data path: {e}")))
+        }
+        (Err(e), _) => {
+            tracing::warn!("data-path=auto: kernel data path unavailable ({e}); using the userspace relay");
+            Ok(Arc::new(UserspaceRelay))
+        }
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::datapath::{monotonic_ns, FlowSource};
+use crate::datapath::{monotonic_ns, DataPathKind, FlowSource};
 
 /// The `type` column: what the connection is doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -84,6 +84,7 @@ impl Entry {
         let p = self.progress.lock().unwrap();
         let stats = p.flow.as_ref().map(|f| f.snapshot()).unwrap_or_default();
         Row {
+            path: p.flow.as_ref().map(|f| f.path()),
             user: p.user.clone(),
             src_address: self.src,
             dst_address: p.dst,
@@ -108,6 +109,8 @@ pub struct Row {
     pub kind: ConnType,
     /// The SOCKS5 user, when the client logged in.
     pub user: Option<String>,
+    /// What moves the tunnel's bytes right now; none during the handshake.
+    pub path: Option<DataPathKind>,
     #[serde(skip)]
     pub last_activity_ns: u64,
 }

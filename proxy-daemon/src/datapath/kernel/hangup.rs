@@ -3,6 +3,10 @@
 //! limit at 20,000 that capped a daemon at about 6,600 tunnels. Here one
 //! dispatcher task drains the shared set and wakes the tunnel a socket
 //! belongs to, so a tunnel costs exactly its two sockets.
+//!
+//! The same dispatcher reads the verdict's event ring (`EVENTS`, registered
+//! in the set under its own token): a socket whose window runs low
+//! ([`EV_LOW`]) or that overran it ([`EV_OVER`]) wakes its tunnel the same way.
 
 use std::collections::HashMap;
 use std::io;
@@ -11,17 +15,36 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use aya::maps::{MapData, RingBuf};
+use proxy_common::{Event, EVENT_OVER, EVENT_LOW};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::sys::{self, Epoll};
 
+/// Bit set in a side's events when its window ran low (from the ring).
+pub(super) const EV_LOW: u32 = 1 << 30;
+/// Bit set in a side's events when it overran its window (from the ring).
+pub(super) const EV_OVER: u32 = 1 << 29;
+/// The epoll token of the event ring (tunnel tokens are `id << 1 | side`).
+const RING_TOKEN: u64 = u64::MAX;
+
 /// The shared set and who waits on it.
 pub(super) struct Hangups {
     epoll: AsyncFd<Epoll>,
-    waiters: Mutex<HashMap<u64, Arc<Waiter>>>,
+    /// The verdict's event ring (only the dispatcher reads it).
+    ring: Mutex<RingBuf<MapData>>,
+    waiters: Mutex<Waiters>,
     next_id: AtomicU64,
+}
+
+/// Registered tunnels, by registration id and by socket cookie.
+#[derive(Default)]
+struct Waiters {
+    by_id: HashMap<u64, Arc<Waiter>>,
+    /// Cookie -> (registration id, side).
+    by_cookie: HashMap<u64, (u64, usize)>,
 }
 
 /// What one tunnel learns from the set.
@@ -44,6 +67,7 @@ pub(super) struct Registration {
     hangups: Arc<Hangups>,
     id: u64,
     fds: [RawFd; 2],
+    cookies: [u64; 2],
     pub waiter: Arc<Waiter>,
 }
 
@@ -54,28 +78,47 @@ impl Drop for Registration {
             // would also remove them, but only once no duplicate is left.
             let _ = self.hangups.epoll.get_ref().unwatch(fd);
         }
-        self.hangups.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+        let mut waiters = self.hangups.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        waiters.by_id.remove(&self.id);
+        for cookie in self.cookies {
+            waiters.by_cookie.remove(&cookie);
+        }
     }
 }
 
 impl Hangups {
     /// Creates the set and starts its dispatcher (call inside the runtime).
-    pub fn start() -> io::Result<(Arc<Self>, JoinHandle<()>)> {
+    pub fn start(ring: RingBuf<MapData>) -> io::Result<(Arc<Self>, JoinHandle<()>)> {
+        let epoll = Epoll::new()?;
+        epoll.watch_readable(&ring, RING_TOKEN)?;
         let hangups = Arc::new(Hangups {
-            epoll: sys::async_epoll(Epoll::new()?)?,
-            waiters: Mutex::new(HashMap::new()),
+            epoll: sys::async_epoll(epoll)?,
+            ring: Mutex::new(ring),
+            waiters: Mutex::new(Waiters::default()),
             next_id: AtomicU64::new(0),
         });
         let task = tokio::spawn(hangups.clone().dispatch());
         Ok((hangups, task))
     }
 
-    /// Watches both sockets of a tunnel.
-    pub fn register(self: &Arc<Self>, socks: &[StdTcpStream; 2]) -> io::Result<Registration> {
+    /// Watches both sockets of a tunnel (and their events in the ring).
+    pub fn register(self: &Arc<Self>, socks: &[StdTcpStream; 2], cookies: [u64; 2]) -> io::Result<Registration> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let waiter = Arc::new(Waiter { events: [AtomicU32::new(0), AtomicU32::new(0)], notify: Notify::new() });
-        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).insert(id, waiter.clone());
-        let reg = Registration { hangups: self.clone(), id, fds: [socks[0].as_raw_fd(), socks[1].as_raw_fd()], waiter };
+        {
+            let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+            waiters.by_id.insert(id, waiter.clone());
+            for (side, cookie) in cookies.into_iter().enumerate() {
+                waiters.by_cookie.insert(cookie, (id, side));
+            }
+        }
+        let reg = Registration {
+            hangups: self.clone(),
+            id,
+            fds: [socks[0].as_raw_fd(), socks[1].as_raw_fd()],
+            cookies,
+            waiter,
+        };
         for (side, sock) in socks.iter().enumerate() {
             self.epoll.get_ref().watch_hangup(sock, id << 1 | side as u64)?;
         }
@@ -99,11 +142,38 @@ impl Hangups {
                     return;
                 }
             };
+            let mut ring_events = Vec::new();
+            if events.iter().any(|&(token, _)| token == RING_TOKEN) {
+                let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+                while let Some(item) = ring.next() {
+                    if item.len() >= std::mem::size_of::<Event>() {
+                        // `Event` is two native-endian u64s: cookie, kind.
+                        let cookie = u64::from_ne_bytes(item[0..8].try_into().unwrap());
+                        let kind = u64::from_ne_bytes(item[8..16].try_into().unwrap());
+                        ring_events.push((cookie, kind));
+                    }
+                }
+            }
             let waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-            for (token, bits) in events {
-                if let Some(w) = waiters.get(&(token >> 1)) {
-                    w.events[(token & 1) as usize].fetch_or(bits, Ordering::AcqRel);
+            let wake = |id: u64, side: usize, bits: u32| {
+                if let Some(w) = waiters.by_id.get(&id) {
+                    w.events[side].fetch_or(bits, Ordering::AcqRel);
                     w.notify.notify_one();
+                }
+            };
+            for (token, bits) in events {
+                if token != RING_TOKEN {
+                    wake(token >> 1, (token & 1) as usize, bits);
+                }
+            }
+            for (cookie, kind) in ring_events {
+                let bits = match kind {
+                    EVENT_LOW => EV_LOW,
+                    EVENT_OVER => EV_OVER,
+                    _ => continue,
+                };
+                if let Some(&(id, side)) = waiters.by_cookie.get(&cookie) {
+                    wake(id, side, bits);
                 }
             }
         }

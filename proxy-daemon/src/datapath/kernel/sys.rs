@@ -44,6 +44,8 @@ pub struct TcpInfo {
     pub state: u8,
     /// `tcpi_bytes_acked`: every byte the peer has acknowledged so far.
     pub bytes_acked: u64,
+    /// `tcpi_rtt`: smoothed round-trip time, in microseconds.
+    pub rtt_us: u32,
 }
 
 /// Reads `TCP_INFO`. The kernel takes the socket lock for it, so the call
@@ -78,6 +80,7 @@ pub fn tcp_info(sock: &impl AsFd) -> io::Result<TcpInfo> {
     Ok(TcpInfo {
         state: info.tcpi_state,
         bytes_acked: info.tcpi_bytes_acked,
+        rtt_us: info.tcpi_rtt,
     })
 }
 
@@ -159,10 +162,16 @@ impl Epoll {
     /// Watches `sock` for `EPOLLRDHUP` (edge-triggered; `EPOLLHUP` and
     /// `EPOLLERR` are always reported), tagged with `token`.
     pub fn watch_hangup(&self, sock: &impl AsFd, token: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event {
-            events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
-            u64: token,
-        };
+        self.add(sock, (libc::EPOLLRDHUP | libc::EPOLLET) as u32, token)
+    }
+
+    /// Watches `fd` for readability (level-triggered), tagged with `token`.
+    pub fn watch_readable(&self, fd: &impl AsFd, token: u64) -> io::Result<()> {
+        self.add(fd, libc::EPOLLIN as u32, token)
+    }
+
+    fn add(&self, sock: &impl AsFd, events: u32, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: token };
         // SAFETY: both fds are open for the call; `ev` is a valid event.
         let rc = unsafe {
             libc::epoll_ctl(

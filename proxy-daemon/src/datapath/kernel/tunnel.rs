@@ -1,41 +1,76 @@
-//! One spliced tunnel's life: send the client's early bytes (and whatever
-//! either socket already holds) in userspace, enter the maps, watch both
-//! sockets for FIN/RST, close without loss, leave the maps.
+//! One tunnel's life on the kernel data path: relayed at first (under
+//! `auto`), promoted into the maps once it proves to be bulk, spliced with a
+//! window that follows the peer, demoted back to the relay when a peer falls
+//! behind, and closed without loss.
 //!
-//! Close without loss. The verdict program does not forward a FIN, and the
-//! kernel frees whatever is still queued in a socket's psock when the socket
-//! leaves the map or closes. So when socket A reports `EPOLLRDHUP` (its peer
-//! sent FIN), the task waits until its partner B has had every byte
-//! acknowledged that was ever written to it: `TCP_INFO.tcpi_bytes_acked(B)`
-//! must reach what userspace wrote to B before splicing (measured at splice
-//! time) plus A's flow counter, and `SIOCOUTQ(B)` must be 0. Only then is B's
-//! write half shut. Each direction is handled alone, so half-close works both
-//! ways; the pair leaves the maps and is closed when both directions are
-//! done, on RST/error (the other side is reset too), or on cancel.
+//! Promotion. Under [`Policy::Auto`] the tunnel starts on the userspace relay
+//! ([`relay`]); once it has moved [`PROMOTE`]'s bytes the relay stops between
+//! chunks and hands the sockets back. [`Policy::Always`] splices at once. The
+//! hand-over then moves, in userspace, whatever must precede the spliced
+//! stream (the client's early bytes, bytes already queued) and the pair
+//! enters the maps.
 //!
-//! The sockets leave tokio's reactor once spliced: the daemon's shared
+//! Backpressure. A redirected skb waits on the peer's psock outside TCP's
+//! memory accounting, so each direction has a window (see
+//! `proxy_common::Splice`) that keeps what is in flight towards a socket —
+//! its send queue (`SIOCOUTQ`) plus the redirected bytes that have not
+//! reached it yet — within [`Shared::queue_cap`], the kernel's `tcp_wmem`
+//! maximum: what the relay lets a send queue hold. The verdict asks for more
+//! at half the window (`EV_LOW`); the task grants what the peer has room
+//! for, or looks again later while it has none. Past the window (`EV_OVER`)
+//! the peer is behind: the tunnel is demoted.
+//!
+//! Demotion. The verdict keeps redirecting until the socket leaves `SPLICE`,
+//! and taking it out while skbs arrive can lose one (the kernel drops an skb
+//! whose verdict program went away mid-read), so demotion brakes first: both
+//! sockets' receive buffers drop to the minimum, which closes TCP's window on
+//! the senders (a zero window on loopback, one segment per round trip on a
+//! path with a smaller MSS). Once neither socket has received a byte for
+//! [`QUIET`] (or two round trips), both leave `SPLICE`, get receive buffers as
+//! large as the in-flight cap, and the relay takes over; a peer that finds room
+//! again while the tunnel brakes releases the brake instead. Each relayed
+//! direction starts only once every byte already redirected towards its
+//! writer has entered that socket's send queue, so the order holds. The relay
+//! promotes the tunnel again (after [`REPROMOTE`]'s bytes) when the peer
+//! keeps up; each stay in the maps is an epoch with fresh entries. Nothing is
+//! ever passed up through the psock: reading such bytes back was seen to
+//! deliver an skb twice on this kernel (6.18).
+//!
+//! Close without loss while spliced. The verdict does not forward a FIN, and
+//! the kernel frees whatever is still queued in a socket's psock when the
+//! socket leaves the map or closes. So when socket A reports `EPOLLRDHUP`
+//! (its peer sent FIN), the task waits until its partner B has had every
+//! byte acknowledged that was ever written to it: `TCP_INFO.tcpi_bytes_acked(B)`
+//! must reach what userspace wrote to B before splicing plus A's flow
+//! counter, and `SIOCOUTQ(B)` must be 0. Only then is B's write half shut.
+//! Each direction is handled alone, so half-close works both ways.
+//!
+//! While spliced the sockets are out of tokio's reactor: the shared
 //! edge-triggered epoll set ([`super::hangup`]) asks only for
-//! `EPOLLRDHUP`/`EPOLLHUP`/`EPOLLERR`, so userspace is not woken for every
-//! skb the kernel moves, and a tunnel costs no descriptor beyond its sockets.
+//! `EPOLLRDHUP`/`EPOLLHUP`/`EPOLLERR` and carries the verdict's events, so
+//! userspace is not woken for every skb the kernel moves.
 //!
 //! If the pair cannot enter the maps (a side already closed its write half,
 //! so the socket is no longer `ESTABLISHED`; or the maps are full) the tunnel
-//! is relayed through userspace instead, with the same counters.
+//! stays on the relay, with the same counters.
 
 use std::io;
 use std::net::{Shutdown, TcpStream as StdTcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proxy_common::FlowStats as MapFlow;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use proxy_common::{FlowStats as MapFlow, Splice};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::hangup::{EV_LOW, EV_OVER};
 use super::sys::{self, EV_ERR, EV_HUP, EV_RDHUP};
-use super::{error_line, monotonic_ns, KernelFlow, Shared};
+use super::{error_line, monotonic_ns, KernelFlow, Policy, Shared};
+use crate::datapath::userspace::{relay, Promote, RelayEnd};
 
 /// Index of the client socket in the per-tunnel arrays.
 const CLIENT: usize = 0;
@@ -47,6 +82,21 @@ const TCP_CLOSE: u8 = 7;
 /// and at most (doubling in between: quick on loopback, cheap on slow peers).
 const DRAIN_POLL_MIN: Duration = Duration::from_millis(1);
 const DRAIN_POLL_MAX: Duration = Duration::from_millis(50);
+/// The smallest window worth granting; below it the task re-checks later.
+const MIN_GRANT: u64 = 256 * 1024;
+/// How long braked sockets must receive nothing before they leave `SPLICE`.
+const QUIET: Duration = Duration::from_millis(10);
+/// How often a braking tunnel looks at its counters and its peer's room.
+const BRAKE_POLL: Duration = Duration::from_millis(2);
+
+/// When `auto` promotes a relayed tunnel: after 2 MiB in this many
+/// milliseconds or more. Short request/response tunnels (most connections)
+/// end before that and never pay for entering and leaving the maps; see
+/// docs/kernel-data-path.md for the measurements behind the numbers.
+pub(super) const PROMOTE: Promote = Promote { bytes: 2 << 20, after: Duration::from_millis(0) };
+/// When a demoted tunnel goes back into the maps: its peer kept up with the
+/// relay for this much more.
+pub(super) const REPROMOTE: Promote = Promote { bytes: 16 << 20, after: Duration::from_millis(100) };
 
 /// A pair in the maps.
 struct Spliced {
@@ -59,6 +109,15 @@ struct Spliced {
     written_before: [u64; 2],
 }
 
+impl Spliced {
+    /// The same pair seen through duplicated descriptors, for the checks
+    /// that run while tokio owns the sockets (the relay after a demotion).
+    fn view(socks: &[TcpStream; 2], cookies: [u64; 2], written_before: [u64; 2]) -> io::Result<Spliced> {
+        let dup = |s: &TcpStream| s.as_fd().try_clone_to_owned().map(StdTcpStream::from);
+        Ok(Spliced { socks: [dup(&socks[0])?, dup(&socks[1])?], cookies, written_before })
+    }
+}
+
 /// Why the watch ended.
 enum End {
     /// Both directions closed by FIN.
@@ -69,89 +128,192 @@ enum End {
     Reset(usize),
     /// A syscall failed.
     Failed(io::Error),
+    /// A peer fell behind: the verdict holds bytes for userspace.
+    Demote,
 }
 
 /// The tunnel task: owns the pair until both sockets are closed.
 pub(super) async fn run(
     shared: Arc<Shared>,
     flow: Arc<KernelFlow>,
-    mut client: TcpStream,
-    mut upstream: TcpStream,
+    client: TcpStream,
+    upstream: TcpStream,
     early: Vec<u8>,
     cancel: CancellationToken,
+    policy: Policy,
 ) {
     let id = flow.client;
-    let handed_over = tokio::select! {
-        biased;
-        _ = cancel.cancelled() => return,
-        // Boxed so its buffers' state does not stay in the long-lived task.
-        done = Box::pin(hand_over(&shared, &flow, &mut client, &mut upstream, early)) => done,
-    };
-    match handed_over {
-        Ok(false) => {}
-        Ok(true) => {
-            debug!(
-                tunnel = id,
-                "cannot splice (a side closed, or never went quiet); relaying in userspace"
-            );
-            flow.freeze();
-            return Box::pin(relay(&flow, [client, upstream], cancel)).await;
+    let mut socks = [client, upstream];
+    let mut early = Some(early);
+    // The last epoch's pair while its bytes drain towards the relay's writers.
+    let mut demoted: Option<Spliced> = None;
+    let mut rule = (policy == Policy::Auto).then_some(PROMOTE);
+    loop {
+        if let Some(rule) = rule {
+            let early = early.take().unwrap_or_default();
+            let end = match &demoted {
+                Some(sp) => {
+                    let gates = [drain_gate(&shared, sp, UPSTREAM, CLIENT), drain_gate(&shared, sp, CLIENT, UPSTREAM)];
+                    relay(&mut socks, early, &flow.user, None, &cancel, Some(rule), gates).await
+                }
+                None => relay(&mut socks, early, &flow.user, None, &cancel, Some(rule), open_gates()).await,
+            };
+            if let Some(sp) = demoted.take() {
+                // Closed, or both gates opened: every byte of the epoch left the psocks.
+                flow.freeze();
+                shared.maps.leave(sp.cookies);
+            }
+            if let RelayEnd::Closed = end {
+                return;
+            }
+            shared.promotions.fetch_add(1, Ordering::Relaxed);
+            debug!(tunnel = id, "bulk: promoting into the sockhash");
         }
-        Err(e) => {
-            debug!(tunnel = id, "handing over queued bytes: {e}");
+        let [client, upstream] = &mut socks;
+        let handed_over = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            // Boxed so its buffers' state does not stay in the long-lived task.
+            done = Box::pin(hand_over(&shared, &flow, client, upstream, early.take().unwrap_or_default())) => done,
+        };
+        match handed_over {
+            Ok(false) => {}
+            Ok(true) => {
+                debug!(tunnel = id, "cannot splice (a side closed, or never went quiet); relaying in userspace");
+                return relay_to_end(&flow, socks, &cancel).await;
+            }
+            Err(e) => {
+                debug!(tunnel = id, "handing over queued bytes: {e}");
+                return;
+            }
+        }
+        let Some(spliced) = enter(&shared, &flow, socks, &cancel).await else {
             return;
+        };
+        let end = watch(&shared, &spliced, &cancel).await;
+        if let End::Demote = end {
+            shared.demotions.fetch_add(1, Ordering::Relaxed);
+            debug!(tunnel = id, "a peer fell behind: demoting to the relay");
+            // The verdict stops; TCP_INFO takes each socket's lock, so a
+            // verdict run still in progress finishes first.
+            for (cookie, sock) in spliced.cookies.iter().zip(&spliced.socks) {
+                shared.maps.splice_out(*cookie);
+                let _ = sys::tcp_info(sock);
+                set_receive_buffer(sock, shared.queue_cap / 4);
+            }
+            flow.spliced.store(false, Ordering::Relaxed);
+            let Spliced { socks: std_socks, cookies, written_before } = spliced;
+            let view = to_tokio(std_socks).and_then(|s| Ok((Spliced::view(&s, cookies, written_before)?, s)));
+            match view {
+                Ok((view, tokio_socks)) => {
+                    socks = tokio_socks;
+                    demoted = Some(view);
+                }
+                Err(e) => return warn!(tunnel = id, "cannot relay: {e}"),
+            }
+            rule = Some(REPROMOTE);
+            continue;
         }
+        flow.freeze();
+        shared.maps.leave(spliced.cookies);
+        match end {
+            End::Clean => debug!(tunnel = id, "closed by both sides"),
+            End::Cancelled => debug!(tunnel = id, "cancelled"),
+            End::Reset(side) => {
+                debug!(tunnel = id, "{} side reset; resetting the other", side_name(side));
+                if let Err(e) = sys::set_linger_zero(&spliced.socks[1 - side]) {
+                    debug!(tunnel = id, "SO_LINGER: {e}");
+                }
+            }
+            End::Failed(e) => warn!(tunnel = id, "closing tunnel: {e}"),
+            End::Demote => unreachable!("handled above"),
+        }
+        // Dropping `spliced` closes both sockets.
+        return;
     }
+}
+
+/// Takes the pair out of tokio's reactor and into the maps; on failure it
+/// is relayed to its end here and `None` is returned.
+async fn enter(shared: &Shared, flow: &KernelFlow, socks: [TcpStream; 2], cancel: &CancellationToken) -> Option<Spliced> {
+    let id = flow.client;
     // Leave tokio's reactor: from now on the kernel moves the bytes.
+    let [client, upstream] = socks;
     let socks = match (client.into_std(), upstream.into_std()) {
         (Ok(c), Ok(u)) => [c, u],
         (Err(e), _) | (_, Err(e)) => {
-            warn!(
-                tunnel = id,
-                "cannot take the sockets out of the reactor: {e}"
-            );
-            return;
+            warn!(tunnel = id, "cannot take the sockets out of the reactor: {e}");
+            return None;
         }
     };
-    let cookies = [flow.client, flow.upstream];
-    let spliced = match splice(&shared, socks, cookies) {
-        Ok(spliced) => spliced,
+    for sock in &socks {
+        tune_socket(sock, shared.queue_cap);
+    }
+    match splice(shared, socks, [flow.client, flow.upstream]) {
+        Ok(spliced) => {
+            flow.enter_maps();
+            debug!(tunnel = id, upstream = flow.upstream, "spliced");
+            Some(spliced)
+        }
         Err(SpliceError::Nothing(e, socks)) => {
             debug!(tunnel = id, "cannot splice ({e}); relaying in userspace");
-            flow.freeze();
-            return relay_std(&flow, socks, cancel).await;
+            relay_std(flow, socks, cancel).await;
+            None
         }
         Err(SpliceError::Half(e, spliced)) => {
-            debug!(
-                tunnel = id,
-                "cannot splice the client side ({e}); relaying in userspace"
-            );
-            unsplice_half(&shared, &flow, &spliced, &cancel).await;
-            return relay_std(&flow, spliced.socks, cancel).await;
+            debug!(tunnel = id, "cannot splice the client side ({e}); relaying in userspace");
+            flow.enter_maps();
+            unsplice_half(shared, flow, &spliced, cancel).await;
+            relay_std(flow, spliced.socks, cancel).await;
+            None
         }
-    };
-    debug!(tunnel = id, upstream = flow.upstream, "spliced");
-
-    let end = watch(&shared, &spliced, &cancel).await;
-    flow.freeze();
-    shared.maps.leave(cookies);
-    match end {
-        End::Clean => debug!(tunnel = id, "closed by both sides"),
-        End::Cancelled => debug!(tunnel = id, "cancelled"),
-        End::Reset(side) => {
-            let other = 1 - side;
-            debug!(
-                tunnel = id,
-                "{} side reset; resetting the other",
-                side_name(side)
-            );
-            if let Err(e) = sys::set_linger_zero(&spliced.socks[other]) {
-                debug!(tunnel = id, "SO_LINGER: {e}");
-            }
-        }
-        End::Failed(e) => warn!(tunnel = id, "closing tunnel: {e}"),
     }
-    // Dropping `spliced` closes both sockets.
+}
+
+/// A gate of the relay (see [`relay`]).
+type Gate<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<()>> + Send + 'a>>;
+
+/// Gates that are open at once (nothing to wait for before relaying).
+fn open_gates() -> [Gate<'static>; 2] {
+    [Box::pin(std::future::ready(Ok(()))), Box::pin(std::future::ready(Ok(())))]
+}
+
+/// Opens when every byte the verdict redirected from `from` has entered
+/// `to`'s send queue, so that the relay's writes to `to` come after them;
+/// `to`'s send buffer then goes back to what the relay lets it hold.
+fn drain_gate<'a>(shared: &'a Shared, sp: &'a Spliced, from: usize, to: usize) -> Gate<'a> {
+    Box::pin(async move {
+        let mut delay = DRAIN_POLL_MIN;
+        loop {
+            let counted = shared.maps.flow(sp.cookies[from]).ok_or_else(|| io::Error::other("flow entry vanished"))?;
+            if written_total(&sp.socks[to])?.saturating_sub(sp.written_before[to]) >= counted.bytes {
+                set_send_buffer(&sp.socks[to], shared.queue_cap / 2);
+                return Ok(());
+            }
+            if sys::tcp_info(&sp.socks[to])?.state == TCP_CLOSE {
+                return Err(io::Error::from(io::ErrorKind::ConnectionReset));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(DRAIN_POLL_MAX);
+        }
+    })
+}
+
+/// Relays `socks` until the tunnel ends; the sockets close on return.
+async fn relay_to_end(flow: &KernelFlow, mut socks: [TcpStream; 2], cancel: &CancellationToken) {
+    relay(&mut socks, Vec::new(), &flow.user, None, cancel, None, open_gates()).await;
+}
+
+/// Relays sockets that already left tokio's reactor.
+async fn relay_std(flow: &KernelFlow, socks: [StdTcpStream; 2], cancel: &CancellationToken) {
+    match to_tokio(socks) {
+        Ok(socks) => relay_to_end(flow, socks, cancel).await,
+        Err(e) => warn!(tunnel = flow.client, "cannot relay: {e}"),
+    }
+}
+
+fn to_tokio([client, upstream]: [StdTcpStream; 2]) -> io::Result<[TcpStream; 2]> {
+    Ok([TcpStream::from_std(client)?, TcpStream::from_std(upstream)?])
 }
 
 /// Bytes moved per direction per round of [`hand_over`] (bounds its memory).
@@ -175,7 +337,8 @@ async fn hand_over(
     upstream: &mut TcpStream,
     mut to_upstream: Vec<u8>,
 ) -> io::Result<bool> {
-    let queued = shared.hand_over_queued.load(std::sync::atomic::Ordering::Relaxed);
+    use tokio::io::AsyncWriteExt;
+    let queued = shared.hand_over_queued.load(Ordering::Relaxed);
     let mut to_client = Vec::new();
     for round in 0.. {
         let (mut from_client, mut from_upstream) = (Queue::Empty, Queue::Empty);
@@ -243,7 +406,7 @@ fn side_name(side: usize) -> &'static str {
 /// Bytes ever written to `sock`, acknowledged or still queued; valid while
 /// only this process writes to it. `bytes_acked` is read on both sides of
 /// `SIOCOUTQ` so that an ACK arriving in between cannot skew the sum.
-fn written_total(sock: &StdTcpStream) -> io::Result<u64> {
+fn written_total(sock: &impl AsFd) -> io::Result<u64> {
     loop {
         let before = sys::tcp_info(sock)?.bytes_acked;
         let queued = sys::outq(sock)?;
@@ -263,42 +426,44 @@ enum SpliceError {
     Half(io::Error, Spliced),
 }
 
+/// The window for bytes received on `from`, given what is in flight
+/// towards its peer `to`: `None` while the peer has no room worth granting.
+fn window(cap: u64, sp: &Spliced, from: usize, counted: &MapFlow) -> io::Result<Option<Splice>> {
+    let to = 1 - from;
+    let written = written_total(&sp.socks[to])?.saturating_sub(sp.written_before[to]);
+    let backlog = counted.bytes.saturating_sub(written);
+    let in_flight = u64::from(sys::outq(&sp.socks[to])?) + backlog;
+    let room = cap.saturating_sub(in_flight);
+    Ok((room >= MIN_GRANT.min(cap)).then(|| Splice {
+        peer: sp.cookies[to],
+        limit: counted.bytes + room,
+        low: counted.bytes + room / 2,
+    }))
+}
+
 /// Puts the pair into the maps (order: see the module docs of `kernel`),
 /// then makes the verdict look at bytes that arrived meanwhile.
-fn splice(
-    shared: &Shared,
-    socks: [StdTcpStream; 2],
-    cookies: [u64; 2],
-) -> Result<Spliced, SpliceError> {
-    let written_before = match (
-        written_total(&socks[CLIENT]),
-        written_total(&socks[UPSTREAM]),
-    ) {
+fn splice(shared: &Shared, socks: [StdTcpStream; 2], cookies: [u64; 2]) -> Result<Spliced, SpliceError> {
+    let written_before = match (written_total(&socks[CLIENT]), written_total(&socks[UPSTREAM])) {
         (Ok(c), Ok(u)) => [c, u],
         (Err(e), _) | (_, Err(e)) => return Err(SpliceError::Nothing(e, socks)),
     };
-    let fds = [
-        socks[CLIENT].as_raw_fd() as u32,
-        socks[UPSTREAM].as_raw_fd() as u32,
-    ];
-    let fresh = MapFlow {
-        bytes: 0,
-        packets: 0,
-        last_ns: monotonic_ns(),
-    };
-    if let Err(e) = shared.maps.enter(cookies, fds, fresh) {
+    let fds = [socks[CLIENT].as_raw_fd() as u32, socks[UPSTREAM].as_raw_fd() as u32];
+    let spliced = Spliced { socks, cookies, written_before };
+    // `asked`/`over` start at a mark no window uses, so the first crossing of
+    // any mark (0 included: a peer with no room at all) raises its event.
+    let fresh = MapFlow { last_ns: monotonic_ns(), asked: u64::MAX, over: u64::MAX, ..MapFlow::default() };
+    let windows = [CLIENT, UPSTREAM].map(|from| {
+        window(shared.queue_cap, &spliced, from, &fresh)
+            .ok()
+            .flatten()
+            .unwrap_or(Splice { peer: cookies[1 - from], ..Splice::default() })
+    });
+    if let Err(e) = shared.maps.enter(cookies, fds, windows, fresh) {
         shared.maps.leave(cookies);
-        return Err(SpliceError::Nothing(
-            error_line("inserting into the BPF maps", &e),
-            socks,
-        ));
+        return Err(SpliceError::Nothing(error_line("inserting into the BPF maps", &e), spliced.socks));
     }
     let client_in = shared.maps.splice_in(cookies[CLIENT], fds[CLIENT]);
-    let spliced = Spliced {
-        socks,
-        cookies,
-        written_before,
-    };
     // Bytes that arrived since `hand_over` wait in the receive queues as
     // whole skbs; the verdict runs on the next data-ready event. Setting
     // SO_RCVLOWAT raises one now (tcp_set_rcvlowat calls tcp_data_ready).
@@ -308,10 +473,7 @@ fn splice(
             kick(&spliced.socks[CLIENT]);
             Ok(spliced)
         }
-        Err(e) => Err(SpliceError::Half(
-            error_line("inserting into the BPF maps", &e),
-            spliced,
-        )),
+        Err(e) => Err(SpliceError::Half(error_line("inserting into the BPF maps", &e), spliced)),
     }
 }
 
@@ -325,17 +487,12 @@ fn kick(sock: &StdTcpStream) {
 /// Undoes a half splice without losing what was already redirected to the
 /// client: stops the upstream's verdict, waits (a bounded time) until the
 /// client has acknowledged those bytes, then leaves the maps.
-async fn unsplice_half(
-    shared: &Shared,
-    flow: &KernelFlow,
-    sp: &Spliced,
-    cancel: &CancellationToken,
-) {
+async fn unsplice_half(shared: &Shared, flow: &KernelFlow, sp: &Spliced, cancel: &CancellationToken) {
     shared.maps.splice_out(sp.cookies[UPSTREAM]);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(2);
     let mut delay = DRAIN_POLL_MIN;
     while !matches!(drained(shared, sp, UPSTREAM, CLIENT), Ok(true) | Err(_))
-        && tokio::time::Instant::now() < deadline
+        && Instant::now() < deadline
         && !cancel.is_cancelled()
     {
         tokio::time::sleep(delay).await;
@@ -345,9 +502,10 @@ async fn unsplice_half(
     shared.maps.leave(sp.cookies);
 }
 
-/// Waits for FIN/RST on both sockets and closes each direction without loss.
+/// Waits for FIN/RST on both sockets, keeps each direction's window
+/// following its peer, and closes each direction without loss.
 async fn watch(shared: &Shared, sp: &Spliced, cancel: &CancellationToken) -> End {
-    let registration = match shared.hangups.register(&sp.socks) {
+    let registration = match shared.hangups.register(&sp.socks, sp.cookies) {
         Ok(r) => r,
         Err(e) => return End::Failed(e),
     };
@@ -356,28 +514,56 @@ async fn watch(shared: &Shared, sp: &Spliced, cancel: &CancellationToken) -> End
     let mut fin = [false; 2];
     // Write half of socket i shut (the direction towards i is done).
     let mut shut = [false; 2];
+    // When to look again at the room of a direction whose peer had none.
+    let mut recheck: [Option<(Instant, Duration)>; 2] = [None; 2];
+    // Set while the tunnel brakes before its demotion.
+    let mut brake: Option<Brake> = None;
     let mut delay = DRAIN_POLL_MIN;
     loop {
+        let now = Instant::now();
+        if let Some(b) = &mut brake {
+            match b.check(shared, sp, now) {
+                Ok(BrakeState::Braking) => {}
+                Ok(BrakeState::Quiet) => return End::Demote,
+                Ok(BrakeState::Released) => {
+                    debug!(tunnel = sp.cookies[CLIENT], "the peer caught up: brake released");
+                    release(shared, sp);
+                    brake = None;
+                }
+                Err(end) => return end,
+            }
+        }
         for side in [CLIENT, UPSTREAM] {
             let bits = waiter.take(side);
-            if bits == 0 {
+            let due = recheck[side].is_some_and(|(at, _)| at <= now);
+            if bits == 0 && !due {
                 continue;
             }
-            tracing::trace!(
-                tunnel = sp.cookies[CLIENT],
-                "{} side: epoll events {bits:#x}",
-                side_name(side)
-            );
+            tracing::trace!(tunnel = sp.cookies[CLIENT], "{} side: events {bits:#x}", side_name(side));
             if bits & EV_ERR != 0 {
                 return End::Reset(side);
             }
             if bits & (EV_RDHUP | EV_HUP) != 0 && !fin[side] {
-                debug!(
-                    tunnel = sp.cookies[CLIENT],
-                    "FIN from the {} side",
-                    side_name(side)
-                );
+                debug!(tunnel = sp.cookies[CLIENT], "FIN from the {} side", side_name(side));
                 fin[side] = true;
+            }
+            if (bits & (EV_LOW | EV_OVER) != 0 || due) && !fin[side] && brake.is_none() {
+                match grant(shared, sp, side) {
+                    Ok(true) => recheck[side] = None,
+                    Ok(false) => {
+                        let wait = recheck[side].map_or(DRAIN_POLL_MIN, |(_, d)| (d * 2).min(DRAIN_POLL_MAX));
+                        recheck[side] = Some((now + wait, wait));
+                    }
+                    Err(End::Demote) => {
+                        debug!(tunnel = sp.cookies[CLIENT], "the {} side's peer is behind: braking", side_name(1 - side));
+                        recheck[side] = None;
+                        match Brake::apply(shared, sp, side, now) {
+                            Ok(b) => brake = Some(b),
+                            Err(end) => return end,
+                        }
+                    }
+                    Err(end) => return end,
+                }
             }
         }
         for from in [CLIENT, UPSTREAM] {
@@ -389,11 +575,7 @@ async fn watch(shared: &Shared, sp: &Spliced, cancel: &CancellationToken) -> End
                 Ok(true) => {
                     if let Err(e) = sp.socks[to].shutdown(Shutdown::Write) {
                         if e.kind() != io::ErrorKind::NotConnected {
-                            debug!(
-                                tunnel = sp.cookies[CLIENT],
-                                "shutdown of the {} side: {e}",
-                                side_name(to)
-                            );
+                            debug!(tunnel = sp.cookies[CLIENT], "shutdown of the {} side: {e}", side_name(to));
                             return End::Reset(to);
                         }
                     }
@@ -408,12 +590,96 @@ async fn watch(shared: &Shared, sp: &Spliced, cancel: &CancellationToken) -> End
             return End::Clean;
         }
         let draining = (0..2).any(|from| fin[from] && !shut[1 - from]);
+        let braking = brake.as_ref().map(|_| now + BRAKE_POLL);
+        let next_check = recheck.iter().flatten().map(|&(at, _)| at).chain(braking).min();
         tokio::select! {
             biased;
             _ = cancel.cancelled() => return End::Cancelled,
             _ = waiter.notify.notified() => {}
             _ = tokio::time::sleep(delay), if draining => delay = (delay * 2).min(DRAIN_POLL_MAX),
+            _ = tokio::time::sleep_until(next_check.unwrap_or(now)), if next_check.is_some() => {}
         }
+    }
+}
+
+/// A tunnel on its way to the relay (see the module docs).
+struct Brake {
+    /// The side whose peer fell behind.
+    slow: usize,
+    /// `FLOWS` bytes of both sides when last seen, and when they last moved.
+    seen: [u64; 2],
+    moved: Instant,
+    /// How long both must stay still.
+    quiet: Duration,
+}
+
+/// What [`Brake::check`] found.
+enum BrakeState {
+    Braking,
+    /// Nothing arrived for long enough: the sockets can leave `SPLICE`.
+    Quiet,
+    /// The slow side's peer has room again (its window was raised).
+    Released,
+}
+
+impl Brake {
+    /// Closes both receive windows.
+    fn apply(shared: &Shared, sp: &Spliced, slow: usize, now: Instant) -> Result<Brake, End> {
+        let mut rtt = 0;
+        for sock in &sp.socks {
+            set_receive_buffer(sock, 0);
+            rtt = rtt.max(sys::tcp_info(sock).map_err(End::Failed)?.rtt_us);
+        }
+        let seen = Self::counted(shared, sp)?;
+        let quiet = QUIET.max(Duration::from_micros(u64::from(rtt) * 2));
+        Ok(Brake { slow, seen, moved: now, quiet })
+    }
+
+    fn counted(shared: &Shared, sp: &Spliced) -> Result<[u64; 2], End> {
+        let flow = |side: usize| {
+            shared.maps.flow(sp.cookies[side]).map(|f| f.bytes).ok_or_else(|| End::Failed(io::Error::other("flow entry vanished from the map")))
+        };
+        Ok([flow(CLIENT)?, flow(UPSTREAM)?])
+    }
+
+    fn check(&mut self, shared: &Shared, sp: &Spliced, now: Instant) -> Result<BrakeState, End> {
+        let seen = Self::counted(shared, sp)?;
+        if seen != self.seen {
+            self.seen = seen;
+            self.moved = now;
+        }
+        match grant(shared, sp, self.slow) {
+            Ok(true) => return Ok(BrakeState::Released),
+            Ok(false) | Err(End::Demote) => {}
+            Err(end) => return Err(end),
+        }
+        Ok(if now.duration_since(self.moved) >= self.quiet { BrakeState::Quiet } else { BrakeState::Braking })
+    }
+}
+
+/// Opens both receive windows again, to the size of the in-flight cap: a
+/// window that lets the sender fill what the peer's send queue may hold.
+fn release(shared: &Shared, sp: &Spliced) {
+    for sock in &sp.socks {
+        set_receive_buffer(sock, shared.queue_cap / 4);
+    }
+}
+
+/// Raises the window of the direction from `from` when its peer has room;
+/// false when it has none: the caller looks again later, or demotes the
+/// tunnel once the window is used up.
+fn grant(shared: &Shared, sp: &Spliced, from: usize) -> Result<bool, End> {
+    let Some(counted) = shared.maps.flow(sp.cookies[from]) else {
+        return Err(End::Failed(io::Error::other("flow entry vanished from the map")));
+    };
+    match window(shared.queue_cap, sp, from, &counted).map_err(End::Failed)? {
+        Some(w) => {
+            shared.maps.set_splice(sp.cookies[from], &w).map_err(End::Failed)?;
+            Ok(true)
+        }
+        // No room, and the verdict is past what was granted: the peer is behind.
+        None if shared.maps.splice_of(sp.cookies[from]).is_none_or(|w| counted.bytes >= w.limit) => Err(End::Demote),
+        None => Ok(false),
     }
 }
 
@@ -423,19 +689,12 @@ fn drained(shared: &Shared, sp: &Spliced, from: usize, to: usize) -> Result<bool
     // running on it (the FIN may be seen before the verdict ran on the
     // segment that carried it) finishes first, so the counter read next is final.
     sys::tcp_info(&sp.socks[from]).map_err(End::Failed)?;
-    let counted = shared.maps.flow(sp.cookies[from]);
-    let Some(counted) = counted else {
-        return Err(End::Failed(io::Error::other(
-            "flow entry vanished from the map",
-        )));
+    let Some(counted) = shared.maps.flow(sp.cookies[from]) else {
+        return Err(End::Failed(io::Error::other("flow entry vanished from the map")));
     };
     let info = sys::tcp_info(&sp.socks[to]).map_err(End::Failed)?;
     if info.state == TCP_CLOSE {
-        debug!(
-            tunnel = sp.cookies[CLIENT],
-            "the {} side is closed",
-            side_name(to)
-        );
+        debug!(tunnel = sp.cookies[CLIENT], "the {} side is closed", side_name(to));
         return Err(End::Reset(to));
     }
     let target = sp.written_before[to] + counted.bytes;
@@ -445,58 +704,38 @@ fn drained(shared: &Shared, sp: &Spliced, from: usize, to: usize) -> Result<bool
     Ok(sys::outq(&sp.socks[to]).map_err(End::Failed)? == 0)
 }
 
-/// Relays sockets that already left tokio's reactor (see [`relay`]).
-async fn relay_std(flow: &KernelFlow, socks: [StdTcpStream; 2], cancel: CancellationToken) {
-    let [client, upstream] = socks;
-    match (TcpStream::from_std(client), TcpStream::from_std(upstream)) {
-        (Ok(c), Ok(u)) => relay(flow, [c, u], cancel).await,
-        (Err(e), _) | (_, Err(e)) => warn!(tunnel = flow.client, "cannot relay: {e}"),
+/// Socket options for a spliced socket; failures only cost performance.
+///
+/// The send buffer is forced to twice the in-flight cap (`SO_SNDBUFFORCE`
+/// doubles the value, for the kernel's bookkeeping): the window already keeps
+/// a send queue within the cap, and a psock that finds its peer's send
+/// buffer full backs off for a whole jiffy, which is what made small buffers
+/// slow. The receive buffer is left to autotuning: redirected skbs leave it
+/// at once, and held ones must close TCP's window at the usual size.
+fn tune_socket(sock: &StdTcpStream, cap: u64) {
+    if let Err(e) = sock.set_nodelay(true) {
+        debug!("TCP_NODELAY: {e}");
     }
+    set_send_buffer(sock, cap);
 }
 
-/// Moves the bytes through userspace, for a pair that could not be spliced
-/// (the counters are then kept by `flow` alone).
-async fn relay(flow: &KernelFlow, socks: [TcpStream; 2], cancel: CancellationToken) {
-    let [client, upstream] = socks;
-    let (mut client_rd, mut client_wr) = client.into_split();
-    let (mut upstream_rd, mut upstream_wr) = upstream.into_split();
-    let to_upstream = copy_counted(&mut client_rd, &mut upstream_wr, |n| flow.add_user(n, 0));
-    let to_client = copy_counted(&mut upstream_rd, &mut client_wr, |n| flow.add_user(0, n));
-    let failed = tokio::select! {
-        biased;
-        _ = cancel.cancelled() => false,
-        both = async { tokio::try_join!(to_upstream, to_client) } => match both {
-            Ok(_) => false,
-            Err(e) => {
-                debug!(tunnel = flow.client, "relay ended: {e}");
-                true
-            }
-        },
-    };
-    if failed {
-        // A reset (or error) on one side resets the other, as when spliced.
-        // (`forget`: dropping a write half would send a FIN first.)
-        for sock in [client_rd.as_ref(), upstream_rd.as_ref()] {
-            let _ = sys::set_linger_zero(sock);
-        }
-        client_wr.forget();
-        upstream_wr.forget();
-    }
+/// Sets `SO_SNDBUF` (the kernel doubles `bytes`).
+fn set_send_buffer(sock: &StdTcpStream, bytes: u64) {
+    set_buffer(sock, [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF], bytes);
 }
 
-/// Copies until EOF, then shuts the writer's write half (half-close).
-async fn copy_counted(
-    reader: &mut (impl AsyncRead + Unpin),
-    writer: &mut (impl AsyncWrite + Unpin),
-    count: impl Fn(u64),
-) -> io::Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = reader.read(&mut buf).await?;
-        if n == 0 {
-            return writer.shutdown().await;
+/// Sets `SO_RCVBUF` (the kernel doubles `bytes`; 0 gives its minimum).
+fn set_receive_buffer(sock: &StdTcpStream, bytes: u64) {
+    set_buffer(sock, [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF], bytes);
+}
+
+fn set_buffer(sock: &StdTcpStream, [force, plain]: [i32; 2], bytes: u64) {
+    let bytes = bytes.min(i32::MAX as u64 / 2) as i32;
+    // The FORCE variant passes net.core.[rw]mem_max (needs CAP_NET_ADMIN,
+    // which loading BPF programs needs too); fall back to the capped one.
+    if sys::setsockopt_int(sock, libc::SOL_SOCKET, force, bytes).is_err() {
+        if let Err(e) = sys::setsockopt_int(sock, libc::SOL_SOCKET, plain, bytes) {
+            debug!("socket buffer {bytes}: {e}");
         }
-        writer.write_all(&buf[..n]).await?;
-        count(n as u64);
     }
 }

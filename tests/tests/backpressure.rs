@@ -1,0 +1,223 @@
+//! The kernel path's backpressure and its per-tunnel path switches (issue 11):
+//! a peer that stops reading holds bounded, accounted memory on every data
+//! path; bytes crossing a promotion (relay -> splice) or a demotion (splice ->
+//! relay) arrive whole and in order with exact counters; switching
+//! `data-path` at runtime, to the path in use included, works.
+
+use proxyd_tests::{accept_timeout, data_paths, listen_local, pattern, sha256, skip_or_fail, socks, wait_until, Daemon};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::{Duration, Instant};
+
+/// The data paths under test, with `auto` (per-tunnel promotion) when the kernel path is.
+fn paths() -> Vec<&'static str> {
+    let mut paths = data_paths();
+    if paths.contains(&"kernel") {
+        paths.push("auto");
+    }
+    paths
+}
+
+/// `MemAvailable` in bytes.
+fn mem_available() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+/// Bytes charged to TCP sockets machine-wide (`/proc/net/sockstat` `TCP: ... mem`, in pages).
+fn tcp_mem() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/sockstat").unwrap();
+    let line = text.lines().find(|l| l.starts_with("TCP:")).unwrap();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let i = f.iter().position(|w| *w == "mem").unwrap();
+    f[i + 1].parse::<u64>().unwrap() * 4096
+}
+
+/// Writes as much as each socket takes, without blocking, until `until`.
+fn flood(socks: &[TcpStream], until: Instant) {
+    let chunk = vec![0x5au8; 256 << 10];
+    for s in socks {
+        s.set_nonblocking(true).unwrap();
+    }
+    while Instant::now() < until {
+        let mut wrote = false;
+        for mut s in socks {
+            match s.write(&chunk) {
+                Ok(_) => wrote = true,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => panic!("a stalled tunnel failed: {e}"),
+            }
+        }
+        if !wrote {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+const MIB: u64 = 1 << 20;
+
+/// 200 tunnels whose client (then destination) stops reading while the other
+/// side sends as fast as it can: on every data path the memory they hold stops
+/// growing, stays within 16 MiB a tunnel, and is charged to TCP (sockstat's
+/// `TCP mem` accounts for what `MemAvailable` lost), so `tcp_mem` protects the host.
+#[test]
+fn stalled_peers_hold_bounded_accounted_memory() {
+    const TUNNELS: usize = 200;
+    for dp in paths() {
+        for client_stalls in [true, false] {
+            let who = if client_stalls { "client" } else { "destination" };
+            let mut d = Daemon::start(dp);
+            let proxy = d.enable(&["max-connections=1000"]);
+            let (l, dst) = listen_local();
+            let pairs: Vec<(TcpStream, TcpStream)> = (0..TUNNELS).map(|_| socks::tunnel(proxy, &l, dst)).collect();
+            let (senders, _stalled): (Vec<TcpStream>, Vec<TcpStream>) = pairs
+                .into_iter()
+                .map(|(c, u)| if client_stalls { (u, c) } else { (c, u) })
+                .unzip();
+            let (mem0, tcp0) = (mem_available(), tcp_mem());
+            let start = Instant::now();
+            flood(&senders, start + Duration::from_secs(5));
+            let (early_mem, early_tcp) = (mem0.saturating_sub(mem_available()), tcp_mem().saturating_sub(tcp0));
+            flood(&senders, start + Duration::from_secs(20));
+            let (mem, tcp) = (mem0.saturating_sub(mem_available()), tcp_mem().saturating_sub(tcp0));
+            eprintln!(
+                "{dp}, {who} stalls: {TUNNELS} tunnels after 5 s / 20 s: MemAvailable -{} / -{} MiB, TCP mem +{} / +{} MiB ({:.1} MiB a tunnel)",
+                early_mem / MIB,
+                mem / MIB,
+                early_tcp / MIB,
+                tcp / MIB,
+                tcp as f64 / MIB as f64 / TUNNELS as f64
+            );
+            assert!(mem < 3 << 30, "{dp}, {who} stalls: MemAvailable fell by {} MiB", mem / MIB);
+            assert!(tcp < TUNNELS as u64 * 16 * MIB, "{dp}, {who} stalls: TCP mem grew by {} MiB", tcp / MIB);
+            assert!(
+                tcp <= early_tcp + early_tcp / 4 + 64 * MIB,
+                "{dp}, {who} stalls: TCP mem kept growing: {} MiB at 5 s, {} MiB at 20 s",
+                early_tcp / MIB,
+                tcp / MIB
+            );
+            assert!(
+                mem <= tcp + tcp / 2 + 512 * MIB,
+                "{dp}, {who} stalls: {} MiB of memory went missing outside TCP's accounting ({} MiB charged)",
+                mem / MIB,
+                tcp / MIB
+            );
+        }
+    }
+}
+
+/// Reads exactly `len` bytes, sleeping `pause` once after `pause_at` bytes
+/// (a peer that stalls and resumes).
+fn read_exactly(s: &mut TcpStream, len: usize, pause_at: Option<(usize, Duration)>) -> Vec<u8> {
+    let mut got = Vec::with_capacity(len);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut paused = false;
+    while got.len() < len {
+        if let Some((_, pause)) = pause_at.filter(|(at, _)| !paused && got.len() >= *at) {
+            std::thread::sleep(pause);
+            paused = true;
+        }
+        let want = (len - got.len()).min(buf.len());
+        let n = s.read(&mut buf[..want]).expect("read through the tunnel");
+        assert!(n > 0, "end of stream after {} of {len} bytes", got.len());
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
+}
+
+/// Transfers that cross promotion and demotion arrive whole, in order, with
+/// exact counters: sizes a byte before, at and after the promotion threshold
+/// (2 MiB) and well past it, both directions, with early data and a banner,
+/// a reader that stalls for a second and resumes (demotion, then promotion
+/// again), and a half-close while the tunnel may be switching.
+#[test]
+fn transfers_across_promotion_and_demotion_arrive_whole() {
+    const T: &str = "transfers_across_promotion_and_demotion_arrive_whole";
+    if !data_paths().contains(&"kernel") {
+        skip_or_fail(T, "the kernel data path is not under test (needs root; PROXYD_TEST_KERNEL=1 or CI)");
+        return;
+    }
+    let threshold = 2usize << 20;
+    let sizes = [1, threshold - 1, threshold, threshold + 1, 3 * threshold, 48 << 20];
+    for dp in paths() {
+        let mut d = Daemon::start(dp);
+        let proxy = d.enable(&[]);
+        let (l, dst) = listen_local();
+        for (i, &len) in sizes.iter().enumerate() {
+            for upload in [true, false] {
+                let stall = (len > threshold && i % 2 == 1).then_some((len / 2, Duration::from_secs(1)));
+                let half_close = i % 2 == 0;
+                // Early data: the client's first bytes go with the request.
+                let mut c = TcpStream::connect(proxy).unwrap();
+                let mut req = socks::request(1, dst, b"");
+                req.extend_from_slice(b"EARLY");
+                c.write_all(&req).unwrap();
+                let mut u = accept_timeout(&l, Duration::from_secs(10)).expect("accept");
+                let reply = socks::read_reply(&mut c).unwrap();
+                assert_eq!(reply.code, 90, "{dp}: CONNECT refused");
+                // Banner: the destination speaks first.
+                u.write_all(b"BANNER").unwrap();
+                assert_eq!(read_exactly(&mut u, 5, None), b"EARLY", "{dp}: early data");
+                assert_eq!(read_exactly(&mut c, 6, None), b"BANNER", "{dp}: banner");
+                let data = pattern(len, (i * 2 + upload as usize) as u64);
+                let want = sha256::hex(&data);
+                let (mut sender, mut receiver) = if upload { (c, u) } else { (u, c) };
+                let writer = std::thread::spawn(move || {
+                    sender.write_all(&data).unwrap();
+                    if half_close {
+                        sender.shutdown(Shutdown::Write).unwrap();
+                    }
+                    sender
+                });
+                receiver.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                let got = read_exactly(&mut receiver, len, stall);
+                let sender = writer.join().unwrap();
+                assert_eq!(sha256::hex(&got), want, "{dp}: transfer {i} ({len} B, upload {upload}): content");
+                let (tx, rx) = if upload { (5 + len as u64, 6) } else { (5, 6 + len as u64) };
+                let exact = wait_until(Duration::from_secs(5), || {
+                    d.cli.connections().iter().any(|r| r.kind == "out" && r.tx == tx && r.rx == rx)
+                });
+                assert!(exact, "{dp}: transfer {i}: counters are not tx={tx} rx={rx}: {:?}", d.cli.connections());
+                if half_close {
+                    let mut rest = Vec::new();
+                    receiver.read_to_end(&mut rest).expect("end of stream after the half-close");
+                    assert!(rest.is_empty(), "{dp}: bytes after the end");
+                }
+                drop((sender, receiver));
+                assert!(wait_until(Duration::from_secs(10), || d.cli.connections().is_empty()), "{dp}: rows left");
+            }
+        }
+    }
+}
+
+/// `set data-path=` to the path in use succeeds and changes nothing; switching
+/// back and forth at runtime works, and tunnels keep flowing after each switch.
+#[test]
+fn data_path_switches_at_runtime() {
+    const T: &str = "data_path_switches_at_runtime";
+    if !data_paths().contains(&"kernel") {
+        skip_or_fail(T, "the kernel data path is not under test (needs root; PROXYD_TEST_KERNEL=1 or CI)");
+        return;
+    }
+    for start in ["kernel", "auto"] {
+        let mut d = Daemon::start(start);
+        let proxy = d.enable(&[]);
+        let (l, dst) = listen_local();
+        for next in [start, "kernel", "auto", "userspace", "kernel", "kernel", "auto"] {
+            d.cmd(&format!("ip socks set data-path={next}"));
+            let print = d.cmd("ip socks print");
+            assert!(print.contains(&format!("data-path: {next}")), "after set data-path={next}:\n{print}");
+            let (mut c, mut u) = socks::tunnel(proxy, &l, dst);
+            let data = pattern(8 << 20, 7);
+            let sender = std::thread::spawn(move || {
+                u.write_all(&data).unwrap();
+                u
+            });
+            c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let got = read_exactly(&mut c, 8 << 20, None);
+            assert_eq!(sha256::hex(&got), sha256::hex(&pattern(8 << 20, 7)), "{start} -> {next}: content");
+            drop(sender.join().unwrap());
+        }
+    }
+}
