@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 pub enum Via {
     Direct,
     Socks4(SocketAddrV4),
+    Socks5(SocketAddrV4),
 }
 
 #[derive(Clone, Debug)]
@@ -86,6 +87,24 @@ pub fn open(t: &Target, dst: SocketAddrV4, src: Option<Ipv4Addr>) -> io::Result<
             s.read_exact(&mut rep)?;
             if rep[1] != 90 {
                 return Err(io::Error::other(format!("SOCKS4 reply {} (not granted)", rep[1])));
+            }
+            Ok(s)
+        }
+        Via::Socks5(proxy) => {
+            let mut s = tcp_connect(proxy, src)?;
+            // No authentication, then CONNECT to an IPv4 address, each
+            // message after the reply to the one before (as curl does).
+            s.write_all(&[5, 1, 0])?;
+            let mut method = [0u8; 2];
+            s.read_exact(&mut method)?;
+            let mut req = vec![5, 1, 0, 1];
+            req.extend_from_slice(&dst.ip().octets());
+            req.extend_from_slice(&dst.port().to_be_bytes());
+            s.write_all(&req)?;
+            let mut rep = [0u8; 10];
+            s.read_exact(&mut rep)?;
+            if method != [5, 0] || rep[..2] != [5, 0] || rep[3] != 1 {
+                return Err(io::Error::other(format!("SOCKS5 replies {method:?} {:?} (not granted)", &rep[..4])));
             }
             Ok(s)
         }

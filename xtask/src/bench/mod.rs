@@ -1,5 +1,6 @@
-//! `cargo xtask bench`: proxyd (kernel and userspace paths) against Dante and
-//! the direct path, side by side in one run, with one load generator.
+//! `cargo xtask bench`: proxyd (`auto`, the default and headline, and the
+//! forced kernel and userspace paths) against Dante and the direct path, side
+//! by side in one run, with one load generator.
 //!
 //! - `echo`: the echo/sink server (forked worker processes, epoll).
 //! - `load`: the load generator (threads, blocking sockets).
@@ -35,8 +36,9 @@ pub struct BenchArgs {
     /// Seconds per bulk run (latency and connection-rate runs take half). Default 2.
     #[arg(long)]
     pub seconds: Option<f64>,
-    /// Systems to measure, comma-separated: direct,dante,userspace,kernel.
-    #[arg(long, default_value = "direct,dante,userspace,kernel")]
+    /// Systems to measure, comma-separated: direct,dante,auto,userspace,kernel
+    /// (proxyd's data paths, SOCKS4), microsocks,auto-socks5 (SOCKS5 runs).
+    #[arg(long, default_value = "direct,dante,auto,userspace,kernel,microsocks,auto-socks5")]
     pub systems: String,
     /// Idle-tunnel counts for the scale test, comma-separated (at most 8000 here:
     /// 16,000 sockets in the proxy under a 20,000 open-files limit).
@@ -129,6 +131,9 @@ enum Kind {
     Direct,
     Dante,
     Proxyd(&'static str),
+    Microsocks,
+    /// proxyd on a data path, measured over SOCKS5.
+    Proxyd5(&'static str),
 }
 
 impl Kind {
@@ -137,6 +142,8 @@ impl Kind {
             Kind::Direct => "direct".into(),
             Kind::Dante => "dante".into(),
             Kind::Proxyd(p) => format!("proxyd-{p}"),
+            Kind::Microsocks => "microsocks".into(),
+            Kind::Proxyd5(p) => format!("proxyd-{p}-socks5"),
         }
     }
 }
@@ -260,11 +267,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let iperf = if args.no_iperf || cfg.smoke { None } else { Some(iperf3(&cfg)) };
 
     let wanted: Vec<&str> = args.systems.split(',').map(str::trim).collect();
-    let kinds: Vec<Kind> = [Kind::Direct, Kind::Dante, Kind::Proxyd("userspace"), Kind::Proxyd("kernel")]
+    let kinds: Vec<Kind> = [
+        Kind::Direct,
+        Kind::Dante,
+        Kind::Proxyd("auto"),
+        Kind::Proxyd("userspace"),
+        Kind::Proxyd("kernel"),
+        Kind::Microsocks,
+        Kind::Proxyd5("auto"),
+    ]
         .into_iter()
         .filter(|k| {
             let short = match k {
                 Kind::Proxyd(p) => p.to_string(),
+                Kind::Proxyd5(p) => format!("{p}-socks5"),
                 k => k.name(),
             };
             wanted.iter().any(|w| *w == short || *w == k.name())
@@ -320,8 +336,20 @@ fn start(kind: Kind, ctx: &Ctx) -> Result<Option<Proxy>> {
     Ok(match kind {
         Kind::Direct => None,
         Kind::Dante => Some(Proxy::dante(&ctx.work, &ctx.logs)?),
-        Kind::Proxyd(p) => Some(Proxy::proxyd(&ctx.bin, &ctx.work, &ctx.logs, p)?),
+        Kind::Proxyd(p) => Some(Proxy::proxyd(&ctx.bin, &ctx.work, &ctx.logs, p, false)?),
+        Kind::Microsocks => Some(Proxy::microsocks(&ctx.logs)?),
+        Kind::Proxyd5(p) => Some(Proxy::proxyd(&ctx.bin, &ctx.work, &ctx.logs, p, true)?),
     })
+}
+
+/// How the load generator reaches the echo server through `proxy`.
+fn target(proxy: Option<&Proxy>, ctx: &Ctx) -> Target {
+    let via = match proxy {
+        None => Via::Direct,
+        Some(p) if p.socks5 => Via::Socks5(p.addr),
+        Some(p) => Via::Socks4(p.addr),
+    };
+    Target { via, dsts: ctx.dsts.clone() }
 }
 
 /// A system under test during the performance phase.
@@ -362,7 +390,7 @@ fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
                     if let Some(p) = &p {
                         r.diag_json.insert("threads_at_start".into(), procs::threads(p.pid).into());
                     }
-                    let t = Target { via: p.as_ref().map_or(Via::Direct, |p| Via::Socks4(p.addr)), dsts: ctx.dsts.clone() };
+                    let t = target(p.as_ref(), ctx);
                     (p, Some(t))
                 }
                 Err(e) => {
@@ -451,7 +479,8 @@ fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
     // TIME_WAIT sockets hold 127.0.0.1 ports for a minute, and Dante binds
     // its upstream sockets to 127.0.0.1 port 0 (no 4-tuple reuse for bind).
     for s in &mut systems {
-        if s.target.is_none() || !cfg.runs("scale") {
+        // The SOCKS5 runs compare speed (microsocks holds a thread per client).
+        if s.target.is_none() || !cfg.runs("scale") || matches!(s.kind, Kind::Microsocks | Kind::Proxyd5(_)) {
             continue;
         }
         eprintln!("bench: scale, {} ...", s.r.name);
@@ -469,7 +498,7 @@ fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
         }
         match start(s.kind, ctx) {
             Ok(p) => {
-                s.target = Some(Target { via: p.as_ref().map_or(Via::Direct, |p| Via::Socks4(p.addr)), dsts: ctx.dsts.clone() });
+                s.target = Some(target(p.as_ref(), ctx));
                 s.proxy = p;
             }
             Err(e) => {
@@ -600,7 +629,7 @@ fn cores() -> f64 {
 }
 
 fn scale(r: &mut SysResult, mut proxy: Option<Proxy>, ctx: &Ctx, cfg: &Cfg) {
-    let target = Target { via: proxy.as_ref().map_or(Via::Direct, |p| Via::Socks4(p.addr)), dsts: ctx.dsts.clone() };
+    let target = target(proxy.as_ref(), ctx);
     let pid = proxy.as_ref().map(|p| p.pid);
     std::thread::sleep(Duration::from_millis(300));
     let mut steps = Vec::new();

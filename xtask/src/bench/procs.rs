@@ -19,6 +19,8 @@ pub struct Proxy {
     pub pin_dir: Option<PathBuf>,
     /// What the proxy said about itself (proxyd: the `data-path:` line).
     pub path_check: String,
+    /// Whether the load generator speaks SOCKS5 to it (else SOCKS4).
+    pub socks5: bool,
 }
 
 fn die_with_parent(cmd: &mut Command) {
@@ -82,13 +84,14 @@ fn proxyd_cli(bin: &Path, control: &Path, args: &[&str]) -> Result<String> {
 impl Proxy {
     /// Starts `proxyd run --data-path <path>` and enables it on a free port.
     /// Fails (with the reason) when it cannot start or runs another path.
-    pub fn proxyd(bin: &Path, work: &Path, logs: &Path, path: &str) -> Result<Proxy> {
-        let dir = work.join(format!("proxyd-{path}"));
+    pub fn proxyd(bin: &Path, work: &Path, logs: &Path, path: &str, socks5: bool) -> Result<Proxy> {
+        let name = if socks5 { format!("{path}-socks5") } else { path.to_string() };
+        let dir = work.join(format!("proxyd-{name}"));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
-        let log = logs.join(format!("proxyd-{path}.log"));
+        let log = logs.join(format!("proxyd-{name}.log"));
         let control = dir.join("control.sock");
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/proxyd-bench-{}-{path}", std::process::id()));
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/proxyd-bench-{}-{name}", std::process::id()));
         let mut cmd = Command::new(bin);
         cmd.arg("run")
             .arg("--state")
@@ -104,7 +107,7 @@ impl Proxy {
         die_with_parent(&mut cmd);
         let child = cmd.spawn().with_context(|| format!("cannot start {}", bin.display()))?;
         let pid = child.id() as i32;
-        let mut p = Proxy { child, pid, addr: SocketAddrV4::new([127, 0, 0, 1].into(), 0), pin_dir: Some(pin_dir), path_check: String::new() };
+        let mut p = Proxy { child, pid, addr: SocketAddrV4::new([127, 0, 0, 1].into(), 0), pin_dir: Some(pin_dir), path_check: String::new(), socks5 };
         let r = (|| -> Result<()> {
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
@@ -124,11 +127,23 @@ impl Proxy {
             proxyd_cli(
                 bin,
                 &control,
-                &["ip", "socks", "set", "enabled=yes", &format!("port={port}"), "listen-address=127.0.0.1", "max-connections=20000", "connection-idle-timeout=1h"],
+                &[
+                    "ip",
+                    "socks",
+                    "set",
+                    "enabled=yes",
+                    &format!("port={port}"),
+                    "listen-address=127.0.0.1",
+                    "max-connections=20000",
+                    "connection-idle-timeout=1h",
+                    if socks5 { "version=5" } else { "version=4" },
+                ],
             )?;
             let print = proxyd_cli(bin, &control, &["ip", "socks", "print"])?;
             let line = print.lines().find(|l| l.trim_start().starts_with("data-path")).unwrap_or("").trim().to_string();
-            if !line.contains(&format!("in use: {path}")) {
+            // `auto` loads the kernel path and decides per tunnel.
+            let in_use = if path == "auto" { "kernel" } else { path };
+            if !line.contains(&format!("in use: {in_use}")) {
                 bail!("asked for data-path {path}, `ip socks print` says `{line}`");
             }
             p.path_check = format!("asked for `--data-path {path}`; `proxyd ip socks print` says `{line}` (log: {})", log.display());
@@ -168,13 +183,32 @@ impl Proxy {
         die_with_parent(&mut cmd);
         let child = cmd.spawn().context("cannot start danted (is dante-server installed? `cargo xtask setup`)")?;
         let pid = child.id() as i32;
-        let mut p = Proxy { child, pid, addr: SocketAddrV4::new([127, 0, 0, 1].into(), port), pin_dir: None, path_check: String::new() };
+        let mut p = Proxy { child, pid, addr: SocketAddrV4::new([127, 0, 0, 1].into(), port), pin_dir: None, path_check: String::new(), socks5: false };
         if let Err(e) = wait_port(&mut p.child, p.addr, &log) {
             p.stop();
             return Err(e);
         }
         let v = Command::new("danted").arg("-v").output().map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string()).unwrap_or_default();
         p.path_check = format!("{} from Debian, SOCKS4 on 127.0.0.1 (config written by the bench; log: {})", v.split(" Copyright").next().unwrap_or("").trim().trim_end_matches('.'), log.display());
+        Ok(p)
+    }
+
+    /// Starts microsocks (Debian's small SOCKS5 server: one thread per client)
+    /// on a free loopback port.
+    pub fn microsocks(logs: &Path) -> Result<Proxy> {
+        let port = free_port()?;
+        let log = logs.join("microsocks.log");
+        let mut cmd = Command::new("microsocks");
+        cmd.args(["-i", "127.0.0.1", "-p", &port.to_string()]).stdin(Stdio::null()).stdout(File::create(&log)?).stderr(File::create(&log)?);
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().context("cannot start microsocks (is it installed? `cargo xtask setup`)")?;
+        let pid = child.id() as i32;
+        let mut p = Proxy { child, pid, addr: SocketAddrV4::new([127, 0, 0, 1].into(), port), pin_dir: None, path_check: String::new(), socks5: true };
+        if let Err(e) = wait_port(&mut p.child, p.addr, &log) {
+            p.stop();
+            return Err(e);
+        }
+        p.path_check = format!("microsocks from Debian, SOCKS5 without authentication on {} (log: {})", p.addr, log.display());
         Ok(p)
     }
 
