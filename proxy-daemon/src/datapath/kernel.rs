@@ -56,6 +56,9 @@ pub(crate) static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("
 const DEFAULT_QUEUE_CAP: u64 = 4 << 20;
 
 
+/// The grace budget of a daemon (see `Shared::grace_budget`).
+const GRACE_BUDGET: u64 = 256 << 20;
+
 /// Tunnels the maps hold by default (see `proxy_common::MAX_SOCKETS`).
 pub const DEFAULT_MAX_TUNNELS: u32 = (proxy_common::MAX_SOCKETS / 2) as u32;
 
@@ -93,6 +96,10 @@ struct Shared {
     /// what was redirected to it and has not reached it yet
     /// (`net.ipv4.tcp_wmem`'s maximum, what the relay lets a send queue hold).
     queue_cap: u64,
+    /// Bytes that directions past their window may still have redirected,
+    /// summed over the daemon: what the kernel may hold outside TCP's
+    /// accounting beyond the windows (see `tunnel`'s grace).
+    grace_budget: AtomicU64,
     /// Tunnels promoted from the relay into the maps, and demoted back.
     promotions: AtomicU64,
     demotions: AtomicU64,
@@ -253,6 +260,7 @@ impl KernelDataPath {
                 maps,
                 _ebpf: Mutex::new(ebpf),
                 queue_cap: tcp_mem_max("tcp_wmem").unwrap_or(DEFAULT_QUEUE_CAP),
+                grace_budget: AtomicU64::new(GRACE_BUDGET),
                 promotions: AtomicU64::new(0),
                 demotions: AtomicU64::new(0),
                 hand_over_queued: AtomicBool::new(true),

@@ -62,13 +62,13 @@ impl FlowSource for Counters {
     }
 }
 
-/// When [`relay`] should stop and hand the sockets back: once the tunnel
-/// has moved `bytes` (both directions, this relay run) and `after` has passed
-/// since it started.
+/// When [`relay`] should stop and hand the sockets back, checked after each
+/// chunk: once the tunnel has moved `bytes` (both directions, this relay
+/// run), or once it has been relayed for `age` (when set).
 #[derive(Clone, Copy, Debug)]
 pub struct Promote {
     pub bytes: u64,
-    pub after: Duration,
+    pub age: Option<Duration>,
 }
 
 /// How [`relay`] ended.
@@ -76,8 +76,9 @@ pub struct Promote {
 pub enum RelayEnd {
     /// Both directions ended (or failed, or were cancelled): the sockets are closed.
     Closed,
-    /// The [`Promote`] rule fired: both pumps stopped between chunks and no
-    /// byte is held in the daemon; the sockets are handed back, both open.
+    /// The [`Promote`] rule fired: both pumps stopped with their reader's
+    /// queue drained and no byte held in the daemon; the sockets are handed
+    /// back, both open.
     Stopped,
 }
 
@@ -149,7 +150,7 @@ pub async fn relay(
     let check = || {
         if let Some(p) = promote.filter(|_| opened.load(Ordering::Relaxed) == 2) {
             let moved = counters.tx.load(Ordering::Relaxed) + counters.rx.load(Ordering::Relaxed) - moved_before;
-            if moved >= p.bytes && started.elapsed() >= p.after {
+            if moved >= p.bytes || p.age.is_some_and(|age| started.elapsed() >= age) {
                 stop.request();
             }
         }
@@ -286,10 +287,10 @@ async fn pump(
         }
         // Allocate only for a burst; an idle direction holds no buffer.
         let mut buf = vec![0u8; chunk];
+        // No stop in here: a pump stops only with the reader's queue drained
+        // (above, or at end of stream), so that no partly read skb is left:
+        // the kernel path hands its verdict whole skbs.
         loop {
-            if stop.requested() {
-                return Ok(PumpEnd::Stopped);
-            }
             let n = match reader.try_read(&mut buf) {
                 Ok(0) if stop.requested() => {
                     // End of stream stays readable: whoever reads next sees it again.
@@ -297,8 +298,12 @@ async fn pump(
                 }
                 Ok(0) => {
                     stop.eof.store(true, Ordering::Release);
-                    nix::sys::socket::shutdown(writer.as_raw_fd(), nix::sys::socket::Shutdown::Write)?;
-                    return Ok(PumpEnd::Eof);
+                    // ENOTCONN: the write half was already shut (a tunnel
+                    // demoted after the kernel path passed this FIN on).
+                    match nix::sys::socket::shutdown(writer.as_raw_fd(), nix::sys::socket::Shutdown::Write) {
+                        Ok(()) | Err(nix::errno::Errno::ENOTCONN) => return Ok(PumpEnd::Eof),
+                        Err(e) => return Err(e.into()),
+                    }
                 }
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,

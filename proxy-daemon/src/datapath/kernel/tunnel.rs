@@ -18,7 +18,12 @@
 //! maximum: what the relay lets a send queue hold. The verdict asks for more
 //! at half the window (`EV_LOW`); the task grants what the peer has room
 //! for, or looks again later while it has none. Past the window (`EV_OVER`)
-//! the peer is behind: the tunnel is demoted.
+//! with no room, the direction gets a grace of up to [`GRACE_MAX`] from a
+//! budget shared by the whole daemon ([`Shared::grace_budget`], 256 MiB), so
+//! a bulk tunnel whose peer is only briefly behind catches up without a
+//! demotion, while many stalled peers at once exhaust the budget and are
+//! demoted at their window; past its grace, a peer is behind and the tunnel
+//! is demoted.
 //!
 //! Demotion. The verdict keeps redirecting until the socket leaves `SPLICE`,
 //! and taking it out while skbs arrive can lose one (the kernel drops an skb
@@ -26,9 +31,9 @@
 //! sockets' receive buffers drop to the minimum, which closes TCP's window on
 //! the senders (a zero window on loopback, one segment per round trip on a
 //! path with a smaller MSS). Once neither socket has received a byte for
-//! [`QUIET`] (or two round trips), both leave `SPLICE`, get receive buffers as
-//! large as the in-flight cap, and the relay takes over; a peer that finds room
-//! again while the tunnel brakes releases the brake instead. Each relayed
+//! [`QUIET`] (or two round trips), both leave `SPLICE`, get receive buffers of
+//! half the in-flight cap, and the relay takes over (the senders learn of the
+//! open window at their next zero-window probe). Each relayed
 //! direction starts only once every byte already redirected towards its
 //! writer has entered that socket's send queue, so the order holds. The relay
 //! promotes the tunnel again (after [`REPROMOTE`]'s bytes) when the peer
@@ -84,19 +89,22 @@ const DRAIN_POLL_MIN: Duration = Duration::from_millis(1);
 const DRAIN_POLL_MAX: Duration = Duration::from_millis(50);
 /// The smallest window worth granting; below it the task re-checks later.
 const MIN_GRANT: u64 = 256 * 1024;
+/// Most grace one direction takes from the daemon's budget (see `Grace`).
+const GRACE_MAX: u64 = 16 << 20;
 /// How long braked sockets must receive nothing before they leave `SPLICE`.
 const QUIET: Duration = Duration::from_millis(10);
 /// How often a braking tunnel looks at its counters and its peer's room.
 const BRAKE_POLL: Duration = Duration::from_millis(2);
 
-/// When `auto` promotes a relayed tunnel: after 2 MiB in this many
-/// milliseconds or more. Short request/response tunnels (most connections)
-/// end before that and never pay for entering and leaving the maps; see
+/// When `auto` promotes a relayed tunnel: once it has moved 2 MiB (bulk), or
+/// once it has lived 50 ms and moves a byte (interactive: the splice halves
+/// the latency). Short request/response tunnels (most connections) end
+/// before either and never pay for entering and leaving the maps; see
 /// docs/kernel-data-path.md for the measurements behind the numbers.
-pub(super) const PROMOTE: Promote = Promote { bytes: 2 << 20, after: Duration::from_millis(0) };
+pub(super) const PROMOTE: Promote = Promote { bytes: 2 << 20, age: Some(Duration::from_millis(50)) };
 /// When a demoted tunnel goes back into the maps: its peer kept up with the
 /// relay for this much more.
-pub(super) const REPROMOTE: Promote = Promote { bytes: 16 << 20, after: Duration::from_millis(100) };
+pub(super) const REPROMOTE: Promote = Promote { bytes: 16 << 20, age: None };
 
 /// A pair in the maps.
 struct Spliced {
@@ -146,19 +154,20 @@ pub(super) async fn run(
     let mut socks = [client, upstream];
     let mut early = Some(early);
     // The last epoch's pair while its bytes drain towards the relay's writers.
-    let mut demoted: Option<Spliced> = None;
+    let mut demoted: Option<(Spliced, u64)> = None;
     let mut rule = (policy == Policy::Auto).then_some(PROMOTE);
     loop {
         if let Some(rule) = rule {
             let early = early.take().unwrap_or_default();
             let end = match &demoted {
-                Some(sp) => {
+                Some((sp, _)) => {
                     let gates = [drain_gate(&shared, sp, UPSTREAM, CLIENT), drain_gate(&shared, sp, CLIENT, UPSTREAM)];
                     relay(&mut socks, early, &flow.user, None, &cancel, Some(rule), gates).await
                 }
                 None => relay(&mut socks, early, &flow.user, None, &cancel, Some(rule), open_gates()).await,
             };
-            if let Some(sp) = demoted.take() {
+            if let Some((sp, held)) = demoted.take() {
+                shared.grace_budget.fetch_add(held, Ordering::AcqRel);
                 // Closed, or both gates opened: every byte of the epoch left the psocks.
                 flow.freeze();
                 shared.maps.leave(sp.cookies);
@@ -170,12 +179,15 @@ pub(super) async fn run(
             debug!(tunnel = id, "bulk: promoting into the sockhash");
         }
         let [client, upstream] = &mut socks;
-        let handed_over = tokio::select! {
+        // After the relay there is nothing to hand over: it stopped with both
+        // receive queues drained, and what arrived since are whole skbs.
+        let from_relay = rule.is_some();
+        let handed_over = if from_relay { Ok(false) } else { tokio::select! {
             biased;
             _ = cancel.cancelled() => return,
             // Boxed so its buffers' state does not stay in the long-lived task.
             done = Box::pin(hand_over(&shared, &flow, client, upstream, early.take().unwrap_or_default())) => done,
-        };
+        } };
         match handed_over {
             Ok(false) => {}
             Ok(true) => {
@@ -190,7 +202,11 @@ pub(super) async fn run(
         let Some(spliced) = enter(&shared, &flow, socks, &cancel).await else {
             return;
         };
-        let end = watch(&shared, &spliced, &cancel).await;
+        // Grace bytes the directions hold from the daemon's budget (past their
+        // window, no room yet): given back when the peer has room again, or
+        // once a demoted tunnel's psocks have drained (or it ended).
+        let mut grace = Grace { shared: &shared, held: [0; 2] };
+        let end = watch(&shared, &spliced, &mut grace, &cancel).await;
         if let End::Demote = end {
             shared.demotions.fetch_add(1, Ordering::Relaxed);
             debug!(tunnel = id, "a peer fell behind: demoting to the relay");
@@ -207,9 +223,13 @@ pub(super) async fn run(
             match view {
                 Ok((view, tokio_socks)) => {
                     socks = tokio_socks;
-                    demoted = Some(view);
+                    demoted = Some((view, grace.into_held()));
                 }
-                Err(e) => return warn!(tunnel = id, "cannot relay: {e}"),
+                Err(e) => {
+                    flow.freeze();
+                    shared.maps.leave(cookies);
+                    return warn!(tunnel = id, "cannot relay: {e}");
+                }
             }
             rule = Some(REPROMOTE);
             continue;
@@ -504,7 +524,7 @@ async fn unsplice_half(shared: &Shared, flow: &KernelFlow, sp: &Spliced, cancel:
 
 /// Waits for FIN/RST on both sockets, keeps each direction's window
 /// following its peer, and closes each direction without loss.
-async fn watch(shared: &Shared, sp: &Spliced, cancel: &CancellationToken) -> End {
+async fn watch(shared: &Shared, sp: &Spliced, grace: &mut Grace<'_>, cancel: &CancellationToken) -> End {
     let registration = match shared.hangups.register(&sp.socks, sp.cookies) {
         Ok(r) => r,
         Err(e) => return End::Failed(e),
@@ -523,13 +543,8 @@ async fn watch(shared: &Shared, sp: &Spliced, cancel: &CancellationToken) -> End
         let now = Instant::now();
         if let Some(b) = &mut brake {
             match b.check(shared, sp, now) {
-                Ok(BrakeState::Braking) => {}
-                Ok(BrakeState::Quiet) => return End::Demote,
-                Ok(BrakeState::Released) => {
-                    debug!(tunnel = sp.cookies[CLIENT], "the peer caught up: brake released");
-                    release(shared, sp);
-                    brake = None;
-                }
+                Ok(false) => {}
+                Ok(true) => return End::Demote,
                 Err(end) => return end,
             }
         }
@@ -548,16 +563,29 @@ async fn watch(shared: &Shared, sp: &Spliced, cancel: &CancellationToken) -> End
                 fin[side] = true;
             }
             if (bits & (EV_LOW | EV_OVER) != 0 || due) && !fin[side] && brake.is_none() {
+                let no_room = |recheck: &mut Option<(Instant, Duration)>| {
+                    let wait = recheck.map_or(DRAIN_POLL_MIN, |(_, d)| (d * 2).min(DRAIN_POLL_MAX));
+                    *recheck = Some((now + wait, wait));
+                };
                 match grant(shared, sp, side) {
-                    Ok(true) => recheck[side] = None,
-                    Ok(false) => {
-                        let wait = recheck[side].map_or(DRAIN_POLL_MIN, |(_, d)| (d * 2).min(DRAIN_POLL_MAX));
-                        recheck[side] = Some((now + wait, wait));
+                    Ok(true) => {
+                        recheck[side] = None;
+                        grace.give_back(side);
+                    }
+                    Ok(false) => no_room(&mut recheck[side]),
+                    Err(End::Demote) if grace.held[side] == 0 && grace.take(side) => {
+                        // Past the window with no room: a grace from the
+                        // daemon's budget lets a peer that is only briefly
+                        // behind catch up without a demotion.
+                        if let Err(end) = extend(shared, sp, side, grace.held[side]) {
+                            return end;
+                        }
+                        no_room(&mut recheck[side]);
                     }
                     Err(End::Demote) => {
                         debug!(tunnel = sp.cookies[CLIENT], "the {} side's peer is behind: braking", side_name(1 - side));
                         recheck[side] = None;
-                        match Brake::apply(shared, sp, side, now) {
+                        match Brake::apply(shared, sp, now) {
                             Ok(b) => brake = Some(b),
                             Err(end) => return end,
                         }
@@ -604,8 +632,6 @@ async fn watch(shared: &Shared, sp: &Spliced, cancel: &CancellationToken) -> End
 
 /// A tunnel on its way to the relay (see the module docs).
 struct Brake {
-    /// The side whose peer fell behind.
-    slow: usize,
     /// `FLOWS` bytes of both sides when last seen, and when they last moved.
     seen: [u64; 2],
     moved: Instant,
@@ -613,18 +639,9 @@ struct Brake {
     quiet: Duration,
 }
 
-/// What [`Brake::check`] found.
-enum BrakeState {
-    Braking,
-    /// Nothing arrived for long enough: the sockets can leave `SPLICE`.
-    Quiet,
-    /// The slow side's peer has room again (its window was raised).
-    Released,
-}
-
 impl Brake {
     /// Closes both receive windows.
-    fn apply(shared: &Shared, sp: &Spliced, slow: usize, now: Instant) -> Result<Brake, End> {
+    fn apply(shared: &Shared, sp: &Spliced, now: Instant) -> Result<Brake, End> {
         let mut rtt = 0;
         for sock in &sp.socks {
             set_receive_buffer(sock, 0);
@@ -632,7 +649,7 @@ impl Brake {
         }
         let seen = Self::counted(shared, sp)?;
         let quiet = QUIET.max(Duration::from_micros(u64::from(rtt) * 2));
-        Ok(Brake { slow, seen, moved: now, quiet })
+        Ok(Brake { seen, moved: now, quiet })
     }
 
     fn counted(shared: &Shared, sp: &Spliced) -> Result<[u64; 2], End> {
@@ -642,27 +659,61 @@ impl Brake {
         Ok([flow(CLIENT)?, flow(UPSTREAM)?])
     }
 
-    fn check(&mut self, shared: &Shared, sp: &Spliced, now: Instant) -> Result<BrakeState, End> {
+    /// Whether nothing arrived for long enough: the sockets can leave `SPLICE`.
+    fn check(&mut self, shared: &Shared, sp: &Spliced, now: Instant) -> Result<bool, End> {
         let seen = Self::counted(shared, sp)?;
         if seen != self.seen {
             self.seen = seen;
             self.moved = now;
         }
-        match grant(shared, sp, self.slow) {
-            Ok(true) => return Ok(BrakeState::Released),
-            Ok(false) | Err(End::Demote) => {}
-            Err(end) => return Err(end),
-        }
-        Ok(if now.duration_since(self.moved) >= self.quiet { BrakeState::Quiet } else { BrakeState::Braking })
+        Ok(now.duration_since(self.moved) >= self.quiet)
     }
 }
 
-/// Opens both receive windows again, to the size of the in-flight cap: a
-/// window that lets the sender fill what the peer's send queue may hold.
-fn release(shared: &Shared, sp: &Spliced) {
-    for sock in &sp.socks {
-        set_receive_buffer(sock, shared.queue_cap / 4);
+/// Grace bytes taken from [`Shared::grace_budget`] by one tunnel's directions.
+struct Grace<'a> {
+    shared: &'a Shared,
+    held: [u64; 2],
+}
+
+impl Grace<'_> {
+    /// Takes up to [`GRACE_MAX`] from the budget for `side`; false when the
+    /// budget has less than [`MIN_GRANT`] left (many peers are behind at once).
+    fn take(&mut self, side: usize) -> bool {
+        let budget = &self.shared.grace_budget;
+        let got = budget
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| (left >= MIN_GRANT).then(|| left - left.min(GRACE_MAX)))
+            .map_or(0, |left| left.min(GRACE_MAX));
+        self.held[side] = got;
+        got > 0
     }
+
+    /// What is held, kept out of the budget past this `Grace` (a demoted
+    /// tunnel gives it back once its psocks have drained).
+    fn into_held(mut self) -> u64 {
+        std::mem::take(&mut self.held).iter().sum()
+    }
+
+    fn give_back(&mut self, side: usize) {
+        self.shared.grace_budget.fetch_add(std::mem::take(&mut self.held[side]), Ordering::AcqRel);
+    }
+}
+
+impl Drop for Grace<'_> {
+    fn drop(&mut self) {
+        self.give_back(CLIENT);
+        self.give_back(UPSTREAM);
+    }
+}
+
+/// The grace window of the direction from `from`: `grace` bytes past what was
+/// redirected so far, with a low mark halfway there to look again.
+fn extend(shared: &Shared, sp: &Spliced, from: usize, grace: u64) -> Result<(), End> {
+    let Some(counted) = shared.maps.flow(sp.cookies[from]) else {
+        return Err(End::Failed(io::Error::other("flow entry vanished from the map")));
+    };
+    let w = Splice { peer: sp.cookies[1 - from], limit: counted.bytes + grace, low: counted.bytes + grace / 2 };
+    shared.maps.set_splice(sp.cookies[from], &w).map_err(End::Failed)
 }
 
 /// Raises the window of the direction from `from` when its peer has room;
