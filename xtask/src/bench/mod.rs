@@ -493,7 +493,7 @@ fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
 
     // Connection rate, on freshly started proxies again.
     for s in &mut systems {
-        if s.target.is_none() {
+        if s.target.is_none() || !cfg.runs("conn") {
             continue;
         }
         match start(s.kind, ctx) {

@@ -35,9 +35,12 @@
 //! half the in-flight cap, and the relay takes over (the senders learn of the
 //! open window at their next zero-window probe). Each relayed
 //! direction starts only once every byte already redirected towards its
-//! writer has entered that socket's send queue, so the order holds. The relay
-//! promotes the tunnel again (after [`REPROMOTE`]'s bytes) when the peer
-//! keeps up; each stay in the maps is an epoch with fresh entries. Nothing is
+//! writer has entered that socket's send queue, so the order holds. Under
+//! `kernel` the relay promotes the tunnel again (after [`REPROMOTE`]'s bytes)
+//! when the peer keeps up; each stay in the maps is an epoch with fresh
+//! entries. Under `auto` a demoted tunnel stays on the relay: every demotion
+//! costs its senders a zero-window probe, and the relay paces a sender to a
+//! slower peer without one. Nothing is
 //! ever passed up through the psock: reading such bytes back was seen to
 //! deliver an skb twice on this kernel (6.18).
 //!
@@ -90,7 +93,7 @@ const DRAIN_POLL_MAX: Duration = Duration::from_millis(50);
 /// The smallest window worth granting; below it the task re-checks later.
 const MIN_GRANT: u64 = 256 * 1024;
 /// Most grace one direction takes from the daemon's budget (see `Grace`).
-const GRACE_MAX: u64 = 16 << 20;
+const GRACE_MAX: u64 = 64 << 20;
 /// How long braked sockets must receive nothing before they leave `SPLICE`.
 const QUIET: Duration = Duration::from_millis(10);
 /// How often a braking tunnel looks at its counters and its peer's room.
@@ -105,6 +108,8 @@ pub(super) const PROMOTE: Promote = Promote { bytes: 2 << 20, age: Some(Duration
 /// When a demoted tunnel goes back into the maps: its peer kept up with the
 /// relay for this much more.
 pub(super) const REPROMOTE: Promote = Promote { bytes: 16 << 20, age: None };
+/// Never promote again.
+const STAY: Promote = Promote { bytes: u64::MAX, age: None };
 
 /// A pair in the maps.
 struct Spliced {
@@ -231,7 +236,10 @@ pub(super) async fn run(
                     return warn!(tunnel = id, "cannot relay: {e}");
                 }
             }
-            rule = Some(REPROMOTE);
+            // `auto` leaves a tunnel whose peer fell behind on the relay, where
+            // TCP paces the sender without stalls; `kernel` splices it again
+            // once the peer keeps up.
+            rule = Some(if policy == Policy::Auto { STAY } else { REPROMOTE });
             continue;
         }
         flow.freeze();
