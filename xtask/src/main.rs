@@ -234,7 +234,7 @@ fn test(args: &[String]) -> Result<()> {
             smoke: true,
             repeats: None,
             seconds: None,
-            systems: "direct,dante,userspace,kernel".into(),
+            systems: "direct,dante,auto,userspace,kernel,microsocks,auto-socks5".into(),
             tunnels: None,
             tests: "bulk,latency,scale,conn".into(),
             no_iperf: true,
