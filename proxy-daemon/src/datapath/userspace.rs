@@ -119,7 +119,7 @@ impl Stop {
 enum PumpEnd {
     /// End of stream, passed on as a half-close.
     Eof,
-    /// Stopped by [`Stop`] between chunks.
+    /// Stopped by [`Stop`], with the reader's queue drained.
     Stopped,
 }
 

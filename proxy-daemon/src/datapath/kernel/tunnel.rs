@@ -141,7 +141,7 @@ enum End {
     Reset(usize),
     /// A syscall failed.
     Failed(io::Error),
-    /// A peer fell behind: the verdict holds bytes for userspace.
+    /// A peer fell behind: the tunnel braked and moves to the relay.
     Demote,
 }
 
