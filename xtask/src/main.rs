@@ -236,7 +236,7 @@ fn test(args: &[String]) -> Result<()> {
             seconds: None,
             systems: "direct,dante,auto,userspace,kernel,microsocks,auto-socks5".into(),
             tunnels: None,
-            tests: "bulk,latency,scale,conn".into(),
+            tests: "bulk,latency,slow,mixed,scale,conn".into(),
             no_iperf: true,
             out: None,
             proxyd: Some(bin),

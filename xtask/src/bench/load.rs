@@ -332,3 +332,96 @@ pub fn verify_tunnels(streams: &mut [TcpStream]) -> usize {
     }
     ok
 }
+
+/// Bytes charged to TCP sockets machine-wide (`/proc/net/sockstat`, `TCP: ... mem` pages).
+pub fn tcp_mem_bytes() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    let Some(line) = text.lines().find(|l| l.starts_with("TCP:")) else { return 0 };
+    let f: Vec<&str> = line.split_whitespace().collect();
+    f.iter().position(|w| *w == "mem").and_then(|i| f.get(i + 1)).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 4096
+}
+
+/// TCP memory per tunnel while one side of every tunnel stops reading.
+pub struct SlowPeer {
+    /// MiB per tunnel after `early`, and at the end.
+    pub early_mib: f64,
+    pub end_mib: f64,
+}
+
+/// `n` tunnels to a listener of this process whose client (`client_stalls`)
+/// or destination stops reading while the other side writes as fast as it
+/// can, for `dur`: the TCP memory they hold (machine-wide `TCP mem`, so the
+/// kernel's buffers, queued psock bytes excluded) per tunnel.
+pub fn slow_peer(t: &Target, n: usize, client_stalls: bool, dur: Duration, early: Duration) -> io::Result<SlowPeer> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let dst = match listener.local_addr()? {
+        std::net::SocketAddr::V4(a) => a,
+        _ => return Err(io::Error::other("no IPv4 listener")),
+    };
+    let mut senders = Vec::new();
+    let mut stalled = Vec::new();
+    for _ in 0..n {
+        let c = open(t, dst, None)?;
+        let (d, _) = listener.accept()?;
+        let (w, r) = if client_stalls { (d, c) } else { (c, d) };
+        w.set_nonblocking(true)?;
+        senders.push(w);
+        stalled.push(r);
+    }
+    let base = tcp_mem_bytes();
+    let start = Instant::now();
+    let chunk = vec![0x5au8; 256 * 1024];
+    let mut early_mem = None;
+    while start.elapsed() < dur {
+        let mut wrote = false;
+        for mut s in &senders {
+            match s.write(&chunk) {
+                Ok(_) => wrote = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !wrote {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if early_mem.is_none() && start.elapsed() >= early {
+            early_mem = Some(tcp_mem_bytes());
+        }
+    }
+    let end_mem = tcp_mem_bytes();
+    let per = |m: u64| m.saturating_sub(base) as f64 / n as f64 / (1 << 20) as f64;
+    Ok(SlowPeer { early_mib: per(early_mem.unwrap_or(end_mem)), end_mib: per(end_mem) })
+}
+
+/// Short requests while 8 bulk flows run.
+pub struct Mixed {
+    pub bulk_gbps: f64,
+    /// Connect (+ SOCKS CONNECT) + one echoed byte + close, in µs.
+    pub p99_us: f64,
+    pub requests: usize,
+}
+
+/// 8 bulk uploads for `dur` and, meanwhile, one client doing short
+/// request/response connections back to back: their p99 and the bulk rate.
+pub fn mixed(t: &Target, dur: Duration) -> io::Result<Mixed> {
+    let t2 = t.clone();
+    let bulk = std::thread::spawn(move || bulk(&t2, 8, dur, || {}));
+    let start = Instant::now();
+    let mut times = Vec::new();
+    let mut i = 0;
+    while start.elapsed() < dur {
+        let t0 = Instant::now();
+        let dst = t.dsts[i % t.dsts.len()];
+        let mut s = open(t, dst, Some(src_ip(500 + i % 200)))?;
+        s.write_all(b"x")?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)?;
+        drop(s);
+        times.push(t0.elapsed().as_secs_f64() * 1e6);
+        i += 1;
+    }
+    let b = bulk.join().map_err(|_| io::Error::other("bulk thread panicked"))??;
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let p99 = times.get(times.len() * 99 / 100).copied().unwrap_or(f64::NAN);
+    Ok(Mixed { bulk_gbps: b.gbps(), p99_us: p99, requests: times.len() })
+}

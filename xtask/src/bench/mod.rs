@@ -44,9 +44,10 @@ pub struct BenchArgs {
     /// 16,000 sockets in the proxy under a 20,000 open-files limit).
     #[arg(long)]
     pub tunnels: Option<String>,
-    /// Measurements to run, comma-separated: bulk,latency,scale,conn (bulk also
-    /// gives CPU per GiB). Default all; a partial run's table shows "—" for the rest.
-    #[arg(long, default_value = "bulk,latency,scale,conn")]
+    /// Measurements to run, comma-separated: bulk,latency,slow,mixed,scale,conn
+    /// (bulk also gives CPU per GiB). Default all; a partial run's table shows
+    /// "—" for the rest.
+    #[arg(long, default_value = "bulk,latency,slow,mixed,scale,conn")]
     pub tests: String,
     /// Skip the iperf3 reference runs.
     #[arg(long)]
@@ -69,6 +70,9 @@ pub struct Cfg {
     pub concs: Vec<usize>,
     pub tunnels: Vec<usize>,
     pub scale_limit: Duration,
+    /// How long the slow-peer runs hold their tunnels, and how many.
+    pub slow: Duration,
+    pub slow_tunnels: usize,
     /// Which measurements run (`--tests`).
     pub tests: Vec<String>,
 }
@@ -251,10 +255,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
             None => vec![1000, 4000, 8000],
         },
         scale_limit: Duration::from_secs(if args.smoke { 15 } else { 90 }),
+        slow: Duration::from_secs(if args.smoke { 1 } else { 20 }),
+        slow_tunnels: if args.smoke { 4 } else { 20 },
         tests: args.tests.split(',').map(|t| t.trim().to_string()).collect(),
     };
-    if let Some(bad) = cfg.tests.iter().find(|t| !["bulk", "latency", "scale", "conn"].contains(&t.as_str())) {
-        anyhow::bail!("--tests: unknown measurement {bad:?} (allowed: bulk, latency, scale, conn)");
+    if let Some(bad) = cfg.tests.iter().find(|t| !["bulk", "latency", "slow", "mixed", "scale", "conn"].contains(&t.as_str())) {
+        anyhow::bail!("--tests: unknown measurement {bad:?} (allowed: bulk, latency, slow, mixed, scale, conn)");
     }
     let bin = args.proxyd.clone().unwrap_or_else(|| root.join("target/release/proxyd"));
     let ctx = Ctx { bin, work: work.clone(), logs, dsts: echo.addrs.clone(), echo_pids: echo.pids.clone() };
@@ -443,6 +449,42 @@ fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
                 }
                 Err(e) => s.r.note("lat_mean_us", format!("run {}: {e}", rep + 1)),
             }
+        }
+    }
+    // Short requests beside bulk flows.
+    for rep in 0..if cfg.runs("mixed") { cfg.repeats } else { 0 } {
+        eprintln!("bench: mixed ...");
+        for i in order(rep) {
+            let s = &mut systems[i];
+            let Some(target) = &s.target else { continue };
+            match load::mixed(target, cfg.bulk) {
+                Ok(m) => {
+                    s.r.push("mixed_p99_us", m.p99_us);
+                    s.r.push("mixed_bulk_gbps", m.bulk_gbps);
+                    s.r.diag_json.insert(format!("mixed_requests_run{}", rep + 1), m.requests.into());
+                }
+                Err(e) => s.r.note("mixed_p99_us", format!("run {}: {e}", rep + 1)),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // Slow peers: one system at a time (the figure is machine-wide TCP memory).
+    // The SOCKS5 runs compare speed; microsocks cannot be held this way.
+    for s in systems.iter_mut().filter(|_| cfg.runs("slow")) {
+        let Some(target) = &s.target else { continue };
+        if matches!(s.kind, Kind::Microsocks | Kind::Proxyd5(_)) {
+            continue;
+        }
+        eprintln!("bench: slow peers, {} ...", s.r.name);
+        for (client_stalls, key) in [(true, "slow_client"), (false, "slow_dest")] {
+            match load::slow_peer(target, cfg.slow_tunnels, client_stalls, cfg.slow, cfg.slow / 4) {
+                Ok(m) => {
+                    s.r.push(&format!("{key}_mib"), m.end_mib);
+                    s.r.push(&format!("{key}_growth_mib"), m.end_mib - m.early_mib);
+                }
+                Err(e) => s.r.note(&format!("{key}_mib"), format!("{e}")),
+            }
+            std::thread::sleep(Duration::from_millis(500));
         }
     }
     // Bulk diagnostics, then stop the proxies.

@@ -80,6 +80,12 @@ fn metric_defs(cfg: &Cfg) -> Vec<(String, String, &'static str, bool)> {
     }
     v.push(("rss_slope_kib".into(), "memory per tunnel".into(), "KiB", false));
     v.push(("tunnels_ok".into(), format!("of {} tunnels answering", cfg.tunnels.last().unwrap_or(&0)), "", true));
+    v.push(("slow_client_mib".into(), "client stops reading: TCP mem per tunnel".into(), "MiB", false));
+    v.push(("slow_client_growth_mib".into(), "its growth".into(), "MiB", false));
+    v.push(("slow_dest_mib".into(), "destination stops reading: TCP mem per tunnel".into(), "MiB", false));
+    v.push(("slow_dest_growth_mib".into(), "its growth".into(), "MiB", false));
+    v.push(("mixed_p99_us".into(), "short requests beside 8 bulk flows: p99".into(), "µs", false));
+    v.push(("mixed_bulk_gbps".into(), "the 8 flows meanwhile".into(), "Gbit/s", true));
     v.push(("cpu_proxy_s_per_gib".into(), "proxy CPU per GiB".into(), "s", false));
     v.push(("cpu_machine_s_per_gib".into(), "machine CPU per GiB".into(), "s", false));
     v
