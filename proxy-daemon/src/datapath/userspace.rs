@@ -29,6 +29,8 @@ use super::{monotonic_ns, DataPath, DataPathKind, FlowSource, FlowStats, Pair, T
 
 /// Bytes read per system call while a direction is busy.
 const CHUNK: usize = 64 * 1024;
+/// A busy pump yields its worker thread after this many chunks (see `pump`).
+const YIELD_EVERY: u32 = 8;
 
 /// The relay (stateless: every tunnel carries its own counters).
 #[derive(Default)]
@@ -274,6 +276,7 @@ async fn pump(
     check: &(dyn Fn() + Sync),
 ) -> io::Result<PumpEnd> {
     let chunk = dir.limit.map_or(CHUNK, RateLimit::chunk);
+    let mut chunks = 0u32;
     if !early.is_empty() {
         write_all(writer, &early).await?;
         dir.count.fetch_add(early.len() as u64, Ordering::Relaxed);
@@ -317,6 +320,16 @@ async fn pump(
             dir.count.fetch_add(n as u64, Ordering::Relaxed);
             dir.last_ns.store(monotonic_ns(), Ordering::Relaxed);
             check();
+            // try_read/try_write do not count against tokio's cooperative
+            // budget: without a yield a busy pump keeps its worker thread and
+            // the handshakes queued behind it wait. Measured (the bench's mixed
+            // run, p99 of short requests beside 8 bulk flows): 226 ms without,
+            // 98 ms with tokio's budget alone, 4.8 ms yielding every chunk but
+            // at 15% less bulk; every YIELD_EVERY chunks keeps both.
+            chunks += 1;
+            if chunks % YIELD_EVERY == 0 {
+                tokio::task::yield_now().await;
+            }
         }
     }
 }
