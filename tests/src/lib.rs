@@ -64,6 +64,14 @@ pub fn skip_or_fail(test: &str, reason: &str) -> bool {
     false
 }
 
+/// True when the kernel data path is under test; otherwise skips with a reason (fails in CI).
+pub fn kernel_under_test(test: &str) -> bool {
+    if data_paths().contains(&"kernel") {
+        return true;
+    }
+    skip_or_fail(test, "the kernel data path is not under test (needs root; PROXYD_TEST_KERNEL=1 or CI)")
+}
+
 /// Returns true when running as root; otherwise skips (or fails in CI).
 pub fn require_root(test: &str) -> bool {
     is_root() || skip_or_fail(test, "needs root (binds port 21)")

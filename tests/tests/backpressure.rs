@@ -4,7 +4,7 @@
 //! relay) arrive whole and in order with exact counters; switching
 //! `data-path` at runtime, to the path in use included, works.
 
-use proxyd_tests::{accept_timeout, data_paths, listen_local, pattern, sha256, skip_or_fail, socks, wait_until, Daemon};
+use proxyd_tests::{accept_timeout, data_paths, kernel_under_test, listen_local, pattern, sha256, socks, wait_until, Daemon};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
@@ -133,9 +133,7 @@ fn read_exactly(s: &mut TcpStream, len: usize, pause_at: Option<(usize, Duration
 /// again), and a half-close while the tunnel may be switching.
 #[test]
 fn transfers_across_promotion_and_demotion_arrive_whole() {
-    const T: &str = "transfers_across_promotion_and_demotion_arrive_whole";
-    if !data_paths().contains(&"kernel") {
-        skip_or_fail(T, "the kernel data path is not under test (needs root; PROXYD_TEST_KERNEL=1 or CI)");
+    if !kernel_under_test("transfers_across_promotion_and_demotion_arrive_whole") {
         return;
     }
     let threshold = 2usize << 20;
@@ -195,9 +193,7 @@ fn transfers_across_promotion_and_demotion_arrive_whole() {
 /// back and forth at runtime works, and tunnels keep flowing after each switch.
 #[test]
 fn data_path_switches_at_runtime() {
-    const T: &str = "data_path_switches_at_runtime";
-    if !data_paths().contains(&"kernel") {
-        skip_or_fail(T, "the kernel data path is not under test (needs root; PROXYD_TEST_KERNEL=1 or CI)");
+    if !kernel_under_test("data_path_switches_at_runtime") {
         return;
     }
     for start in ["kernel", "auto"] {

@@ -4,22 +4,14 @@
 //! kernel path cannot start.
 
 use proxyd_tests::{
-    accept_timeout, daemon::proxyd_bin, data_paths, in_ci, is_root, listen_local, pattern, require_program,
-    run_with_timeout, sha256, skip_or_fail, socks, wait_until, Daemon,
+    accept_timeout, kernel_under_test, daemon::proxyd_bin, data_paths, in_ci, is_root, listen_local, pattern, require_program,
+    run_with_timeout, sha256, socks, wait_until, Daemon,
 };
 use std::io::{Read, Write};
 use std::net::Shutdown;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// True when the kernel path is under test; otherwise skips with a reason (fails in CI).
-fn kernel_under_test(test: &str) -> bool {
-    if data_paths().contains(&"kernel") {
-        return true;
-    }
-    skip_or_fail(test, "the kernel data path is not under test (needs root; PROXYD_TEST_KERNEL=1 or CI)")
-}
 
 /// `rchar + wchar` of a process: every byte it read or wrote through syscalls.
 fn io_bytes(pid: u32) -> u64 {

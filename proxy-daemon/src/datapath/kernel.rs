@@ -103,9 +103,6 @@ struct Shared {
     /// Tunnels promoted from the relay into the maps, and demoted back.
     promotions: AtomicU64,
     demotions: AtomicU64,
-    /// Whether bytes already queued at attach time are moved by userspace
-    /// (the default) or left to the verdict (tests of the kernel's handling).
-    hand_over_queued: AtomicBool,
     /// The hangup watcher shared by all tunnels, and its dispatcher task.
     hangups: Arc<hangup::Hangups>,
     hangup_task: JoinHandle<()>,
@@ -263,7 +260,6 @@ impl KernelDataPath {
                 grace_budget: AtomicU64::new(GRACE_BUDGET),
                 promotions: AtomicU64::new(0),
                 demotions: AtomicU64::new(0),
-                hand_over_queued: AtomicBool::new(true),
                 hangups,
                 hangup_task,
             }),
@@ -281,17 +277,6 @@ impl KernelDataPath {
     /// Tunnels promoted from the relay into the maps, and demoted back, so far.
     pub fn switches(&self) -> (u64, u64) {
         (self.shared.promotions.load(Ordering::Relaxed), self.shared.demotions.load(Ordering::Relaxed))
-    }
-
-    /// Test hook: with `false`, bytes that are already queued on a socket
-    /// when its pair is attached are not moved by userspace first but left
-    /// in the receive queue for the verdict, to test how the running kernel
-    /// treats bytes queued before a socket enters the sockhash (they must be
-    /// redirected once it does; see `tunnel::splice`). Only safe when the
-    /// handshake read no partial skb.
-    #[doc(hidden)]
-    pub fn set_hand_over_queued(&self, on: bool) {
-        self.shared.hand_over_queued.store(on, Ordering::Relaxed);
     }
 
     /// The folder holding the pinned maps.

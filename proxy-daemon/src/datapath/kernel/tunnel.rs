@@ -191,7 +191,7 @@ pub(super) async fn run(
             biased;
             _ = cancel.cancelled() => return,
             // Boxed so its buffers' state does not stay in the long-lived task.
-            done = Box::pin(hand_over(&shared, &flow, client, upstream, early.take().unwrap_or_default())) => done,
+            done = Box::pin(hand_over(&flow, client, upstream, early.take().unwrap_or_default())) => done,
         } };
         match handed_over {
             Ok(false) => {}
@@ -359,21 +359,16 @@ const HAND_OVER_ROUNDS: usize = 64;
 /// seen (such a socket can no longer enter a sockhash), or a side kept
 /// sending for [`HAND_OVER_ROUNDS`] rounds. Such a pair is relayed instead.
 async fn hand_over(
-    shared: &Shared,
     flow: &KernelFlow,
     client: &mut TcpStream,
     upstream: &mut TcpStream,
     mut to_upstream: Vec<u8>,
 ) -> io::Result<bool> {
     use tokio::io::AsyncWriteExt;
-    let queued = shared.hand_over_queued.load(Ordering::Relaxed);
     let mut to_client = Vec::new();
     for round in 0.. {
-        let (mut from_client, mut from_upstream) = (Queue::Empty, Queue::Empty);
-        if queued {
-            from_client = read_queued(client, &mut to_upstream, HAND_OVER_CHUNK)?;
-            from_upstream = read_queued(upstream, &mut to_client, HAND_OVER_CHUNK)?;
-        }
+        let from_client = read_queued(client, &mut to_upstream, HAND_OVER_CHUNK)?;
+        let from_upstream = read_queued(upstream, &mut to_client, HAND_OVER_CHUNK)?;
         // Counted when taken on (like the verdict counts before it redirects).
         flow.add_user(to_upstream.len() as u64, to_client.len() as u64);
         upstream.write_all(&to_upstream).await?;
