@@ -20,38 +20,27 @@ fn main() -> anyhow::Result<()> {
 
     if env::var_os(SKIP_VAR).is_some_and(|v| v == "1") {
         fs::write(&object, b"").with_context(|| format!("writing {}", object.display()))?;
-        println!(
-            "cargo:warning={SKIP_VAR}=1: BPF programs not built; this proxyd has only the userspace data path"
-        );
+        println!("cargo:warning={SKIP_VAR}=1: BPF programs not built; this proxyd has only the userspace data path");
         return Ok(());
     }
 
     check_toolchain()?;
 
-    let metadata = cargo_metadata::MetadataCommand::new()
-        .no_deps()
-        .exec()
-        .context("cargo metadata")?;
+    let metadata = cargo_metadata::MetadataCommand::new().no_deps().exec().context("cargo metadata")?;
     let package = metadata
         .packages
         .iter()
         .find(|p| p.name.as_str() == EBPF_PACKAGE)
         .ok_or_else(|| anyhow!("package {EBPF_PACKAGE} not found in the workspace"))?;
-    let root_dir = package
-        .manifest_path
-        .parent()
-        .ok_or_else(|| anyhow!("{} has no parent folder", package.manifest_path))?;
+    let root_dir =
+        package.manifest_path.parent().ok_or_else(|| anyhow!("{} has no parent folder", package.manifest_path))?;
     // Also rebuild when the shared types change (aya-build watches only the
     // BPF crate's own folder).
     if let Some(common) = root_dir.parent().map(|p| p.join("proxy-common")) {
         println!("cargo:rerun-if-changed={common}");
     }
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: EBPF_PACKAGE,
-            root_dir: root_dir.as_str(),
-            ..Default::default()
-        }],
+        [aya_build::Package { name: EBPF_PACKAGE, root_dir: root_dir.as_str(), ..Default::default() }],
         aya_build::Toolchain::Nightly,
     )
     .context("building the BPF programs (set PROXYD_SKIP_EBPF=1 to build without them)")?;
@@ -60,8 +49,7 @@ fn main() -> anyhow::Result<()> {
 
 /// Fails early, with what to do, when the BPF toolchain is missing.
 fn check_toolchain() -> anyhow::Result<()> {
-    const HINT: &str =
-        "run `cargo xtask setup`, or build without the kernel data path with PROXYD_SKIP_EBPF=1";
+    const HINT: &str = "run `cargo xtask setup`, or build without the kernel data path with PROXYD_SKIP_EBPF=1";
     let linker = Command::new("bpf-linker").arg("--version").output();
     match linker {
         Ok(out) if out.status.success() => {}
@@ -72,9 +60,7 @@ fn check_toolchain() -> anyhow::Result<()> {
         ),
         Err(e) => bail!("bpf-linker not found on PATH ({e}); {HINT}"),
     }
-    let nightly = Command::new("rustup")
-        .args(["run", "nightly", "rustc", "--version"])
-        .output();
+    let nightly = Command::new("rustup").args(["run", "nightly", "rustc", "--version"]).output();
     match nightly {
         Ok(out) if out.status.success() => {}
         Ok(out) => bail!(

@@ -11,8 +11,8 @@ use std::net::SocketAddr;
 
 use libfuzzer_sys::fuzz_target;
 use proxyd::protocol::socks5::{
-    encode_auth_status, encode_reply, encode_udp, parse_credentials, parse_greeting, parse_request,
-    parse_udp_header, Address, Command, Credentials, ParseError, ReplyCode, METHOD_PASSWORD,
+    encode_auth_status, encode_reply, encode_udp, parse_credentials, parse_greeting, parse_request, parse_udp_header,
+    Address, Command, Credentials, ParseError, ReplyCode, METHOD_PASSWORD,
 };
 
 /// Longest messages: VER NMETHODS 255 methods; VER ULEN 255 PLEN 255;
@@ -25,27 +25,16 @@ const MAX_UDP_HEADER: usize = 3 + 2 + 255 + 2;
 type Parse<T> = fn(&[u8]) -> Result<(T, usize), ParseError>;
 
 /// The properties every parser shares; returns what the whole input decodes to.
-fn check<T: PartialEq + Debug>(
-    data: &[u8],
-    parse: Parse<T>,
-    max: usize,
-) -> Result<(T, usize), ParseError> {
+fn check<T: PartialEq + Debug>(data: &[u8], parse: Parse<T>, max: usize) -> Result<(T, usize), ParseError> {
     let whole = parse(data);
     match &whole {
-        Ok((_, used)) => assert!(
-            *used > 0 && *used <= data.len() && *used <= max,
-            "used {used} of {}",
-            data.len()
-        ),
+        Ok((_, used)) => assert!(*used > 0 && *used <= data.len() && *used <= max, "used {used} of {}", data.len()),
         Err(ParseError::Incomplete) => {
             assert!(data.len() < max, "Incomplete after {} bytes", data.len())
         }
         Err(e) => {
             let code = e.reply();
-            assert_eq!(
-                encode_reply(code, SocketAddr::from(([0, 0, 0, 0], 0))).len(),
-                10
-            );
+            assert_eq!(encode_reply(code, SocketAddr::from(([0, 0, 0, 0], 0))).len(), 10);
         }
     }
     // Byte-at-a-time delivery: each prefix is Incomplete, or already the final answer
@@ -66,10 +55,7 @@ fn check<T: PartialEq + Debug>(
         }
     }
     if let Ok((_, used)) = &whole {
-        assert!(matches!(
-            parse(&data[..used - 1]),
-            Err(ParseError::Incomplete)
-        ));
+        assert!(matches!(parse(&data[..used - 1]), Err(ParseError::Incomplete)));
     }
     whole
 }
@@ -103,10 +89,7 @@ fn credentials(data: &[u8]) -> Option<(Credentials, usize)> {
     // the password bytes are.
     assert_eq!(
         format!("{c:?}"),
-        format!(
-            "Credentials {{ username: {:?}, password: \"<hidden>\" }}",
-            c.username
-        ),
+        format!("Credentials {{ username: {:?}, password: \"<hidden>\" }}", c.username),
         "Debug of credentials shows more than the name"
     );
     let _ = encode_auth_status(c.username.is_empty());

@@ -16,7 +16,8 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Whether `path` lies on a BPF filesystem.
 pub fn is_bpffs(path: &Path) -> io::Result<bool> {
-    let st = nix::sys::statfs::statfs(path).map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("statfs {}: {e}", path.display())))?;
+    let st = nix::sys::statfs::statfs(path)
+        .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("statfs {}: {e}", path.display())))?;
     Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
 }
 
@@ -61,7 +62,9 @@ impl Pins {
             let root = Path::new(BPFFS_ROOT);
             if dir.starts_with(root) && root.is_dir() && !is_bpffs(root).unwrap_or(false) {
                 nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), Some("mode=0700"))
-                    .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("mounting bpffs at {BPFFS_ROOT}: {e}")))?;
+                    .map_err(|e| {
+                        io::Error::new(io::Error::from(e).kind(), format!("mounting bpffs at {BPFFS_ROOT}: {e}"))
+                    })?;
                 info!("mounted bpffs at {BPFFS_ROOT}");
             } else {
                 return Err(io::Error::new(
@@ -77,10 +80,14 @@ impl Pins {
             Err(std::fs::TryLockError::WouldBlock) => {
                 return Err(io::Error::new(
                     io::ErrorKind::ResourceBusy,
-                    format!("BPF pin dir {shown} is in use by another running proxyd (give each daemon its own --bpf-pin-dir)"),
+                    format!(
+                    "BPF pin dir {shown} is in use by another running proxyd (give each daemon its own --bpf-pin-dir)"
+                ),
                 ))
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(error_line(&format!("locking BPF pin dir {shown}"), &e)),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(error_line(&format!("locking BPF pin dir {shown}"), &e))
+            }
         }
         for name in names {
             let path = dir.join(name);

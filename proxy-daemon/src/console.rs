@@ -53,7 +53,10 @@ pub fn run(socket: &Path, json: bool) -> i32 {
     }
     install_interrupt_flag();
     if std::os::unix::net::UnixStream::connect(socket).is_err() {
-        eprintln!("proxyd console: proxyd is not answering on {} yet (is `proxyd run` running? --control sets the socket)", socket.display());
+        eprintln!(
+            "proxyd console: proxyd is not answering on {} yet (is `proxyd run` running? --control sets the socket)",
+            socket.display()
+        );
     }
     println!("proxyd {} console: Tab completes, `?` shows the menu's help, `quit` leaves.", env!("CARGO_PKG_VERSION"));
     let who = format!("{}@{}", user_name(), host_name());
@@ -217,10 +220,7 @@ impl Completer for ConsoleHelper {
 
     fn complete(&self, line: &str, pos: usize, _: &rustyline::Context<'_>) -> rustyline::Result<(usize, Vec<Pair>)> {
         let (start, words) = complete(self.menu.get(), &line[..pos]);
-        let pairs = words
-            .into_iter()
-            .map(|w| Pair { display: w.trim_end().to_owned(), replacement: w })
-            .collect();
+        let pairs = words.into_iter().map(|w| Pair { display: w.trim_end().to_owned(), replacement: w }).collect();
         Ok((start, pairs))
     }
 }
@@ -322,7 +322,9 @@ pub fn arguments(menu: Menu, command: &str) -> Vec<String> {
 /// Values a property lists as alternatives (`yes | no`), when they are plain words.
 pub fn listed_values(values: &str) -> Vec<&str> {
     let parts: Vec<&str> = values.split('|').map(str::trim).collect();
-    if parts.len() < 2 || !parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')) {
+    if parts.len() < 2
+        || !parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+    {
         return vec![];
     }
     parts
@@ -408,7 +410,8 @@ mod tests {
     fn every_property_is_completed() {
         for def in schema::MENUS {
             for p in def.properties {
-                let offered = def.commands.iter().any(|c| arguments(def.menu, c.name).contains(&format!("{}=", p.name)));
+                let offered =
+                    def.commands.iter().any(|c| arguments(def.menu, c.name).contains(&format!("{}=", p.name)));
                 assert!(offered, "{} {}", def.menu, p.name);
             }
         }

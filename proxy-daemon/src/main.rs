@@ -111,7 +111,8 @@ fn main() -> ExitCode {
         }
         Cmd::Man => {
             use clap::CommandFactory;
-            let _ = std::io::Write::write_all(&mut std::io::stdout(), proxyd::manpage::render(&Cli::command()).as_bytes());
+            let _ =
+                std::io::Write::write_all(&mut std::io::stdout(), proxyd::manpage::render(&Cli::command()).as_bytes());
             ExitCode::SUCCESS
         }
         Cmd::Menu(words) if words.iter().any(|w| w == "--help" || w == "-h" || w == "help") => menu_help(words),
@@ -158,7 +159,8 @@ fn run(control_path: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     proxyd::bpf::mount_if_missing();
     // Before the runtime starts its threads: capabilities are per thread.
     proxyd::privileges::drop_privileges()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
     runtime.block_on(async move {
         let mode = match &args.data_path {
             Some(m) => m.parse::<DataPathMode>().expect("clap checked the value"),

@@ -36,7 +36,8 @@ fn option(out: &mut String, a: &clap::Arg) {
         return;
     }
     let value = if a.get_action().takes_values() {
-        let name = a.get_value_names().and_then(|v| v.first()).map(|v| v.to_string()).unwrap_or_else(|| long.to_uppercase());
+        let name =
+            a.get_value_names().and_then(|v| v.first()).map(|v| v.to_string()).unwrap_or_else(|| long.to_uppercase());
         format!(" \\fI{}\\fR", escape(&name))
     } else {
         String::new()
@@ -46,7 +47,10 @@ fn option(out: &mut String, a: &clap::Arg) {
     if !help.is_empty() && !help.ends_with('.') {
         help.push('.');
     }
-    let choices: Vec<String> = if !a.get_action().takes_values() { vec![] } else { a.get_possible_values() }.iter().map(|v| v.get_name().to_owned()).collect();
+    let choices: Vec<String> = if !a.get_action().takes_values() { vec![] } else { a.get_possible_values() }
+        .iter()
+        .map(|v| v.get_name().to_owned())
+        .collect();
     if !choices.is_empty() {
         let _ = write!(help, " One of: {}.", choices.join(", "));
     }
@@ -86,7 +90,8 @@ pub fn render(cli: &clap::Command) -> String {
              Commands are RouterOS words: a menu path (ip socks access, or /ip/socks/access), a command, and NAME=VALUE arguments."
         )
     );
-    let _ = writeln!(s, ".PP\n{}", escape("proxyd console is an interactive shell for the same commands; see CONSOLE."));
+    let _ =
+        writeln!(s, ".PP\n{}", escape("proxyd console is an interactive shell for the same commands; see CONSOLE."));
 
     let _ = writeln!(s, ".SH OPTIONS");
     for a in cli.get_arguments() {
@@ -109,7 +114,12 @@ pub fn render(cli: &clap::Command) -> String {
         for p in sub.get_positionals() {
             let values: Vec<String> = p.get_possible_values().iter().map(|v| v.get_name().to_owned()).collect();
             if !values.is_empty() {
-                let _ = writeln!(s, ".PP\n{}: {}.", escape(&p.get_id().to_string().to_uppercase()), escape(&values.join(", ")));
+                let _ = writeln!(
+                    s,
+                    ".PP\n{}: {}.",
+                    escape(&p.get_id().to_string().to_uppercase()),
+                    escape(&values.join(", "))
+                );
             }
         }
     }
@@ -133,7 +143,14 @@ pub fn render(cli: &clap::Command) -> String {
             let _ = writeln!(s, ".PP\n\\fBProperties\\fR");
             for p in def.properties {
                 let default = if p.default.is_empty() { String::new() } else { format!(" Default: {}.", p.default) };
-                let _ = writeln!(s, ".TP\n\\fB{}\\fR=\\fI{}\\fR\n{}.{}", escape(p.name), escape(p.values), escape(p.summary), escape(&default));
+                let _ = writeln!(
+                    s,
+                    ".TP\n\\fB{}\\fR=\\fI{}\\fR\n{}.{}",
+                    escape(p.name),
+                    escape(p.values),
+                    escape(p.summary),
+                    escape(&default)
+                );
             }
         }
     }
@@ -153,7 +170,10 @@ pub fn render(cli: &clap::Command) -> String {
 
     let _ = writeln!(s, ".SH FILES");
     for (path, what) in [
-        ("/var/lib/proxyd/config.rsc", "the state file: the configuration as a RouterOS script, rewritten on every change (run --state)"),
+        (
+            "/var/lib/proxyd/config.rsc",
+            "the state file: the configuration as a RouterOS script, rewritten on every change (run --state)",
+        ),
         ("/run/proxyd/control.sock", "the control socket (--control, PROXYD_CONTROL)"),
         ("/sys/fs/bpf/proxyd", "where the kernel data path pins its maps (run --bpf-pin-dir)"),
         ("~/.proxyd_history", "the console's history"),
@@ -173,7 +193,11 @@ pub fn render(cli: &clap::Command) -> String {
     }
 
     let _ = writeln!(s, ".SH EXIT STATUS");
-    for (code, what) in [("0", "success"), ("1", "the command was refused or failed (a bad value, no such item, the daemon not reachable)"), ("2", "usage error: the command was not understood")] {
+    for (code, what) in [
+        ("0", "success"),
+        ("1", "the command was refused or failed (a bad value, no such item, the daemon not reachable)"),
+        ("2", "usage error: the command was not understood"),
+    ] {
         let _ = writeln!(s, ".TP\n{code}\n{}", escape(what));
     }
 

@@ -69,12 +69,21 @@ impl Metrics {
             }
         };
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
-        metric("proxyd_connections_accepted_total", "counter", "Client connections accepted.", vec![(String::new(), load(&self.accepted))]);
+        metric(
+            "proxyd_connections_accepted_total",
+            "counter",
+            "Client connections accepted.",
+            vec![(String::new(), load(&self.accepted))],
+        );
         metric(
             "proxyd_connections_refused_total",
             "counter",
             "Client connections that got no tunnel, by reason.",
-            RefusalReason::ALL.iter().enumerate().map(|(i, r)| (format!("{{reason=\"{}\"}}", r.as_str()), load(&self.refused[i]))).collect(),
+            RefusalReason::ALL
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (format!("{{reason=\"{}\"}}", r.as_str()), load(&self.refused[i])))
+                .collect(),
         );
         metric(
             "proxyd_connections_active",
@@ -82,7 +91,9 @@ impl Metrics {
             "Open client connections, by type.",
             [ConnType::Unknown, ConnType::Out, ConnType::In, ConnType::Udp]
                 .iter()
-                .map(|t| (format!("{{type=\"{}\"}}", t.as_str()), rows.iter().filter(|r| r.kind == *t).count().to_string()))
+                .map(|t| {
+                    (format!("{{type=\"{}\"}}", t.as_str()), rows.iter().filter(|r| r.kind == *t).count().to_string())
+                })
                 .collect(),
         );
         let open_tx: u64 = rows.iter().map(|r| r.tx).sum();

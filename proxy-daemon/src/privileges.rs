@@ -38,11 +38,8 @@ const CAP_SETPCAP: u32 = 8;
 const CAP_BPF: u32 = 39;
 
 /// The capabilities the daemon keeps while it runs, with their names for the log.
-pub const KEPT: [(u32, &str); 3] = [
-    (CAP_NET_BIND_SERVICE, "cap_net_bind_service"),
-    (CAP_NET_ADMIN, "cap_net_admin"),
-    (CAP_BPF, "cap_bpf"),
-];
+pub const KEPT: [(u32, &str); 3] =
+    [(CAP_NET_BIND_SERVICE, "cap_net_bind_service"), (CAP_NET_ADMIN, "cap_net_admin"), (CAP_BPF, "cap_bpf")];
 
 /// `_LINUX_CAPABILITY_VERSION_3`: 64-bit sets as two 32-bit words.
 const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
@@ -92,17 +89,11 @@ struct Sets {
 /// Drops every capability but [`KEPT`] from the calling (only) thread, for good,
 /// and logs what it kept. Must run before any other thread starts.
 pub fn drop_privileges() -> Result<(), PrivilegeError> {
-    let threads = thread_count().map_err(|source| PrivilegeError::Sys {
-        op: "reading /proc/self/task",
-        source,
-    })?;
+    let threads = thread_count().map_err(|source| PrivilegeError::Sys { op: "reading /proc/self/task", source })?;
     if threads > 1 {
         return Err(PrivilegeError::ThreadsRunning { threads });
     }
-    let before = capget().map_err(|source| PrivilegeError::Sys {
-        op: "capget",
-        source,
-    })?;
+    let before = capget().map_err(|source| PrivilegeError::Sys { op: "capget", source })?;
     let want: u64 = KEPT.iter().fold(0, |m, (cap, _)| m | bit(*cap));
     let keep = want & before.permitted;
 
@@ -110,42 +101,19 @@ pub fn drop_privileges() -> Result<(), PrivilegeError> {
     if before.effective & bit(CAP_SETPCAP) != 0 {
         for cap in 0..=last_cap() {
             if keep & bit(cap) == 0 {
-                prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0).map_err(|source| {
-                    PrivilegeError::Sys {
-                        op: "prctl(PR_CAPBSET_DROP)",
-                        source,
-                    }
-                })?;
+                prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0)
+                    .map_err(|source| PrivilegeError::Sys { op: "prctl(PR_CAPBSET_DROP)", source })?;
             }
         }
     }
-    prctl(
-        libc::PR_CAP_AMBIENT,
-        libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-        0,
-    )
-    .map_err(|source| PrivilegeError::Sys {
-        op: "prctl(PR_CAP_AMBIENT_CLEAR_ALL)",
-        source,
-    })?;
-    capset(Sets {
-        effective: keep,
-        permitted: keep,
-        inheritable: 0,
-    })
-    .map_err(|source| PrivilegeError::Sys {
-        op: "capset",
-        source,
-    })?;
-    prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0).map_err(|source| PrivilegeError::Sys {
-        op: "prctl(PR_SET_NO_NEW_PRIVS)",
-        source,
-    })?;
+    prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0)
+        .map_err(|source| PrivilegeError::Sys { op: "prctl(PR_CAP_AMBIENT_CLEAR_ALL)", source })?;
+    capset(Sets { effective: keep, permitted: keep, inheritable: 0 })
+        .map_err(|source| PrivilegeError::Sys { op: "capset", source })?;
+    prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0)
+        .map_err(|source| PrivilegeError::Sys { op: "prctl(PR_SET_NO_NEW_PRIVS)", source })?;
 
-    let after = capget().map_err(|source| PrivilegeError::Sys {
-        op: "capget",
-        source,
-    })?;
+    let after = capget().map_err(|source| PrivilegeError::Sys { op: "capget", source })?;
     if after.effective != keep || after.permitted != keep {
         return Err(PrivilegeError::Sys {
             op: "checking the result",
@@ -155,16 +123,8 @@ pub fn drop_privileges() -> Result<(), PrivilegeError> {
             )),
         });
     }
-    let names: Vec<&str> = KEPT
-        .iter()
-        .filter(|(cap, _)| keep & bit(*cap) != 0)
-        .map(|(_, name)| *name)
-        .collect();
-    let missing: Vec<&str> = KEPT
-        .iter()
-        .filter(|(cap, _)| keep & bit(*cap) == 0)
-        .map(|(_, name)| *name)
-        .collect();
+    let names: Vec<&str> = KEPT.iter().filter(|(cap, _)| keep & bit(*cap) != 0).map(|(_, name)| *name).collect();
+    let missing: Vec<&str> = KEPT.iter().filter(|(cap, _)| keep & bit(*cap) == 0).map(|(_, name)| *name).collect();
     tracing::info!(
         kept = %if names.is_empty() { "none".to_string() } else { names.join(",") },
         "dropped all other capabilities"
@@ -207,20 +167,11 @@ fn prctl(option: libc::c_int, arg2: libc::c_ulong, arg3: libc::c_ulong) -> io::R
 }
 
 fn capget() -> io::Result<Sets> {
-    let mut header = CapHeader {
-        version: CAPABILITY_VERSION_3,
-        pid: 0,
-    };
+    let mut header = CapHeader { version: CAPABILITY_VERSION_3, pid: 0 };
     let mut data = [CapData::default(); 2];
     // SAFETY: capget(2) with a version-3 header reads the header and writes
     // exactly two `__user_cap_data_struct`s, which `data` holds.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_capget,
-            &mut header as *mut CapHeader,
-            data.as_mut_ptr(),
-        )
-    };
+    let r = unsafe { libc::syscall(libc::SYS_capget, &mut header as *mut CapHeader, data.as_mut_ptr()) };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -233,35 +184,18 @@ fn capget() -> io::Result<Sets> {
 }
 
 fn capset(sets: Sets) -> io::Result<()> {
-    let mut header = CapHeader {
-        version: CAPABILITY_VERSION_3,
-        pid: 0,
-    };
+    let mut header = CapHeader { version: CAPABILITY_VERSION_3, pid: 0 };
     let split = |v: u64| (v as u32, (v >> 32) as u32);
     let (e, eh) = split(sets.effective);
     let (p, ph) = split(sets.permitted);
     let (i, ih) = split(sets.inheritable);
     let data = [
-        CapData {
-            effective: e,
-            permitted: p,
-            inheritable: i,
-        },
-        CapData {
-            effective: eh,
-            permitted: ph,
-            inheritable: ih,
-        },
+        CapData { effective: e, permitted: p, inheritable: i },
+        CapData { effective: eh, permitted: ph, inheritable: ih },
     ];
     // SAFETY: capset(2) with a version-3 header reads the header and exactly
     // two `__user_cap_data_struct`s from `data`; pid 0 is the calling thread.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_capset,
-            &mut header as *mut CapHeader,
-            data.as_ptr(),
-        )
-    };
+    let r = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut CapHeader, data.as_ptr()) };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -276,11 +210,7 @@ mod tests {
     #[test]
     fn capget_reads_sets() {
         let s = capget().expect("capget");
-        assert_eq!(
-            s.effective & !s.permitted,
-            0,
-            "effective must be a subset of permitted"
-        );
+        assert_eq!(s.effective & !s.permitted, 0, "effective must be a subset of permitted");
     }
 
     /// Dropping is refused while other threads run (the test harness has several).

@@ -43,7 +43,12 @@ pub fn send_to(target: &str, state: &str) -> io::Result<()> {
             sock.send_to_addr(state.as_bytes(), &addr)?
         }
         None if target.starts_with('/') => sock.send_to(state.as_bytes(), target)?,
-        None => return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("NOTIFY_SOCKET={target} is neither a path nor @abstract"))),
+        None => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("NOTIFY_SOCKET={target} is neither a path nor @abstract"),
+            ))
+        }
     };
     if n != state.len() {
         return Err(io::Error::other("short write to NOTIFY_SOCKET"));

@@ -43,9 +43,9 @@ use proxy_common::{
 };
 use tracing::{error, info, warn};
 
+use crate::bpf::{error_line, missing, Pins};
 use crate::config::prefilter::denied_sources;
 use crate::config::{AccessList, Settings};
-use crate::bpf::{error_line, missing, Pins};
 use crate::datapath::kernel::BPF_OBJECT;
 
 /// The folder under the pin dir that holds the prefilter's pins.
@@ -150,14 +150,13 @@ impl Prefilter {
         for name in UNUSED_MAPS {
             loader.map_max_entries(name, 1);
         }
-        let mut ebpf = loader
-            .load(BPF_OBJECT)
-            .map_err(|e| error_line("xdp-interfaces: loading the BPF object", &e))?;
+        let mut ebpf = loader.load(BPF_OBJECT).map_err(|e| error_line("xdp-interfaces: loading the BPF object", &e))?;
         for name in PINNED_MAPS {
             let path = dir.join(name);
             let map = ebpf.map(name).ok_or_else(|| missing("map", name))?;
-            map.pin(&path)
-                .map_err(|e| error_line(&format!("xdp-interfaces: pinning BPF map {name} at {}", path.display()), &e))?;
+            map.pin(&path).map_err(|e| {
+                error_line(&format!("xdp-interfaces: pinning BPF map {name} at {}", path.display()), &e)
+            })?;
             let id = MapInfo::from_pin(&path).map(|info| info.id()).ok();
             pins.record(path, id);
         }
@@ -172,10 +171,7 @@ impl Prefilter {
             tracing::debug!("loading {XDP_PROG}: {e:#?}");
             error_line(&format!("xdp-interfaces: loading BPF program {XDP_PROG}"), &e)
         })?;
-        let prog_id = program
-            .info()
-            .map(|i| i.id())
-            .map_err(|e| error_line(&format!("BPF program {XDP_PROG}"), &e))?;
+        let prog_id = program.info().map(|i| i.id()).map_err(|e| error_line(&format!("BPF program {XDP_PROG}"), &e))?;
         info!(pin_dir = %dir.display(), prog_id, "XDP prefilter loaded");
         Ok(Prefilter {
             prog_id,
@@ -231,10 +227,7 @@ impl Prefilter {
     /// The interfaces the program is attached to, and how.
     pub fn status(&self) -> Vec<InterfaceStatus> {
         let st = self.lock();
-        st.links
-            .iter()
-            .map(|(n, a)| InterfaceStatus { interface: n.clone(), mode: a.mode })
-            .collect()
+        st.links.iter().map(|(n, a)| InterfaceStatus { interface: n.clone(), mode: a.mode }).collect()
     }
 
     /// The kernel's id of the program (the same for the prefilter's lifetime).
@@ -335,7 +328,11 @@ impl State {
                     self.installed.insert(*key, *rule);
                     added += 1;
                 }
-                Err(e) => warn!("XDP prefilter: cannot add {}/{}: {e} (the access list still refuses it)", addr(key), key.prefix_len),
+                Err(e) => warn!(
+                    "XDP prefilter: cannot add {}/{}: {e} (the access list still refuses it)",
+                    addr(key),
+                    key.prefix_len
+                ),
             }
         }
         info!(prefixes = self.installed.len(), added, port, "XDP prefilter updated");
@@ -393,4 +390,3 @@ fn attach(program: &mut Xdp, name: &str) -> io::Result<Attachment> {
         }
     }
 }
-

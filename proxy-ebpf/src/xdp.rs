@@ -109,10 +109,7 @@ fn count_drop(ctx: &XdpContext, src: [u8; 4], prefix_len: u32) {
     } else {
         u32::MAX << (32 - prefix_len)
     };
-    let key = XdpPrefixV4 {
-        prefix_len,
-        addr: (host & mask).to_be_bytes(),
-    };
+    let key = XdpPrefixV4 { prefix_len, addr: (host & mask).to_be_bytes() };
     match XDP_DROPS_V4.get_ptr_mut(&key) {
         // SAFETY: a per-CPU slot from a successful lookup, valid for this run
         // (RCU); only this CPU writes it while this program runs on it.
@@ -136,14 +133,7 @@ fn load<const N: usize>(ctx: &XdpContext, offset: u32) -> Option<[u8; N]> {
     let mut buf = core::mem::MaybeUninit::<[u8; N]>::uninit();
     // SAFETY: `buf` is a stack buffer of exactly `N` bytes; the helper
     // checks `offset + N` against the packet and fails otherwise.
-    let rc = unsafe {
-        bpf_xdp_load_bytes(
-            ctx.as_ptr() as *mut xdp_md,
-            offset,
-            buf.as_mut_ptr() as *mut _,
-            N as u32,
-        )
-    };
+    let rc = unsafe { bpf_xdp_load_bytes(ctx.as_ptr() as *mut xdp_md, offset, buf.as_mut_ptr() as *mut _, N as u32) };
     // SAFETY: on success the helper wrote all `N` bytes.
     (rc == 0).then(|| unsafe { buf.assume_init() })
 }

@@ -88,9 +88,7 @@ pub struct Conn {
 pub fn parse_connections(json: &str) -> Vec<Conn> {
     let v: serde_json::Value = serde_json::from_str(json.trim())
         .unwrap_or_else(|e| panic!("connections print --json is not JSON ({e}): {json:?}"));
-    let arr = v
-        .as_array()
-        .unwrap_or_else(|| panic!("connections JSON is not an array: {json}"));
+    let arr = v.as_array().unwrap_or_else(|| panic!("connections JSON is not an array: {json}"));
     arr.iter()
         .map(|o| {
             let s = |k: &str| {
@@ -100,22 +98,10 @@ pub fn parse_connections(json: &str) -> Vec<Conn> {
                     .to_string()
             };
             let n = |k: &str| {
-                o.get(k)
-                    .and_then(|x| x.as_u64())
-                    .unwrap_or_else(|| panic!("connection row lacks number {k:?}: {o}"))
+                o.get(k).and_then(|x| x.as_u64()).unwrap_or_else(|| panic!("connection row lacks number {k:?}: {o}"))
             };
-            let dst = if o.get("dst-address").is_some_and(|x| x.is_null()) {
-                String::new()
-            } else {
-                s("dst-address")
-            };
-            Conn {
-                src: s("src-address"),
-                dst,
-                tx: n("tx"),
-                rx: n("rx"),
-                kind: s("type"),
-            }
+            let dst = if o.get("dst-address").is_some_and(|x| x.is_null()) { String::new() } else { s("dst-address") };
+            Conn { src: s("src-address"), dst, tx: n("tx"), rx: n("rx"), kind: s("type") }
         })
         .collect()
 }
@@ -162,22 +148,15 @@ impl Daemon {
     /// Like [`Daemon::start`], with extra arguments, environment or a lower open-files limit.
     pub fn start_with(data_path: &str, options: Options) -> Daemon {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
         let tag = format!("{}-{n}-{nanos:x}", std::process::id());
         let dir = std::env::temp_dir().join(format!("proxyd-test-{tag}"));
         std::fs::create_dir_all(&dir).expect("create temp dir");
-        let pin_dir = (data_path != "userspace")
-            .then(|| PathBuf::from(format!("/sys/fs/bpf/proxyd-test-{tag}")));
+        let pin_dir = (data_path != "userspace").then(|| PathBuf::from(format!("/sys/fs/bpf/proxyd-test-{tag}")));
         let mut d = Daemon {
             data_path: data_path.to_string(),
             state: dir.join("config.rsc"),
-            cli: Cli {
-                bin: proxyd_bin(),
-                control: dir.join("control.sock"),
-            },
+            cli: Cli { bin: proxyd_bin(), control: dir.join("control.sock") },
             dir,
             port: None,
             child: None,
@@ -211,10 +190,7 @@ impl Daemon {
             // SAFETY: between fork and exec only async-signal-safe calls: getrlimit/setrlimit.
             unsafe {
                 cmd.pre_exec(move || {
-                    let mut lim = libc::rlimit {
-                        rlim_cur: 0,
-                        rlim_max: 0,
-                    };
+                    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
                     if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
@@ -226,18 +202,11 @@ impl Daemon {
                 });
             }
         }
-        cmd.env_remove("PROXYD_CONTROL")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        cmd.env_remove("PROXYD_CONTROL").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
         let mut err = child.stderr.take().unwrap();
         let log = self.log.clone();
-        log.lock().unwrap().extend_from_slice(
-            format!("--- proxyd run ({}) started ---\n", self.data_path).as_bytes(),
-        );
+        log.lock().unwrap().extend_from_slice(format!("--- proxyd run ({}) started ---\n", self.data_path).as_bytes());
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = err.read(&mut buf) {
@@ -255,10 +224,7 @@ impl Daemon {
             }
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 std::thread::sleep(Duration::from_millis(100));
-                panic!(
-                    "proxyd run exited during start-up ({st}); stderr:\n{}",
-                    self.log()
-                );
+                panic!("proxyd run exited during start-up ({st}); stderr:\n{}", self.log());
             }
             if Instant::now() >= deadline {
                 panic!(
@@ -327,11 +293,7 @@ impl Daemon {
             let up = wait_until(Duration::from_secs(5), || {
                 TcpStream::connect_timeout(addr, Duration::from_millis(500)).is_ok()
             });
-            assert!(
-                up,
-                "proxyd does not accept on {addr} after `ip socks set enabled=yes`; stderr:\n{}",
-                self.log()
-            );
+            assert!(up, "proxyd does not accept on {addr} after `ip socks set enabled=yes`; stderr:\n{}", self.log());
         }
         // Let the daemon drop the probe connections before tests count connections.
         wait_until(Duration::from_secs(2), || self.cli.connections().is_empty());
@@ -340,9 +302,7 @@ impl Daemon {
 
     /// The SOCKS address set by [`Daemon::enable`].
     pub fn addr(&self) -> SocketAddr {
-        format!("127.0.0.1:{}", self.port.expect("call enable() first"))
-            .parse()
-            .unwrap()
+        format!("127.0.0.1:{}", self.port.expect("call enable() first")).parse().unwrap()
     }
 
     /// The daemon's process id.
@@ -401,9 +361,10 @@ impl Daemon {
             if Instant::now() >= deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                self.log.lock().unwrap().extend_from_slice(
-                    b"--- test harness: signal ignored for 10 s, sent SIGKILL ---\n",
-                );
+                self.log
+                    .lock()
+                    .unwrap()
+                    .extend_from_slice(b"--- test harness: signal ignored for 10 s, sent SIGKILL ---\n");
                 return false;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -415,21 +376,14 @@ impl Daemon {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
-            self.log
-                .lock()
-                .unwrap()
-                .extend_from_slice(b"--- test harness: SIGKILL ---\n");
+            self.log.lock().unwrap().extend_from_slice(b"--- test harness: SIGKILL ---\n");
         }
     }
 
     /// Starts the daemon again on the same state file and control socket.
     pub fn restart(&mut self) {
         if self.child.is_some() {
-            assert!(
-                self.stop(),
-                "proxyd did not exit cleanly on SIGTERM; stderr:\n{}",
-                self.log()
-            );
+            assert!(self.stop(), "proxyd did not exit cleanly on SIGTERM; stderr:\n{}", self.log());
         }
         self.spawn();
     }

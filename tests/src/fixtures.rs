@@ -43,13 +43,7 @@ impl HttpServer {
                 std::thread::spawn(move || serve_http(conn, &b));
             }
         });
-        HttpServer {
-            addr: crate::localhost(port),
-            body,
-            accepted,
-            stop,
-            thread: Some(thread),
-        }
+        HttpServer { addr: crate::localhost(port), body, accepted, stop, thread: Some(thread) }
     }
 
     /// Number of connections accepted so far.
@@ -104,10 +98,7 @@ fn serve_http(conn: TcpStream, body: &[u8]) {
 impl Drop for HttpServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect_timeout(
-            &(*self.addr.ip(), self.addr.port()).into(),
-            Duration::from_secs(1),
-        );
+        let _ = TcpStream::connect_timeout(&(*self.addr.ip(), self.addr.port()).into(), Duration::from_secs(1));
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -116,9 +107,7 @@ impl Drop for HttpServer {
 
 /// The path of a helper script under tests/scripts.
 pub fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("scripts")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name)
 }
 
 /// A pyftpdlib server (tests/scripts/ftpd.py) serving a directory anonymously.

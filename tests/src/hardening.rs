@@ -18,38 +18,25 @@ pub fn serial() -> MutexGuard<'static, ()> {
 /// One `Name:` line of `/proc/PID/status` (e.g. `VmRSS`), without the name.
 pub fn status_field(pid: u32, name: &str) -> Option<String> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-        .map(|v| v.trim().to_string())
+    s.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')).map(|v| v.trim().to_string())
 }
 
 /// Resident memory of a process in KiB (`VmRSS`).
 pub fn rss_kib(pid: u32) -> u64 {
     let v = status_field(pid, "VmRSS").unwrap_or_else(|| panic!("no VmRSS for pid {pid}"));
-    v.trim_end_matches("kB")
-        .trim()
-        .parse()
-        .expect("VmRSS number")
+    v.trim_end_matches("kB").trim().parse().expect("VmRSS number")
 }
 
 /// Number of open file descriptors of a process (`/proc/PID/fd`).
 pub fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
-        .count()
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}")).count()
 }
 
 /// The soft and hard `Max open files` of a process (`/proc/PID/limits`).
 pub fn nofile_limits(pid: u32) -> (u64, u64) {
     let s = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("read limits");
-    let line = s
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .expect("Max open files line");
-    let nums: Vec<u64> = line
-        .split_whitespace()
-        .filter_map(|w| w.parse().ok())
-        .collect();
+    let line = s.lines().find(|l| l.starts_with("Max open files")).expect("Max open files line");
+    let nums: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
     (nums[0], nums[1])
 }
 
@@ -143,11 +130,7 @@ pub fn cap_names(mask: u64) -> String {
     ];
     (0..64)
         .filter(|b| mask & (1u64 << b) != 0)
-        .map(|b| {
-            NAMES
-                .get(b)
-                .map_or_else(|| format!("cap_{b}"), |n| format!("cap_{n}"))
-        })
+        .map(|b| NAMES.get(b).map_or_else(|| format!("cap_{b}"), |n| format!("cap_{n}")))
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -155,10 +138,7 @@ pub fn cap_names(mask: u64) -> String {
 /// Sets `SO_LINGER {on, 0}`: closing the socket then sends a reset, not a FIN.
 pub fn set_linger_zero(s: &TcpStream) {
     use std::os::fd::AsRawFd;
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
     // SAFETY: setsockopt on a descriptor `s` owns, with a correctly sized linger struct.
     let r = unsafe {
         libc::setsockopt(
@@ -186,11 +166,7 @@ fn ip(ns: Option<&str>, args: &[&str]) {
     }
     cmd.args(args);
     let out = crate::run_with_timeout(&mut cmd, Duration::from_secs(10));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        crate::text(&out.stderr)
-    );
+    assert!(out.status.success(), "{cmd:?} failed: {}", crate::text(&out.stderr));
 }
 
 /// A network namespace joined to this one by a veth pair, owned by one test and
@@ -225,27 +201,12 @@ impl BlackholeNs {
         let _ = Command::new("ip").args(["link", "del", &veth]).output();
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         let third = (id % 250) as u8; // two tests may share it: the address only has to be dead
-        let ns = BlackholeNs {
-            name: name.clone(),
-            veth: veth.clone(),
-            dead_addr: Ipv4Addr::new(198, 18, third, 2),
-        };
+        let ns = BlackholeNs { name: name.clone(), veth: veth.clone(), dead_addr: Ipv4Addr::new(198, 18, third, 2) };
         ip(None, &["netns", "add", &name]);
-        ip(
-            None,
-            &[
-                "link", "add", &veth, "type", "veth", "peer", "name", &peer, "netns", &name,
-            ],
-        );
-        ip(
-            Some(&name),
-            &["link", "set", &peer, "address", "02:00:5e:00:53:02"],
-        );
+        ip(None, &["link", "add", &veth, "type", "veth", "peer", "name", &peer, "netns", &name]);
+        ip(Some(&name), &["link", "set", &peer, "address", "02:00:5e:00:53:02"]);
         ip(Some(&name), &["link", "set", &peer, "up"]);
-        ip(
-            None,
-            &["addr", "add", &format!("198.18.{third}.1/30"), "dev", &veth],
-        );
+        ip(None, &["addr", "add", &format!("198.18.{third}.1/30"), "dev", &veth]);
         ip(None, &["link", "set", &veth, "up"]);
         // A permanent neighbour: the SYNs really leave through the veth (no ARP wait
         // that would fail early with EHOSTUNREACH).
@@ -274,12 +235,8 @@ impl BlackholeNs {
 
 impl Drop for BlackholeNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.veth])
-            .output();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
+        let _ = Command::new("ip").args(["link", "del", &self.veth]).output();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }
 }
 
@@ -296,19 +253,13 @@ pub fn refusing_port() -> (std::os::fd::OwnedFd, SocketAddrV4) {
         let mut sa = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
-            },
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes([127, 0, 0, 1]) },
             sin_zero: [0; 8],
         };
         let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
         let p = &mut sa as *mut libc::sockaddr_in as *mut libc::sockaddr;
         assert_eq!(libc::bind(owned.as_raw_fd(), p, len), 0, "bind");
-        assert_eq!(
-            libc::getsockname(owned.as_raw_fd(), p, &mut len),
-            0,
-            "getsockname"
-        );
+        assert_eq!(libc::getsockname(owned.as_raw_fd(), p, &mut len), 0, "getsockname");
         let port = u16::from_be(sa.sin_port);
         (owned, SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
     }

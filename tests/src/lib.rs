@@ -83,10 +83,7 @@ pub fn require_program(test: &str, program: &str) -> Option<PathBuf> {
     match find_program(program) {
         Some(p) => Some(p),
         None => {
-            skip_or_fail(
-                test,
-                &format!("program `{program}` not found (apt-get install it)"),
-            );
+            skip_or_fail(test, &format!("program `{program}` not found (apt-get install it)"));
             None
         }
     }
@@ -105,20 +102,14 @@ pub fn require_python_module(test: &str, module: &str, package: &str) -> bool {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    ok || skip_or_fail(
-        test,
-        &format!("/usr/bin/python3 cannot import `{module}` (apt-get install {package})"),
-    )
+    ok || skip_or_fail(test, &format!("/usr/bin/python3 cannot import `{module}` (apt-get install {package})"))
 }
 
 /// Looks a program up like a shell would.
 pub fn find_program(program: &str) -> Option<PathBuf> {
     let is_exec = |p: &Path| {
         p.metadata()
-            .map(|m| {
-                m.is_file()
-                    && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
-            })
+            .map(|m| m.is_file() && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0)
             .unwrap_or(false)
     };
     if program.contains('/') {
@@ -126,9 +117,7 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
         return is_exec(&p).then_some(p);
     }
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(program))
-        .find(|p| is_exec(p))
+    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| is_exec(p))
 }
 
 /// A TCP port that was free on 127.0.0.1 a moment ago (bind to port 0, read, drop).
@@ -190,11 +179,7 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    Output {
-        status,
-        stdout: out_t.join().unwrap(),
-        stderr: err_t.join().unwrap(),
-    }
+    Output { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() }
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*), so transfers are checkable.
@@ -265,9 +250,7 @@ pub fn connect_from(src: Ipv4Addr, dst: SocketAddrV4) -> std::io::Result<TcpStre
         libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: a.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(a.ip().octets()),
-            },
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
             sin_zero: [0; 8],
         }
     }
@@ -315,18 +298,12 @@ impl ConnPoller {
             while !st.load(Ordering::SeqCst) && Instant::now() < deadline {
                 let out = cli.run(&["--json", "ip", "socks", "connections", "print"]);
                 if out.status.success() {
-                    s.lock()
-                        .unwrap()
-                        .push(daemon::parse_connections(&text(&out.stdout)));
+                    s.lock().unwrap().push(daemon::parse_connections(&text(&out.stdout)));
                 }
                 std::thread::sleep(interval);
             }
         });
-        ConnPoller {
-            snapshots,
-            stop,
-            thread: Some(thread),
-        }
+        ConnPoller { snapshots, stop, thread: Some(thread) }
     }
 
     /// Takes (and clears) the snapshots gathered so far.

@@ -27,11 +27,7 @@ pub fn request(cmd: u8, dst: SocketAddrV4, user: &[u8]) -> Vec<u8> {
 
 /// A SOCKS4a request: DSTIP 0.0.0.1, then USERID NUL HOSTNAME NUL.
 pub fn request_4a(cmd: u8, port: u16, host: &[u8], user: &[u8]) -> Vec<u8> {
-    let mut v = request(
-        cmd,
-        SocketAddrV4::new(Ipv4Addr::new(0, 0, 0, 1), port),
-        user,
-    );
+    let mut v = request(cmd, SocketAddrV4::new(Ipv4Addr::new(0, 0, 0, 1), port), user);
     v.extend_from_slice(host);
     v.push(0);
     v
@@ -54,10 +50,7 @@ impl Reply {
         Reply {
             vn: b[0],
             code: b[1],
-            addr: SocketAddrV4::new(
-                Ipv4Addr::new(b[4], b[5], b[6], b[7]),
-                u16::from_be_bytes([b[2], b[3]]),
-            ),
+            addr: SocketAddrV4::new(Ipv4Addr::new(b[4], b[5], b[6], b[7]), u16::from_be_bytes([b[2], b[3]])),
         }
     }
 }
@@ -72,15 +65,9 @@ pub fn read_reply(s: &mut TcpStream) -> std::io::Result<Reply> {
 /// Opens a CONNECT tunnel to `dst` through `proxy`; panics unless granted.
 pub fn connect(proxy: SocketAddr, dst: SocketAddrV4) -> TcpStream {
     let mut s = tcp_connect(proxy).unwrap_or_else(|e| panic!("connect to proxy {proxy}: {e}"));
-    s.write_all(&request(CONNECT, dst, b"test"))
-        .expect("send CONNECT");
-    let r =
-        read_reply(&mut s).unwrap_or_else(|e| panic!("no reply to CONNECT {dst} via {proxy}: {e}"));
-    assert_eq!(
-        (r.vn, r.code),
-        (0, GRANTED),
-        "CONNECT {dst} via {proxy} not granted: {r:?}"
-    );
+    s.write_all(&request(CONNECT, dst, b"test")).expect("send CONNECT");
+    let r = read_reply(&mut s).unwrap_or_else(|e| panic!("no reply to CONNECT {dst} via {proxy}: {e}"));
+    assert_eq!((r.vn, r.code), (0, GRANTED), "CONNECT {dst} via {proxy} not granted: {r:?}");
     s
 }
 
@@ -122,9 +109,7 @@ pub fn answer(s: &mut TcpStream, timeout: Duration) -> Answer {
                     return Answer::Reply(Reply::parse(got[..8].try_into().unwrap()));
                 }
             }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                return Answer::Silent { got }
-            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return Answer::Silent { got },
             Err(_) => return Answer::Closed { got },
         }
     }
@@ -144,9 +129,7 @@ pub fn closed_within(s: &mut TcpStream, timeout: Duration) -> bool {
         match s.read(&mut b) {
             Ok(0) => return true,
             Ok(_) => continue,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                return false
-            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return false,
             Err(_) => return true,
         }
     }

@@ -4,7 +4,9 @@
 //! relay) arrive whole and in order with exact counters; switching
 //! `data-path` at runtime, to the path in use included, works.
 
-use proxyd_tests::{accept_timeout, data_paths, kernel_under_test, listen_local, pattern, sha256, socks, wait_until, Daemon};
+use proxyd_tests::{
+    accept_timeout, data_paths, kernel_under_test, listen_local, pattern, sha256, socks, wait_until, Daemon,
+};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
@@ -71,10 +73,8 @@ fn stalled_peers_hold_bounded_accounted_memory() {
             let proxy = d.enable(&["max-connections=1000"]);
             let (l, dst) = listen_local();
             let pairs: Vec<(TcpStream, TcpStream)> = (0..TUNNELS).map(|_| socks::tunnel(proxy, &l, dst)).collect();
-            let (senders, _stalled): (Vec<TcpStream>, Vec<TcpStream>) = pairs
-                .into_iter()
-                .map(|(c, u)| if client_stalls { (u, c) } else { (c, u) })
-                .unzip();
+            let (senders, _stalled): (Vec<TcpStream>, Vec<TcpStream>) =
+                pairs.into_iter().map(|(c, u)| if client_stalls { (u, c) } else { (c, u) }).unzip();
             let (mem0, tcp0) = (mem_available(), tcp_mem());
             let start = Instant::now();
             flood(&senders, start + Duration::from_secs(5));

@@ -47,8 +47,7 @@ fn good_client_served(proxy: SocketAddr, echo: SocketAddrV4, after: &str) {
     let mut c = socks::connect(proxy, echo);
     c.write_all(b"still alive").unwrap();
     let mut b = [0u8; 11];
-    c.read_exact(&mut b)
-        .unwrap_or_else(|e| panic!("after {after}: good client got no echo: {e}"));
+    c.read_exact(&mut b).unwrap_or_else(|e| panic!("after {after}: good client got no echo: {e}"));
     assert_eq!(&b, b"still alive");
 }
 
@@ -85,11 +84,7 @@ fn malformed_requests_get_91_or_close() {
                 },
                 Send::KeepOpen,
             ),
-            (
-                "HTTP request".into(),
-                b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
-                Send::KeepOpen,
-            ),
+            ("HTTP request".into(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), Send::KeepOpen),
             (
                 "command 0".into(),
                 {
@@ -117,16 +112,8 @@ fn malformed_requests_get_91_or_close() {
                 },
                 Send::KeepOpen,
             ),
-            (
-                "user id of 256 bytes".into(),
-                socks::request(CONNECT, echo, &[b'a'; 256]),
-                Send::KeepOpen,
-            ),
-            (
-                "user id of 300 bytes".into(),
-                socks::request(CONNECT, echo, &[b'a'; 300]),
-                Send::KeepOpen,
-            ),
+            ("user id of 256 bytes".into(), socks::request(CONNECT, echo, &[b'a'; 256]), Send::KeepOpen),
+            ("user id of 300 bytes".into(), socks::request(CONNECT, echo, &[b'a'; 300]), Send::KeepOpen),
             (
                 "user id of 4096 bytes, no NUL".into(),
                 {
@@ -144,28 +131,17 @@ fn malformed_requests_get_91_or_close() {
             (
                 "4a hostname of 4096 bytes, no NUL".into(),
                 {
-                    let mut v = socks::request(
-                        CONNECT,
-                        SocketAddrV4::new(Ipv4Addr::new(0, 0, 0, 9), echo.port()),
-                        b"u",
-                    );
+                    let mut v =
+                        socks::request(CONNECT, SocketAddrV4::new(Ipv4Addr::new(0, 0, 0, 9), echo.port()), b"u");
                     v.extend([b'h'; 4096]);
                     v
                 },
                 Send::KeepOpen,
             ),
-            (
-                "4a with an empty hostname".into(),
-                socks::request_4a(CONNECT, echo.port(), b"", b"u"),
-                Send::KeepOpen,
-            ),
+            ("4a with an empty hostname".into(), socks::request_4a(CONNECT, echo.port(), b"", b"u"), Send::KeepOpen),
             (
                 "4a without a hostname, then close".into(),
-                socks::request(
-                    CONNECT,
-                    SocketAddrV4::new(Ipv4Addr::new(0, 0, 0, 1), echo.port()),
-                    b"u",
-                ),
+                socks::request(CONNECT, SocketAddrV4::new(Ipv4Addr::new(0, 0, 0, 1), echo.port()), b"u"),
                 Send::ThenClose,
             ),
             (
@@ -173,11 +149,7 @@ fn malformed_requests_get_91_or_close() {
                 socks::request_4a(CONNECT, echo.port(), b"no-such-host.invalid", b"u"),
                 Send::KeepOpen,
             ),
-            (
-                "CONNECT to a closed port".into(),
-                socks::request(CONNECT, dead, b"u"),
-                Send::KeepOpen,
-            ),
+            ("CONNECT to a closed port".into(), socks::request(CONNECT, dead, b"u"), Send::KeepOpen),
             (
                 "garbage after a BIND request".into(),
                 {
@@ -190,20 +162,14 @@ fn malformed_requests_get_91_or_close() {
         ];
         for k in 0..valid.len() {
             cases.push((
-                format!(
-                    "CONNECT truncated to {k} of {} bytes, then close",
-                    valid.len()
-                ),
+                format!("CONNECT truncated to {k} of {} bytes, then close", valid.len()),
                 valid[..k].to_vec(),
                 Send::ThenClose,
             ));
         }
         for k in 0..valid_4a.len() {
             cases.push((
-                format!(
-                    "4a CONNECT truncated to {k} of {} bytes, then close",
-                    valid_4a.len()
-                ),
+                format!("4a CONNECT truncated to {k} of {} bytes, then close", valid_4a.len()),
                 valid_4a[..k].to_vec(),
                 Send::ThenClose,
             ));
@@ -259,48 +225,18 @@ fn bad_cli_values_are_refused() {
         let cases: &[(&[&str], &str)] = &[
             (&["ip", "socks", "set", "port=0"], "port"),
             (&["ip", "socks", "set", "port=65536"], "port"),
-            (
-                &["ip", "socks", "set", "max-connections=0"],
-                "max-connections",
-            ),
-            (
-                &["ip", "socks", "set", "max-connections=1000001"],
-                "max-connections",
-            ),
+            (&["ip", "socks", "set", "max-connections=0"], "max-connections"),
+            (&["ip", "socks", "set", "max-connections=1000001"], "max-connections"),
             (&["ip", "socks", "set", "enabled=perhaps"], "enabled"),
-            (
-                &["ip", "socks", "set", "connection-idle-timeout=5x"],
-                "connection-idle-timeout",
-            ),
-            (
-                &["ip", "socks", "set", "max-connections=5", "port=0"],
-                "port",
-            ),
+            (&["ip", "socks", "set", "connection-idle-timeout=5x"], "connection-idle-timeout"),
+            (&["ip", "socks", "set", "max-connections=5", "port=0"], "port"),
             (&["ip", "socks", "access", "add", "action=maybe"], "action"),
-            (
-                &["ip", "socks", "access", "add", "src-address=1.2.3.4/33"],
-                "src-address",
-            ),
-            (
-                &["ip", "socks", "access", "add", "dst-address=300.1.1.1"],
-                "dst-address",
-            ),
-            (
-                &["ip", "socks", "access", "add", "dst-port=9-1"],
-                "dst-port",
-            ),
-            (
-                &["ip", "socks", "access", "add", "src-port=0-70000"],
-                "src-port",
-            ),
-            (
-                &["ip", "socks", "access", "set", "0", "dst-port=9-1"],
-                "dst-port",
-            ),
-            (
-                &["ip", "socks", "access", "set", "0", "action=maybe"],
-                "action",
-            ),
+            (&["ip", "socks", "access", "add", "src-address=1.2.3.4/33"], "src-address"),
+            (&["ip", "socks", "access", "add", "dst-address=300.1.1.1"], "dst-address"),
+            (&["ip", "socks", "access", "add", "dst-port=9-1"], "dst-port"),
+            (&["ip", "socks", "access", "add", "src-port=0-70000"], "src-port"),
+            (&["ip", "socks", "access", "set", "0", "dst-port=9-1"], "dst-port"),
+            (&["ip", "socks", "access", "set", "0", "action=maybe"], "action"),
         ];
         let mut failures = Vec::new();
         for (args, prop) in cases {
@@ -314,24 +250,15 @@ fn bad_cli_values_are_refused() {
                 ));
             }
             if !err.contains(prop) {
-                failures.push(format!(
-                    "`proxyd {}`: stderr does not name `{prop}`: {err:?}",
-                    args.join(" ")
-                ));
+                failures.push(format!("`proxyd {}`: stderr does not name `{prop}`: {err:?}", args.join(" ")));
             }
             let now = d.cli_ok(&["export"]);
             if now != export {
-                failures.push(format!(
-                    "`proxyd {}` changed the configuration:\n{now}",
-                    args.join(" ")
-                ));
+                failures.push(format!("`proxyd {}` changed the configuration:\n{now}", args.join(" ")));
             }
         }
         // Usage errors (unknown command or menu) exit 2 and change nothing either.
-        for args in [
-            &["ip", "socks", "frobnicate"][..],
-            &["ip", "fire", "print"][..],
-        ] {
+        for args in [&["ip", "socks", "frobnicate"][..], &["ip", "fire", "print"][..]] {
             let out = d.cli(args);
             if out.status.code() != Some(2) {
                 failures.push(format!(
@@ -344,16 +271,8 @@ fn bad_cli_values_are_refused() {
         if d.cli_ok(&["export"]) != export {
             failures.push("a usage error changed the configuration".into());
         }
-        assert!(
-            failures.is_empty(),
-            "bad CLI values ({dp}):\n  {}",
-            failures.join("\n  ")
-        );
-        assert_eq!(
-            std::fs::read(&d.state).unwrap(),
-            state,
-            "a refused command rewrote the state file"
-        );
+        assert!(failures.is_empty(), "bad CLI values ({dp}):\n  {}", failures.join("\n  "));
+        assert_eq!(std::fs::read(&d.state).unwrap(), state, "a refused command rewrote the state file");
         // The daemon still answers and serves after all this.
         let printed = d.cli_ok(&["ip", "socks", "print"]);
         assert!(printed.contains("max-connections: 7"), "{printed}");

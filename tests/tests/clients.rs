@@ -4,8 +4,7 @@
 use proxyd_tests::fixtures::{curl, HttpServer};
 use proxyd_tests::socks::{self, Answer};
 use proxyd_tests::{
-    data_paths, pattern, require_program, require_python_module, run_with_timeout, sha256,
-    tcp_connect, text, Daemon,
+    data_paths, pattern, require_program, require_python_module, run_with_timeout, sha256, tcp_connect, text, Daemon,
 };
 use std::io::Write;
 use std::process::Command;
@@ -19,16 +18,9 @@ fn assert_goes_through_proxy(d: &Daemon, http: &HttpServer, what: &str, fetch: i
     let port = format!("dst-port={}", http.addr.port());
     d.cli_ok(&["ip", "socks", "access", "add", &port, "action=deny"]);
     let before = http.accepted();
-    assert!(
-        !fetch(),
-        "{what} still fetched the page although proxyd denies it: it bypasses the proxy"
-    );
+    assert!(!fetch(), "{what} still fetched the page although proxyd denies it: it bypasses the proxy");
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(
-        http.accepted(),
-        before,
-        "{what}: a denied request reached the destination"
-    );
+    assert_eq!(http.accepted(), before, "{what}: a denied request reached the destination");
     d.cmd("ip socks access remove 0");
 }
 
@@ -95,29 +87,14 @@ fn pysocks_socks4_and_socks4a() {
         let http_port = http.addr.port().to_string();
         let fetch = |host: &str, rdns: &str| {
             run_with_timeout(
-                Command::new("/usr/bin/python3").args([
-                    "-c",
-                    PYSOCKS,
-                    &proxy_port,
-                    host,
-                    &http_port,
-                    rdns,
-                ]),
+                Command::new("/usr/bin/python3").args(["-c", PYSOCKS, &proxy_port, host, &http_port, rdns]),
                 T,
             )
         };
         for (host, rdns) in [("127.0.0.1", "0"), ("localhost", "1")] {
             let out = fetch(host, rdns);
-            assert!(
-                out.status.success(),
-                "PySocks {host} rdns={rdns} failed: {}",
-                text(&out.stderr)
-            );
-            assert_eq!(
-                sha256::hex(&out.stdout),
-                sha256::hex(&body),
-                "PySocks {host} rdns={rdns}: body differs"
-            );
+            assert!(out.status.success(), "PySocks {host} rdns={rdns} failed: {}", text(&out.stderr));
+            assert_eq!(sha256::hex(&out.stdout), sha256::hex(&body), "PySocks {host} rdns={rdns}: body differs");
             assert_goes_through_proxy(&d, &http, &format!("PySocks {host} rdns={rdns}"), || {
                 fetch(host, rdns).status.success()
             });
@@ -150,27 +127,13 @@ fn proxychains4_socks4() {
         let url = http.url("127.0.0.1");
         let fetch = || {
             run_with_timeout(
-                Command::new("proxychains4").arg("-f").arg(&conf).args([
-                    "curl",
-                    "-sS",
-                    "--max-time",
-                    "20",
-                    &url,
-                ]),
+                Command::new("proxychains4").arg("-f").arg(&conf).args(["curl", "-sS", "--max-time", "20", &url]),
                 T,
             )
         };
         let out = fetch();
-        assert!(
-            out.status.success(),
-            "proxychains4 curl failed: {}",
-            text(&out.stderr)
-        );
-        assert_eq!(
-            sha256::hex(&out.stdout),
-            sha256::hex(&body),
-            "proxychains4 curl: body differs"
-        );
+        assert!(out.status.success(), "proxychains4 curl failed: {}", text(&out.stderr));
+        assert_eq!(sha256::hex(&out.stdout), sha256::hex(&body), "proxychains4 curl: body differs");
         assert_goes_through_proxy(&d, &http, "proxychains4 curl", || fetch().status.success());
     }
 }
@@ -195,34 +158,20 @@ fn denied_request_gets_91_and_never_reaches_destination() {
         ]);
         d.cmd("ip socks access add dst-address=127.0.0.0/8 action=deny");
         for (what, req) in [
-            (
-                "SOCKS4 CONNECT",
-                socks::request(socks::CONNECT, http.addr, b"u"),
-            ),
-            (
-                "SOCKS4a CONNECT localhost",
-                socks::request_4a(socks::CONNECT, port, b"localhost", b"u"),
-            ),
+            ("SOCKS4 CONNECT", socks::request(socks::CONNECT, http.addr, b"u")),
+            ("SOCKS4a CONNECT localhost", socks::request_4a(socks::CONNECT, port, b"localhost", b"u")),
         ] {
             let before = http.accepted();
             let mut c = tcp_connect(proxy).unwrap();
             c.write_all(&req).unwrap();
             match socks::answer(&mut c, Duration::from_secs(5)) {
                 Answer::Reply(r) => {
-                    assert_eq!(
-                        (r.vn, r.code),
-                        (0, socks::REJECTED),
-                        "{what}: denied request got {r:?}"
-                    )
+                    assert_eq!((r.vn, r.code), (0, socks::REJECTED), "{what}: denied request got {r:?}")
                 }
                 other => panic!("{what}: denied request got no 8-byte reply 91: {other:?}"),
             }
             std::thread::sleep(Duration::from_millis(300));
-            assert_eq!(
-                http.accepted(),
-                before,
-                "{what}: a denied request reached the destination"
-            );
+            assert_eq!(http.accepted(), before, "{what}: a denied request reached the destination");
         }
         // With the deny rules gone (removed, disabled) the same request is served.
         d.cmd("ip socks access remove 1");

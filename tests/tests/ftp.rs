@@ -7,8 +7,8 @@
 use proxyd_tests::fixtures::FtpServer;
 use proxyd_tests::socks::{self, Answer};
 use proxyd_tests::{
-    data_paths, pattern, require_program, require_python_module, require_root, run_with_timeout,
-    sha256, tcp_connect, text, Conn, ConnPoller, Daemon,
+    data_paths, pattern, require_program, require_python_module, require_root, run_with_timeout, sha256, tcp_connect,
+    text, Conn, ConnPoller, Daemon,
 };
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -74,32 +74,16 @@ fn manual_ftp_example_passive_and_active() {
 
         // Passive mode: curl --socks4, CONNECT to port 21 then to the passive data port.
         let out = run_with_timeout(
-            Command::new("curl").args([
-                "-sS",
-                "--max-time",
-                "60",
-                "--socks4",
-                &proxy.to_string(),
-                &url,
-            ]),
+            Command::new("curl").args(["-sS", "--max-time", "60", "--socks4", &proxy.to_string(), &url]),
             Duration::from_secs(70),
         );
-        assert!(
-            out.status.success(),
-            "passive download (curl --socks4 {url}) failed: {}",
-            text(&out.stderr)
-        );
+        assert!(out.status.success(), "passive download (curl --socks4 {url}) failed: {}", text(&out.stderr));
         assert_eq!(out.stdout.len(), FILE_LEN, "passive download length");
         assert_eq!(sha256::hex(&out.stdout), want, "passive download differs");
         std::thread::sleep(Duration::from_millis(100));
         let rows = all_rows(&poller.take());
-        let control = rows
-            .iter()
-            .find(|r| r.kind == "out" && r.dst == ftp_addr.to_string() && r.rx > 0);
-        assert!(
-            control.is_some(),
-            "no `out` row for the FTP control connection to {ftp_addr}: {rows:?}"
-        );
+        let control = rows.iter().find(|r| r.kind == "out" && r.dst == ftp_addr.to_string() && r.rx > 0);
+        assert!(control.is_some(), "no `out` row for the FTP control connection to {ftp_addr}: {rows:?}");
         let data = rows.iter().find(|r| {
             r.kind == "out"
                 && r.dst.starts_with(&format!("{ftp_ip}:"))
@@ -110,9 +94,7 @@ fn manual_ftp_example_passive_and_active() {
         assert!(
             data.is_some(),
             "no `out` row for the passive data connection with tx=0 rx={FILE_LEN}; rows seen: {:?}",
-            rows.iter()
-                .filter(|r| r.dst != ftp_addr.to_string())
-                .collect::<Vec<_>>()
+            rows.iter().filter(|r| r.dst != ftp_addr.to_string()).collect::<Vec<_>>()
         );
 
         // Active mode: socksify (Dante client) turns the client's PORT listener into BIND.
@@ -126,18 +108,12 @@ fn manual_ftp_example_passive_and_active() {
                 .args(["curl", "-sS", "--max-time", "60", "-P", "-", &url]),
             Duration::from_secs(70),
         );
-        assert!(
-            out.status.success(),
-            "active download (socksify curl -P - {url}) failed: {}",
-            text(&out.stderr)
-        );
+        assert!(out.status.success(), "active download (socksify curl -P - {url}) failed: {}", text(&out.stderr));
         assert_eq!(out.stdout.len(), FILE_LEN, "active download length");
         assert_eq!(sha256::hex(&out.stdout), want, "active download differs");
         std::thread::sleep(Duration::from_millis(100));
         let rows = all_rows(&poller.take());
-        let bind = rows
-            .iter()
-            .find(|r| r.kind == "in" && r.rx == FILE_LEN as u64 && r.tx == 0);
+        let bind = rows.iter().find(|r| r.kind == "in" && r.rx == FILE_LEN as u64 && r.tx == 0);
         assert!(
             bind.is_some(),
             "no `in` (BIND) row with tx=0 rx={FILE_LEN} for the active data connection; rows seen: {rows:?}"
@@ -146,18 +122,9 @@ fn manual_ftp_example_passive_and_active() {
 
         // "drop everything else": a destination port below 1024 other than 21 is denied.
         let mut c = tcp_connect(proxy).unwrap();
-        c.write_all(&socks::request(
-            socks::CONNECT,
-            SocketAddrV4::new(ftp_ip, 20),
-            b"",
-        ))
-        .unwrap();
+        c.write_all(&socks::request(socks::CONNECT, SocketAddrV4::new(ftp_ip, 20), b"")).unwrap();
         match socks::answer(&mut c, Duration::from_secs(5)) {
-            Answer::Reply(r) => assert_eq!(
-                r.code,
-                socks::REJECTED,
-                "CONNECT {ftp_ip}:20 should be denied: {r:?}"
-            ),
+            Answer::Reply(r) => assert_eq!(r.code, socks::REJECTED, "CONNECT {ftp_ip}:20 should be denied: {r:?}"),
             other => panic!("CONNECT {ftp_ip}:20 should get reply 91: {other:?}"),
         }
         drop(ftp);

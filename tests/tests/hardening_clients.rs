@@ -5,8 +5,7 @@
 
 use proxyd_tests::hardening::{loopback_source, rss_kib, serial};
 use proxyd_tests::{
-    accept_timeout, connect_from, data_paths, listen_local, socks, tcp_connect, wait_until,
-    ConnPoller, Daemon,
+    accept_timeout, connect_from, data_paths, listen_local, socks, tcp_connect, wait_until, ConnPoller, Daemon,
 };
 use std::io::{Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
@@ -18,8 +17,7 @@ use std::time::{Duration, Instant};
 fn honest_round_trip(proxy: SocketAddr, l: &TcpListener, dst: SocketAddrV4) -> Duration {
     let t = Instant::now();
     let mut c = tcp_connect(proxy).expect("honest connect");
-    c.write_all(&socks::request(socks::CONNECT, dst, b"honest"))
-        .unwrap();
+    c.write_all(&socks::request(socks::CONNECT, dst, b"honest")).unwrap();
     let r = socks::read_reply(&mut c).expect("honest reply");
     assert_eq!(r.code, socks::GRANTED, "honest client refused");
     let mut u = accept_timeout(l, Duration::from_secs(5)).expect("accept honest");
@@ -44,22 +42,14 @@ fn slowloris_does_not_delay_honest_client() {
         let proxy = d.enable(&["max-connections=6000"]);
         let (l, dst) = listen_local();
         // A request that takes about 30 s at one byte per second (the deadline is 10 s).
-        let request = Arc::new(socks::request(
-            socks::CONNECT,
-            dst,
-            b"slow-client-user-id-xx",
-        ));
+        let request = Arc::new(socks::request(socks::CONNECT, dst, b"slow-client-user-id-xx"));
         let ready = Arc::new(Barrier::new(THREADS + 1));
         let stop = Arc::new(AtomicBool::new(false));
         let connect_failures = Arc::new(AtomicUsize::new(0));
         let threads: Vec<_> = (0..THREADS)
             .map(|_| {
-                let (request, ready, stop, fails) = (
-                    request.clone(),
-                    ready.clone(),
-                    stop.clone(),
-                    connect_failures.clone(),
-                );
+                let (request, ready, stop, fails) =
+                    (request.clone(), ready.clone(), stop.clone(), connect_failures.clone());
                 std::thread::spawn(move || {
                     let mut socks: Vec<TcpStream> = Vec::with_capacity(SLOW / THREADS);
                     for _ in 0..SLOW / THREADS {
@@ -95,11 +85,7 @@ fn slowloris_does_not_delay_honest_client() {
             })
             .collect();
         ready.wait();
-        assert_eq!(
-            connect_failures.load(Ordering::Relaxed),
-            0,
-            "[{dp}] some slow clients could not connect"
-        );
+        assert_eq!(connect_failures.load(Ordering::Relaxed), 0, "[{dp}] some slow clients could not connect");
         let all_in = wait_until(Duration::from_secs(5), || d.cli.connections().len() >= SLOW);
         let listed = d.cli.connections().len();
         assert!(all_in, "[{dp}] only {listed} of {SLOW} slow clients listed");
@@ -134,10 +120,7 @@ fn slowloris_does_not_delay_honest_client() {
         for t in threads {
             drop(t.join().unwrap());
         }
-        assert!(
-            cleared,
-            "[{dp}] {left} slow clients still listed well past the handshake deadline"
-        );
+        assert!(cleared, "[{dp}] {left} slow clients still listed well past the handshake deadline");
     }
 }
 
@@ -197,9 +180,7 @@ fn flood_beyond_max_connections() {
                             break;
                         }
                         if let Ok(mut s) = connect_from(loopback_source(t, THREADS), proxy_v4) {
-                            if let socks::Answer::Reply(r) =
-                                socks::answer(&mut s, Duration::from_millis(300))
-                            {
+                            if let socks::Answer::Reply(r) = socks::answer(&mut s, Duration::from_millis(300)) {
                                 if r.code == socks::REJECTED {
                                     rejected.fetch_add(1, Ordering::Relaxed);
                                 }
@@ -218,19 +199,13 @@ fn flood_beyond_max_connections() {
         let t = Instant::now();
         let mut honest = None;
         let mut flood_over_at: Option<Instant> = None;
-        while honest.is_none()
-            && flood_over_at.is_none_or(|at| at.elapsed() < Duration::from_secs(2))
-        {
+        while honest.is_none() && flood_over_at.is_none_or(|at| at.elapsed() < Duration::from_secs(2)) {
             if flood_over_at.is_none() && done.load(Ordering::Relaxed) >= ATTEMPTS {
                 flood_over_at = Some(Instant::now());
             }
-            assert!(
-                t.elapsed() < Duration::from_secs(250),
-                "flood threads stuck"
-            );
+            assert!(t.elapsed() < Duration::from_secs(250), "flood threads stuck");
             let mut c = tcp_connect(proxy).expect("honest connect");
-            c.write_all(&socks::request(socks::CONNECT, dst, b"honest"))
-                .unwrap();
+            c.write_all(&socks::request(socks::CONNECT, dst, b"honest")).unwrap();
             if let socks::Answer::Reply(r) = socks::answer(&mut c, Duration::from_secs(2)) {
                 if r.code == socks::GRANTED {
                     honest = Some(c);
@@ -240,7 +215,9 @@ fn flood_beyond_max_connections() {
             std::thread::sleep(Duration::from_millis(5));
         }
         let during = t.elapsed();
-        let honest = honest.unwrap_or_else(|| panic!("[{dp}] honest client not admitted during the flood nor 2 s after it, with a slot free"));
+        let honest = honest.unwrap_or_else(|| {
+            panic!("[{dp}] honest client not admitted during the flood nor 2 s after it, with a slot free")
+        });
         let in_during_flood = flood_over_at.is_none();
         let u = accept_timeout(&l, Duration::from_secs(5)).expect("accept honest");
         held.push((honest, u));
@@ -263,52 +240,25 @@ fn flood_beyond_max_connections() {
             snapshots.len(),
             if in_during_flood { "during the flood" } else { "after it" }
         );
-        assert!(
-            snapshots.len() >= 20,
-            "[{dp}] too few connection snapshots ({})",
-            snapshots.len()
-        );
-        assert!(
-            max_seen <= MAX,
-            "[{dp}] {max_seen} connections listed with max-connections={MAX}"
-        );
+        assert!(snapshots.len() >= 20, "[{dp}] too few connection snapshots ({})", snapshots.len());
+        assert!(max_seen <= MAX, "[{dp}] {max_seen} connections listed with max-connections={MAX}");
         assert!(
             rejected.load(Ordering::Relaxed) >= ATTEMPTS * 9 / 10,
             "[{dp}] only {} of {ATTEMPTS} attempts got 91",
             rejected.load(Ordering::Relaxed)
         );
-        assert!(
-            peak <= rss0 + 32 * 1024,
-            "[{dp}] RSS rose from {rss0} KiB to {peak} KiB during the flood"
-        );
+        assert!(peak <= rss0 + 32 * 1024, "[{dp}] RSS rose from {rss0} KiB to {peak} KiB during the flood");
 
         // After the flood: a freed slot is taken by the next honest client at once.
-        assert!(wait_until(Duration::from_secs(5), || d
-            .cli
-            .connections()
-            .len()
-            == MAX));
+        assert!(wait_until(Duration::from_secs(5), || d.cli.connections().len() == MAX));
         drop(held.pop());
-        assert!(wait_until(Duration::from_secs(5), || d
-            .cli
-            .connections()
-            .len()
-            == MAX - 1));
+        assert!(wait_until(Duration::from_secs(5), || d.cli.connections().len() == MAX - 1));
         let mut c = tcp_connect(proxy).unwrap();
         let t = Instant::now();
-        c.write_all(&socks::request(socks::CONNECT, dst, b"honest"))
-            .unwrap();
+        c.write_all(&socks::request(socks::CONNECT, dst, b"honest")).unwrap();
         let r = socks::read_reply(&mut c).expect("reply after the flood");
-        assert_eq!(
-            r.code,
-            socks::GRANTED,
-            "[{dp}] honest client refused with a free slot after the flood"
-        );
-        assert!(
-            t.elapsed() < Duration::from_millis(100),
-            "[{dp}] honest client took {:?}",
-            t.elapsed()
-        );
+        assert_eq!(r.code, socks::GRANTED, "[{dp}] honest client refused with a free slot after the flood");
+        assert!(t.elapsed() < Duration::from_millis(100), "[{dp}] honest client took {:?}", t.elapsed());
         drop(held);
     }
 }

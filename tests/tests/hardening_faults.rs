@@ -2,12 +2,8 @@
 //! answers, a client that vanishes mid-transfer, 10,000 such tunnels without a leak of
 //! files or memory, `kill -9` during transfers, and SIGTERM's drain with a grace period.
 
-use proxyd_tests::hardening::{
-    fd_count, refusing_port, rss_kib, serial, set_linger_zero, BlackholeNs,
-};
-use proxyd_tests::{
-    accept_timeout, data_paths, listen_local, socks, tcp_connect, wait_until, Daemon, Options,
-};
+use proxyd_tests::hardening::{fd_count, refusing_port, rss_kib, serial, set_linger_zero, BlackholeNs};
+use proxyd_tests::{accept_timeout, data_paths, listen_local, socks, tcp_connect, wait_until, Daemon, Options};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -17,8 +13,7 @@ use std::time::{Duration, Instant};
 /// Sends a CONNECT for `dst` and returns the reply code (None: closed without a reply).
 fn connect_code(proxy: SocketAddr, dst: SocketAddrV4, timeout: Duration) -> Option<u8> {
     let mut c = tcp_connect(proxy).expect("connect to proxy");
-    c.write_all(&socks::request(socks::CONNECT, dst, b"t"))
-        .expect("send CONNECT");
+    c.write_all(&socks::request(socks::CONNECT, dst, b"t")).expect("send CONNECT");
     match socks::answer(&mut c, timeout) {
         socks::Answer::Reply(r) => Some(r.code),
         socks::Answer::Closed { .. } => None,
@@ -28,20 +23,14 @@ fn connect_code(proxy: SocketAddr, dst: SocketAddrV4, timeout: Duration) -> Opti
 
 /// A port on 127.0.0.1 that refuses connections for the whole test run.
 fn closed_port() -> SocketAddrV4 {
-    static PORT: std::sync::OnceLock<(std::os::fd::OwnedFd, SocketAddrV4)> =
-        std::sync::OnceLock::new();
+    static PORT: std::sync::OnceLock<(std::os::fd::OwnedFd, SocketAddrV4)> = std::sync::OnceLock::new();
     PORT.get_or_init(refusing_port).1
 }
 
 /// Waits until the connections list is empty; panics with the rows otherwise.
 fn rows_leave(d: &Daemon, what: &str) {
     let gone = wait_until(Duration::from_secs(5), || d.cli.connections().is_empty());
-    assert!(
-        gone,
-        "[{}] {what}: rows still listed after 5 s: {:?}",
-        d.data_path,
-        d.cli.connections()
-    );
+    assert!(gone, "[{}] {what}: rows still listed after 5 s: {:?}", d.data_path, d.cli.connections());
 }
 
 /// An upstream that refuses (closed port) gets the client a 91, and no row stays.
@@ -67,10 +56,7 @@ fn upstream_refuses_gets_91() {
 fn upstream_reset_mid_stream() {
     for dp in data_paths() {
         // Debug logs: printed if the test fails (the tunnel's end is logged at debug).
-        let debug = Options {
-            env: vec![("PROXYD_LOG".into(), "debug".into())],
-            ..Options::default()
-        };
+        let debug = Options { env: vec![("PROXYD_LOG".into(), "debug".into())], ..Options::default() };
         let mut d = Daemon::start_with(dp, debug);
         let proxy = d.enable(&[]);
         let (l, dst) = listen_local();
@@ -209,39 +195,28 @@ enum Kind {
 
 /// Runs one tunnel of `kind` through `proxy`, the upstream being `l` (private to the
 /// calling thread). Returns a description of what went wrong, if anything.
-fn one_tunnel(
-    proxy: SocketAddr,
-    l: &TcpListener,
-    dst: SocketAddrV4,
-    kind: Kind,
-) -> Result<(), String> {
+fn one_tunnel(proxy: SocketAddr, l: &TcpListener, dst: SocketAddrV4, kind: Kind) -> Result<(), String> {
     let err = |what: &str, e: std::io::Error| format!("{kind:?}: {what}: {e}");
     if let Kind::Refused = kind {
         let mut c = tcp_connect(proxy).map_err(|e| err("connect", e))?;
-        c.write_all(&socks::request(socks::CONNECT, closed_port(), b"t"))
-            .map_err(|e| err("send", e))?;
+        c.write_all(&socks::request(socks::CONNECT, closed_port(), b"t")).map_err(|e| err("send", e))?;
         return match socks::answer(&mut c, Duration::from_secs(5)) {
             socks::Answer::Reply(r) if r.code == socks::REJECTED => Ok(()),
             other => Err(format!("Refused: got {other:?}")),
         };
     }
     let mut c = tcp_connect(proxy).map_err(|e| err("connect", e))?;
-    c.write_all(&socks::request(socks::CONNECT, dst, b"t"))
-        .map_err(|e| err("send", e))?;
+    c.write_all(&socks::request(socks::CONNECT, dst, b"t")).map_err(|e| err("send", e))?;
     let r = socks::read_reply(&mut c).map_err(|e| err("reply", e))?;
     if r.code != socks::GRANTED {
         return Err(format!("{kind:?}: reply {}", r.code));
     }
     let mut u = accept_timeout(l, Duration::from_secs(5)).ok_or(format!("{kind:?}: no accept"))?;
     let mut buf = [0u8; 4096];
-    c.write_all(&[1u8; 1000])
-        .map_err(|e| err("client write", e))?;
-    u.read_exact(&mut buf[..1000])
-        .map_err(|e| err("upstream read", e))?;
-    u.write_all(&[2u8; 3000])
-        .map_err(|e| err("upstream write", e))?;
-    c.read_exact(&mut buf[..3000])
-        .map_err(|e| err("client read", e))?;
+    c.write_all(&[1u8; 1000]).map_err(|e| err("client write", e))?;
+    u.read_exact(&mut buf[..1000]).map_err(|e| err("upstream read", e))?;
+    u.write_all(&[2u8; 3000]).map_err(|e| err("upstream write", e))?;
+    c.read_exact(&mut buf[..3000]).map_err(|e| err("client read", e))?;
     match kind {
         Kind::Clean => {
             drop(c);
@@ -250,8 +225,7 @@ fn one_tunnel(
             }
         }
         Kind::UpstreamReset => {
-            u.write_all(&[3u8; 2000])
-                .map_err(|e| err("upstream write", e))?;
+            u.write_all(&[3u8; 2000]).map_err(|e| err("upstream write", e))?;
             set_linger_zero(&u);
             drop(u);
             if !socks::closed_within(&mut c, Duration::from_secs(5)) {
@@ -259,8 +233,7 @@ fn one_tunnel(
             }
         }
         Kind::ClientVanishes => {
-            u.write_all(&[4u8; 2000])
-                .map_err(|e| err("upstream write", e))?;
+            u.write_all(&[4u8; 2000]).map_err(|e| err("upstream write", e))?;
             set_linger_zero(&c);
             drop(c);
             if !socks::closed_within(&mut u, Duration::from_secs(5)) {
@@ -287,12 +260,7 @@ fn run_mixed(proxy: SocketAddr, total: usize, workers: usize) -> Vec<String> {
                     if i >= total || Instant::now() > deadline {
                         break;
                     }
-                    let kind = [
-                        Kind::Clean,
-                        Kind::Refused,
-                        Kind::UpstreamReset,
-                        Kind::ClientVanishes,
-                    ][i % 4];
+                    let kind = [Kind::Clean, Kind::Refused, Kind::UpstreamReset, Kind::ClientVanishes][i % 4];
                     if let Err(e) = one_tunnel(proxy, &l, dst, kind) {
                         let mut f = failures.lock().unwrap();
                         if f.len() < 20 {
@@ -306,10 +274,7 @@ fn run_mixed(proxy: SocketAddr, total: usize, workers: usize) -> Vec<String> {
     for t in threads {
         t.join().unwrap();
     }
-    assert!(
-        next.load(Ordering::Relaxed) >= total,
-        "the tunnels did not finish within 300 s"
-    );
+    assert!(next.load(Ordering::Relaxed) >= total, "the tunnels did not finish within 300 s");
     let f = failures.lock().unwrap().clone();
     f
 }
@@ -338,9 +303,7 @@ fn ten_thousand_faulty_tunnels_leave_no_leak() {
                 (0..8)
                     .map(|i| {
                         let dead = ns.dead(9000 + i);
-                        std::thread::spawn(move || {
-                            connect_code(proxy, dead, Duration::from_secs(20))
-                        })
+                        std::thread::spawn(move || connect_code(proxy, dead, Duration::from_secs(20)))
                     })
                     .collect()
             })
@@ -349,27 +312,15 @@ fn ten_thousand_faulty_tunnels_leave_no_leak() {
         let f = run_mixed(proxy, 10_000 - blackholed.len(), 6);
         let took = started.elapsed();
         for h in blackholed {
-            assert_eq!(
-                h.join().unwrap(),
-                Some(socks::REJECTED),
-                "[{dp}] blackholed CONNECT"
-            );
+            assert_eq!(h.join().unwrap(), Some(socks::REJECTED), "[{dp}] blackholed CONNECT");
         }
         assert!(f.is_empty(), "[{dp}] failures among 10,000 tunnels: {f:#?}");
         rows_leave(&d, "after 10,000 tunnels");
         std::thread::sleep(Duration::from_millis(300));
         let (fd1, rss1) = (fd_count(pid), rss_kib(pid));
-        eprintln!(
-            "[{dp}] 10,000 tunnels in {took:?}: fds {fd0} -> {fd1}, RSS {rss0} KiB -> {rss1} KiB"
-        );
-        assert!(
-            fd1 <= fd0 + 2,
-            "[{dp}] open files grew from {fd0} to {fd1} after 10,000 tunnels (leak)"
-        );
-        assert!(
-            rss1 <= rss0 + 16 * 1024,
-            "[{dp}] RSS grew from {rss0} KiB to {rss1} KiB after 10,000 tunnels"
-        );
+        eprintln!("[{dp}] 10,000 tunnels in {took:?}: fds {fd0} -> {fd1}, RSS {rss0} KiB -> {rss1} KiB");
+        assert!(fd1 <= fd0 + 2, "[{dp}] open files grew from {fd0} to {fd1} after 10,000 tunnels (leak)");
+        assert!(rss1 <= rss0 + 16 * 1024, "[{dp}] RSS grew from {rss0} KiB to {rss1} KiB after 10,000 tunnels");
     }
 }
 
@@ -382,14 +333,7 @@ fn kill_9_during_transfers_then_restart() {
         let mut d = Daemon::start(dp);
         let proxy = d.enable(&["max-connections=123", "connection-idle-timeout=1h"]);
         d.cmd("ip socks access add src-address=127.0.0.0/8 action=allow");
-        d.cli_ok(&[
-            "ip",
-            "socks",
-            "access",
-            "add",
-            "action=deny",
-            "comment=default deny",
-        ]);
+        d.cli_ok(&["ip", "socks", "access", "add", "action=deny", "comment=default deny"]);
         let before = d.cli_ok(&["export"]);
         let (l, dst) = listen_local();
         let stop = Arc::new(AtomicBool::new(false));
@@ -429,21 +373,11 @@ fn kill_9_during_transfers_then_restart() {
             p.join().unwrap();
         }
         if let Some(pin) = d.pin_dir() {
-            let stale: Vec<_> = std::fs::read_dir(pin)
-                .map(|r| r.flatten().count())
-                .into_iter()
-                .collect();
-            eprintln!(
-                "[{dp}] pins left by kill -9 in {}: {stale:?}",
-                pin.display()
-            );
+            let stale: Vec<_> = std::fs::read_dir(pin).map(|r| r.flatten().count()).into_iter().collect();
+            eprintln!("[{dp}] pins left by kill -9 in {}: {stale:?}", pin.display());
         }
         d.restart();
-        assert_eq!(
-            d.cli_ok(&["export"]),
-            before,
-            "[{dp}] configuration differs after kill -9"
-        );
+        assert_eq!(d.cli_ok(&["export"]), before, "[{dp}] configuration differs after kill -9");
         let up = wait_until(Duration::from_secs(5), || TcpStream::connect(proxy).is_ok());
         assert!(up, "[{dp}] not listening on {proxy} after the restart");
         let mut c = socks::connect(proxy, dst);
@@ -454,20 +388,11 @@ fn kill_9_during_transfers_then_restart() {
         assert_eq!(&b, b"after restart");
         drop((c, u));
         let pin = d.pin_dir().map(|p| p.to_path_buf());
-        assert!(
-            d.stop(),
-            "[{dp}] no clean exit after the restart:\n{}",
-            d.log()
-        );
+        assert!(d.stop(), "[{dp}] no clean exit after the restart:\n{}", d.log());
         if let Some(pin) = pin {
-            let left: Vec<_> = std::fs::read_dir(&pin)
-                .map(|r| r.flatten().map(|e| e.file_name()).collect())
-                .unwrap_or_default();
-            assert!(
-                left.is_empty(),
-                "[{dp}] pins left in {} after a clean stop: {left:?}",
-                pin.display()
-            );
+            let left: Vec<_> =
+                std::fs::read_dir(&pin).map(|r| r.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+            assert!(left.is_empty(), "[{dp}] pins left in {} after a clean stop: {left:?}", pin.display());
         }
     }
 }
@@ -478,10 +403,7 @@ fn kill_9_during_transfers_then_restart() {
 #[test]
 fn sigterm_stops_accepting_and_drains() {
     for dp in data_paths() {
-        let options = Options {
-            args: vec!["--shutdown-grace".into(), "2s".into()],
-            ..Options::default()
-        };
+        let options = Options { args: vec!["--shutdown-grace".into(), "2s".into()], ..Options::default() };
         // Tunnel ends within the grace period.
         let mut d = Daemon::start_with(dp, options.clone());
         let proxy = d.enable(&[]);
@@ -499,23 +421,15 @@ fn sigterm_stops_accepting_and_drains() {
         let mut b = [0u8; 10];
         u.read_exact(&mut b).expect("tunnel works after SIGTERM");
         u.write_all(b"ok").unwrap();
-        c.read_exact(&mut b[..2])
-            .expect("tunnel works after SIGTERM");
-        assert!(
-            d.wait_exit(Duration::from_millis(100)).is_none(),
-            "[{dp}] exited with a tunnel open"
-        );
+        c.read_exact(&mut b[..2]).expect("tunnel works after SIGTERM");
+        assert!(d.wait_exit(Duration::from_millis(100)).is_none(), "[{dp}] exited with a tunnel open");
         drop(c);
         assert!(socks::closed_within(&mut u, Duration::from_secs(2)));
         drop(u);
         let st = d
             .wait_exit(Duration::from_secs(3))
             .unwrap_or_else(|| panic!("[{dp}] still running after its last tunnel ended"));
-        assert!(
-            st.success(),
-            "[{dp}] exit status {st} after SIGTERM\n{}",
-            d.log()
-        );
+        assert!(st.success(), "[{dp}] exit status {st} after SIGTERM\n{}", d.log());
         assert!(
             t.elapsed() < Duration::from_millis(1900),
             "[{dp}] exit took {:?}: it waited for the grace period instead of the tunnel",
@@ -528,15 +442,10 @@ fn sigterm_stops_accepting_and_drains() {
         let (mut c, _u) = socks::tunnel(proxy, &l, dst);
         let t = Instant::now();
         d.signal(libc::SIGTERM);
-        let st = d
-            .wait_exit(Duration::from_secs(6))
-            .unwrap_or_else(|| panic!("[{dp}] did not exit after the grace period"));
+        let st =
+            d.wait_exit(Duration::from_secs(6)).unwrap_or_else(|| panic!("[{dp}] did not exit after the grace period"));
         let took = t.elapsed();
-        assert!(
-            st.success(),
-            "[{dp}] exit status {st} after the grace period\n{}",
-            d.log()
-        );
+        assert!(st.success(), "[{dp}] exit status {st} after the grace period\n{}", d.log());
         assert!(
             took >= Duration::from_millis(1800) && took < Duration::from_secs(4),
             "[{dp}] exited {took:?} after SIGTERM with --shutdown-grace 2s"

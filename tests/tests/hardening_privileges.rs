@@ -5,8 +5,7 @@
 
 use proxyd_tests::hardening::{cap_names, nofile_limits, thread_caps};
 use proxyd_tests::{
-    accept_timeout, data_paths, listen_local, require_program, socks, text, wait_until, Daemon,
-    Options,
+    accept_timeout, data_paths, listen_local, require_program, socks, text, wait_until, Daemon, Options,
 };
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
@@ -20,16 +19,11 @@ const KEPT: u64 = (1 << 10) | (1 << 12) | (1 << 39);
 /// Runs the proxyd CLI as user `nobody` (uid/gid 65534, no groups, no capabilities).
 fn cli_as_nobody(d: &Daemon, args: &[&str]) -> std::process::Output {
     let mut cmd = Command::new("setpriv");
-    cmd.args([
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=-all",
-    ])
-    .arg(&d.cli.bin)
-    .arg("--control")
-    .arg(&d.cli.control)
-    .args(args);
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .arg(&d.cli.bin)
+        .arg("--control")
+        .arg(&d.cli.control)
+        .args(args);
     proxyd_tests::run_with_timeout(&mut cmd, Duration::from_secs(15))
 }
 
@@ -47,20 +41,12 @@ fn control_socket_refuses_non_root() {
         return;
     }
     let d = Daemon::start("userspace");
-    let mode = std::fs::metadata(&d.cli.control)
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o7777;
+    let mode = std::fs::metadata(&d.cli.control).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode, 0o600, "control socket mode is {mode:o}, want 600");
     let before = d.cli_ok(&["export"]);
 
     let out = cli_as_nobody(&d, &["ip", "socks", "set", "max-connections=77"]);
-    assert!(
-        !out.status.success(),
-        "nobody changed the daemon through the 0600 socket: {}",
-        text(&out.stdout)
-    );
+    assert!(!out.status.success(), "nobody changed the daemon through the 0600 socket: {}", text(&out.stdout));
 
     // Loosen the file mode: the daemon's own SO_PEERCRED check must still refuse.
     std::fs::set_permissions(&d.cli.control, std::fs::Permissions::from_mode(0o666)).unwrap();
@@ -78,24 +64,11 @@ fn control_socket_refuses_non_root() {
             args.join(" "),
             text(&out.stdout)
         );
-        assert!(
-            out.stdout.is_empty(),
-            "nobody read `{}`: {}",
-            args.join(" "),
-            text(&out.stdout)
-        );
+        assert!(out.stdout.is_empty(), "nobody read `{}`: {}", args.join(" "), text(&out.stdout));
     }
     std::fs::set_permissions(&d.cli.control, std::fs::Permissions::from_mode(0o600)).unwrap();
-    assert_eq!(
-        d.cli_ok(&["export"]),
-        before,
-        "a refused non-root command changed the configuration"
-    );
-    assert!(
-        d.log().contains("control connection refused"),
-        "the refusal is not logged:\n{}",
-        d.log()
-    );
+    assert_eq!(d.cli_ok(&["export"]), before, "a refused non-root command changed the configuration");
+    assert!(d.log().contains("control connection refused"), "the refusal is not logged:\n{}", d.log());
 }
 
 /// After start-up every thread's effective, permitted and bounding sets hold nothing
@@ -122,49 +95,19 @@ fn keeps_only_needed_capabilities() {
         let mut b5 = [0u8; 5];
         c.read_exact(&mut b5).unwrap();
         assert_eq!(&b5, b"pong!");
-        let counted = wait_until(Duration::from_secs(3), || {
-            d.cli.connections().iter().any(|r| r.tx == 4 && r.rx == 5)
-        });
-        assert!(
-            counted,
-            "[{dp}] counters wrong after dropping capabilities: {:?}",
-            d.cli.connections()
-        );
+        let counted = wait_until(Duration::from_secs(3), || d.cli.connections().iter().any(|r| r.tx == 4 && r.rx == 5));
+        assert!(counted, "[{dp}] counters wrong after dropping capabilities: {:?}", d.cli.connections());
 
         let threads = thread_caps(d.pid());
         assert!(threads.len() > 1, "[{dp}] expected a multi-threaded daemon");
         for t in &threads {
             let what = format!("[{dp}] thread {}", t.tid);
-            assert_eq!(
-                t.eff & !KEPT,
-                0,
-                "{what}: effective set has {}",
-                cap_names(t.eff & !KEPT)
-            );
-            assert_eq!(
-                t.prm & !KEPT,
-                0,
-                "{what}: permitted set has {}",
-                cap_names(t.prm & !KEPT)
-            );
-            assert_eq!(
-                t.bnd & !KEPT,
-                0,
-                "{what}: bounding set has {}",
-                cap_names(t.bnd & !KEPT)
-            );
-            assert_eq!(
-                (t.inh, t.amb),
-                (0, 0),
-                "{what}: inheritable/ambient not empty"
-            );
+            assert_eq!(t.eff & !KEPT, 0, "{what}: effective set has {}", cap_names(t.eff & !KEPT));
+            assert_eq!(t.prm & !KEPT, 0, "{what}: permitted set has {}", cap_names(t.prm & !KEPT));
+            assert_eq!(t.bnd & !KEPT, 0, "{what}: bounding set has {}", cap_names(t.bnd & !KEPT));
+            assert_eq!((t.inh, t.amb), (0, 0), "{what}: inheritable/ambient not empty");
             assert!(t.no_new_privs, "{what}: no_new_privs not set");
-            assert_eq!(
-                t.eff,
-                KEPT,
-                "{what}: a needed capability is missing: has {}",
-                cap_names(t.eff)
-            );
+            assert_eq!(t.eff, KEPT, "{what}: a needed capability is missing: has {}", cap_names(t.eff));
         }
         drop((c, u));
 
@@ -191,24 +134,12 @@ const PASSWORD: &str = "PASSWORD-d94b2c6f";
 #[test]
 fn logs_carry_no_payload_user_id_or_password() {
     for dp in data_paths() {
-        let mut d = Daemon::start_with(
-            dp,
-            Options {
-                env: vec![("PROXYD_LOG".into(), "trace".into())],
-                ..Options::default()
-            },
-        );
+        let mut d =
+            Daemon::start_with(dp, Options { env: vec![("PROXYD_LOG".into(), "trace".into())], ..Options::default() });
         let proxy = d.enable(&[]);
         let (l, dst) = listen_local();
         let denied_port = proxyd_tests::free_port();
-        d.cli_ok(&[
-            "ip",
-            "socks",
-            "access",
-            "add",
-            &format!("dst-port={denied_port}"),
-            "action=deny",
-        ]);
+        d.cli_ok(&["ip", "socks", "access", "add", &format!("dst-port={denied_port}"), "action=deny"]);
         let user = USER_ID.as_bytes();
 
         // Granted tunnel, payload both ways, early data right after the request.
@@ -247,19 +178,9 @@ fn logs_carry_no_payload_user_id_or_password() {
         }
 
         // SOCKS5 logins, when this build speaks SOCKS5 (`version=5`).
-        let socks5 = d
-            .cli(&["ip", "socks", "set", "version=5", "auth-method=password"])
-            .status
-            .success();
+        let socks5 = d.cli(&["ip", "socks", "set", "version=5", "auth-method=password"]).status.success();
         if socks5 {
-            d.cli_ok(&[
-                "ip",
-                "socks",
-                "users",
-                "add",
-                "name=alice",
-                &format!("password={PASSWORD}"),
-            ]);
+            d.cli_ok(&["ip", "socks", "users", "add", "name=alice", &format!("password={PASSWORD}")]);
             for pass in [PASSWORD.to_string(), format!("{PASSWORD}-wrong")] {
                 let mut c = proxyd_tests::tcp_connect(proxy).unwrap();
                 c.write_all(&[5, 1, 2]).unwrap();
@@ -276,9 +197,7 @@ fn logs_carry_no_payload_user_id_or_password() {
                 let _ = c.read_exact(&mut r);
             }
         } else {
-            eprintln!(
-                "note: this proxyd has no SOCKS5 (`set version=5` refused); password part skipped"
-            );
+            eprintln!("note: this proxyd has no SOCKS5 (`set version=5` refused); password part skipped");
         }
 
         // Let the daemon log the closes.
@@ -286,18 +205,12 @@ fn logs_carry_no_payload_user_id_or_password() {
         std::thread::sleep(Duration::from_millis(200));
         assert!(d.stop(), "[{dp}] no clean exit");
         let log = d.log();
-        assert!(
-            log.contains("tunnel closed"),
-            "[{dp}] expected tunnel logs at trace level:\n{log}"
-        );
+        assert!(log.contains("tunnel closed"), "[{dp}] expected tunnel logs at trace level:\n{log}");
         for secret in [PAYLOAD_UP, PAYLOAD_DOWN, USER_ID, PASSWORD] {
             assert!(
                 !log.contains(secret),
                 "[{dp}] the daemon's log contains {secret:?}:\n{}",
-                log.lines()
-                    .filter(|l| l.contains(secret))
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                log.lines().filter(|l| l.contains(secret)).collect::<Vec<_>>().join("\n")
             );
         }
     }
@@ -308,28 +221,14 @@ fn logs_carry_no_payload_user_id_or_password() {
 /// max-connections beyond the hard limit makes it say so in its log.
 #[test]
 fn raises_nofile_limit_for_max_connections() {
-    let mut d = Daemon::start_with(
-        "userspace",
-        Options {
-            nofile_soft: Some(1024),
-            ..Options::default()
-        },
-    );
+    let mut d = Daemon::start_with("userspace", Options { nofile_soft: Some(1024), ..Options::default() });
     let (soft0, hard) = nofile_limits(d.pid());
-    assert_eq!(
-        soft0,
-        1024.min(hard),
-        "the harness did not lower the soft limit"
-    );
+    assert_eq!(soft0, 1024.min(hard), "the harness did not lower the soft limit");
     d.cmd("ip socks set max-connections=9000");
     d.restart();
     let (soft, _) = nofile_limits(d.pid());
     let want = (2 * 9000u64).min(hard);
-    assert!(
-        soft >= want,
-        "max-connections=9000: soft NOFILE is {soft}, want >= {want} (hard {hard})\n{}",
-        d.log()
-    );
+    assert!(soft >= want, "max-connections=9000: soft NOFILE is {soft}, want >= {want} (hard {hard})\n{}", d.log());
 
     // Beyond the hard limit: raised as far as possible, and logged.
     let too_many = hard / 2 + 1000;
@@ -340,8 +239,7 @@ fn raises_nofile_limit_for_max_connections() {
         assert_eq!(soft, hard, "soft NOFILE not raised to the hard limit");
         let log = d.log();
         assert!(
-            log.lines()
-                .any(|l| l.contains(&format!("max-connections={too_many}")) && l.contains("limit")),
+            log.lines().any(|l| l.contains(&format!("max-connections={too_many}")) && l.contains("limit")),
             "no log line says max-connections={too_many} exceeds the open-files limit {hard}:\n{log}"
         );
     }
@@ -351,13 +249,7 @@ fn raises_nofile_limit_for_max_connections() {
 /// limit too: settings apply without a restart (design.md).
 #[test]
 fn raises_nofile_limit_when_max_connections_changes_live() {
-    let d = Daemon::start_with(
-        "userspace",
-        Options {
-            nofile_soft: Some(1024),
-            ..Options::default()
-        },
-    );
+    let d = Daemon::start_with("userspace", Options { nofile_soft: Some(1024), ..Options::default() });
     let (_, hard) = nofile_limits(d.pid());
     d.cmd("ip socks set max-connections=9000");
     let want = (2 * 9000u64).min(hard);

@@ -4,8 +4,8 @@
 //! kernel path cannot start.
 
 use proxyd_tests::{
-    accept_timeout, kernel_under_test, daemon::proxyd_bin, data_paths, in_ci, is_root, listen_local, pattern, require_program,
-    run_with_timeout, sha256, socks, wait_until, Daemon,
+    accept_timeout, daemon::proxyd_bin, data_paths, in_ci, is_root, kernel_under_test, listen_local, pattern,
+    require_program, run_with_timeout, sha256, socks, wait_until, Daemon,
 };
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -103,11 +103,17 @@ fn bpftool_dumps_flow_fields_by_name() {
     let mut got = vec![0u8; 12_345];
     u.read_exact(&mut got).unwrap();
     let flows = d.pin_dir().expect("kernel daemons have a pin dir").join("FLOWS");
-    let out = run_with_timeout(Command::new(bpftool).args(["-j", "map", "dump", "pinned"]).arg(&flows), Duration::from_secs(10));
+    let out = run_with_timeout(
+        Command::new(bpftool).args(["-j", "map", "dump", "pinned"]).arg(&flows),
+        Duration::from_secs(10),
+    );
     assert!(out.status.success(), "bpftool failed: {}", String::from_utf8_lossy(&out.stderr));
     let dump: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool -j prints JSON");
     let entries = dump.as_array().expect("an array of entries");
-    let values: Vec<&serde_json::Value> = entries.iter().filter_map(|e| e.get("formatted").and_then(|f| f.get("value")).or_else(|| e.get("value"))).collect();
+    let values: Vec<&serde_json::Value> = entries
+        .iter()
+        .filter_map(|e| e.get("formatted").and_then(|f| f.get("value")).or_else(|| e.get("value")))
+        .collect();
     assert!(
         values.iter().any(|v| {
             let bytes = v.get("bytes").and_then(|b| b.as_u64()).unwrap_or(0);
@@ -156,7 +162,9 @@ fn transfer(proxy: std::net::SocketAddr, l: &std::net::TcpListener, dst: std::ne
         drop(sender);
     });
     let mut got = Vec::with_capacity(len);
-    receiver.read_to_end(&mut got).unwrap_or_else(|e| panic!("transfer {i} ({len} B): read failed after {} bytes: {e}", got.len()));
+    receiver
+        .read_to_end(&mut got)
+        .unwrap_or_else(|e| panic!("transfer {i} ({len} B): read failed after {} bytes: {e}", got.len()));
     receiver.shutdown(Shutdown::Write).ok();
     drop(receiver);
     writer.join().unwrap();
@@ -189,7 +197,10 @@ fn thousand_transfers_arrive_whole() {
             w.join().expect("a transfer failed");
         }
         eprintln!("{dp}: 1000 transfers, {} MiB, in {:?}", total >> 20, started.elapsed());
-        assert!(wait_until(Duration::from_secs(10), || d.cli.connections().is_empty()), "rows left after the transfers");
+        assert!(
+            wait_until(Duration::from_secs(10), || d.cli.connections().is_empty()),
+            "rows left after the transfers"
+        );
     }
 }
 
@@ -217,7 +228,8 @@ fn auto_without_bpf_privilege_uses_the_relay() {
         // nobody, no capabilities at all.
         Some(setpriv) => {
             let mut c = Command::new(setpriv);
-            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"]).arg(proxyd_bin());
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+                .arg(proxyd_bin());
             c
         }
         None => Command::new(proxyd_bin()),
@@ -233,7 +245,8 @@ fn auto_without_bpf_privilege_uses_the_relay() {
     let mut child = cmd.spawn().expect("start proxyd");
     let up = wait_until(Duration::from_secs(10), || control.exists());
     let cli = |args: &[&str]| Command::new(proxyd_bin()).arg("--control").arg(&control).args(args).output().unwrap();
-    let printed = if up { String::from_utf8_lossy(&cli(&["ip", "socks", "print"]).stdout).into_owned() } else { String::new() };
+    let printed =
+        if up { String::from_utf8_lossy(&cli(&["ip", "socks", "print"]).stdout).into_owned() } else { String::new() };
     let _ = child.kill();
     let out = child.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -267,10 +280,12 @@ fn kernel_failure_at_start_is_one_line() {
     assert!(!out.status.success(), "the daemon must not start:\n{err}");
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "want exactly one line, got:\n{err}");
-    assert!(lines[0].contains("ERROR") && lines[0].contains("/proc/proxyd-not-bpffs"), "the line must say what failed:\n{err}");
+    assert!(
+        lines[0].contains("ERROR") && lines[0].contains("/proc/proxyd-not-bpffs"),
+        "the line must say what failed:\n{err}"
+    );
     assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
 }
-
 
 /// A second `proxyd run` by mistake leaves the running one alone: on the same pin dir
 /// it refuses to start (one line naming the dir) and the first daemon's pins stay and
@@ -286,7 +301,8 @@ fn second_daemon_on_the_same_pin_dir_or_socket_is_refused() {
     let proxy = d.enable(&[]);
     let pin = d.pin_dir().expect("kernel daemons have a pin dir").to_path_buf();
     let pins = |p: &std::path::Path| -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(p).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        let mut v: Vec<String> =
+            std::fs::read_dir(p).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
         v.sort();
         v
     };
@@ -310,7 +326,10 @@ fn second_daemon_on_the_same_pin_dir_or_socket_is_refused() {
     let out = second(&dir.join("control.sock"), &pin);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "a second daemon on {} must not start:\n{err}", pin.display());
-    assert!(err.contains("in use by another running proxyd") && err.contains(&*pin.to_string_lossy()), "the error must name the pin dir:\n{err}");
+    assert!(
+        err.contains("in use by another running proxyd") && err.contains(&*pin.to_string_lossy()),
+        "the error must name the pin dir:\n{err}"
+    );
     let other_pin = std::path::PathBuf::from(format!("{}-other", pin.display()));
     let out = second(&d.cli.control, &other_pin);
     let err2 = String::from_utf8_lossy(&out.stderr).into_owned();

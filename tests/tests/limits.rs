@@ -9,14 +9,10 @@ use std::time::{Duration, Instant};
 /// Sends one byte each way over a tunnel, panicking with `what` if it fails.
 fn ping(c: &mut TcpStream, u: &mut TcpStream, what: &str) {
     let mut b = [0u8; 1];
-    c.write_all(b"p")
-        .unwrap_or_else(|e| panic!("{what}: client write: {e}"));
-    u.read_exact(&mut b)
-        .unwrap_or_else(|e| panic!("{what}: upstream read: {e}"));
-    u.write_all(b"q")
-        .unwrap_or_else(|e| panic!("{what}: upstream write: {e}"));
-    c.read_exact(&mut b)
-        .unwrap_or_else(|e| panic!("{what}: client read: {e}"));
+    c.write_all(b"p").unwrap_or_else(|e| panic!("{what}: client write: {e}"));
+    u.read_exact(&mut b).unwrap_or_else(|e| panic!("{what}: upstream read: {e}"));
+    u.write_all(b"q").unwrap_or_else(|e| panic!("{what}: upstream write: {e}"));
+    c.read_exact(&mut b).unwrap_or_else(|e| panic!("{what}: client read: {e}"));
 }
 
 /// Returns when `s` sees EOF/reset, or None if it is still open at `deadline`.
@@ -31,9 +27,7 @@ fn wait_closed(s: &mut TcpStream, deadline: Instant) -> Option<Instant> {
         match s.read(&mut b) {
             Ok(0) => return Some(Instant::now()),
             Ok(_) => continue,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                return None
-            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return None,
             Err(_) => return Some(Instant::now()),
         }
     }
@@ -47,10 +41,7 @@ fn idle_timeout_closes_idle_tunnel_keeps_busy_one() {
         let mut d = Daemon::start(dp);
         let proxy = d.enable(&["connection-idle-timeout=2s"]);
         let printed = d.cli_ok(&["ip", "socks", "print"]);
-        assert!(
-            printed.contains("connection-idle-timeout: 2s"),
-            "idle timeout not shown as 2s:\n{printed}"
-        );
+        assert!(printed.contains("connection-idle-timeout: 2s"), "idle timeout not shown as 2s:\n{printed}");
         let (l, dst) = listen_local();
 
         let mut busy_c = socks::connect(proxy, dst);
@@ -75,10 +66,7 @@ fn idle_timeout_closes_idle_tunnel_keeps_busy_one() {
             panic!("idle tunnel still open 3 s after its last byte (connection-idle-timeout=2s)");
         };
         let after = closed_at - idle_since;
-        assert!(
-            after >= Duration::from_millis(1800),
-            "idle tunnel closed too early, after {after:?}"
-        );
+        assert!(after >= Duration::from_millis(1800), "idle tunnel closed too early, after {after:?}");
         assert!(
             wait_closed(&mut idle_u, Instant::now() + Duration::from_secs(1)).is_some(),
             "idle tunnel closed towards the client but not towards the destination"
@@ -90,16 +78,8 @@ fn idle_timeout_closes_idle_tunnel_keeps_busy_one() {
         assert_eq!(&got, b"bbbbbbbbbbbbbbb");
         ping(&mut busy_c, &mut busy_u, "busy tunnel after 4.5 s");
         let rows = d.cli.connections();
-        assert_eq!(
-            rows.len(),
-            1,
-            "only the busy tunnel should be listed: {rows:?}"
-        );
-        assert_eq!(
-            (rows[0].tx, rows[0].rx),
-            (16, 1),
-            "busy tunnel counters: {rows:?}"
-        );
+        assert_eq!(rows.len(), 1, "only the busy tunnel should be listed: {rows:?}");
+        assert_eq!((rows[0].tx, rows[0].rx), (16, 1), "busy tunnel counters: {rows:?}");
     }
 }
 
@@ -141,26 +121,15 @@ fn max_connections_refuses_the_next_client_at_once() {
             }
             Answer::Silent { .. } => panic!("4th client was neither refused nor closed within 3 s"),
         }
-        assert!(
-            took < Duration::from_secs(1),
-            "4th client refused only after {took:?}"
-        );
-        assert!(
-            accept_timeout(&l, Duration::from_millis(300)).is_none(),
-            "the refused client reached the destination"
-        );
+        assert!(took < Duration::from_secs(1), "4th client refused only after {took:?}");
+        assert!(accept_timeout(&l, Duration::from_millis(300)).is_none(), "the refused client reached the destination");
 
         // The three are intact; the handshaking one can still finish.
         ping(&mut c1, &mut u1, "tunnel 1");
         ping(&mut c2, &mut u2, "tunnel 2");
-        c3.write_all(&socks::request(socks::CONNECT, dst, b"u"))
-            .unwrap();
+        c3.write_all(&socks::request(socks::CONNECT, dst, b"u")).unwrap();
         let r = socks::read_reply(&mut c3).expect("reply for the handshaking 3rd client");
-        assert_eq!(
-            r.code,
-            socks::GRANTED,
-            "3rd client (handshaking when the 4th came) refused: {r:?}"
-        );
+        assert_eq!(r.code, socks::GRANTED, "3rd client (handshaking when the 4th came) refused: {r:?}");
         let mut u3 = accept_timeout(&l, Duration::from_secs(5)).expect("accept 3");
         ping(&mut c3, &mut u3, "tunnel 3");
 
@@ -208,10 +177,6 @@ fn settings_apply_without_restart() {
         );
         ping(&mut c, &mut u, "old tunnel after enabled=no");
         ping(&mut c2, &mut u2, "new tunnel after enabled=no");
-        assert_eq!(
-            d.cli.connections().len(),
-            2,
-            "open tunnels should stay listed after enabled=no"
-        );
+        assert_eq!(d.cli.connections().len(), 2, "open tunnels should stay listed after enabled=no");
     }
 }

@@ -8,10 +8,7 @@ use std::time::Duration;
 
 /// Lines with runs of whitespace collapsed and blank lines dropped.
 fn norm(s: &str) -> Vec<String> {
-    s.lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-        .filter(|l| !l.is_empty())
-        .collect()
+    s.lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).filter(|l| !l.is_empty()).collect()
 }
 
 /// The manual's `set enabled=yes` then `print` example prints the manual's four lines.
@@ -31,16 +28,8 @@ fn manual_enable_and_print() {
             p
         };
         let out = d.cli(&["ip", "socks", "set", "enabled=yes"]);
-        assert!(
-            out.status.success(),
-            "`ip socks set enabled=yes` failed: {}",
-            text(&out.stderr)
-        );
-        assert!(
-            out.stdout.is_empty(),
-            "`set` printed something on stdout: {:?}",
-            text(&out.stdout)
-        );
+        assert!(out.status.success(), "`ip socks set enabled=yes` failed: {}", text(&out.stderr));
+        assert!(out.stdout.is_empty(), "`set` printed something on stdout: {:?}", text(&out.stdout));
         let printed = d.cli_ok(&["ip", "socks", "print"]);
         let lines = norm(&printed);
         let want = [
@@ -49,15 +38,8 @@ fn manual_enable_and_print() {
             "connection-idle-timeout: 2m".to_string(),
             "max-connections: 200".to_string(),
         ];
-        assert!(
-            lines.len() >= 4,
-            "`ip socks print` printed too little:\n{printed}"
-        );
-        assert_eq!(
-            lines[..4],
-            want,
-            "`ip socks print` does not start with the manual's lines:\n{printed}"
-        );
+        assert!(lines.len() >= 4, "`ip socks print` printed too little:\n{printed}");
+        assert_eq!(lines[..4], want, "`ip socks print` does not start with the manual's lines:\n{printed}");
         for extra in &lines[4..] {
             assert!(
                 ["listen-address", "data-path", "version", "auth-method", "metrics-address", "xdp-interfaces"]
@@ -65,27 +47,16 @@ fn manual_enable_and_print() {
                 "unexpected extra line {extra:?} in `ip socks print`:\n{printed}"
             );
         }
-        assert!(
-            lines.iter().any(|l| l == "listen-address: 127.0.0.1"),
-            "no listen-address line:\n{printed}"
-        );
+        assert!(lines.iter().any(|l| l == "listen-address: 127.0.0.1"), "no listen-address line:\n{printed}");
         // The port really listens.
         assert!(
-            wait_until(Duration::from_secs(5), || std::net::TcpStream::connect((
-                "127.0.0.1",
-                port
-            ))
-            .is_ok()),
+            wait_until(Duration::from_secs(5), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()),
             "nothing listens on 127.0.0.1:{port} after `set enabled=yes`"
         );
         // JSON variant carries the same values.
         let json: serde_json::Value =
-            serde_json::from_str(&d.cmd("--json ip socks print"))
-                .expect("--json print is JSON");
-        assert!(
-            json.is_object(),
-            "--json ip socks print is not an object: {json}"
-        );
+            serde_json::from_str(&d.cmd("--json ip socks print")).expect("--json print is JSON");
+        assert!(json.is_object(), "--json ip socks print is not an object: {json}");
     }
 }
 
@@ -101,11 +72,7 @@ fn manual_access_list_example() {
         ] {
             let args: Vec<&str> = cmd.split(' ').collect();
             let out = d.cli(&args);
-            assert!(
-                out.status.success(),
-                "`proxyd {cmd}` failed: {}",
-                text(&out.stderr)
-            );
+            assert!(out.status.success(), "`proxyd {cmd}` failed: {}", text(&out.stderr));
         }
         let printed = d.cmd("ip socks access print");
         assert_eq!(
@@ -120,26 +87,11 @@ fn manual_access_list_example() {
         );
         // The manual's line continuation form is the same command split over two words.
         let out = d.cli(&["ip", "socks", "access", "disable", "1"]);
-        assert!(
-            out.status.success(),
-            "`access disable 1` failed: {}",
-            text(&out.stderr)
-        );
+        assert!(out.status.success(), "`access disable 1` failed: {}", text(&out.stderr));
         let printed = d.cmd("ip socks access print");
-        assert_eq!(
-            norm(&printed)[2],
-            "1 X dst-port=1024-65535 action=allow",
-            "disabled flag:\n{printed}"
-        );
+        assert_eq!(norm(&printed)[2], "1 X dst-port=1024-65535 action=allow", "disabled flag:\n{printed}");
         d.cmd("ip socks access enable 1");
-        d.cli_ok(&[
-            "ip",
-            "socks",
-            "access",
-            "set",
-            "2",
-            "comment=drop everything else",
-        ]);
+        d.cli_ok(&["ip", "socks", "access", "set", "2", "comment=drop everything else"]);
         // A comment goes on its own line before the row's properties: either
         // `;;; text` then `N props` (as specified to the tests), or RouterOS's own
         // layout `N ;;; text` then the properties indented.
@@ -150,11 +102,7 @@ fn manual_access_list_example() {
             "0 src-address=192.168.0.2 dst-port=21 action=allow",
             "1 dst-port=1024-65535 action=allow",
         ];
-        assert_eq!(
-            lines[..3],
-            head,
-            "rows before the commented one:\n{printed}"
-        );
+        assert_eq!(lines[..3], head, "rows before the commented one:\n{printed}");
         assert!(
             lines[3..] == [";;; drop everything else", "2 action=deny"]
                 || lines[3..] == ["2 ;;; drop everything else", "action=deny"],
@@ -195,16 +143,11 @@ fn manual_connections_print() {
         d.cmd("ip socks access add action=deny");
 
         let empty = d.cmd("ip socks connections print");
-        assert_eq!(
-            norm(&empty),
-            ["# SRC-ADDRESS DST-ADDRESS TX RX"],
-            "empty connections list:\n{empty}"
-        );
+        assert_eq!(norm(&empty), ["# SRC-ADDRESS DST-ADDRESS TX RX"], "empty connections list:\n{empty}");
 
         let (l, dst) = listen_local();
         let mut c = socks::connect(proxy, dst);
-        let mut u =
-            proxyd_tests::accept_timeout(&l, Duration::from_secs(5)).expect("upstream accept");
+        let mut u = proxyd_tests::accept_timeout(&l, Duration::from_secs(5)).expect("upstream accept");
         c.write_all(b"hello").unwrap();
         let mut b = [0u8; 5];
         u.read_exact(&mut b).unwrap();
@@ -218,34 +161,17 @@ fn manual_connections_print() {
             printed = d.cmd("ip socks connections print");
             norm(&printed) == ["# SRC-ADDRESS DST-ADDRESS TX RX".to_string(), want.clone()]
         });
-        assert!(
-            seen,
-            "`ip socks connections print` should be the header and `{want}`, got:\n{printed}"
-        );
+        assert!(seen, "`ip socks connections print` should be the header and `{want}`, got:\n{printed}");
         let detail = d.cmd("ip socks connections print detail");
-        assert!(
-            detail.contains("type=out"),
-            "`connections print detail` lacks type=out:\n{detail}"
-        );
+        assert!(detail.contains("type=out"), "`connections print detail` lacks type=out:\n{detail}");
         let rows = d.cli.connections();
         assert_eq!(rows.len(), 1, "{rows:?}");
-        assert_eq!(
-            (rows[0].src.as_str(), rows[0].dst.as_str()),
-            (src.as_str(), dst.to_string().as_str())
-        );
-        assert_eq!(
-            (rows[0].tx, rows[0].rx, rows[0].kind.as_str()),
-            (5, 7, "out"),
-            "{rows:?}"
-        );
+        assert_eq!((rows[0].src.as_str(), rows[0].dst.as_str()), (src.as_str(), dst.to_string().as_str()));
+        assert_eq!((rows[0].tx, rows[0].rx, rows[0].kind.as_str()), (5, 7, "out"), "{rows:?}");
         drop(c);
         drop(u);
         let gone = wait_until(Duration::from_secs(3), || d.cli.connections().is_empty());
-        assert!(
-            gone,
-            "the closed tunnel is still listed: {:?}",
-            d.cli.connections()
-        );
+        assert!(gone, "the closed tunnel is still listed: {:?}", d.cli.connections());
     }
 }
 
@@ -257,29 +183,11 @@ fn export_prints_the_configuration() {
         d.cmd("ip socks set port=1081 max-connections=42 connection-idle-timeout=1m30s");
         d.cmd("ip socks access add src-address=10.0.0.0/8 dst-port=80 action=deny");
         let export = d.cli_ok(&["export"]);
-        for needle in [
-            "port=1081",
-            "max-connections=42",
-            "src-address=10.0.0.0/8",
-            "dst-port=80",
-            "action=deny",
-        ] {
-            assert!(
-                export.contains(needle),
-                "`export` lacks {needle}:\n{export}"
-            );
+        for needle in ["port=1081", "max-connections=42", "src-address=10.0.0.0/8", "dst-port=80", "action=deny"] {
+            assert!(export.contains(needle), "`export` lacks {needle}:\n{export}");
         }
         let state = std::fs::read_to_string(&d.state).expect("state file exists after a change");
-        let script = |s: &str| {
-            norm(s)
-                .into_iter()
-                .filter(|l| !l.starts_with('#'))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(
-            script(&state),
-            script(&export),
-            "state file and `export` differ (comments aside)"
-        );
+        let script = |s: &str| norm(s).into_iter().filter(|l| !l.starts_with('#')).collect::<Vec<_>>();
+        assert_eq!(script(&state), script(&export), "state file and `export` differ (comments aside)");
     }
 }

@@ -6,8 +6,8 @@
 use proxyd_tests::daemon::proxyd_bin;
 use proxyd_tests::socks::{self, Answer, CONNECT, REJECTED};
 use proxyd_tests::{
-    data_paths, free_port, listen_local, require_program, require_python_module,
-    run_with_timeout, tcp_connect, text, wait_until, Daemon,
+    data_paths, free_port, listen_local, require_program, require_python_module, run_with_timeout, tcp_connect, text,
+    wait_until, Daemon,
 };
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -28,11 +28,7 @@ impl Tmux {
         let name = format!("proxyd-test-{}-{}", std::process::id(), free_port());
         let t = Tmux { tmux, name };
         let out = t.run(&["new-session", "-d", "-x", "200", "-y", "50", shell_command]);
-        assert!(
-            out.status.success(),
-            "tmux new-session failed: {}",
-            text(&out.stderr)
-        );
+        assert!(out.status.success(), "tmux new-session failed: {}", text(&out.stderr));
         t
     }
 
@@ -47,11 +43,7 @@ impl Tmux {
         let mut args = vec!["send-keys", "-t", "0"];
         args.extend_from_slice(keys);
         let out = self.run(&args);
-        assert!(
-            out.status.success(),
-            "tmux send-keys failed: {}",
-            text(&out.stderr)
-        );
+        assert!(out.status.success(), "tmux send-keys failed: {}", text(&out.stderr));
     }
 
     /// The visible screen.
@@ -77,12 +69,7 @@ impl Tmux {
 
 /// The last non-empty line of a screen (where the prompt is), without trailing blanks.
 fn last_line(screen: &str) -> &str {
-    screen
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("")
-        .trim_end()
+    screen.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim_end()
 }
 
 impl Drop for Tmux {
@@ -108,78 +95,47 @@ fn console_in_a_terminal() {
         d.cli.control.display()
     );
     let t = Tmux::start(tmux, &command);
-    t.wait_for("the top prompt `] > `", |s| {
-        s.lines().any(|l| l.starts_with('[') && l.ends_with("] >"))
-    });
+    t.wait_for("the top prompt `] > `", |s| s.lines().any(|l| l.starts_with('[') && l.ends_with("] >")));
 
     // Tab completes a menu in a path; Enter on a bare path enters the menu.
     t.keys(&["/ip socks acc", "Tab"]);
-    t.wait_for("`/ip socks acc` completed to `access`", |s| {
-        s.contains("/ip socks access")
-    });
+    t.wait_for("`/ip socks acc` completed to `access`", |s| s.contains("/ip socks access"));
     t.keys(&["Enter"]);
-    t.wait_for("the prompt `/ip socks access>`", |s| {
-        s.lines()
-            .any(|l| l.trim_end().ends_with("/ip socks access>"))
-    });
+    t.wait_for("the prompt `/ip socks access>`", |s| s.lines().any(|l| l.trim_end().ends_with("/ip socks access>")));
 
     // Commands go to the daemon in the current menu.
     t.keys(&["add action=deny comment=console-rule", "Enter"]);
     t.keys(&["print", "Enter"]);
-    let s = t.wait_for("the new rule in print", |s| {
-        s.contains("0 ;;; console-rule") || s.contains("action=deny")
-    });
-    assert!(
-        s.contains("action=deny"),
-        "print does not show the rule:\n{s}"
-    );
+    let s = t.wait_for("the new rule in print", |s| s.contains("0 ;;; console-rule") || s.contains("action=deny"));
+    assert!(s.contains("action=deny"), "print does not show the rule:\n{s}");
     let saved = d.cmd("ip socks access print detail");
-    assert!(
-        saved.contains("action=deny"),
-        "the daemon does not have the rule: {saved}"
-    );
+    assert!(saved.contains("action=deny"), "the daemon does not have the rule: {saved}");
 
     // Tab completes a command, then a property name (with `=`), then a listed value.
     t.keys(&["mo", "Tab"]);
-    t.wait_for("`mo` completed to `move`", |s| {
-        s.lines().any(|l| l.trim_end().ends_with("access> move"))
-    });
+    t.wait_for("`mo` completed to `move`", |s| s.lines().any(|l| l.trim_end().ends_with("access> move")));
     t.keys(&["C-u", "add dst-p", "Tab"]);
-    t.wait_for("`dst-p` completed to `dst-port=`", |s| {
-        s.lines().any(|l| l.trim_end().ends_with("add dst-port="))
-    });
+    t.wait_for("`dst-p` completed to `dst-port=`", |s| s.lines().any(|l| l.trim_end().ends_with("add dst-port=")));
     t.keys(&["C-u", "add action=al", "Tab"]);
     t.wait_for("`action=al` completed to `action=allow`", |s| {
-        s.lines()
-            .any(|l| l.trim_end().ends_with("add action=allow"))
+        s.lines().any(|l| l.trim_end().ends_with("add action=allow"))
     });
     t.keys(&["C-u"]);
 
     // `..` goes up; an error from the daemon is shown and the console goes on.
     t.keys(&["..", "Enter"]);
-    t.wait_for("the prompt `/ip socks>`", |s| {
-        s.lines().any(|l| l.trim_end().ends_with("/ip socks>"))
-    });
+    t.wait_for("the prompt `/ip socks>`", |s| s.lines().any(|l| l.trim_end().ends_with("/ip socks>")));
     t.keys(&["set port=0", "Enter"]);
-    t.wait_for("the daemon's error for port=0", |s| {
-        s.contains("invalid value for port")
-    });
+    t.wait_for("the daemon's error for port=0", |s| s.contains("invalid value for port"));
 
     // History: Up recalls the last line.
     t.keys(&["Up"]);
-    t.wait_for("history recall of `set port=0`", |s| {
-        last_line(s).ends_with("/ip socks> set port=0")
-    });
+    t.wait_for("history recall of `set port=0`", |s| last_line(s).ends_with("/ip socks> set port=0"));
     t.keys(&["C-u", "C-d"]);
-    let gone = wait_until(Duration::from_secs(5), || {
-        !t.run(&["has-session", "-t", "0"]).status.success()
-    });
+    let gone = wait_until(Duration::from_secs(5), || !t.run(&["has-session", "-t", "0"]).status.success());
     assert!(gone, "Ctrl-D did not leave the console:\n{}", t.screen());
     let h = std::fs::read_to_string(&history).unwrap_or_default();
-    assert!(
-        h.contains("add action=deny comment=console-rule") && h.contains("set port=0"),
-        "history file: {h:?}"
-    );
+    assert!(h.contains("add action=deny comment=console-rule") && h.contains("set port=0"), "history file: {h:?}");
 }
 
 /// Commands piped into the console run in order, with menu changes (a script pasted in).
@@ -209,16 +165,9 @@ fn console_reads_a_script_on_stdin() {
     let _ = child.kill();
     let out = child.wait_with_output().unwrap();
     let stdout = text(&out.stdout);
-    assert!(
-        out.status.success(),
-        "console failed: {stdout}\n{}",
-        text(&out.stderr)
-    );
+    assert!(out.status.success(), "console failed: {stdout}\n{}", text(&out.stderr));
     assert!(stdout.contains("0 dst-port=25 action=deny"), "{stdout}");
-    assert!(
-        !stdout.contains("enabled:"),
-        "`quit` did not stop the script: {stdout}"
-    );
+    assert!(!stdout.contains("enabled:"), "`quit` did not stop the script: {stdout}");
 }
 
 /// Sends `n` bytes one way and reads them on the other end.
@@ -233,8 +182,7 @@ fn pump(from: &mut TcpStream, to: &mut TcpStream, n: usize) {
 /// GET /metrics.
 fn scrape(addr: &str) -> String {
     let mut s = tcp_connect(addr.parse().unwrap()).expect("connect to metrics-address");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut resp = Vec::new();
     s.read_to_end(&mut resp).unwrap();
     let resp = text(&resp);
@@ -258,35 +206,19 @@ for family in text_string_to_metric_families(open(sys.argv[1]).read()):
         out["%s{%s}" % (s.name, labels)] = s.value
 print(json.dumps(out))
 "#;
-    let out = run_with_timeout(
-        Command::new("/usr/bin/python3")
-            .arg("-c")
-            .arg(script)
-            .arg(&file),
-        Duration::from_secs(30),
-    );
-    assert!(
-        out.status.success(),
-        "prometheus_client rejected the exposition:\n{}\n{body}",
-        text(&out.stderr)
-    );
+    let out =
+        run_with_timeout(Command::new("/usr/bin/python3").arg("-c").arg(script).arg(&file), Duration::from_secs(30));
+    assert!(out.status.success(), "prometheus_client rejected the exposition:\n{}\n{body}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v.as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_f64().unwrap()))
-        .collect()
+    v.as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_f64().unwrap())).collect()
 }
 
 /// After 3 tunnels with known byte counts and 2 requests the access list denies, a real
 /// Prometheus parser reads accepted +5, refused{access} +2, bytes tx/rx exact, 3 handshakes.
 #[test]
 fn metrics_parse_with_prometheus_client() {
-    if !require_python_module(
-        "metrics_parse_with_prometheus_client",
-        "prometheus_client",
-        "python3-prometheus-client",
-    ) {
+    if !require_python_module("metrics_parse_with_prometheus_client", "prometheus_client", "python3-prometheus-client")
+    {
         return;
     }
     for dp in data_paths() {
@@ -295,17 +227,8 @@ fn metrics_parse_with_prometheus_client() {
         let proxy = d.enable(&[&format!("metrics-address={metrics}")]);
         let (l, dst) = listen_local();
         let (_deny_l, denied) = listen_local();
-        d.cli_ok(&[
-            "ip",
-            "socks",
-            "access",
-            "add",
-            &format!("dst-port={}", denied.port()),
-            "action=deny",
-        ]);
-        let up = wait_until(Duration::from_secs(5), || {
-            TcpStream::connect(&metrics).is_ok()
-        });
+        d.cli_ok(&["ip", "socks", "access", "add", &format!("dst-port={}", denied.port()), "action=deny"]);
+        let up = wait_until(Duration::from_secs(5), || TcpStream::connect(&metrics).is_ok());
         assert!(up, "{dp}: nothing listens on metrics-address={metrics}");
         let before = parse_with_prometheus_client(&d.dir, &scrape(&metrics));
 
@@ -321,8 +244,7 @@ fn metrics_parse_with_prometheus_client() {
         }
         for _ in 0..2 {
             let mut c = tcp_connect(proxy).unwrap();
-            c.write_all(&socks::request(CONNECT, denied, b"test"))
-                .unwrap();
+            c.write_all(&socks::request(CONNECT, denied, b"test")).unwrap();
             match socks::answer(&mut c, Duration::from_secs(5)) {
                 Answer::Reply(r) => assert_eq!(r.code, REJECTED, "{dp}: denied request got {r:?}"),
                 other => panic!("{dp}: denied request: {other:?}"),
@@ -334,57 +256,30 @@ fn metrics_parse_with_prometheus_client() {
         let mut after = HashMap::new();
         let settled = wait_until(Duration::from_secs(5), || {
             after = parse_with_prometheus_client(&d.dir, &scrape(&metrics));
-            let delta = |k: &str| {
-                after.get(k).copied().unwrap_or(f64::NAN)
-                    - before.get(k).copied().unwrap_or(f64::NAN)
-            };
+            let delta =
+                |k: &str| after.get(k).copied().unwrap_or(f64::NAN) - before.get(k).copied().unwrap_or(f64::NAN);
             delta("proxyd_bytes_total{direction=\"tx\"}") == tx as f64
                 && delta("proxyd_bytes_total{direction=\"rx\"}") == rx as f64
         });
-        let delta = |k: &str| {
-            after.get(k).copied().unwrap_or(f64::NAN) - before.get(k).copied().unwrap_or(f64::NAN)
-        };
+        let delta = |k: &str| after.get(k).copied().unwrap_or(f64::NAN) - before.get(k).copied().unwrap_or(f64::NAN);
         assert!(
             settled,
             "{dp}: bytes tx/rx deltas {} / {}, want {tx} / {rx}; {after:?}",
             delta("proxyd_bytes_total{direction=\"tx\"}"),
             delta("proxyd_bytes_total{direction=\"rx\"}")
         );
-        assert_eq!(
-            delta("proxyd_connections_accepted_total{}"),
-            5.0,
-            "{dp}: accepted; {after:?}"
-        );
-        assert_eq!(
-            delta("proxyd_connections_refused_total{reason=\"access\"}"),
-            2.0,
-            "{dp}: refused; {after:?}"
-        );
+        assert_eq!(delta("proxyd_connections_accepted_total{}"), 5.0, "{dp}: accepted; {after:?}");
+        assert_eq!(delta("proxyd_connections_refused_total{reason=\"access\"}"), 2.0, "{dp}: refused; {after:?}");
         for reason in ["limit", "handshake", "auth", "dial"] {
             assert_eq!(
-                delta(&format!(
-                    "proxyd_connections_refused_total{{reason=\"{reason}\"}}"
-                )),
+                delta(&format!("proxyd_connections_refused_total{{reason=\"{reason}\"}}")),
                 0.0,
                 "{dp}: refused {reason}"
             );
         }
-        assert_eq!(
-            delta("proxyd_handshake_duration_seconds_count{}"),
-            3.0,
-            "{dp}: handshakes; {after:?}"
-        );
-        assert_eq!(
-            after.get(&key("proxyd_connections_active{type=\"out\"}")),
-            Some(&3.0),
-            "{dp}: {after:?}"
-        );
-        assert!(
-            after
-                .keys()
-                .any(|k| k.starts_with("proxyd_data_path_info{")),
-            "{dp}: no data path info: {after:?}"
-        );
+        assert_eq!(delta("proxyd_handshake_duration_seconds_count{}"), 3.0, "{dp}: handshakes; {after:?}");
+        assert_eq!(after.get(&key("proxyd_connections_active{type=\"out\"}")), Some(&3.0), "{dp}: {after:?}");
+        assert!(after.keys().any(|k| k.starts_with("proxyd_data_path_info{")), "{dp}: no data path info: {after:?}");
         // Closed tunnels keep their bytes in the totals and leave the active gauge.
         drop(tunnels);
         let mut last = HashMap::new();
@@ -393,15 +288,8 @@ fn metrics_parse_with_prometheus_client() {
             last.get("proxyd_connections_active{type=\"out\"}") == Some(&0.0)
         });
         assert!(closed, "{dp}: tunnels still active: {last:?}");
-        for k in [
-            "proxyd_bytes_total{direction=\"tx\"}",
-            "proxyd_bytes_total{direction=\"rx\"}",
-        ] {
-            assert_eq!(
-                last.get(k),
-                after.get(k),
-                "{dp}: {k} changed when the tunnels closed"
-            );
+        for k in ["proxyd_bytes_total{direction=\"tx\"}", "proxyd_bytes_total{direction=\"rx\"}"] {
+            assert_eq!(last.get(k), after.get(k), "{dp}: {k} changed when the tunnels closed");
         }
         drop(l);
     }
@@ -418,23 +306,18 @@ fn connections_print_interval_refreshes() {
     let (l, dst) = listen_local();
     let (_c, _u) = socks::tunnel(proxy, &l, dst);
     let mut cmd = Command::new(timeout);
-    cmd.arg("2.5")
-        .arg(proxyd_bin())
-        .arg("--control")
-        .arg(&d.cli.control)
-        .args(["ip", "socks", "connections", "print", "interval=1s"]);
+    cmd.arg("2.5").arg(proxyd_bin()).arg("--control").arg(&d.cli.control).args([
+        "ip",
+        "socks",
+        "connections",
+        "print",
+        "interval=1s",
+    ]);
     let out = run_with_timeout(&mut cmd, Duration::from_secs(10));
     let stdout = text(&out.stdout);
     let headers = stdout.lines().filter(|l| l.contains("SRC-ADDRESS")).count();
-    assert!(
-        headers >= 2,
-        "{headers} refresh(es) in 2.5 s:\n{stdout}\n{}",
-        text(&out.stderr)
-    );
-    assert!(
-        stdout.contains(&dst.to_string()),
-        "the tunnel is not listed:\n{stdout}"
-    );
+    assert!(headers >= 2, "{headers} refresh(es) in 2.5 s:\n{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains(&dst.to_string()), "the tunnel is not listed:\n{stdout}");
 }
 
 /// `connections remove 0` closes a live tunnel: the client and the destination see EOF.
@@ -449,26 +332,15 @@ fn connections_remove_closes_a_tunnel() {
         let listed = d.cmd("ip socks connections print");
         assert!(listed.contains(&dst.to_string()), "{dp}: {listed}");
         d.cmd("ip socks connections remove 0");
-        assert!(
-            socks::closed_within(&mut c, Duration::from_secs(5)),
-            "{dp}: the client never saw EOF"
-        );
-        assert!(
-            socks::closed_within(&mut u, Duration::from_secs(5)),
-            "{dp}: the destination never saw EOF"
-        );
+        assert!(socks::closed_within(&mut c, Duration::from_secs(5)), "{dp}: the client never saw EOF");
+        assert!(socks::closed_within(&mut u, Duration::from_secs(5)), "{dp}: the destination never saw EOF");
         assert!(
             wait_until(Duration::from_secs(5), || d.cli.connections().is_empty()),
             "{dp}: still listed: {:?}",
             d.cli.connections()
         );
         let out = d.cli(&["ip", "socks", "connections", "remove", "0"]);
-        assert_eq!(
-            out.status.code(),
-            Some(1),
-            "{dp}: removing a missing connection: {}",
-            text(&out.stderr)
-        );
+        assert_eq!(out.status.code(), Some(1), "{dp}: removing a missing connection: {}", text(&out.stderr));
     }
 }
 
@@ -476,8 +348,7 @@ fn connections_remove_closes_a_tunnel() {
 /// built binary and the generated man page on MANPATH for `Documentation=man:proxyd(8)`).
 #[test]
 fn unit_passes_systemd_analyze_verify() {
-    let Some(analyze) = require_program("unit_passes_systemd_analyze_verify", "systemd-analyze")
-    else {
+    let Some(analyze) = require_program("unit_passes_systemd_analyze_verify", "systemd-analyze") else {
         return;
     };
     let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/proxyd.service");
@@ -490,30 +361,17 @@ fn unit_passes_systemd_analyze_verify() {
         "Restart=on-failure",
         "CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_BPF CAP_NET_ADMIN",
     ] {
-        assert!(
-            original.lines().any(|l| l == want),
-            "the unit lacks `{want}`"
-        );
+        assert!(original.lines().any(|l| l == want), "the unit lacks `{want}`");
     }
-    let dir = std::env::temp_dir().join(format!(
-        "proxyd-unit-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
+    let dir = std::env::temp_dir().join(format!("proxyd-unit-{}-{}", std::process::id(), free_port()));
     std::fs::create_dir_all(dir.join("man/man8")).unwrap();
     let bin = proxyd_bin().canonicalize().unwrap();
-    std::fs::write(
-        dir.join("proxyd.service"),
-        original.replace("/usr/local/bin/proxyd", bin.to_str().unwrap()),
-    )
-    .unwrap();
+    std::fs::write(dir.join("proxyd.service"), original.replace("/usr/local/bin/proxyd", bin.to_str().unwrap()))
+        .unwrap();
     let page = Command::new(&bin).arg("man").output().unwrap();
     std::fs::write(dir.join("man/man8/proxyd.8"), &page.stdout).unwrap();
     let out = run_with_timeout(
-        Command::new(analyze)
-            .arg("verify")
-            .arg(dir.join("proxyd.service"))
-            .env("MANPATH", dir.join("man")),
+        Command::new(analyze).arg("verify").arg(dir.join("proxyd.service")).env("MANPATH", dir.join("man")),
         Duration::from_secs(60),
     );
     let _ = std::fs::remove_dir_all(&dir);
@@ -530,16 +388,10 @@ fn unit_passes_systemd_analyze_verify() {
 #[test]
 fn run_notifies_systemd_when_ready() {
     use std::os::unix::net::UnixDatagram;
-    let dir = std::env::temp_dir().join(format!(
-        "proxyd-notify-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
+    let dir = std::env::temp_dir().join(format!("proxyd-notify-{}-{}", std::process::id(), free_port()));
     std::fs::create_dir_all(&dir).unwrap();
     let notify = UnixDatagram::bind(dir.join("notify.sock")).unwrap();
-    notify
-        .set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     let control = dir.join("control.sock");
     let mut child = Command::new(proxyd_bin())
         .arg("run")
@@ -568,11 +420,7 @@ fn run_notifies_systemd_when_ready() {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(got.ok().as_deref(), Some("READY=1"));
-    assert_eq!(
-        answered.ok(),
-        Some(true),
-        "READY=1 came before the control socket answered"
-    );
+    assert_eq!(answered.ok(), Some(true), "READY=1 came before the control socket answered");
     assert_eq!(stopping.ok().as_deref(), Some("STOPPING=1"));
 }
 
@@ -583,16 +431,9 @@ fn bash_completion_completes_the_command_tree() {
     let Some(bash) = require_program("bash_completion_completes_the_command_tree", "bash") else {
         return;
     };
-    let script = Command::new(proxyd_bin())
-        .args(["completions", "bash"])
-        .output()
-        .unwrap();
+    let script = Command::new(proxyd_bin()).args(["completions", "bash"]).output().unwrap();
     assert!(script.status.success());
-    let dir = std::env::temp_dir().join(format!(
-        "proxyd-compl-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
+    let dir = std::env::temp_dir().join(format!("proxyd-compl-{}-{}", std::process::id(), free_port()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("proxyd.bash"), &script.stdout).unwrap();
     // COMP_WORDS split as readline does: `=` and `:` are word breaks.
@@ -621,53 +462,28 @@ t "proxyd ip socks connections print "
 "#,
         dir.join("proxyd.bash").display()
     );
-    let out = run_with_timeout(
-        Command::new(bash).arg("--norc").arg("-c").arg(&harness),
-        Duration::from_secs(20),
-    );
+    let out = run_with_timeout(Command::new(bash).arg("--norc").arg("-c").arg(&harness), Duration::from_secs(20));
     let _ = std::fs::remove_dir_all(&dir);
     let stdout = text(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bash: {:?}\n{stdout}\n{}",
-        out.status,
-        text(&out.stderr)
-    );
-    let got: HashMap<&str, Vec<&str>> = stdout
-        .lines()
-        .filter_map(|l| l.split_once('|'))
-        .map(|(k, v)| (k, v.split_whitespace().collect()))
-        .collect();
+    assert!(out.status.success(), "bash: {:?}\n{stdout}\n{}", out.status, text(&out.stderr));
+    let got: HashMap<&str, Vec<&str>> =
+        stdout.lines().filter_map(|l| l.split_once('|')).map(|(k, v)| (k, v.split_whitespace().collect())).collect();
     let check = |line: &str, want: &[&str]| {
-        let have = got
-            .get(line)
-            .unwrap_or_else(|| panic!("no answer for `{line}`:\n{stdout}"));
+        let have = got.get(line).unwrap_or_else(|| panic!("no answer for `{line}`:\n{stdout}"));
         for w in want {
-            assert!(
-                have.contains(w),
-                "`{line}` + Tab offers {have:?}, not `{w}`"
-            );
+            assert!(have.contains(w), "`{line}` + Tab offers {have:?}, not `{w}`");
         }
     };
     check("proxyd ip socks ac", &["access"]);
     assert_eq!(got["proxyd ip socks ac"], ["access"]);
-    check(
-        "proxyd ",
-        &["run", "console", "completions", "ip", "export"],
-    );
-    check(
-        "proxyd ip socks ",
-        &["access", "connections", "users", "set", "print", "export"],
-    );
+    check("proxyd ", &["run", "console", "completions", "ip", "export"]);
+    check("proxyd ip socks ", &["access", "connections", "users", "set", "print", "export"]);
     check("proxyd --control /tmp/x ip so", &["socks"]);
     check("proxyd ip socks access add act", &["action="]);
     check("proxyd ip socks access add action=d", &["deny"]);
     check("proxyd /ip/socks/c", &["/ip/socks/connections"]);
     check("proxyd run --data-path ", &["auto", "kernel", "userspace"]);
-    check(
-        "proxyd ip socks connections print ",
-        &["detail", "count-only", "interval=", "where", "dst-address="],
-    );
+    check("proxyd ip socks connections print ", &["detail", "count-only", "interval=", "where", "dst-address="]);
 }
 
 /// `proxyd man` is a roff page groff renders without a warning, listing every menu.
@@ -691,11 +507,7 @@ fn man_page_renders_without_warnings() {
         child.wait_with_output().unwrap()
     };
     let checked = render(&["-z"]);
-    assert!(
-        checked.status.success() && checked.stderr.is_empty(),
-        "groff warns:\n{}",
-        text(&checked.stderr)
-    );
+    assert!(checked.status.success() && checked.stderr.is_empty(), "groff warns:\n{}", text(&checked.stderr));
     let shown = text(&render(&[]).stdout);
     // groff marks bold by overstriking; drop that to read the text.
     let plain: String = {
@@ -719,9 +531,6 @@ fn man_page_renders_without_warnings() {
         "PROXYD_CONTROL",
         "/run/proxyd/control.sock",
     ] {
-        assert!(
-            plain.contains(want),
-            "the rendered page lacks `{want}`:\n{plain}"
-        );
+        assert!(plain.contains(want), "the rendered page lacks `{want}`:\n{plain}");
     }
 }

@@ -7,11 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 fn print_all(d: &Daemon) -> (String, String, String) {
-    (
-        d.cli_ok(&["ip", "socks", "print"]),
-        d.cmd("ip socks access print"),
-        d.cli_ok(&["export"]),
-    )
+    (d.cli_ok(&["ip", "socks", "print"]), d.cmd("ip socks access print"), d.cli_ok(&["export"]))
 }
 
 /// Settings and rules (with comment and disabled flag) survive a SIGTERM restart, and
@@ -36,20 +32,11 @@ fn settings_and_rules_survive_restart() {
         let before = print_all(&d);
         d.restart();
         let after = print_all(&d);
-        assert_eq!(
-            before.0, after.0,
-            "`ip socks print` changed across a restart"
-        );
-        assert_eq!(
-            before.1, after.1,
-            "`ip socks access print` changed across a restart"
-        );
+        assert_eq!(before.0, after.0, "`ip socks print` changed across a restart");
+        assert_eq!(before.1, after.1, "`ip socks access print` changed across a restart");
         assert_eq!(before.2, after.2, "`export` changed across a restart");
         assert!(
-            proxyd_tests::wait_until(Duration::from_secs(5), || std::net::TcpStream::connect(
-                proxy
-            )
-            .is_ok()),
+            proxyd_tests::wait_until(Duration::from_secs(5), || std::net::TcpStream::connect(proxy).is_ok()),
             "after restart nothing listens on the saved address {proxy}"
         );
     }
@@ -63,24 +50,14 @@ fn burst_of_adds_survives_kill_9() {
         let mut d = Daemon::start(dp);
         d.enable(&["max-connections=33"]);
         for i in 0..50 {
-            d.cli_ok(&[
-                "ip",
-                "socks",
-                "access",
-                "add",
-                &format!("dst-port={}", 2000 + i),
-                "action=allow",
-            ]);
+            d.cli_ok(&["ip", "socks", "access", "add", &format!("dst-port={}", 2000 + i), "action=allow"]);
         }
         let before = print_all(&d);
         d.kill9();
         d.restart();
         let after = print_all(&d);
         assert_eq!(before.0, after.0, "`ip socks print` differs after kill -9");
-        assert_eq!(
-            before.1, after.1,
-            "`ip socks access print` differs after kill -9"
-        );
+        assert_eq!(before.1, after.1, "`ip socks access print` differs after kill -9");
         assert_eq!(before.2, after.2, "`export` differs after kill -9");
         let rows = after.1.lines().filter(|l| l.contains("dst-port=")).count();
         assert_eq!(rows, 50, "expected 50 rules after kill -9:\n{}", after.1);
@@ -98,12 +75,7 @@ fn kill_9_mid_burst_loses_no_acknowledged_change() {
         let stop = Arc::new(AtomicBool::new(false));
         let workers: Vec<_> = (0..4)
             .map(|w| {
-                let (cli, acked, attempted, stop) = (
-                    d.cli.clone(),
-                    acked.clone(),
-                    attempted.clone(),
-                    stop.clone(),
-                );
+                let (cli, acked, attempted, stop) = (d.cli.clone(), acked.clone(), attempted.clone(), stop.clone());
                 std::thread::spawn(move || {
                     for i in 0..100u32 {
                         if stop.load(Ordering::SeqCst) {
@@ -111,14 +83,8 @@ fn kill_9_mid_burst_loses_no_acknowledged_change() {
                         }
                         let port = 10000 + w * 1000 + i;
                         attempted.lock().unwrap().push(port);
-                        let out = cli.run(&[
-                            "ip",
-                            "socks",
-                            "access",
-                            "add",
-                            &format!("dst-port={port}"),
-                            "action=deny",
-                        ]);
+                        let out =
+                            cli.run(&["ip", "socks", "access", "add", &format!("dst-port={port}"), "action=deny"]);
                         if out.status.success() {
                             acked.lock().unwrap().push(port);
                         } else {
@@ -129,8 +95,7 @@ fn kill_9_mid_burst_loses_no_acknowledged_change() {
             })
             .collect();
         assert!(
-            proxyd_tests::wait_until(Duration::from_secs(60), || acked.lock().unwrap().len()
-                >= 60),
+            proxyd_tests::wait_until(Duration::from_secs(60), || acked.lock().unwrap().len() >= 60),
             "60 `access add` were not acknowledged within 60 s"
         );
         d.kill9();
@@ -142,45 +107,25 @@ fn kill_9_mid_burst_loses_no_acknowledged_change() {
         let printed = d.cmd("ip socks access print");
         let present: Vec<u32> = printed
             .lines()
-            .filter_map(|l| {
-                l.split_whitespace()
-                    .find_map(|w| w.strip_prefix("dst-port="))
-            })
+            .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("dst-port=")))
             .map(|p| p.parse().expect("dst-port number"))
             .collect();
         let acked = acked.lock().unwrap().clone();
         let attempted = attempted.lock().unwrap().clone();
         let missing: Vec<_> = acked.iter().filter(|p| !present.contains(p)).collect();
-        assert!(
-            missing.is_empty(),
-            "acknowledged rules lost by kill -9: {missing:?}\n{printed}"
-        );
+        assert!(missing.is_empty(), "acknowledged rules lost by kill -9: {missing:?}\n{printed}");
         let unknown: Vec<_> = present.iter().filter(|p| !attempted.contains(p)).collect();
         assert!(unknown.is_empty(), "rules nobody added: {unknown:?}");
         let mut dedup = present.clone();
         dedup.sort();
         dedup.dedup();
-        assert_eq!(
-            dedup.len(),
-            present.len(),
-            "duplicated rules after restart:\n{printed}"
-        );
+        assert_eq!(dedup.len(), present.len(), "duplicated rules after restart:\n{printed}");
         // Each client's rules keep their order.
         for w in 0..4 {
-            let mine: Vec<_> = present
-                .iter()
-                .filter(|p| (**p - 10000) / 1000 == w)
-                .collect();
-            assert!(
-                mine.windows(2).all(|x| x[0] < x[1]),
-                "client {w}'s rules out of order: {mine:?}"
-            );
+            let mine: Vec<_> = present.iter().filter(|p| (**p - 10000) / 1000 == w).collect();
+            assert!(mine.windows(2).all(|x| x[0] < x[1]), "client {w}'s rules out of order: {mine:?}");
         }
-        eprintln!(
-            "kill -9 mid-burst ({dp}): {} acknowledged, {} present after restart",
-            acked.len(),
-            present.len()
-        );
+        eprintln!("kill -9 mid-burst ({dp}): {} acknowledged, {} present after restart", acked.len(), present.len());
     }
 }
 
@@ -191,16 +136,8 @@ fn sigint_stops_cleanly() {
         let mut d = Daemon::start(dp);
         d.enable(&["max-connections=9"]);
         let before = print_all(&d);
-        assert!(
-            d.stop_with(libc::SIGINT),
-            "proxyd did not exit 0 on SIGINT; stderr:\n{}",
-            d.log()
-        );
+        assert!(d.stop_with(libc::SIGINT), "proxyd did not exit 0 on SIGINT; stderr:\n{}", d.log());
         d.restart();
-        assert_eq!(
-            before,
-            print_all(&d),
-            "configuration changed across a SIGINT restart"
-        );
+        assert_eq!(before, print_all(&d), "configuration changed across a SIGINT restart");
     }
 }

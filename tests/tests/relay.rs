@@ -1,10 +1,7 @@
 //! Relay correctness on CONNECT tunnels: half-close both ways, no byte lost when a side
 //! closes right after its last write, upstream banners, early client data, exact tx/rx.
 
-use proxyd_tests::{
-    accept_timeout, data_paths, listen_local, pattern, sha256, socks, tcp_connect, wait_until,
-    Daemon,
-};
+use proxyd_tests::{accept_timeout, data_paths, listen_local, pattern, sha256, socks, tcp_connect, wait_until, Daemon};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
@@ -12,8 +9,7 @@ use std::time::Duration;
 fn read_to_end(s: &mut TcpStream, what: &str) -> Vec<u8> {
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut v = Vec::new();
-    s.read_to_end(&mut v)
-        .unwrap_or_else(|e| panic!("{what}: read to EOF failed after {} bytes: {e}", v.len()));
+    s.read_to_end(&mut v).unwrap_or_else(|e| panic!("{what}: read to EOF failed after {} bytes: {e}", v.len()));
     v
 }
 
@@ -30,31 +26,19 @@ fn half_close_both_directions() {
         let (mut c, mut u) = socks::tunnel(proxy, &l, dst);
         c.write_all(b"request").unwrap();
         c.shutdown(Shutdown::Write).unwrap();
-        assert_eq!(
-            read_to_end(&mut u, "upstream after client half-close"),
-            b"request"
-        );
+        assert_eq!(read_to_end(&mut u, "upstream after client half-close"), b"request");
         u.write_all(b"late answer from upstream").unwrap();
         u.shutdown(Shutdown::Write).unwrap();
-        assert_eq!(
-            read_to_end(&mut c, "client after upstream answered"),
-            b"late answer from upstream"
-        );
+        assert_eq!(read_to_end(&mut c, "client after upstream answered"), b"late answer from upstream");
 
         // Upstream finishes first.
         let (mut c, mut u) = socks::tunnel(proxy, &l, dst);
         u.write_all(b"banner, then EOF").unwrap();
         u.shutdown(Shutdown::Write).unwrap();
-        assert_eq!(
-            read_to_end(&mut c, "client after upstream half-close"),
-            b"banner, then EOF"
-        );
+        assert_eq!(read_to_end(&mut c, "client after upstream half-close"), b"banner, then EOF");
         c.write_all(b"client still talks").unwrap();
         c.shutdown(Shutdown::Write).unwrap();
-        assert_eq!(
-            read_to_end(&mut u, "upstream after client talked"),
-            b"client still talks"
-        );
+        assert_eq!(read_to_end(&mut u, "upstream after client talked"), b"client still talks");
     }
 }
 
@@ -75,9 +59,7 @@ fn close_right_after_last_write_loses_nothing() {
                 let (mut sender, mut receiver) = if upload { (c, u) } else { (u, c) };
                 let payload = data.clone();
                 let t = std::thread::spawn(move || {
-                    sender
-                        .set_write_timeout(Some(Duration::from_secs(20)))
-                        .unwrap();
+                    sender.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
                     sender.write_all(&payload).expect("write");
                     drop(sender); // close right after the last write
                 });
@@ -88,20 +70,12 @@ fn close_right_after_last_write_loses_nothing() {
                         "{} of {size} bytes: got {} bytes{}",
                         if upload { "upload" } else { "download" },
                         got.len(),
-                        if got.len() == size {
-                            " (content differs)"
-                        } else {
-                            ""
-                        }
+                        if got.len() == size { " (content differs)" } else { "" }
                     ));
                 }
             }
         }
-        assert!(
-            failures.is_empty(),
-            "bytes lost on close ({dp}):\n  {}",
-            failures.join("\n  ")
-        );
+        assert!(failures.is_empty(), "bytes lost on close ({dp}):\n  {}", failures.join("\n  "));
     }
 }
 
@@ -123,8 +97,7 @@ fn upstream_banner_sent_at_accept_reaches_client() {
         });
         let mut c = socks::connect(proxy, dst);
         let mut b = [0u8; 12];
-        c.read_exact(&mut b)
-            .expect("banner did not reach the client");
+        c.read_exact(&mut b).expect("banner did not reach the client");
         assert_eq!(&b, b"220 banner\r\n");
         c.write_all(b"QUIT").unwrap();
         assert_eq!(read_to_end(&mut c, "after QUIT"), b"221 bye\r\n");
@@ -152,15 +125,8 @@ fn early_data_in_request_segment_is_relayed_in_order() {
         assert_eq!(read_to_end(&mut u, "upstream"), b"EARLY-DATA+LATER");
         u.write_all(b"ok").unwrap();
         drop(u);
-        assert_eq!(
-            read_to_end(&mut c, "client after reply"),
-            b"ok",
-            "extra bytes after the 8-byte reply"
-        );
-        assert!(wait_until(Duration::from_secs(3), || d
-            .cli
-            .connections()
-            .is_empty()));
+        assert_eq!(read_to_end(&mut c, "client after reply"), b"ok", "extra bytes after the 8-byte reply");
+        assert!(wait_until(Duration::from_secs(3), || d.cli.connections().is_empty()));
     }
 }
 
@@ -175,13 +141,7 @@ fn tx_rx_are_exact() {
         let (mut c, mut u) = socks::tunnel(proxy, &l, dst);
         let src = c.local_addr().unwrap().to_string();
         let (mut tx, mut rx) = (0u64, 0u64);
-        for (up, down) in [
-            (12_345usize, 54_321usize),
-            (1, 0),
-            (0, 1),
-            (200_000, 3),
-            (7, 1_000_000),
-        ] {
+        for (up, down) in [(12_345usize, 54_321usize), (1, 0), (0, 1), (200_000, 3), (7, 1_000_000)] {
             let data = pattern(up, 1);
             let mut cc = c.try_clone().unwrap();
             let t = std::thread::spawn(move || cc.write_all(&data).unwrap());
@@ -201,10 +161,7 @@ fn tx_rx_are_exact() {
                 rows = d.cli.connections();
                 rows.len() == 1 && rows[0].tx == tx && rows[0].rx == rx
             });
-            assert!(
-                ok,
-                "after {tx} bytes up and {rx} down the row should say tx={tx} rx={rx}: {rows:?}"
-            );
+            assert!(ok, "after {tx} bytes up and {rx} down the row should say tx={tx} rx={rx}: {rows:?}");
             assert_eq!(rows[0].src, src, "src-address");
             assert_eq!(rows[0].dst, dst.to_string(), "dst-address");
             assert_eq!(rows[0].kind, "out", "type");

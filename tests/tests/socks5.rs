@@ -10,13 +10,11 @@
 use proxyd_tests::fixtures::{curl, HttpServer};
 use proxyd_tests::socks as socks4;
 use proxyd_tests::{
-    accept_timeout, data_paths, pattern, require_program, require_python_module, run_with_timeout,
-    sha256, tcp_connect, text, wait_until, Daemon, Options,
+    accept_timeout, data_paths, pattern, require_program, require_python_module, run_with_timeout, sha256, tcp_connect,
+    text, wait_until, Daemon, Options,
 };
 use std::io::{Read, Write};
-use std::net::{
-    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket,
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -38,15 +36,8 @@ const CAROL_PW: &str = "C4rol-Pa55phrase-2k";
 fn enable_dual(d: &mut Daemon, extra: &[&str]) -> u16 {
     let mut last = String::new();
     for _ in 0..5 {
-        let port = std::net::TcpListener::bind("[::]:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let accepts = [
-            SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-            SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
-        ];
+        let port = std::net::TcpListener::bind("[::]:0").unwrap().local_addr().unwrap().port();
+        let accepts = [SocketAddr::from((Ipv4Addr::LOCALHOST, port)), SocketAddr::from((Ipv6Addr::LOCALHOST, port))];
         match d.try_enable("::", port, extra, &accepts) {
             Ok(()) => return port,
             Err(e) => last = e,
@@ -108,12 +99,7 @@ fn read_addr(r: &mut impl Read) -> std::io::Result<SocketAddr> {
             r.read_exact(&mut b)?;
             IpAddr::V6(Ipv6Addr::from(b))
         }
-        t => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("address type {t} in a reply"),
-            ))
-        }
+        t => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("address type {t} in a reply"))),
     };
     let mut p = [0u8; 2];
     r.read_exact(&mut p)?;
@@ -147,11 +133,7 @@ fn request(s: &mut TcpStream, cmd: u8, dst: &Dst) -> std::io::Result<(u8, Socket
     s.write_all(&m)?;
     let mut head = [0u8; 3];
     s.read_exact(&mut head)?;
-    assert_eq!(
-        (head[0], head[2]),
-        (5, 0),
-        "malformed SOCKS5 reply head {head:?}"
-    );
+    assert_eq!((head[0], head[2]), (5, 0), "malformed SOCKS5 reply head {head:?}");
     Ok((head[1], read_addr(s)?))
 }
 
@@ -181,16 +163,16 @@ fn handshake(
 
 /// A granted CONNECT tunnel to `dst`; panics otherwise.
 fn connect(proxy: SocketAddr, auth: Option<(&str, &str)>, dst: &Dst) -> TcpStream {
-    let (s, rep, _) = handshake(proxy, auth, CMD_CONNECT, dst)
-        .unwrap_or_else(|e| panic!("SOCKS5 CONNECT {dst:?} via {proxy}: {e}"));
+    let (s, rep, _) =
+        handshake(proxy, auth, CMD_CONNECT, dst).unwrap_or_else(|e| panic!("SOCKS5 CONNECT {dst:?} via {proxy}: {e}"));
     assert_eq!(rep, 0, "SOCKS5 CONNECT {dst:?} via {proxy}: reply {rep}");
     s
 }
 
 /// The reply code of a CONNECT to `dst` (no auth).
 fn connect_reply(proxy: SocketAddr, dst: &Dst) -> u8 {
-    let (_, rep, _) = handshake(proxy, None, CMD_CONNECT, dst)
-        .unwrap_or_else(|e| panic!("SOCKS5 CONNECT {dst:?} via {proxy}: {e}"));
+    let (_, rep, _) =
+        handshake(proxy, None, CMD_CONNECT, dst).unwrap_or_else(|e| panic!("SOCKS5 CONNECT {dst:?} via {proxy}: {e}"));
     rep
 }
 
@@ -199,10 +181,7 @@ fn http_get(mut s: TcpStream) -> Vec<u8> {
     s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
     let mut all = Vec::new();
     s.read_to_end(&mut all).expect("read the HTTP answer");
-    let at = all
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("HTTP head");
+    let at = all.windows(4).position(|w| w == b"\r\n\r\n").expect("HTTP head");
     all.split_off(at + 4)
 }
 
@@ -244,10 +223,7 @@ impl Http {
                             Ok(n) => head.extend_from_slice(&b[..n]),
                         }
                     }
-                    let h = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                        body.len()
-                    );
+                    let h = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
                     if c.write_all(h.as_bytes()).is_ok() && c.write_all(&body).is_ok() {
                         let _ = c.shutdown(Shutdown::Write);
                         while matches!(c.read(&mut b), Ok(n) if n > 0) {}
@@ -255,12 +231,7 @@ impl Http {
                 });
             }
         });
-        Http {
-            addr,
-            accepted,
-            stop,
-            thread: Some(thread),
-        }
+        Http { addr, accepted, stop, thread: Some(thread) }
     }
 
     fn accepted(&self) -> usize {
@@ -309,12 +280,7 @@ impl UdpEcho {
                 }
             }
         });
-        UdpEcho {
-            addr,
-            received,
-            stop,
-            thread: Some(thread),
-        }
+        UdpEcho { addr, received, stop, thread: Some(thread) }
     }
 
     fn received(&self) -> usize {
@@ -371,11 +337,7 @@ fn bulk_sink() -> (SocketAddr, JoinHandle<(usize, Instant)>) {
 
 /// Lines of the daemon's log that say a tunnel closed (debug level).
 fn tunnels_closed(d: &Daemon) -> Vec<String> {
-    d.log()
-        .lines()
-        .filter(|l| l.contains("tunnel closed"))
-        .map(str::to_string)
-        .collect()
+    d.log().lines().filter(|l| l.contains("tunnel closed")).map(str::to_string).collect()
 }
 
 // ---------------------------------------------------------------------------------
@@ -394,18 +356,11 @@ fn curl_socks5_fetches_over_ipv4_and_ipv6() {
     let body6 = pattern(250_000, 52);
     let http4 = HttpServer::start(body4.clone());
     let http6 = Http::start("[::1]:0", body6.clone());
-    let targets = [
-        (http4.url("127.0.0.1"), &body4),
-        (http4.url("localhost"), &body4),
-        (http6.url(), &body6),
-    ];
+    let targets = [(http4.url("127.0.0.1"), &body4), (http4.url("localhost"), &body4), (http6.url(), &body6)];
     for dp in data_paths() {
         // Tunnel summaries are logged at debug.
         let log = Options {
-            env: vec![(
-                "PROXYD_LOG".into(),
-                "info,proxyd::server::conn=debug".into(),
-            )],
+            env: vec![("PROXYD_LOG".into(), "info,proxyd::server::conn=debug".into())],
             ..Default::default()
         };
         let mut d = Daemon::start_with(dp, log);
@@ -422,14 +377,7 @@ fn curl_socks5_fetches_over_ipv4_and_ipv6() {
         let creds = format!("alice:{ALICE_PW}");
         for login in [None, Some(creds.as_str())] {
             if login.is_some() {
-                d.cli_ok(&[
-                    "ip",
-                    "socks",
-                    "users",
-                    "add",
-                    "name=alice",
-                    &format!("password={ALICE_PW}"),
-                ]);
+                d.cli_ok(&["ip", "socks", "users", "add", "name=alice", &format!("password={ALICE_PW}")]);
                 d.cmd("ip socks set auth-method=password");
             }
             for proxy in &proxies {
@@ -450,14 +398,9 @@ fn curl_socks5_fetches_over_ipv4_and_ipv6() {
                         let seen = wait_until(Duration::from_secs(5), || {
                             let lines = tunnels_closed(&d);
                             lines.len() > before
-                                && (login.is_none()
-                                    || lines[before..].iter().any(|l| l.contains("\"alice\"")))
+                                && (login.is_none() || lines[before..].iter().any(|l| l.contains("\"alice\"")))
                         });
-                        assert!(
-                            seen,
-                            "{what}: proxyd logged no tunnel (for alice) for it:\n{}",
-                            d.log()
-                        );
+                        assert!(seen, "{what}: proxyd logged no tunnel (for alice) for it:\n{}", d.log());
                     }
                 }
             }
@@ -465,16 +408,8 @@ fn curl_socks5_fetches_over_ipv4_and_ipv6() {
         // With auth-method=password a client without a login gets nowhere.
         let before = http4.accepted();
         let (code, _, _) = fetch("--socks5", &proxies[0], &targets[0].0, None);
-        assert_ne!(
-            code,
-            Some(0),
-            "[{dp}] curl without --proxy-user got through auth-method=password"
-        );
-        assert_eq!(
-            http4.accepted(),
-            before,
-            "[{dp}] an unauthenticated request reached the server"
-        );
+        assert_ne!(code, Some(0), "[{dp}] curl without --proxy-user got through auth-method=password");
+        assert_eq!(http4.accepted(), before, "[{dp}] an unauthenticated request reached the server");
     }
 }
 
@@ -487,20 +422,10 @@ fn wrong_password_is_refused_and_logged_without_it() {
     let dst = Dst::Ip(SocketAddr::V4(http.addr));
     for dp in data_paths() {
         for level in ["info", "trace"] {
-            let opts = Options {
-                env: vec![("PROXYD_LOG".into(), level.into())],
-                ..Options::default()
-            };
+            let opts = Options { env: vec![("PROXYD_LOG".into(), level.into())], ..Options::default() };
             let mut d = Daemon::start_with(dp, opts);
             let proxy = d.enable(&["version=5", "auth-method=password"]);
-            d.cli_ok(&[
-                "ip",
-                "socks",
-                "users",
-                "add",
-                "name=alice",
-                &format!("password={ALICE_PW}"),
-            ]);
+            d.cli_ok(&["ip", "socks", "users", "add", "name=alice", &format!("password={ALICE_PW}")]);
             let log_start = d.log().len();
             for (user, pass) in [("alice", WRONG_PW), ("mallory", WRONG_PW), ("alice", "")] {
                 let mut s = tcp_connect(proxy).unwrap();
@@ -514,14 +439,9 @@ fn wrong_password_is_refused_and_logged_without_it() {
                     socks4::closed_within(&mut s, Duration::from_secs(5)),
                     "[{dp}] the proxy keeps a failed login's connection open"
                 );
-                let named = wait_until(Duration::from_secs(5), || {
-                    d.log()[log_start..].lines().any(|l| l.contains(user))
-                });
-                assert!(
-                    named,
-                    "[{dp}] no log line names the failed user {user}:\n{}",
-                    d.log()
-                );
+                let named =
+                    wait_until(Duration::from_secs(5), || d.log()[log_start..].lines().any(|l| l.contains(user)));
+                assert!(named, "[{dp}] no log line names the failed user {user}:\n{}", d.log());
             }
             if require_program(test, "curl").is_some() {
                 let (code, _, err) = curl(
@@ -537,32 +457,18 @@ fn wrong_password_is_refused_and_logged_without_it() {
                     ],
                     T,
                 );
-                assert_ne!(
-                    code,
-                    Some(0),
-                    "[{dp}] curl with a wrong password got through"
-                );
-                assert!(
-                    err.contains("rejected") || code == Some(97),
-                    "[{dp}] curl: {err}"
-                );
+                assert_ne!(code, Some(0), "[{dp}] curl with a wrong password got through");
+                assert!(err.contains("rejected") || code == Some(97), "[{dp}] curl: {err}");
             }
             // The right password still works: the failures were about the password.
             let s = connect(proxy, Some(("alice", ALICE_PW)), &dst);
             assert_eq!(http_get(s), b"secret page");
-            assert_eq!(
-                http.accepted(),
-                1,
-                "[{dp}] a refused login reached the server"
-            );
+            assert_eq!(http.accepted(), 1, "[{dp}] a refused login reached the server");
             http.accepted.store(0, Ordering::SeqCst);
             d.stop();
             let log = d.log();
             for pw in [WRONG_PW, ALICE_PW] {
-                assert!(
-                    !log.contains(pw),
-                    "[{dp}] PROXYD_LOG={level}: the log contains the password {pw}:\n{log}"
-                );
+                assert!(!log.contains(pw), "[{dp}] PROXYD_LOG={level}: the log contains the password {pw}:\n{log}");
             }
         }
     }
@@ -593,11 +499,7 @@ print("ok")
 /// echo server and gets each one back intact, without and with a login.
 #[test]
 fn udp_associate_round_trip_with_pysocks() {
-    if !require_python_module(
-        "udp_associate_round_trip_with_pysocks",
-        "socks",
-        "python3-socks",
-    ) {
+    if !require_python_module("udp_associate_round_trip_with_pysocks", "socks", "python3-socks") {
         return;
     }
     let echo = UdpEcho::start();
@@ -606,14 +508,7 @@ fn udp_associate_round_trip_with_pysocks() {
         let proxy = d.enable(&["version=5"]);
         for login in [false, true] {
             let (user, pw) = if login {
-                d.cli_ok(&[
-                    "ip",
-                    "socks",
-                    "users",
-                    "add",
-                    "name=alice",
-                    &format!("password={ALICE_PW}"),
-                ]);
+                d.cli_ok(&["ip", "socks", "users", "add", "name=alice", &format!("password={ALICE_PW}")]);
                 d.cmd("ip socks set auth-method=password");
                 ("alice", ALICE_PW)
             } else {
@@ -638,11 +533,7 @@ fn udp_associate_round_trip_with_pysocks() {
                 text(&out.stderr),
                 d.log()
             );
-            assert_eq!(
-                echo.received() - before,
-                8,
-                "[{dp}] the echo server did not get 8 datagrams"
-            );
+            assert_eq!(echo.received() - before, 8, "[{dp}] the echo server did not get 8 datagrams");
         }
     }
 }
@@ -658,33 +549,20 @@ fn udp_wrap(dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
 /// The next datagram on `s` within its read timeout, if any.
 fn recv(s: &UdpSocket) -> Option<(Vec<u8>, SocketAddr)> {
     let mut b = vec![0u8; 65536];
-    s.recv_from(&mut b)
-        .ok()
-        .map(|(n, from)| (b[..n].to_vec(), from))
+    s.recv_from(&mut b).ok().map(|(n, from)| (b[..n].to_vec(), from))
 }
 
 /// Sends `payload` to `dst` through the relay and checks that it comes back wrapped
 /// with `dst` as its source.
-fn udp_round_trip(
-    client: &UdpSocket,
-    relay: SocketAddr,
-    dst: SocketAddr,
-    payload: &[u8],
-    what: &str,
-) {
+fn udp_round_trip(client: &UdpSocket, relay: SocketAddr, dst: SocketAddr, payload: &[u8], what: &str) {
     client.send_to(&udp_wrap(dst, payload), relay).unwrap();
-    let (got, from) =
-        recv(client).unwrap_or_else(|| panic!("{what}: no answer through the relay {relay}"));
+    let (got, from) = recv(client).unwrap_or_else(|| panic!("{what}: no answer through the relay {relay}"));
     assert_eq!(from, relay, "{what}: answer not from the relay");
     let mut r = &got[..];
     let mut head = [0u8; 3];
     r.read_exact(&mut head).unwrap();
     assert_eq!(head, [0, 0, 0], "{what}: UDP header");
-    assert_eq!(
-        read_addr(&mut r).unwrap(),
-        dst,
-        "{what}: wrong source in the UDP header"
-    );
+    assert_eq!(read_addr(&mut r).unwrap(), dst, "{what}: wrong source in the UDP header");
     assert_eq!(r, payload, "{what}: payload differs");
 }
 
@@ -698,37 +576,25 @@ fn udp_relay_ignores_third_addresses_and_dies_with_tcp() {
         let mut d = Daemon::start(dp);
         let proxy = d.enable(&["version=5"]);
         let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-        client
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let declared = Dst::Ip(client.local_addr().unwrap());
-        let (ctl, rep, relay) = handshake(proxy, None, CMD_UDP, &declared)
-            .unwrap_or_else(|e| panic!("[{dp}] UDP ASSOCIATE: {e}"));
+        let (ctl, rep, relay) =
+            handshake(proxy, None, CMD_UDP, &declared).unwrap_or_else(|e| panic!("[{dp}] UDP ASSOCIATE: {e}"));
         assert_eq!(rep, 0, "[{dp}] UDP ASSOCIATE refused");
         assert!(
             relay.port() != 0 && relay.ip() == IpAddr::V4(Ipv4Addr::LOCALHOST),
             "[{dp}] relay address {relay} is not usable by a 127.0.0.1 client"
         );
-        udp_round_trip(
-            &client,
-            relay,
-            echo.addr,
-            b"hello through the relay",
-            &format!("[{dp}] first"),
-        );
+        udp_round_trip(&client, relay, echo.addr, b"hello through the relay", &format!("[{dp}] first"));
         let rows = d.cli.connections();
-        assert!(
-            rows.iter().any(|r| r.kind == "udp"),
-            "[{dp}] no udp row while associated: {rows:?}"
-        );
+        assert!(rows.iter().any(|r| r.kind == "udp"), "[{dp}] no udp row while associated: {rows:?}");
 
         // Third addresses: another port on the client's IP, and another IP.
         let thirds: Vec<UdpSocket> = ["127.0.0.1:0", "127.0.0.2:0"]
             .iter()
             .map(|a| {
                 let s = UdpSocket::bind(a).unwrap();
-                s.set_read_timeout(Some(Duration::from_millis(300)))
-                    .unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
                 s
             })
             .collect();
@@ -736,35 +602,20 @@ fn udp_relay_ignores_third_addresses_and_dies_with_tcp() {
         for t in &thirds {
             let me = t.local_addr().unwrap();
             // Raw bytes, as if it were a peer answering the client.
-            t.send_to(format!("intruder {me}").as_bytes(), relay)
-                .unwrap();
+            t.send_to(format!("intruder {me}").as_bytes(), relay).unwrap();
             // Wrapped, as if it were the client: must not be relayed to the echo server.
-            t.send_to(
-                &udp_wrap(echo.addr, format!("spoof {me}").as_bytes()),
-                relay,
-            )
-            .unwrap();
+            t.send_to(&udp_wrap(echo.addr, format!("spoof {me}").as_bytes()), relay).unwrap();
             // Wrapped for the client's own address.
-            t.send_to(&udp_wrap(client.local_addr().unwrap(), b"spoof2"), relay)
-                .unwrap();
+            t.send_to(&udp_wrap(client.local_addr().unwrap(), b"spoof2"), relay).unwrap();
         }
         std::thread::sleep(Duration::from_millis(500));
-        client
-            .set_read_timeout(Some(Duration::from_millis(700)))
-            .unwrap();
+        client.set_read_timeout(Some(Duration::from_millis(700))).unwrap();
         if let Some((got, from)) = recv(&client) {
-            panic!(
-                "[{dp}] a datagram from a third address reached the client from {from}: {:?}",
-                text(&got)
-            );
+            panic!("[{dp}] a datagram from a third address reached the client from {from}: {:?}", text(&got));
         }
         for t in &thirds {
             if let Some((got, from)) = recv(t) {
-                panic!(
-                    "[{dp}] third socket {:?} got {:?} from {from}",
-                    t.local_addr(),
-                    text(&got)
-                );
+                panic!("[{dp}] third socket {:?} got {:?} from {from}", t.local_addr(), text(&got));
             }
         }
         assert_eq!(
@@ -774,16 +625,8 @@ fn udp_relay_ignores_third_addresses_and_dies_with_tcp() {
         );
 
         // The association still serves its client.
-        client
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .unwrap();
-        udp_round_trip(
-            &client,
-            relay,
-            echo.addr,
-            &pattern(1400, 9),
-            &format!("[{dp}] after the intruders"),
-        );
+        client.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        udp_round_trip(&client, relay, echo.addr, &pattern(1400, 9), &format!("[{dp}] after the intruders"));
 
         // Closing the TCP connection ends the association.
         drop(ctl);
@@ -793,22 +636,11 @@ fn udp_relay_ignores_third_addresses_and_dies_with_tcp() {
             d.cli.connections()
         );
         let before = echo.received();
-        client
-            .send_to(&udp_wrap(echo.addr, b"after close"), relay)
-            .unwrap();
+        client.send_to(&udp_wrap(echo.addr, b"after close"), relay).unwrap();
         std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(
-            echo.received(),
-            before,
-            "[{dp}] the relay still forwards after its TCP connection closed"
-        );
-        client
-            .set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        assert!(
-            recv(&client).is_none(),
-            "[{dp}] an answer came after the association ended"
-        );
+        assert_eq!(echo.received(), before, "[{dp}] the relay still forwards after its TCP connection closed");
+        client.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        assert!(recv(&client).is_none(), "[{dp}] an answer came after the association ended");
     }
 }
 
@@ -820,17 +652,13 @@ fn udp_relay_ignores_third_addresses_and_dies_with_tcp() {
 /// still serves SOCKS4; version=5 serves both.
 #[test]
 fn version_4_refuses_socks5_and_version_5_serves_both() {
-    let has_curl =
-        require_program("version_4_refuses_socks5_and_version_5_serves_both", "curl").is_some();
+    let has_curl = require_program("version_4_refuses_socks5_and_version_5_serves_both", "curl").is_some();
     for dp in data_paths() {
         let http = HttpServer::start(b"v4 page".to_vec());
         let dst = Dst::Ip(SocketAddr::V4(http.addr));
         let mut d = Daemon::start(dp);
         let proxy = d.enable(&[]);
-        assert!(
-            d.cmd("ip socks print").contains("version: 4"),
-            "[{dp}] default version is not 4"
-        );
+        assert!(d.cmd("ip socks print").contains("version: 4"), "[{dp}] default version is not 4");
         for methods in [&[0u8][..], &[0, 2], &[2]] {
             let mut s = tcp_connect(proxy).unwrap();
             let got = greet(&mut s, methods);
@@ -844,24 +672,11 @@ fn version_4_refuses_socks5_and_version_5_serves_both() {
             );
         }
         if has_curl {
-            let (code, _, _) = curl(
-                &[
-                    "-sS",
-                    "--max-time",
-                    "10",
-                    "--socks5",
-                    &proxy.to_string(),
-                    &http.url("127.0.0.1"),
-                ],
-                T,
-            );
+            let (code, _, _) =
+                curl(&["-sS", "--max-time", "10", "--socks5", &proxy.to_string(), &http.url("127.0.0.1")], T);
             assert_ne!(code, Some(0), "[{dp}] curl --socks5 got through version=4");
         }
-        assert_eq!(
-            http.accepted(),
-            0,
-            "[{dp}] a refused SOCKS5 client reached the server"
-        );
+        assert_eq!(http.accepted(), 0, "[{dp}] a refused SOCKS5 client reached the server");
         let mut s4 = socks4::connect(proxy, http.addr);
         s4.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
         let mut all = Vec::new();
@@ -869,11 +684,7 @@ fn version_4_refuses_socks5_and_version_5_serves_both() {
         assert!(all.ends_with(b"v4 page"), "[{dp}] SOCKS4 under version=4");
 
         d.cmd("ip socks set version=5");
-        assert_eq!(
-            http_get(connect(proxy, None, &dst)),
-            b"v4 page",
-            "[{dp}] SOCKS5 under version=5"
-        );
+        assert_eq!(http_get(connect(proxy, None, &dst)), b"v4 page", "[{dp}] SOCKS5 under version=5");
         let mut s4 = socks4::connect(proxy, http.addr);
         s4.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
         let mut all = Vec::new();
@@ -892,15 +703,7 @@ fn password_without_users_refuses_everyone() {
         let proxy = d.enable(&["version=5", "auth-method=password"]);
         for stage in ["no users", "only a disabled user"] {
             if stage == "only a disabled user" {
-                d.cli_ok(&[
-                    "ip",
-                    "socks",
-                    "users",
-                    "add",
-                    "name=bob",
-                    &format!("password={BOB_PW}"),
-                    "disabled=yes",
-                ]);
+                d.cli_ok(&["ip", "socks", "users", "add", "name=bob", &format!("password={BOB_PW}"), "disabled=yes"]);
             }
             for methods in [&[2u8][..], &[0], &[0, 2], &[2, 0, 1]] {
                 let mut s = tcp_connect(proxy).unwrap();
@@ -912,25 +715,15 @@ fn password_without_users_refuses_everyone() {
                 if got.is_some() {
                     // Even a client that ignores the 0xFF and sends credentials gets nowhere.
                     let st = login(&mut s, "bob", BOB_PW);
-                    assert!(
-                        !matches!(st, Some([1, 0])),
-                        "[{dp}] {stage}: login after 0xFF accepted"
-                    );
+                    assert!(!matches!(st, Some([1, 0])), "[{dp}] {stage}: login after 0xFF accepted");
                 }
             }
-            assert_eq!(
-                http.accepted(),
-                0,
-                "[{dp}] {stage}: a request reached the server"
-            );
+            assert_eq!(http.accepted(), 0, "[{dp}] {stage}: a request reached the server");
         }
         // The first enabled user opens the door, for that user only.
         d.cmd("ip socks users enable 0");
         let dst = Dst::Ip(SocketAddr::V4(http.addr));
-        assert_eq!(
-            http_get(connect(proxy, Some(("bob", BOB_PW)), &dst)),
-            b"nobody may see this"
-        );
+        assert_eq!(http_get(connect(proxy, Some(("bob", BOB_PW)), &dst)), b"nobody may see this");
     }
 }
 
@@ -944,39 +737,22 @@ fn password_refuses_socks4_clients() {
         let proxy = d.enable(&["version=5", "auth-method=password"]);
         for users in ["no users", "a user"] {
             if users == "a user" {
-                d.cli_ok(&[
-                    "ip",
-                    "socks",
-                    "users",
-                    "add",
-                    "name=alice",
-                    &format!("password={ALICE_PW}"),
-                ]);
+                d.cli_ok(&["ip", "socks", "users", "add", "name=alice", &format!("password={ALICE_PW}")]);
             }
             for (what, req) in [
-                (
-                    "SOCKS4",
-                    socks4::request(socks4::CONNECT, http.addr, b"alice"),
-                ),
-                (
-                    "SOCKS4a",
-                    socks4::request_4a(socks4::CONNECT, http.addr.port(), b"localhost", b"alice"),
-                ),
+                ("SOCKS4", socks4::request(socks4::CONNECT, http.addr, b"alice")),
+                ("SOCKS4a", socks4::request_4a(socks4::CONNECT, http.addr.port(), b"localhost", b"alice")),
             ] {
                 let mut s = tcp_connect(proxy).unwrap();
                 s.write_all(&req).unwrap();
                 let ans = socks4::answer(&mut s, Duration::from_secs(5));
                 assert!(
-                !matches!(ans, socks4::Answer::Reply(r) if r.code == socks4::GRANTED),
-                "[{dp}] {users}: a {what} client (no password) got a tunnel under auth-method=password: {ans:?}"
-            );
+                    !matches!(ans, socks4::Answer::Reply(r) if r.code == socks4::GRANTED),
+                    "[{dp}] {users}: a {what} client (no password) got a tunnel under auth-method=password: {ans:?}"
+                );
             }
         }
-        assert_eq!(
-            http.accepted(),
-            0,
-            "[{dp}] a SOCKS4 request reached the server under auth-method=password"
-        );
+        assert_eq!(http.accepted(), 0, "[{dp}] a SOCKS4 request reached the server under auth-method=password");
     }
 }
 
@@ -989,43 +765,18 @@ fn only_one_refuses_second_connection_until_first_closes() {
     for dp in data_paths() {
         let mut d = Daemon::start(dp);
         let proxy = d.enable(&["version=5", "auth-method=password"]);
-        d.cli_ok(&[
-            "ip",
-            "socks",
-            "users",
-            "add",
-            "name=bob",
-            &format!("password={BOB_PW}"),
-            "only-one=yes",
-        ]);
-        d.cli_ok(&[
-            "ip",
-            "socks",
-            "users",
-            "add",
-            "name=carol",
-            &format!("password={CAROL_PW}"),
-        ]);
+        d.cli_ok(&["ip", "socks", "users", "add", "name=bob", &format!("password={BOB_PW}"), "only-one=yes"]);
+        d.cli_ok(&["ip", "socks", "users", "add", "name=carol", &format!("password={CAROL_PW}")]);
         let first = connect(proxy, Some(("bob", BOB_PW)), &dst);
-        assert!(
-            wait_until(Duration::from_secs(5), || d.cli.connections().len() == 1),
-            "[{dp}] no row for bob"
-        );
+        assert!(wait_until(Duration::from_secs(5), || d.cli.connections().len() == 1), "[{dp}] no row for bob");
 
         // The user column: --json, print detail, and the USER column of print.
-        let json: serde_json::Value =
-            serde_json::from_str(&d.cmd("--json ip socks connections print")).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&d.cmd("--json ip socks connections print")).unwrap();
         assert_eq!(json[0]["user"], "bob", "[{dp}] --json row: {json}");
         let detail = d.cmd("ip socks connections print detail");
-        assert!(
-            detail.contains("user=bob"),
-            "[{dp}] print detail lacks user=bob:\n{detail}"
-        );
+        assert!(detail.contains("user=bob"), "[{dp}] print detail lacks user=bob:\n{detail}");
         let plain = d.cmd("ip socks connections print");
-        assert!(
-            plain.contains("USER") && plain.contains("bob"),
-            "[{dp}] print lacks the USER column:\n{plain}"
-        );
+        assert!(plain.contains("USER") && plain.contains("bob"), "[{dp}] print lacks the USER column:\n{plain}");
 
         for attempt in 0..2 {
             let mut s = tcp_connect(proxy).unwrap();
@@ -1041,22 +792,14 @@ fn only_one_refuses_second_connection_until_first_closes() {
         let c2 = connect(proxy, Some(("carol", CAROL_PW)), &dst);
         drop((c1, c2));
 
-        assert_eq!(
-            http_get(first),
-            b"one at a time",
-            "[{dp}] bob's first tunnel"
-        );
+        assert_eq!(http_get(first), b"one at a time", "[{dp}] bob's first tunnel");
         assert!(
             wait_until(Duration::from_secs(5), || d.cli.connections().is_empty()),
             "[{dp}] rows remain after closing: {:?}",
             d.cli.connections()
         );
         let again = connect(proxy, Some(("bob", BOB_PW)), &dst);
-        assert_eq!(
-            http_get(again),
-            b"one at a time",
-            "[{dp}] bob after the first closed"
-        );
+        assert_eq!(http_get(again), b"one at a time", "[{dp}] bob after the first closed");
     }
 }
 
@@ -1069,23 +812,8 @@ fn rate_limit_8m_paces_bulk_transfers() {
     for dp in data_paths() {
         let mut d = Daemon::start(dp);
         let proxy = d.enable(&["version=5", "auth-method=password"]);
-        d.cli_ok(&[
-            "ip",
-            "socks",
-            "users",
-            "add",
-            "name=slow",
-            &format!("password={ALICE_PW}"),
-            "rate-limit=8M",
-        ]);
-        d.cli_ok(&[
-            "ip",
-            "socks",
-            "users",
-            "add",
-            "name=fast",
-            &format!("password={BOB_PW}"),
-        ]);
+        d.cli_ok(&["ip", "socks", "users", "add", "name=slow", &format!("password={ALICE_PW}"), "rate-limit=8M"]);
+        d.cli_ok(&["ip", "socks", "users", "add", "name=fast", &format!("password={BOB_PW}")]);
 
         // Unlimited, for contrast (and to show the source can go much faster).
         let (src, t) = bulk_source(LEN);
@@ -1178,103 +906,53 @@ fn socks5_properties_print_export_and_survive_restart() {
         "disabled=yes",
         "comment=spare",
     ]);
-    d.cli_ok(&[
-        "ip",
-        "socks",
-        "users",
-        "add",
-        "name=carol",
-        &format!("password={CAROL_PW}"),
-        "rate-limit=512k",
-    ]);
+    d.cli_ok(&["ip", "socks", "users", "add", "name=carol", &format!("password={CAROL_PW}"), "rate-limit=512k"]);
     d.cmd("ip socks access add src-address=fd00:1234::/32 action=deny comment=v6-lan");
     d.cmd("ip socks access add dst-address=2001:db8::/32 action=deny");
     d.cmd("ip socks access add dst-address=blocked.example action=deny");
-    d.cmd(
-        "ip socks access add src-address=::1/128 dst-address=::1/128 dst-port=1-1023 action=deny",
-    );
+    d.cmd("ip socks access add src-address=::1/128 dst-address=::1/128 dst-port=1-1023 action=deny");
     let cleartexts = [ALICE_PW, BOB_PW, CAROL_PW];
     let no_cleartext = |what: &str, s: &str| {
         for pw in cleartexts {
-            assert!(
-                !s.contains(pw),
-                "{what} contains the cleartext password {pw}:\n{s}"
-            );
+            assert!(!s.contains(pw), "{what} contains the cleartext password {pw}:\n{s}");
         }
     };
 
     let check = |d: &Daemon, when: &str| -> String {
         let settings = d.cmd("ip socks print");
         for want in ["version: 5", "auth-method: password", "listen-address: ::"] {
-            assert!(
-                settings.contains(want),
-                "{when}: `ip socks print` lacks {want:?}:\n{settings}"
-            );
+            assert!(settings.contains(want), "{when}: `ip socks print` lacks {want:?}:\n{settings}");
         }
         let users = d.cmd("ip socks users print");
-        for want in [
-            "alice",
-            "bob",
-            "carol",
-            "only-one=yes",
-            "rate-limit=8M",
-            "rate-limit=512k",
-            "alice laptop",
-            "spare",
-        ] {
-            assert!(
-                users.contains(want),
-                "{when}: `users print` lacks {want:?}:\n{users}"
-            );
+        for want in
+            ["alice", "bob", "carol", "only-one=yes", "rate-limit=8M", "rate-limit=512k", "alice laptop", "spare"]
+        {
+            assert!(users.contains(want), "{when}: `users print` lacks {want:?}:\n{users}");
         }
         // A row is `N X name=...`, or `N X ;;; comment` followed by `  name=...`.
         let lines: Vec<&str> = users.lines().collect();
-        let bob = lines
-            .iter()
-            .position(|l| l.contains("name=bob"))
-            .expect("bob's row");
+        let bob = lines.iter().position(|l| l.contains("name=bob")).expect("bob's row");
         let flagged = lines[bob].contains(" X ") || (bob > 0 && lines[bob - 1].contains(" X ;;;"));
         assert!(flagged, "{when}: bob not flagged disabled:\n{users}");
-        for out in [
-            users.clone(),
-            d.cmd("ip socks users print detail"),
-            d.cmd("--json ip socks users print"),
-        ] {
+        for out in [users.clone(), d.cmd("ip socks users print detail"), d.cmd("--json ip socks users print")] {
             no_cleartext(&format!("{when}: users print"), &out);
             assert!(
                 !out.contains("pbkdf2") && !out.to_lowercase().contains("password"),
                 "{when}: users print shows a password (hash):\n{out}"
             );
         }
-        let json: serde_json::Value =
-            serde_json::from_str(&d.cmd("--json ip socks users print")).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&d.cmd("--json ip socks users print")).unwrap();
         assert_eq!(json[0]["rate-limit"], 8_000_000, "{when}: {json}");
         assert_eq!(json[0]["only-one"], true, "{when}: {json}");
         assert_eq!(json[1]["disabled"], true, "{when}: {json}");
         let access = d.cmd("ip socks access print");
-        for want in [
-            "fd00:1234::/32",
-            "2001:db8::/32",
-            "blocked.example",
-            "dst-address=::1",
-            "v6-lan",
-        ] {
-            assert!(
-                access.contains(want),
-                "{when}: `access print` lacks {want:?}:\n{access}"
-            );
+        for want in ["fd00:1234::/32", "2001:db8::/32", "blocked.example", "dst-address=::1", "v6-lan"] {
+            assert!(access.contains(want), "{when}: `access print` lacks {want:?}:\n{access}");
         }
         let export = d.cmd("export");
         no_cleartext(&format!("{when}: export"), &export);
-        no_cleartext(
-            &format!("{when}: state file"),
-            &std::fs::read_to_string(&d.state).unwrap(),
-        );
-        assert_eq!(
-            export.matches("password-hash=").count(),
-            3,
-            "{when}: export:\n{export}"
-        );
+        no_cleartext(&format!("{when}: state file"), &std::fs::read_to_string(&d.state).unwrap());
+        assert_eq!(export.matches("password-hash=").count(), 3, "{when}: export:\n{export}");
         for want in [
             "version=5",
             "auth-method=password",
@@ -1286,10 +964,7 @@ fn socks5_properties_print_export_and_survive_restart() {
             "2001:db8::/32",
             "dst-address=blocked.example",
         ] {
-            assert!(
-                export.contains(want),
-                "{when}: export lacks {want:?}:\n{export}"
-            );
+            assert!(export.contains(want), "{when}: export lacks {want:?}:\n{export}");
         }
         export
     };
@@ -1305,102 +980,42 @@ fn socks5_properties_print_export_and_survive_restart() {
                 (Err(e), true) => panic!("{when}: login {u} failed: {e}\n{}", d.log()),
             }
         }
-        assert!(
-            wait_until(Duration::from_secs(5), || d.cli.connections().is_empty()),
-            "{when}: rows remain"
-        );
+        assert!(wait_until(Duration::from_secs(5), || d.cli.connections().is_empty()), "{when}: rows remain");
     };
-    let expect = [
-        ("alice", ALICE_PW, true),
-        ("alice", WRONG_PW, false),
-        ("bob", BOB_PW, false),
-        ("carol", CAROL_PW, true),
-    ];
+    let expect =
+        [("alice", ALICE_PW, true), ("alice", WRONG_PW, false), ("bob", BOB_PW, false), ("carol", CAROL_PW, true)];
 
     let before = check(&d, "before restart");
     logins(&d, "before restart", &expect);
     d.restart();
-    assert!(
-        wait_until(Duration::from_secs(5), || tcp_connect(proxy).is_ok()),
-        "not listening after restart"
-    );
-    assert_eq!(
-        check(&d, "after restart"),
-        before,
-        "export changed across restart"
-    );
+    assert!(wait_until(Duration::from_secs(5), || tcp_connect(proxy).is_ok()), "not listening after restart");
+    assert_eq!(check(&d, "after restart"), before, "export changed across restart");
     logins(&d, "after restart", &expect);
     d.kill9();
     d.restart();
-    assert!(
-        wait_until(Duration::from_secs(5), || tcp_connect(proxy).is_ok()),
-        "not listening after kill -9"
-    );
-    assert_eq!(
-        check(&d, "after kill -9"),
-        before,
-        "export changed across kill -9"
-    );
+    assert!(wait_until(Duration::from_secs(5), || tcp_connect(proxy).is_ok()), "not listening after kill -9");
+    assert_eq!(check(&d, "after kill -9"), before, "export changed across kill -9");
 
     // set / enable / disable / remove, then restart again.
-    d.cli_ok(&[
-        "ip",
-        "socks",
-        "users",
-        "set",
-        "2",
-        &format!("password={WRONG_PW}"),
-        "rate-limit=0",
-    ]);
+    d.cli_ok(&["ip", "socks", "users", "set", "2", &format!("password={WRONG_PW}"), "rate-limit=0"]);
     d.cmd("ip socks users enable 1");
     d.cmd("ip socks users set 0 only-one=no comment=moved");
     let after_set = d.cmd("export");
     no_cleartext("after set: export", &after_set);
-    assert!(
-        !after_set.contains(WRONG_PW),
-        "export contains carol's new cleartext password"
-    );
+    assert!(!after_set.contains(WRONG_PW), "export contains carol's new cleartext password");
     d.restart();
-    assert!(
-        wait_until(Duration::from_secs(5), || tcp_connect(proxy).is_ok()),
-        "not listening after restart"
-    );
-    assert_eq!(
-        d.cmd("export"),
-        after_set,
-        "export changed across restart after set"
-    );
+    assert!(wait_until(Duration::from_secs(5), || tcp_connect(proxy).is_ok()), "not listening after restart");
+    assert_eq!(d.cmd("export"), after_set, "export changed across restart after set");
     let users = d.cmd("ip socks users print");
-    assert!(
-        users.contains("moved"),
-        "`users set 0 comment=moved` not shown:\n{users}"
-    );
-    assert!(
-        !users.contains("rate-limit=512k"),
-        "rate-limit=0 did not clear carol's limit:\n{users}"
-    );
-    logins(
-        &d,
-        "after set",
-        &[
-            ("carol", CAROL_PW, false),
-            ("carol", WRONG_PW, true),
-            ("bob", BOB_PW, true),
-        ],
-    );
+    assert!(users.contains("moved"), "`users set 0 comment=moved` not shown:\n{users}");
+    assert!(!users.contains("rate-limit=512k"), "rate-limit=0 did not clear carol's limit:\n{users}");
+    logins(&d, "after set", &[("carol", CAROL_PW, false), ("carol", WRONG_PW, true), ("bob", BOB_PW, true)]);
     d.cmd("ip socks users remove 1");
     d.restart();
-    assert!(
-        wait_until(Duration::from_secs(5), || tcp_connect(proxy).is_ok()),
-        "not listening after restart"
-    );
+    assert!(wait_until(Duration::from_secs(5), || tcp_connect(proxy).is_ok()), "not listening after restart");
     let users = d.cmd("ip socks users print");
     assert!(!users.contains("bob"), "removed user came back:\n{users}");
-    logins(
-        &d,
-        "after remove",
-        &[("bob", BOB_PW, false), ("alice", ALICE_PW, true)],
-    );
+    logins(&d, "after remove", &[("bob", BOB_PW, false), ("alice", ALICE_PW, true)]);
 
     // The export alone (password hashes, no cleartext) restores the same logins.
     let export = d.cmd("export");
@@ -1409,24 +1024,9 @@ fn socks5_properties_print_export_and_survive_restart() {
     d2.stop();
     std::fs::write(&d2.state, &export).unwrap();
     d2.restart();
-    assert!(
-        wait_until(Duration::from_secs(5), || tcp_connect(proxy).is_ok()),
-        "the export does not listen"
-    );
-    assert_eq!(
-        d2.cmd("export"),
-        export,
-        "a daemon started from the export exports something else"
-    );
-    logins(
-        &d2,
-        "from export",
-        &[
-            ("alice", ALICE_PW, true),
-            ("alice", WRONG_PW, false),
-            ("carol", WRONG_PW, true),
-        ],
-    );
+    assert!(wait_until(Duration::from_secs(5), || tcp_connect(proxy).is_ok()), "the export does not listen");
+    assert_eq!(d2.cmd("export"), export, "a daemon started from the export exports something else");
+    logins(&d2, "from export", &[("alice", ALICE_PW, true), ("alice", WRONG_PW, false), ("carol", WRONG_PW, true)]);
 }
 
 /// `dst-address=localhost action=deny` gives reply 2 to a SOCKS5 CONNECT by name (curl
@@ -1449,39 +1049,14 @@ fn access_rules_match_domain_names_and_ipv6() {
             let rep = connect_reply(p4, &Dst::Name(name.into(), hport));
             assert_eq!(rep, 2, "[{dp}] CONNECT {name}:{hport} under dst-address=localhost deny: reply {rep}, want 2");
         }
-        assert_eq!(
-            http4.accepted(),
-            0,
-            "[{dp}] a denied name request reached the server"
-        );
+        assert_eq!(http4.accepted(), 0, "[{dp}] a denied name request reached the server");
         let s = connect(p4, None, &Dst::Ip(SocketAddr::V4(http4.addr)));
-        assert_eq!(
-            http_get(s),
-            b"by address only",
-            "[{dp}] CONNECT 127.0.0.1 must pass a name rule"
-        );
+        assert_eq!(http_get(s), b"by address only", "[{dp}] CONNECT 127.0.0.1 must pass a name rule");
         if has_curl {
             let url = http4.url("localhost");
-            let (code, _, _) = curl(
-                &[
-                    "-sS",
-                    "--max-time",
-                    "10",
-                    "--socks5-hostname",
-                    &p4.to_string(),
-                    &url,
-                ],
-                T,
-            );
-            assert_ne!(
-                code,
-                Some(0),
-                "[{dp}] curl --socks5-hostname localhost got through the name rule"
-            );
-            let (code, out, err) = curl(
-                &["-sS", "--max-time", "10", "--socks5", &p4.to_string(), &url],
-                T,
-            );
+            let (code, _, _) = curl(&["-sS", "--max-time", "10", "--socks5-hostname", &p4.to_string(), &url], T);
+            assert_ne!(code, Some(0), "[{dp}] curl --socks5-hostname localhost got through the name rule");
+            let (code, out, err) = curl(&["-sS", "--max-time", "10", "--socks5", &p4.to_string(), &url], T);
             assert_eq!(
                 (code, out.as_slice()),
                 (Some(0), &b"by address only"[..]),
@@ -1489,44 +1064,22 @@ fn access_rules_match_domain_names_and_ipv6() {
             );
         }
         let served = http4.accepted();
-        assert_eq!(
-            served,
-            if has_curl { 2 } else { 1 },
-            "[{dp}] server connections"
-        );
+        assert_eq!(served, if has_curl { 2 } else { 1 }, "[{dp}] server connections");
 
         // IPv6 destinations.
         d.cmd("ip socks access add dst-address=::1/128 action=deny");
         let rep = connect_reply(p4, &Dst::Ip(http6.addr));
-        assert_eq!(
-            rep, 2,
-            "[{dp}] CONNECT [::1] under dst-address=::1/128 deny: reply {rep}"
-        );
-        assert_eq!(
-            http6.accepted(),
-            0,
-            "[{dp}] a denied IPv6 request reached the server"
-        );
+        assert_eq!(rep, 2, "[{dp}] CONNECT [::1] under dst-address=::1/128 deny: reply {rep}");
+        assert_eq!(http6.accepted(), 0, "[{dp}] a denied IPv6 request reached the server");
         d.cmd("ip socks access remove 1");
-        assert_eq!(
-            http_get(connect(p6, None, &Dst::Ip(http6.addr))),
-            b"six",
-            "[{dp}] CONNECT [::1] allowed again"
-        );
+        assert_eq!(http_get(connect(p6, None, &Dst::Ip(http6.addr))), b"six", "[{dp}] CONNECT [::1] allowed again");
 
         // IPv6 clients.
         d.cmd("ip socks access add src-address=::/0 action=deny");
         d.cmd("ip socks access move 1 0");
         let rep = connect_reply(p6, &Dst::Ip(SocketAddr::V4(http4.addr)));
-        assert_eq!(
-            rep, 2,
-            "[{dp}] a client from [::1] under src-address=::/0 deny: reply {rep}"
-        );
-        assert_eq!(
-            http4.accepted(),
-            served,
-            "[{dp}] a denied IPv6 client reached the server"
-        );
+        assert_eq!(rep, 2, "[{dp}] a client from [::1] under src-address=::/0 deny: reply {rep}");
+        assert_eq!(http4.accepted(), served, "[{dp}] a denied IPv6 client reached the server");
         assert_eq!(
             http_get(connect(p4, None, &Dst::Ip(SocketAddr::V4(http4.addr)))),
             b"by address only",
@@ -1548,7 +1101,8 @@ fn name_rule_denies_before_resolving() {
             let start = Instant::now();
             let rep = connect_reply(proxy, &Dst::Name(name.into(), 80));
             assert_eq!(
-                rep, 2,
+                rep,
+                2,
                 "[{dp}] CONNECT {name}:80 under `dst-address=blocked.invalid action=deny`: reply {rep} \
                  after {:?}, want 2 (4 = the daemon resolved the denied name before asking the access list)",
                 start.elapsed()

@@ -194,7 +194,9 @@ fn accepted(net: &Net) -> u64 {
         body
     });
     body.lines()
-        .find_map(|l| l.strip_prefix("proxyd_connections_accepted_total ").map(|v| v.trim().parse::<f64>().unwrap() as u64))
+        .find_map(|l| {
+            l.strip_prefix("proxyd_connections_accepted_total ").map(|v| v.trim().parse::<f64>().unwrap() as u64)
+        })
         .unwrap_or_else(|| panic!("no proxyd_connections_accepted_total in metrics:\n{body}"))
 }
 
@@ -244,7 +246,11 @@ fn denied_client_gets_no_syn_ack() {
     let d = net.daemon("userspace");
     configure(&d);
     // A reaches the proxy: the listener is up and the prefilter passes A.
-    assert!(wait(Duration::from_secs(5), || connect_from(&net.a, SYN_TIMEOUT).is_ok()), "A cannot reach the proxy\n{}", d.log());
+    assert!(
+        wait(Duration::from_secs(5), || connect_from(&net.a, SYN_TIMEOUT).is_ok()),
+        "A cannot reach the proxy\n{}",
+        d.log()
+    );
     assert!(wait(Duration::from_secs(2), || d.cli.connections().is_empty()));
     let before = accepted(&net);
     let drops_before = drops(&d, 0);
@@ -264,7 +270,11 @@ fn denied_client_gets_no_syn_ack() {
         let pin = net.pin_dir.join("xdp/XDP_DROPS_V4");
         let out = Command::new("bpftool").args(["map", "dump", "pinned"]).arg(&pin).output().unwrap();
         let dump = text(&out.stdout);
-        assert!(out.status.success() && dump.contains("\"packets\"") && dump.contains("\"prefix_len\": 24"), "bpftool: {dump} {}", text(&out.stderr));
+        assert!(
+            out.status.success() && dump.contains("\"packets\"") && dump.contains("\"prefix_len\": 24"),
+            "bpftool: {dump} {}",
+            text(&out.stderr)
+        );
     }
 }
 
@@ -281,7 +291,10 @@ fn allowed_client_relays() {
         configure(&d);
         let echo = echo_server(&net);
         assert!(net.xdp("sva").is_some() && net.xdp("svb").is_some(), "not attached ({dp})");
-        assert!(wait(Duration::from_secs(5), || connect_from(&net.a, SYN_TIMEOUT).is_ok()), "A cannot reach the proxy ({dp})");
+        assert!(
+            wait(Duration::from_secs(5), || connect_from(&net.a, SYN_TIMEOUT).is_ok()),
+            "A cannot reach the proxy ({dp})"
+        );
         relay_from(&net.a, echo);
         relay_from(&net.a, echo);
         assert_eq!(drops(&d, 0), 0, "A's packets were counted as drops ({dp})");
@@ -311,13 +324,15 @@ fn access_change_swaps_dropped_host_without_reload() {
     assert!(a_dropped && t.elapsed() < Duration::from_millis(1500), "A not dropped ({:?})", t.elapsed());
     assert_eq!(net.xdp("sva").map(|x| x.0), Some(prog), "program reloaded on sva");
     assert_eq!(net.xdp("svb").map(|x| x.0), Some(prog), "program reloaded on svb");
-    let v: serde_json::Value =
-        serde_json::from_str(d.cmd("--json ip socks access print stats").trim()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(d.cmd("--json ip socks access print stats").trim()).unwrap();
     assert!(v[0]["xdp-packets"].as_u64().unwrap() >= 1, "{v}");
 
     // And back.
     d.cmd("ip socks access set 0 src-address=10.200.2.0/24");
-    assert!(wait(Duration::from_secs(1), || connect_from(&net.a, Duration::from_millis(300)).is_ok()), "A still dropped");
+    assert!(
+        wait(Duration::from_secs(1), || connect_from(&net.a, Duration::from_millis(300)).is_ok()),
+        "A still dropped"
+    );
     assert!(connect_from(&net.b, Duration::from_millis(500)).is_err(), "B not dropped again");
     assert_eq!(net.xdp("sva").map(|x| x.0), Some(prog));
 }
@@ -381,10 +396,17 @@ fn attach_and_detach_follow_the_list() {
 
     // Start again from the saved state, then kill -9.
     in_ns(&net.s, || d.restart());
-    assert!(wait(Duration::from_secs(5), || net.xdp("sva").is_some() && net.xdp("svb").is_some()), "not attached after restart:\n{}", d.log());
+    assert!(
+        wait(Duration::from_secs(5), || net.xdp("sva").is_some() && net.xdp("svb").is_some()),
+        "not attached after restart:\n{}",
+        d.log()
+    );
     d.kill9();
     assert!(xdp_pins.join("XDP_DENY_V4").exists(), "kill -9 should leave the pins behind");
-    assert!(wait(Duration::from_secs(5), || net.xdp("sva").is_none() && net.xdp("svb").is_none()), "attachments outlived kill -9");
+    assert!(
+        wait(Duration::from_secs(5), || net.xdp("sva").is_none() && net.xdp("svb").is_none()),
+        "attachments outlived kill -9"
+    );
     in_ns(&net.s, || d.restart());
     assert!(wait(Duration::from_secs(5), || net.xdp("sva").is_some()), "not attached after restart:\n{}", d.log());
     assert!(d.log().contains("removed stale pin"), "stale pins not cleared:\n{}", d.log());

@@ -97,10 +97,7 @@ fn exec(cmd: &mut Command) -> Result<()> {
 
 /// True when `cmd` runs and exits 0 (output discarded).
 fn succeeds(cmd: &mut Command) -> bool {
-    cmd.stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
 fn is_root() -> bool {
@@ -126,9 +123,17 @@ fn setup() -> Result<()> {
     } else if is_root() {
         eprintln!("setup: installing {}", missing.join(" "));
         exec(Command::new("apt-get").args(["update", "-qq"]))?;
-        exec(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        exec(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
     } else {
-        eprintln!("setup: not root, cannot install Debian packages: {} (tests that need them will skip)", missing.join(" "));
+        eprintln!(
+            "setup: not root, cannot install Debian packages: {} (tests that need them will skip)",
+            missing.join(" ")
+        );
     }
 
     // rust-src for the nightly toolchain (the BPF target builds core from source).
@@ -162,7 +167,11 @@ fn install_bpf_linker() -> Result<()> {
     let llvm = std::fs::read_dir(sysroot.join("lib"))?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.") || n.starts_with("libLLVM-")))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so.") || n.starts_with("libLLVM-"))
+        })
         .context("the nightly toolchain has no libLLVM (rustup component add llvm-tools?)")?;
     let name = llvm.file_name().unwrap().to_owned();
     for link in [lib.join("libLLVM.so"), lib.join(&name)] {
@@ -172,7 +181,15 @@ fn install_bpf_linker() -> Result<()> {
     eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against {}", llvm.display());
     exec(
         Command::new("cargo")
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
             .env("LLVM_PREFIX", &prefix),
     )?;
     if !succeeds(Command::new("bpf-linker").arg("--version").env_remove("LD_LIBRARY_PATH")) {
@@ -218,7 +235,14 @@ fn run(data_path: &str) -> Result<()> {
         if is_root() { String::new() } else { format!("PROXYD_CONTROL={} ", control.display()) },
         bin.display()
     );
-    exec(Command::new(&bin).args(["run", "--data-path", data_path]).arg("--state").arg(&state).arg("--control").arg(&control))
+    exec(
+        Command::new(&bin)
+            .args(["run", "--data-path", data_path])
+            .arg("--state")
+            .arg(&state)
+            .arg("--control")
+            .arg(&control),
+    )
 }
 
 fn test(args: &[String]) -> Result<()> {
@@ -250,7 +274,8 @@ fn test(args: &[String]) -> Result<()> {
 /// The smoke run must have measured every system (the kernel path only where
 /// BPF can load: as root), or the bench has rotted.
 fn check_smoke_report(path: &Path) -> Result<()> {
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?).context("bench smoke report")?;
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path)?).context("bench smoke report")?;
     let systems = report["systems"].as_array().context("bench smoke report has no systems")?;
     for s in systems {
         let name = s["name"].as_str().unwrap_or("?");

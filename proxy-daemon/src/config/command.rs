@@ -223,8 +223,7 @@ pub fn split_line(line: &str) -> Result<Vec<String>, CommandError> {
 
 /// Quotes a value for a script when it needs it.
 pub fn quote(value: &str) -> String {
-    let plain = !value.is_empty()
-        && value.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:/,+@".contains(c));
+    let plain = !value.is_empty() && value.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:/,+@".contains(c));
     if plain {
         return value.to_owned();
     }
@@ -337,12 +336,18 @@ fn print_options(menu: Menu, args: &[&str]) -> Result<PrintOptions, CommandError
             ("without-paging" | "brief", _) => {}
             ("where", _) if menu == Menu::Connections => in_where = true,
             (_, Some(("interval", v))) => {
-                let d = time::parse(v).filter(|d| !d.is_zero()).ok_or_else(|| invalid("interval", v, "a time such as 1s or 500ms"))?;
+                let d = time::parse(v)
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| invalid("interval", v, "a time such as 1s or 500ms"))?;
                 opts.interval = Some(d);
             }
             (_, Some((k, v))) if in_where => {
                 if !CONNECTION_PROPS.contains(&k) {
-                    return Err(CommandError::UnknownProperty { menu, name: k.into(), allowed: "src-address, dst-address, tx, rx, type, user" });
+                    return Err(CommandError::UnknownProperty {
+                        menu,
+                        name: k.into(),
+                        allowed: "src-address, dst-address, tx, rx, type, user",
+                    });
                 }
                 opts.filters.push((k.to_owned(), v.to_owned()));
             }
@@ -354,7 +359,9 @@ fn print_options(menu: Menu, args: &[&str]) -> Result<PrintOptions, CommandError
                 } else {
                     "detail, count-only, interval=TIME, without-paging"
                 };
-                return Err(CommandError::Usage(format!("{menu} print: unknown argument `{other}` (allowed: {allowed})")));
+                return Err(CommandError::Usage(format!(
+                    "{menu} print: unknown argument `{other}` (allowed: {allowed})"
+                )));
             }
         }
     }
@@ -412,7 +419,11 @@ fn list_command(list: List, verb: &str, args: &[&str]) -> Result<Command, Comman
                 Some(("numbers", v)) => positional.insert(0, v),
                 Some(("destination", v)) => dest = Some(v),
                 Some((k, _)) => {
-                    return Err(CommandError::UnknownProperty { menu: list.menu(), name: k.into(), allowed: "numbers, destination" })
+                    return Err(CommandError::UnknownProperty {
+                        menu: list.menu(),
+                        name: k.into(),
+                        allowed: "numbers, destination",
+                    })
                 }
                 None => positional.push(a),
             }
@@ -421,7 +432,9 @@ fn list_command(list: List, verb: &str, args: &[&str]) -> Result<Command, Comman
             dest = positional.pop();
         }
         if positional.len() != 1 {
-            return Err(CommandError::Usage("usage: move N [M] (M: the item to move before; the end when left out)".into()));
+            return Err(CommandError::Usage(
+                "usage: move N [M] (M: the item to move before; the end when left out)".into(),
+            ));
         }
         let to = dest.map(number).transpose()?;
         return Ok(Command::Move(list, numbers(&positional)?, to));
@@ -501,14 +514,20 @@ trait Item: Default {
 impl Item for AccessRule {
     fn set(&mut self, prop: &str, value: Option<&str>) -> Result<(), CommandError> {
         let addr = |v: &str| {
-            parse_prefix(v).ok_or_else(|| invalid(prop, v, "an address a.b.c.d or prefix a.b.c.d/0..32 (IPv6: x::y/0..128)"))
+            parse_prefix(v)
+                .ok_or_else(|| invalid(prop, v, "an address a.b.c.d or prefix a.b.c.d/0..32 (IPv6: x::y/0..128)"))
         };
-        let port = |v: &str| v.parse::<PortRange>().map_err(|_| invalid(prop, v, "a port 0..65535 or a range N-M with N <= M"));
+        let port = |v: &str| {
+            v.parse::<PortRange>().map_err(|_| invalid(prop, v, "a port 0..65535 or a range N-M with N <= M"))
+        };
         match (prop, value) {
             ("src-address", v) => self.src_address = v.map(addr).transpose()?,
             ("dst-address", v) => {
                 self.dst_address = v
-                    .map(|v| DstMatch::parse(v).ok_or_else(|| invalid(prop, v, "an address, a prefix a.b.c.d/0..32, or a domain name")))
+                    .map(|v| {
+                        DstMatch::parse(v)
+                            .ok_or_else(|| invalid(prop, v, "an address, a prefix a.b.c.d/0..32, or a domain name"))
+                    })
                     .transpose()?
             }
             ("src-port", v) => self.src_port = v.map(port).transpose()?,
@@ -537,12 +556,14 @@ impl Item for User {
             ("password", Some(_)) => return Err(invalid(prop, "(hidden)", "a password of at most 255 bytes")),
             ("password" | "password-hash", None) => self.password = PasswordHash::default(),
             ("password-hash", Some(v)) => {
-                self.password = PasswordHash::parse(v).ok_or_else(|| invalid(prop, v, "a hash as `export` prints it"))?
+                self.password =
+                    PasswordHash::parse(v).ok_or_else(|| invalid(prop, v, "a hash as `export` prints it"))?
             }
             ("only-one", v) => self.only_one = v.map(|v| yes_no(prop, v)).transpose()?.unwrap_or(false),
             ("rate-limit", None) => self.rate_limit = None,
             ("rate-limit", Some(v)) => {
-                self.rate_limit = parse_rate(v).ok_or_else(|| invalid(prop, v, "bits per second, e.g. 8M, 512k, 64000; 0 for none"))?
+                self.rate_limit = parse_rate(v)
+                    .ok_or_else(|| invalid(prop, v, "bits per second, e.g. 8M, 512k, 64000; 0 for none"))?
             }
             ("disabled", v) => self.disabled = v.map(|v| yes_no(prop, v)).transpose()?.unwrap_or(false),
             ("comment", v) => self.comment = v.filter(|c| !c.is_empty()).map(str::to_owned),
@@ -652,7 +673,11 @@ fn apply_in_place(config: &mut Config, command: &Command) -> Result<(), CommandE
                     Some((k, v)) => (k.as_str(), v.as_str()),
                     None => ("auth-method", "password"),
                 };
-                return Err(invalid(property, value, "auth-method=password needs version=5 (SOCKS4 has no password login)"));
+                return Err(invalid(
+                    property,
+                    value,
+                    "auth-method=password needs version=5 (SOCKS4 has no password login)",
+                ));
             }
             Ok(())
         }
@@ -699,7 +724,8 @@ fn set_setting(s: &mut Settings, k: &str, v: &str) -> Result<(), CommandError> {
         }
         "connection-idle-timeout" => {
             let (lo, hi) = IDLE_TIMEOUT_RANGE;
-            let allowed = format!("a time from {} to {} (e.g. 30s, 2m, 1h, 1d2h3m4s)", time::format(lo), time::format(hi));
+            let allowed =
+                format!("a time from {} to {} (e.g. 30s, 2m, 1h, 1d2h3m4s)", time::format(lo), time::format(hi));
             s.connection_idle_timeout = match time::parse(v) {
                 Some(d) if d >= lo && d <= hi => d,
                 _ => return Err(invalid(k, v, allowed)),
@@ -713,7 +739,8 @@ fn set_setting(s: &mut Settings, k: &str, v: &str) -> Result<(), CommandError> {
             }
         }
         "listen-address" => {
-            s.listen_address = v.parse().map_err(|_| invalid(k, v, "an IPv4 or IPv6 address, e.g. 0.0.0.0, 127.0.0.1, ::"))?
+            s.listen_address =
+                v.parse().map_err(|_| invalid(k, v, "an IPv4 or IPv6 address, e.g. 0.0.0.0, 127.0.0.1, ::"))?
         }
         "data-path" => s.data_path = v.parse::<DataPathMode>().map_err(|_| invalid(k, v, DataPathMode::ALLOWED))?,
         "version" => {
@@ -731,16 +758,24 @@ fn set_setting(s: &mut Settings, k: &str, v: &str) -> Result<(), CommandError> {
             }
         }
         "metrics-address" => {
-            s.metrics_address = match v {
-                "" | "none" => None,
-                _ => Some(v.parse().map_err(|_| invalid(k, v, "ADDRESS:PORT (e.g. 127.0.0.1:9180, [::1]:9180), or empty for off"))?),
-            }
+            s.metrics_address =
+                match v {
+                    "" | "none" => None,
+                    _ => Some(v.parse().map_err(|_| {
+                        invalid(k, v, "ADDRESS:PORT (e.g. 127.0.0.1:9180, [::1]:9180), or empty for off")
+                    })?),
+                }
         }
         "xdp-interfaces" => {
             let names: Vec<String> = v.split(',').filter(|n| !n.is_empty()).map(str::to_owned).collect();
-            let valid = |n: &String| n.len() <= 15 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b));
+            let valid =
+                |n: &String| n.len() <= 15 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b));
             if let Some(bad) = names.iter().find(|n| !valid(n)) {
-                return Err(invalid(k, bad, "interface names (at most 15 characters) separated by commas, or empty for off"));
+                return Err(invalid(
+                    k,
+                    bad,
+                    "interface names (at most 15 characters) separated by commas, or empty for off",
+                ));
             }
             let mut unique = names.clone();
             unique.sort();
@@ -772,15 +807,24 @@ mod tests {
     /// The manual's commands, with their menu path, parse to the expected commands.
     #[test]
     fn manual_commands_parse() {
-        assert_eq!(parse(Menu::Root, &w("ip socks set enabled=yes")).unwrap().1, Command::SettingsSet(vec![("enabled".into(), "yes".into())]));
+        assert_eq!(
+            parse(Menu::Root, &w("ip socks set enabled=yes")).unwrap().1,
+            Command::SettingsSet(vec![("enabled".into(), "yes".into())])
+        );
         assert_eq!(parse(Menu::Root, &w("ip socks print")).unwrap().1, Command::SettingsPrint);
-        assert_eq!(parse(Menu::Root, &w("/ip socks access print")).unwrap().1, Command::Print(Menu::Access, PrintOptions::default()));
+        assert_eq!(
+            parse(Menu::Root, &w("/ip socks access print")).unwrap().1,
+            Command::Print(Menu::Access, PrintOptions::default())
+        );
         assert_eq!(
             parse(Menu::Root, &w("ip socks access print stats")).unwrap().1,
             Command::Print(Menu::Access, PrintOptions { stats: true, ..Default::default() })
         );
         assert!(parse(Menu::Root, &w("ip socks users print stats")).is_err());
-        assert_eq!(parse(Menu::Root, &w("ip socks connections print")).unwrap().1, Command::Print(Menu::Connections, PrintOptions::default()));
+        assert_eq!(
+            parse(Menu::Root, &w("ip socks connections print")).unwrap().1,
+            Command::Print(Menu::Connections, PrintOptions::default())
+        );
         assert_eq!(parse(Menu::Root, &w("/ip/socks/access print")).unwrap().0, Menu::Access);
         // Inside /ip socks, as the prompt `ip socks>` shows.
         assert_eq!(parse(Menu::Socks, &w("set enabled=yes")).unwrap().0, Menu::Socks);
@@ -838,7 +882,8 @@ mod tests {
     #[test]
     fn access_list_editing() {
         let mut c = Config::default();
-        for r in ["action=allow comment=a", "action=allow comment=b", "action=allow comment=c", "action=deny comment=d"] {
+        for r in ["action=allow comment=a", "action=allow comment=b", "action=allow comment=c", "action=deny comment=d"]
+        {
             run(&mut c, &format!("access add {r}")).unwrap();
         }
         let names = |c: &Config| c.access.rules.iter().map(|r| r.comment.clone().unwrap()).collect::<String>();

@@ -216,16 +216,18 @@ impl DstMatch {
         let valid = !name.is_empty()
             && name.len() <= 253
             && name.contains(|c: char| c.is_ascii_alphabetic())
-            && name.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+            && name
+                .split('.')
+                .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
         valid.then_some(DstMatch::Domain(name))
     }
 
     fn matches(&self, req: &AccessRequest) -> bool {
         match self {
             DstMatch::Net(n) => n.contains(&req.dst.ip()),
-            DstMatch::Domain(d) => req
-                .dst_name
-                .is_some_and(|name| name.strip_suffix('.').unwrap_or(name).eq_ignore_ascii_case(d)),
+            DstMatch::Domain(d) => {
+                req.dst_name.is_some_and(|name| name.strip_suffix('.').unwrap_or(name).eq_ignore_ascii_case(d))
+            }
         }
     }
 }
@@ -311,7 +313,11 @@ impl AccessList {
     /// resolve and [`AccessList::decide`] per address). Denying by name this
     /// way never sends a DNS query for a denied name.
     pub fn decide_by_name(&self, src: SocketAddr, dst_port: u16, name: &str) -> Option<Decision> {
-        let probe = AccessRequest { src, dst: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), dst_port), dst_name: Some(name) };
+        let probe = AccessRequest {
+            src,
+            dst: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), dst_port),
+            dst_name: Some(name),
+        };
         for (i, r) in self.rules.iter().enumerate().filter(|(_, r)| !r.disabled) {
             let other_fields = r.src_address.is_none_or(|n| n.contains(&src.ip()))
                 && r.src_port.is_none_or(|p| p.contains(src.port()))
@@ -336,7 +342,8 @@ impl AccessList {
     /// unconditional rule or by default: an open proxy.
     pub fn is_open(&self) -> bool {
         for r in self.rules.iter().filter(|r| !r.disabled) {
-            let unconditional = r.src_address.is_none() && r.src_port.is_none() && r.dst_address.is_none() && r.dst_port.is_none();
+            let unconditional =
+                r.src_address.is_none() && r.src_port.is_none() && r.dst_address.is_none() && r.dst_port.is_none();
             if unconditional {
                 return r.action == Action::Allow;
             }
@@ -380,8 +387,14 @@ mod tests {
                 rule(None, None, Action::Deny),
             ],
         };
-        assert_eq!(list.decide(&req("192.168.0.2:1238", "10.5.8.8:21")), Decision { action: Action::Allow, rule: Some(0) });
-        assert_eq!(list.decide(&req("192.168.0.3:1238", "10.5.8.8:21")), Decision { action: Action::Deny, rule: Some(2) });
+        assert_eq!(
+            list.decide(&req("192.168.0.2:1238", "10.5.8.8:21")),
+            Decision { action: Action::Allow, rule: Some(0) }
+        );
+        assert_eq!(
+            list.decide(&req("192.168.0.3:1238", "10.5.8.8:21")),
+            Decision { action: Action::Deny, rule: Some(2) }
+        );
         assert_eq!(list.decide(&req("192.168.0.3:1238", "10.5.8.8:3423")).action, Action::Allow);
         assert_eq!(list.decide(&req("192.168.0.2:1238", "10.5.8.8:80")).action, Action::Deny);
         assert!(!list.is_open());
@@ -414,7 +427,8 @@ mod tests {
     fn ipv6_and_domains() {
         assert_eq!(format_prefix(&parse_prefix("2001:db8::1/32").unwrap()), "2001:db8::/32");
         assert_eq!(format_prefix(&parse_prefix("::1").unwrap()), "::1");
-        let rule = AccessRule { dst_address: DstMatch::parse("Example.COM."), action: Action::Deny, ..Default::default() };
+        let rule =
+            AccessRule { dst_address: DstMatch::parse("Example.COM."), action: Action::Deny, ..Default::default() };
         let list = AccessList { rules: vec![rule] };
         let mut r = req("127.0.0.1:1", "93.184.216.34:80");
         assert_eq!(list.decide(&r).action, Action::Allow);
@@ -428,12 +442,14 @@ mod tests {
     /// A name rule decides before resolution; an address rule in front defers to resolution.
     #[test]
     fn decide_by_name() {
-        let deny_name = AccessRule { dst_address: DstMatch::parse("blocked.test"), action: Action::Deny, ..Default::default() };
+        let deny_name =
+            AccessRule { dst_address: DstMatch::parse("blocked.test"), action: Action::Deny, ..Default::default() };
         let list = AccessList { rules: vec![deny_name.clone()] };
         let src: SocketAddr = "127.0.0.1:5".parse().unwrap();
         assert_eq!(list.decide_by_name(src, 80, "blocked.test").map(|d| d.action), Some(Action::Deny));
         assert_eq!(list.decide_by_name(src, 80, "other.test"), Some(Decision { action: Action::Allow, rule: None }));
-        let by_addr = AccessRule { dst_address: DstMatch::parse("10.0.0.0/8"), action: Action::Allow, ..Default::default() };
+        let by_addr =
+            AccessRule { dst_address: DstMatch::parse("10.0.0.0/8"), action: Action::Allow, ..Default::default() };
         let list = AccessList { rules: vec![by_addr, deny_name] };
         assert_eq!(list.decide_by_name(src, 80, "blocked.test"), None);
     }

@@ -92,7 +92,11 @@ mod tests {
     /// The manual's FTP list denies nothing by source alone: anyone may reach high ports.
     #[test]
     fn manual_list_drops_nothing() {
-        let l = list(&["src-address=192.168.0.2 dst-port=21 action=allow", "dst-port=1024-65535 action=allow", "action=deny"]);
+        let l = list(&[
+            "src-address=192.168.0.2 dst-port=21 action=allow",
+            "dst-port=1024-65535 action=allow",
+            "action=deny",
+        ]);
         assert!(denied_sources(&l).is_empty());
     }
 

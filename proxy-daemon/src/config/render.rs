@@ -93,7 +93,8 @@ fn rule_props(r: &AccessRule, for_export: bool) -> Vec<String> {
 /// `/ip socks access print`: a flags line, then numbered rules; a disabled rule
 /// carries `X`, a comment stands on its own `;;;` line above its rule.
 pub fn access(config: &Config) -> String {
-    let rows: Vec<_> = config.access.rules.iter().map(|r| (r.disabled, r.comment.as_deref(), rule_props(r, false))).collect();
+    let rows: Vec<_> =
+        config.access.rules.iter().map(|r| (r.disabled, r.comment.as_deref(), rule_props(r, false))).collect();
     flagged_list(&rows)
 }
 
@@ -309,7 +310,10 @@ mod tests {
     fn settings_print_matches_manual() {
         let c = configured(&["ip socks set enabled=yes"]);
         let out = settings(&c.settings, None);
-        assert!(out.starts_with("enabled: yes\nport: 1080\nconnection-idle-timeout: 2m\nmax-connections: 200\n"), "{out}");
+        assert!(
+            out.starts_with("enabled: yes\nport: 1080\nconnection-idle-timeout: 2m\nmax-connections: 200\n"),
+            "{out}"
+        );
     }
 
     /// `access print` after the manual's three rules prints the manual's lines.
@@ -336,7 +340,8 @@ mod tests {
     /// `access print stats` lists drops per rule, or `-` while the prefilter is off.
     #[test]
     fn access_stats_layout() {
-        let c = configured(&["ip socks access add src-address=10.0.0.0/8 action=allow", "ip socks access add action=deny"]);
+        let c =
+            configured(&["ip socks access add src-address=10.0.0.0/8 action=allow", "ip socks access add action=deny"]);
         let mut m = BTreeMap::new();
         m.insert(1, RuleDrops { prefixes: 8, packets: 3, bytes: 180 });
         let on = access_stats(&c, Some(&m));

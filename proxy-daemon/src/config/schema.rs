@@ -29,7 +29,8 @@ pub struct PropDef {
     pub summary: &'static str,
 }
 
-const EXPORT: CommandDef = CommandDef { name: "export", usage: "export", summary: "print the configuration below this menu as a script" };
+const EXPORT: CommandDef =
+    CommandDef { name: "export", usage: "export", summary: "print the configuration below this menu as a script" };
 
 pub const MENUS: &[MenuDef] = &[
     MenuDef {
@@ -43,21 +44,70 @@ pub const MENUS: &[MenuDef] = &[
         menu: Menu::Socks,
         summary: "the SOCKS server's settings",
         commands: &[
-            CommandDef { name: "set", usage: "set NAME=VALUE...", summary: "change settings (applied at once, saved before the command returns)" },
+            CommandDef {
+                name: "set",
+                usage: "set NAME=VALUE...",
+                summary: "change settings (applied at once, saved before the command returns)",
+            },
             CommandDef { name: "print", usage: "print", summary: "show the settings and the data path in use" },
             EXPORT,
         ],
         properties: &[
-            PropDef { name: "enabled", values: "yes | no", default: "no", summary: "whether the server accepts clients" },
+            PropDef {
+                name: "enabled",
+                values: "yes | no",
+                default: "no",
+                summary: "whether the server accepts clients",
+            },
             PropDef { name: "port", values: "1..65535", default: "1080", summary: "TCP port to listen on" },
-            PropDef { name: "connection-idle-timeout", values: "1s..1w (30s, 2m, 1h, 1d2h3m4s)", default: "2m", summary: "close connections idle this long in both directions" },
-            PropDef { name: "max-connections", values: "1..1000000", default: "200", summary: "most simultaneous connections, handshaking ones included" },
-            PropDef { name: "listen-address", values: "IPv4 or IPv6 address (:: for both)", default: "0.0.0.0", summary: "address to listen on" },
-            PropDef { name: "data-path", values: "auto | kernel | userspace", default: "auto", summary: "what moves tunnel bytes: the BPF sockhash or the userspace relay" },
-            PropDef { name: "version", values: "4 | 5", default: "4", summary: "4: SOCKS4/4a only; 5: SOCKS5 and SOCKS4" },
-            PropDef { name: "auth-method", values: "none | password", default: "none", summary: "SOCKS5 login: none, or username/password from /ip socks users" },
-            PropDef { name: "metrics-address", values: "ADDRESS:PORT, or empty", default: "off", summary: "where Prometheus scrapes /metrics" },
-            PropDef { name: "xdp-interfaces", values: "NAME[,NAME...], or empty", default: "off", summary: "interfaces whose XDP prefilter drops sources the access list always denies" },
+            PropDef {
+                name: "connection-idle-timeout",
+                values: "1s..1w (30s, 2m, 1h, 1d2h3m4s)",
+                default: "2m",
+                summary: "close connections idle this long in both directions",
+            },
+            PropDef {
+                name: "max-connections",
+                values: "1..1000000",
+                default: "200",
+                summary: "most simultaneous connections, handshaking ones included",
+            },
+            PropDef {
+                name: "listen-address",
+                values: "IPv4 or IPv6 address (:: for both)",
+                default: "0.0.0.0",
+                summary: "address to listen on",
+            },
+            PropDef {
+                name: "data-path",
+                values: "auto | kernel | userspace",
+                default: "auto",
+                summary: "what moves tunnel bytes: the BPF sockhash or the userspace relay",
+            },
+            PropDef {
+                name: "version",
+                values: "4 | 5",
+                default: "4",
+                summary: "4: SOCKS4/4a only; 5: SOCKS5 and SOCKS4",
+            },
+            PropDef {
+                name: "auth-method",
+                values: "none | password",
+                default: "none",
+                summary: "SOCKS5 login: none, or username/password from /ip socks users",
+            },
+            PropDef {
+                name: "metrics-address",
+                values: "ADDRESS:PORT, or empty",
+                default: "off",
+                summary: "where Prometheus scrapes /metrics",
+            },
+            PropDef {
+                name: "xdp-interfaces",
+                values: "NAME[,NAME...], or empty",
+                default: "off",
+                summary: "interfaces whose XDP prefilter drops sources the access list always denies",
+            },
         ],
     },
     MenuDef {
@@ -65,18 +115,40 @@ pub const MENUS: &[MenuDef] = &[
         summary: "ordered allow/deny rules; the first enabled match decides, no match allows",
         commands: &[
             CommandDef { name: "add", usage: "add NAME=VALUE...", summary: "append a rule" },
-            CommandDef { name: "set", usage: "set N[,N...] NAME=VALUE... | !NAME", summary: "change rules (!NAME clears a property)" },
+            CommandDef {
+                name: "set",
+                usage: "set N[,N...] NAME=VALUE... | !NAME",
+                summary: "change rules (!NAME clears a property)",
+            },
             CommandDef { name: "remove", usage: "remove N[,N...]", summary: "delete rules" },
-            CommandDef { name: "move", usage: "move N [M]", summary: "put rule N before rule M (at the end without M)" },
+            CommandDef {
+                name: "move",
+                usage: "move N [M]",
+                summary: "put rule N before rule M (at the end without M)",
+            },
             CommandDef { name: "enable", usage: "enable N[,N...]", summary: "enable rules" },
             CommandDef { name: "disable", usage: "disable N[,N...]", summary: "disable rules" },
-            CommandDef { name: "print", usage: "print [detail] [count-only] [stats]", summary: "list the rules; `stats`: what the XDP prefilter dropped per rule" },
+            CommandDef {
+                name: "print",
+                usage: "print [detail] [count-only] [stats]",
+                summary: "list the rules; `stats`: what the XDP prefilter dropped per rule",
+            },
             EXPORT,
         ],
         properties: &[
-            PropDef { name: "src-address", values: "address or prefix (a.b.c.d/len, x::y/len)", default: "any", summary: "the client's address" },
+            PropDef {
+                name: "src-address",
+                values: "address or prefix (a.b.c.d/len, x::y/len)",
+                default: "any",
+                summary: "the client's address",
+            },
             PropDef { name: "src-port", values: "N or N-M", default: "any", summary: "the client's port" },
-            PropDef { name: "dst-address", values: "address, prefix or domain name", default: "any", summary: "the requested destination (a name matches SOCKS5 requests by name)" },
+            PropDef {
+                name: "dst-address",
+                values: "address, prefix or domain name",
+                default: "any",
+                summary: "the requested destination (a name matches SOCKS5 requests by name)",
+            },
             PropDef { name: "dst-port", values: "N or N-M", default: "any", summary: "the requested port" },
             PropDef { name: "action", values: "allow | deny", default: "allow", summary: "what a match does" },
             PropDef { name: "disabled", values: "yes | no", default: "no", summary: "a disabled rule is skipped" },
@@ -92,14 +164,28 @@ pub const MENUS: &[MenuDef] = &[
             CommandDef { name: "remove", usage: "remove N[,N...]", summary: "delete users" },
             CommandDef { name: "enable", usage: "enable N[,N...]", summary: "enable users" },
             CommandDef { name: "disable", usage: "disable N[,N...]", summary: "disable users" },
-            CommandDef { name: "print", usage: "print [detail] [count-only]", summary: "list users (never their passwords)" },
+            CommandDef {
+                name: "print",
+                usage: "print [detail] [count-only]",
+                summary: "list users (never their passwords)",
+            },
             EXPORT,
         ],
         properties: &[
             PropDef { name: "name", values: "1..255 bytes", default: "", summary: "the login name (unique)" },
             PropDef { name: "password", values: "up to 255 bytes", default: "", summary: "kept only as a salted hash" },
-            PropDef { name: "only-one", values: "yes | no", default: "no", summary: "at most one connection at a time" },
-            PropDef { name: "rate-limit", values: "bits/s: 8M, 512k, 64000; 0 = none", default: "none", summary: "pace each direction of the user's tunnels" },
+            PropDef {
+                name: "only-one",
+                values: "yes | no",
+                default: "no",
+                summary: "at most one connection at a time",
+            },
+            PropDef {
+                name: "rate-limit",
+                values: "bits/s: 8M, 512k, 64000; 0 = none",
+                default: "none",
+                summary: "pace each direction of the user's tunnels",
+            },
             PropDef { name: "disabled", values: "yes | no", default: "no", summary: "a disabled user cannot log in" },
             PropDef { name: "comment", values: "text", default: "", summary: "a note" },
         ],
@@ -108,15 +194,39 @@ pub const MENUS: &[MenuDef] = &[
         menu: Menu::Connections,
         summary: "live connections: src, dst, tx (client to destination), rx, type",
         commands: &[
-            CommandDef { name: "print", usage: "print [detail] [count-only] [interval=TIME] [where NAME=VALUE...]", summary: "list connections" },
+            CommandDef {
+                name: "print",
+                usage: "print [detail] [count-only] [interval=TIME] [where NAME=VALUE...]",
+                summary: "list connections",
+            },
             CommandDef { name: "remove", usage: "remove N[,N...]", summary: "close connections" },
         ],
         properties: &[
             PropDef { name: "src-address", values: "address[:port]", default: "", summary: "the client" },
-            PropDef { name: "dst-address", values: "address[:port]", default: "", summary: "the destination (BIND: the peer)" },
-            PropDef { name: "tx", values: "bytes", default: "", summary: "bytes from the client towards the destination" },
-            PropDef { name: "rx", values: "bytes", default: "", summary: "bytes from the destination towards the client" },
-            PropDef { name: "type", values: "unknown | out | in | udp", default: "", summary: "handshaking, CONNECT, BIND, UDP ASSOCIATE" },
+            PropDef {
+                name: "dst-address",
+                values: "address[:port]",
+                default: "",
+                summary: "the destination (BIND: the peer)",
+            },
+            PropDef {
+                name: "tx",
+                values: "bytes",
+                default: "",
+                summary: "bytes from the client towards the destination",
+            },
+            PropDef {
+                name: "rx",
+                values: "bytes",
+                default: "",
+                summary: "bytes from the destination towards the client",
+            },
+            PropDef {
+                name: "type",
+                values: "unknown | out | in | udp",
+                default: "",
+                summary: "handshaking, CONNECT, BIND, UDP ASSOCIATE",
+            },
             PropDef { name: "user", values: "name", default: "", summary: "the SOCKS5 user" },
         ],
     },

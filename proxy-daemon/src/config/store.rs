@@ -13,11 +13,21 @@ use super::{render, Config};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{path}:{line}: {source}")]
-    Parse { path: PathBuf, line: usize, #[source] source: CommandError },
+    Parse {
+        path: PathBuf,
+        line: usize,
+        #[source]
+        source: CommandError,
+    },
     #[error("{path}:{line}: `{text}` is not a configuration command")]
     NotAChange { path: PathBuf, line: usize, text: String },
     #[error("cannot {op} {path}: {source}")]
-    Io { op: &'static str, path: PathBuf, #[source] source: io::Error },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Reads the state file; a missing file is the default configuration.
@@ -51,11 +61,16 @@ pub fn parse_script(text: &str, path: &Path) -> Result<Config, StoreError> {
             continue;
         }
         let words = std::mem::take(&mut pending);
-        let (m, cmd) = parse(menu, &words).map_err(|source| StoreError::Parse { path: path.into(), line: first_line, source })?;
+        let (m, cmd) =
+            parse(menu, &words).map_err(|source| StoreError::Parse { path: path.into(), line: first_line, source })?;
         match cmd {
             Command::Enter(m) => menu = m,
             cmd if cmd.is_change() => {
-                apply(&mut config, &cmd).map_err(|source| StoreError::Parse { path: path.into(), line: first_line, source })?;
+                apply(&mut config, &cmd).map_err(|source| StoreError::Parse {
+                    path: path.into(),
+                    line: first_line,
+                    source,
+                })?;
                 // A command with a path runs there but does not move the script.
                 let _ = m;
             }
@@ -79,7 +94,10 @@ pub fn save(path: &Path, config: &Config) -> Result<(), StoreError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    let body = format!("# proxyd configuration: RouterOS script, rewritten on every change\n{}", render::export(config, Menu::Root));
+    let body = format!(
+        "# proxyd configuration: RouterOS script, rewritten on every change\n{}",
+        render::export(config, Menu::Root)
+    );
     {
         let mut f = OpenOptions::new()
             .write(true)
@@ -101,7 +119,8 @@ mod tests {
     use super::*;
 
     fn tmpdir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("proxyd-store-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let d =
+            std::env::temp_dir().join(format!("proxyd-store-{}-{:?}", std::process::id(), std::thread::current().id()));
         fs::create_dir_all(&d).unwrap();
         d
     }
@@ -138,7 +157,11 @@ mod tests {
     /// Continuation lines join, as in RouterOS scripts.
     #[test]
     fn continuation_lines() {
-        let c = parse_script("/ip socks access add src-address=192.168.0.2 dst-port=21 \\\n    action=deny\n", Path::new("c")).unwrap();
+        let c = parse_script(
+            "/ip socks access add src-address=192.168.0.2 dst-port=21 \\\n    action=deny\n",
+            Path::new("c"),
+        )
+        .unwrap();
         assert_eq!(c.access.rules.len(), 1);
         assert_eq!(c.access.rules[0].action, super::super::Action::Deny);
     }

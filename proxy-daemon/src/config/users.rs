@@ -141,7 +141,9 @@ mod tests {
     /// Malformed stored hashes are refused.
     #[test]
     fn parse_rejects_garbage() {
-        for bad in ["", "plain", "pbkdf2-sha256$0$00$00", "pbkdf2-sha256$10$zz$00", "md5$1$00$00", "pbkdf2-sha256$10$0011$00"] {
+        for bad in
+            ["", "plain", "pbkdf2-sha256$0$00$00", "pbkdf2-sha256$10$zz$00", "md5$1$00$00", "pbkdf2-sha256$10$0011$00"]
+        {
             assert_eq!(PasswordHash::parse(bad), None, "{bad}");
         }
     }

@@ -38,7 +38,10 @@ pub fn run(socket: &Path, words: Vec<String>, json: bool) -> i32 {
 /// Sends one command; returns the daemon's answer.
 pub fn send(socket: &Path, words: Vec<String>, json: bool) -> Result<Response, String> {
     let mut stream = UnixStream::connect(socket).map_err(|e| {
-        format!("cannot reach proxyd at {}: {e} (is `proxyd run` running? --control or PROXYD_CONTROL sets the socket)", socket.display())
+        format!(
+            "cannot reach proxyd at {}: {e} (is `proxyd run` running? --control or PROXYD_CONTROL sets the socket)",
+            socket.display()
+        )
     })?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
     let mut body = serde_json::to_string(&Request { words, json }).map_err(|e| e.to_string())?;

@@ -115,12 +115,21 @@ impl Controller {
             Command::Print(Menu::Access, _) => out(render::access(&config), render::access_json(&config)),
             Command::Print(Menu::Users, _) => out(render::users(&config), render::users_json(&config)),
             Command::Print(_, opts) => {
-                let rows: Vec<_> = self.server.registry.rows().into_iter().filter(|r| row_matches(r, &opts.filters)).collect();
-                let dst = |r: &crate::server::registry::Row| r.dst_address.map_or_else(|| "-".into(), |d| d.to_string());
+                let rows: Vec<_> =
+                    self.server.registry.rows().into_iter().filter(|r| row_matches(r, &opts.filters)).collect();
+                let dst =
+                    |r: &crate::server::registry::Row| r.dst_address.map_or_else(|| "-".into(), |d| d.to_string());
                 let text = if opts.detail {
                     let mut s = String::new();
                     for (i, r) in rows.iter().enumerate() {
-                        s.push_str(&format!("{i} src-address={} dst-address={} tx={} rx={} type={}", r.src_address, dst(r), r.tx, r.rx, r.kind.as_str()));
+                        s.push_str(&format!(
+                            "{i} src-address={} dst-address={} tx={} rx={} type={}",
+                            r.src_address,
+                            dst(r),
+                            r.tx,
+                            r.rx,
+                            r.kind.as_str()
+                        ));
                         if let Some(u) = &r.user {
                             s.push_str(&format!(" user={u}"));
                         }
@@ -143,7 +152,11 @@ impl Controller {
                             c
                         })
                         .collect();
-                    let header: &[&str] = if with_user { &["SRC-ADDRESS", "DST-ADDRESS", "TX", "RX", "USER"] } else { &["SRC-ADDRESS", "DST-ADDRESS", "TX", "RX"] };
+                    let header: &[&str] = if with_user {
+                        &["SRC-ADDRESS", "DST-ADDRESS", "TX", "RX", "USER"]
+                    } else {
+                        &["SRC-ADDRESS", "DST-ADDRESS", "TX", "RX"]
+                    };
                     render::table(header, &cells)
                 };
                 out(text, serde_json::to_value(&rows).unwrap())
@@ -190,7 +203,8 @@ impl Controller {
 /// Whether a connection row passes `where name=value ...` (addresses match
 /// with or without their port).
 fn row_matches(r: &crate::server::registry::Row, filters: &[(String, String)]) -> bool {
-    let addr = |a: Option<std::net::SocketAddr>, v: &str| a.is_some_and(|a| a.to_string() == v || a.ip().to_string() == v);
+    let addr =
+        |a: Option<std::net::SocketAddr>, v: &str| a.is_some_and(|a| a.to_string() == v || a.ip().to_string() == v);
     filters.iter().all(|(k, v)| match k.as_str() {
         "src-address" => addr(Some(r.src_address), v),
         "dst-address" => addr(r.dst_address, v),

@@ -28,8 +28,8 @@ mod sys;
 mod tunnel;
 
 use std::io;
-use std::path::Path;
 use std::os::fd::AsFd;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -54,7 +54,6 @@ pub(crate) static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("
 /// What a send queue may hold when `net.ipv4.tcp_wmem` cannot be read: its
 /// maximum on a default Linux.
 const DEFAULT_QUEUE_CAP: u64 = 4 << 20;
-
 
 /// The grace budget of a daemon (see `Shared::grace_budget`).
 const GRACE_BUDGET: u64 = 256 << 20;
@@ -170,7 +169,9 @@ impl Maps {
         for cookie in cookies {
             self.splice_out(cookie);
         }
-        for (map, cookie) in [self.socks.map(), self.peers.map(), self.flows.map()].into_iter().flat_map(|m| cookies.map(|c| (m, c))) {
+        for (map, cookie) in
+            [self.socks.map(), self.peers.map(), self.flows.map()].into_iter().flat_map(|m| cookies.map(|c| (m, c)))
+        {
             let _ = sys::map_delete(map.fd().as_fd(), &cookie);
         }
     }
@@ -204,9 +205,7 @@ impl KernelDataPath {
         for name in PINNED_MAPS {
             loader.map_max_entries(name, sockets);
         }
-        let mut ebpf = loader
-            .load(BPF_OBJECT)
-            .map_err(|e| error_line("loading the BPF object", &e))?;
+        let mut ebpf = loader.load(BPF_OBJECT).map_err(|e| error_line("loading the BPF object", &e))?;
 
         let logger = match EbpfLogger::init_with_logger(&mut ebpf, BpfLog) {
             Ok(logger) => Some(logger),
@@ -219,15 +218,12 @@ impl KernelDataPath {
         for name in PINNED_MAPS {
             let path = pin_dir.join(name);
             let map = ebpf.map(name).ok_or_else(|| missing("map", name))?;
-            map.pin(&path).map_err(|e| {
-                error_line(&format!("pinning BPF map {name} at {}", path.display()), &e)
-            })?;
+            map.pin(&path).map_err(|e| error_line(&format!("pinning BPF map {name} at {}", path.display()), &e))?;
             let id = MapInfo::from_pin(&path).map(|info| info.id()).ok();
             pins.record(path, id);
         }
         let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| missing("map", name));
-        let convert =
-            |name: &str, e: aya::maps::MapError| error_line(&format!("BPF map {name}"), &e);
+        let convert = |name: &str, e: aya::maps::MapError| error_line(&format!("BPF map {name}"), &e);
         let maps = Maps {
             socks: SockHash::try_from(take(SOCKS_MAP)?).map_err(|e| convert(SOCKS_MAP, e))?,
             splice: SockHash::try_from(take(SPLICE_MAP)?).map_err(|e| convert(SPLICE_MAP, e))?,
@@ -241,9 +237,7 @@ impl KernelDataPath {
             .ok_or_else(|| missing("program", VERDICT_PROG))?
             .try_into()
             .map_err(|e| error_line(&format!("BPF program {VERDICT_PROG}"), &e))?;
-        program
-            .load()
-            .map_err(|e| error_line(&format!("loading BPF program {VERDICT_PROG}"), &e))?;
+        program.load().map_err(|e| error_line(&format!("loading BPF program {VERDICT_PROG}"), &e))?;
         program
             .attach(maps.splice.fd())
             .map_err(|e| error_line(&format!("attaching {VERDICT_PROG} to {SPLICE_MAP}"), &e))?;
@@ -299,7 +293,8 @@ impl DataPath for WithPolicy {
     fn attach(&self, pair: Pair, cancel: CancellationToken) -> io::Result<Tunnel> {
         let Pair { client, upstream, client_early } = pair;
         let shared = &self.kernel.shared;
-        let flow = Arc::new(KernelFlow::new(Arc::clone(shared), sys::socket_cookie(&client)?, sys::socket_cookie(&upstream)?));
+        let flow =
+            Arc::new(KernelFlow::new(Arc::clone(shared), sys::socket_cookie(&client)?, sys::socket_cookie(&upstream)?));
         let done = tokio::spawn(tunnel::run(
             Arc::clone(shared),
             Arc::clone(&flow),
@@ -413,7 +408,6 @@ impl KernelFlow {
         self.user.rx.fetch_add(rx, Ordering::Relaxed);
         self.user.last_ns.fetch_max(monotonic_ns(), Ordering::Relaxed);
     }
-
 }
 
 impl FlowSource for KernelFlow {
@@ -485,4 +479,3 @@ impl log::Log for BpfLog {
     }
     fn flush(&self) {}
 }
-

@@ -90,8 +90,8 @@ pub trait DataPath: Send + Sync {
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of [`FlowStats::last_activity_ns`].
 pub fn monotonic_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC is always available");
+    let ts =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC is always available");
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 

@@ -113,9 +113,8 @@ pub fn parse_request(buf: &[u8]) -> Result<(Request, usize), ParseError> {
         if host_len == 0 {
             return Err(ParseError::EmptyHostname);
         }
-        let host = std::str::from_utf8(&buf[used..used + host_len])
-            .map_err(|_| ParseError::HostnameEncoding)?
-            .to_owned();
+        let host =
+            std::str::from_utf8(&buf[used..used + host_len]).map_err(|_| ParseError::HostnameEncoding)?.to_owned();
         used += after_host;
         Destination::Name { host, port }
     } else {

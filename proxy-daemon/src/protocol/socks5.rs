@@ -315,7 +315,13 @@ mod tests {
         let r = check_all_prefixes(&v6, parse_request);
         assert_eq!(r.destination, Address::Ip("[::1]:8080".parse().unwrap()));
         let r = check_all_prefixes(b"\x05\x03\x00\x03\x09localhost\x00\x35", parse_request);
-        assert_eq!(r, Request { command: Command::UdpAssociate, destination: Address::Domain { host: "localhost".into(), port: 53 } });
+        assert_eq!(
+            r,
+            Request {
+                command: Command::UdpAssociate,
+                destination: Address::Domain { host: "localhost".into(), port: 53 }
+            }
+        );
         let r = check_all_prefixes(b"\x05\x02\x00\x01\x00\x00\x00\x00\x00\x00", parse_request);
         assert_eq!(r.command, Command::Bind);
     }
@@ -335,7 +341,10 @@ mod tests {
     /// Replies and UDP headers encode and decode symmetrically.
     #[test]
     fn replies_and_udp() {
-        assert_eq!(encode_reply(ReplyCode::Succeeded, "127.0.0.1:1080".parse().unwrap()), b"\x05\x00\x00\x01\x7f\x00\x00\x01\x04\x38");
+        assert_eq!(
+            encode_reply(ReplyCode::Succeeded, "127.0.0.1:1080".parse().unwrap()),
+            b"\x05\x00\x00\x01\x7f\x00\x00\x01\x04\x38"
+        );
         assert_eq!(encode_reply(ReplyCode::NotAllowed, "[::]:0".parse().unwrap()).len(), 22);
         let from: SocketAddr = "[::1]:5353".parse().unwrap();
         let d = encode_udp(from, b"ping");

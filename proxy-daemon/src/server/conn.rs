@@ -132,7 +132,10 @@ pub async fn serve(server: Arc<Server>, mut client: TcpStream, peer: SocketAddr,
     let dst = est.upstream.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let pair = Pair { client, upstream: est.upstream, client_early: est.early };
     let (path, tunnel) = match est.limits {
-        Some(limits) => ("userspace (rate-limited)".to_string(), UserspaceRelay.attach_limited(pair, entry.cancel.clone(), Some(limits))),
+        Some(limits) => (
+            "userspace (rate-limited)".to_string(),
+            UserspaceRelay.attach_limited(pair, entry.cancel.clone(), Some(limits)),
+        ),
         None => {
             let datapath = server.datapath();
             (datapath.kind().to_string(), datapath.attach(pair, entry.cancel.clone()))
@@ -168,9 +171,16 @@ async fn handshake(server: &Server, client: &mut TcpStream, peer: SocketAddr, sl
     result.ok().flatten()
 }
 
-async fn negotiate(server: &Server, client: &mut TcpStream, peer: SocketAddr, slot: &Slot) -> Result<Option<Established>, Failure> {
+async fn negotiate(
+    server: &Server,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    slot: &Slot,
+) -> Result<Option<Established>, Failure> {
     let mut buf = Vec::with_capacity(READ_CHUNK);
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, read_more(client, &mut buf, &slot.entry)).await.map_err(|_| Failure::Deadline)??;
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, read_more(client, &mut buf, &slot.entry))
+        .await
+        .map_err(|_| Failure::Deadline)??;
     let config = server.config();
     match buf[0] {
         // SOCKS4 carries no password: under auth-method=password it would bypass the login.
@@ -180,7 +190,9 @@ async fn negotiate(server: &Server, client: &mut TcpStream, peer: SocketAddr, sl
             Err(Failure::Refused("SOCKS4 while auth-method=password".into()))
         }
         4 => super::socks4::handshake(&config, client, peer, &slot.entry, buf).await.map(Some),
-        5 if config.settings.version >= 5 => super::socks5::handshake(server, &config, client, peer, &slot.entry, buf).await,
+        5 if config.settings.version >= 5 => {
+            super::socks5::handshake(server, &config, client, peer, &slot.entry, buf).await
+        }
         5 => {
             tracing::info!(src = %peer, "SOCKS5 client refused: version=4");
             super::socks5::refuse_version(client).await;
@@ -222,7 +234,9 @@ pub fn check_access(config: &Config, src: SocketAddr, dst: SocketAddr, dst_name:
 /// before any DNS query for it is made.
 pub fn deny_by_name(config: &Config, src: SocketAddr, port: u16, host: &str) -> Result<(), Failure> {
     match config.access.decide_by_name(src, port, host) {
-        Some(d) if d.action == Action::Deny => Err(Failure::Denied(d.rule.map_or_else(|| "-".into(), |r| r.to_string()))),
+        Some(d) if d.action == Action::Deny => {
+            Err(Failure::Denied(d.rule.map_or_else(|| "-".into(), |r| r.to_string())))
+        }
         _ => Ok(()),
     }
 }
@@ -248,7 +262,13 @@ pub async fn resolve(host: &str, port: u16, v4_only: bool) -> Result<Vec<SocketA
 
 /// Connects to the first of `candidates` that the access list allows and
 /// that answers, within [`DIAL_TIMEOUT`] in all. Records the destination in the row.
-pub async fn connect(config: &Config, src: SocketAddr, candidates: &[SocketAddr], name: Option<&str>, entry: &Entry) -> Result<TcpStream, Failure> {
+pub async fn connect(
+    config: &Config,
+    src: SocketAddr,
+    candidates: &[SocketAddr],
+    name: Option<&str>,
+    entry: &Entry,
+) -> Result<TcpStream, Failure> {
     let deadline = tokio::time::Instant::now() + DIAL_TIMEOUT;
     let mut last = None;
     for &dst in candidates {
@@ -281,7 +301,11 @@ pub async fn bind_listener(client: &TcpStream) -> Result<TcpListener, Failure> {
 /// Waits for BIND's peer. The client must wait for the second reply: bytes
 /// or a close from it now end the BIND. A peer from another address than
 /// `expected` ends it too (SOCKS4 spec).
-pub async fn await_peer(listener: TcpListener, client: &mut TcpStream, expected: IpAddr) -> Result<(TcpStream, SocketAddr), Failure> {
+pub async fn await_peer(
+    listener: TcpListener,
+    client: &mut TcpStream,
+    expected: IpAddr,
+) -> Result<(TcpStream, SocketAddr), Failure> {
     let accept = async {
         let mut probe = [0u8; 1];
         tokio::select! {
@@ -314,7 +338,9 @@ mod tests {
         }
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
-            let server = super::Server::new(Default::default(), crate::config::DataPathMode::Userspace, "/nonexistent".into()).unwrap();
+            let server =
+                super::Server::new(Default::default(), crate::config::DataPathMode::Userspace, "/nonexistent".into())
+                    .unwrap();
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let client = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
             let peer = client.local_addr().unwrap();

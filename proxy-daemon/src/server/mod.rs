@@ -20,8 +20,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, DataPathMode, Settings};
-use crate::datapath::userspace::{Limits, RateLimit, UserspaceRelay};
 use crate::datapath::kernel::{KernelDataPath, Policy};
+use crate::datapath::userspace::{Limits, RateLimit, UserspaceRelay};
 use crate::datapath::{DataPathKind, SharedDataPath};
 use crate::xdp::{self, Prefilter};
 use registry::Registry;
@@ -118,7 +118,8 @@ impl Server {
         match map.get(user) {
             Some((rate, limits)) if *rate == bits_per_sec => limits.clone(),
             _ => {
-                let limits = Limits { up: Arc::new(RateLimit::new(bits_per_sec)), down: Arc::new(RateLimit::new(bits_per_sec)) };
+                let limits =
+                    Limits { up: Arc::new(RateLimit::new(bits_per_sec)), down: Arc::new(RateLimit::new(bits_per_sec)) };
                 map.insert(user.to_owned(), (bits_per_sec, limits.clone()));
                 limits
             }
@@ -146,7 +147,9 @@ impl Server {
         let have_metrics = self.metrics_listener.lock().unwrap().as_ref().map(|l| l.addr);
         if new.metrics_address != have_metrics {
             p.metrics = Some(match new.metrics_address {
-                Some(addr) => Some((addr, bind(addr).map_err(|e| io::Error::new(e.kind(), format!("metrics-address: {e}")))?)),
+                Some(addr) => {
+                    Some((addr, bind(addr).map_err(|e| io::Error::new(e.kind(), format!("metrics-address: {e}")))?))
+                }
                 None => None,
             });
         }
@@ -313,7 +316,9 @@ pub fn raise_nofile_limit(max_connections: u32) {
     let target = want.min(hard).max(soft);
     if target > soft {
         match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
-            Ok(()) => tracing::info!("open-files limit raised from {soft} to {target} for max-connections={max_connections}"),
+            Ok(()) => {
+                tracing::info!("open-files limit raised from {soft} to {target} for max-connections={max_connections}")
+            }
             Err(e) => tracing::warn!("cannot raise the open-files limit from {soft} to {target}: {e}"),
         }
     }
@@ -329,9 +334,7 @@ fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
-    socket
-        .bind(addr)
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+    socket.bind(addr).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
     let listener = socket.listen(BACKLOG)?;
     listener.into_std()
 }

@@ -19,7 +19,13 @@ pub async fn reply_failure(client: &mut TcpStream) {
 
 /// Runs the handshake on `buf` (what has been read so far). Replies itself,
 /// failures included (91); returns the established far side or why not.
-pub async fn handshake(config: &Config, client: &mut TcpStream, peer: SocketAddr, entry: &Entry, buf: Vec<u8>) -> Result<Established, Failure> {
+pub async fn handshake(
+    config: &Config,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    entry: &Entry,
+    buf: Vec<u8>,
+) -> Result<Established, Failure> {
     let result = run(config, client, peer, entry, buf).await;
     if let Err(e) = &result {
         tracing::info!(src = %peer, "SOCKS4 request failed: {e}");
@@ -30,7 +36,13 @@ pub async fn handshake(config: &Config, client: &mut TcpStream, peer: SocketAddr
     result
 }
 
-async fn run(config: &Config, client: &mut TcpStream, peer: SocketAddr, entry: &Entry, mut buf: Vec<u8>) -> Result<Established, Failure> {
+async fn run(
+    config: &Config,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    entry: &Entry,
+    mut buf: Vec<u8>,
+) -> Result<Established, Failure> {
     let read = async {
         loop {
             match socks4::parse_request(&buf) {

@@ -33,7 +33,14 @@ pub async fn refuse_version(client: &mut TcpStream) {
 /// Runs the handshake on `buf` (what has been read so far). Replies itself,
 /// failures included; returns the far side of a TCP tunnel, `None` for a UDP
 /// association that has ended, or why it failed.
-pub async fn handshake(server: &Server, config: &Config, client: &mut TcpStream, peer: SocketAddr, entry: &Entry, buf: Vec<u8>) -> Result<Option<Established>, Failure> {
+pub async fn handshake(
+    server: &Server,
+    config: &Config,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    entry: &Entry,
+    buf: Vec<u8>,
+) -> Result<Option<Established>, Failure> {
     let mut requested = false;
     let result = run(server, config, client, peer, entry, buf, &mut requested).await;
     if let Err(e) = &result {
@@ -95,14 +102,20 @@ async fn run(
     requested: &mut bool,
 ) -> Result<Option<Established>, Failure> {
     // Method selection.
-    let methods = read_message(client, &mut buf, entry, socks5::parse_greeting).await?.map_err(|e| Failure::Malformed(e.to_string()))?;
+    let methods = read_message(client, &mut buf, entry, socks5::parse_greeting)
+        .await?
+        .map_err(|e| Failure::Malformed(e.to_string()))?;
     let password = config.settings.auth_method == AuthMethod::Password;
     let want = if password { socks5::METHOD_PASSWORD } else { socks5::METHOD_NONE };
     let someone_can_log_in = !password || config.users.iter().any(|u| !u.disabled);
     let usable = methods.contains(&want) && someone_can_log_in;
     if !usable {
         client.write_all(&[5, socks5::METHOD_UNACCEPTABLE]).await?;
-        let why = if password && methods.contains(&want) { "auth-method=password and no user is enabled" } else { "no acceptable method offered" };
+        let why = if password && methods.contains(&want) {
+            "auth-method=password and no user is enabled"
+        } else {
+            "no acceptable method offered"
+        };
         return Err(Failure::Refused(why.into()));
     }
     client.write_all(&[5, want]).await?;
@@ -110,7 +123,9 @@ async fn run(
     // Username/password (RFC 1929).
     let mut limits = None;
     if password {
-        let creds = read_message(client, &mut buf, entry, socks5::parse_credentials).await?.map_err(|e| Failure::Malformed(e.to_string()))?;
+        let creds = read_message(client, &mut buf, entry, socks5::parse_credentials)
+            .await?
+            .map_err(|e| Failure::Malformed(e.to_string()))?;
         let user = config.users.iter().find(|u| !u.disabled && u.name == creds.username).cloned();
         let verified = match &user {
             Some(u) => {
@@ -194,7 +209,11 @@ struct UdpCounters {
 
 impl FlowSource for UdpCounters {
     fn snapshot(&self) -> FlowStats {
-        FlowStats { tx: self.tx.load(Ordering::Relaxed), rx: self.rx.load(Ordering::Relaxed), last_activity_ns: self.last_ns.load(Ordering::Relaxed) }
+        FlowStats {
+            tx: self.tx.load(Ordering::Relaxed),
+            rx: self.rx.load(Ordering::Relaxed),
+            last_activity_ns: self.last_ns.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -221,7 +240,13 @@ fn canonical(a: SocketAddr) -> SocketAddr {
 /// Relays datagrams for the client until its TCP connection ends. Only the
 /// client's own address may send through the relay, and only the
 /// destinations it has sent to may answer.
-async fn udp_associate(config: &Config, client: &mut TcpStream, peer: SocketAddr, requested: SocketAddr, entry: &Entry) -> Result<(), Failure> {
+async fn udp_associate(
+    config: &Config,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    requested: SocketAddr,
+    entry: &Entry,
+) -> Result<(), Failure> {
     let socket = udp_socket().await?;
     let relay_addr = SocketAddr::new(client.local_addr()?.ip().to_canonical(), socket.local_addr()?.port());
     let counters = Arc::new(UdpCounters { last_ns: AtomicU64::new(monotonic_ns()), ..Default::default() });
@@ -231,7 +256,8 @@ async fn udp_associate(config: &Config, client: &mut TcpStream, peer: SocketAddr
 
     let client_ip = peer.ip().to_canonical();
     // The client's UDP port: as requested, or learned from its first datagram.
-    let mut client_udp: Option<SocketAddr> = (requested.port() != 0).then(|| SocketAddr::new(client_ip, requested.port()));
+    let mut client_udp: Option<SocketAddr> =
+        (requested.port() != 0).then(|| SocketAddr::new(client_ip, requested.port()));
     let mut peers: HashSet<SocketAddr> = HashSet::new();
     let mut dgram = vec![0u8; UDP_MAX_DATAGRAM];
     let mut control = [0u8; 512];

@@ -16,8 +16,12 @@ use anyhow::{bail, Context, Result};
 
 /// Loopback addresses the server listens on (same port on each), so that the
 /// proxies' upstream connections spread over several 4-tuple spaces.
-pub const LISTEN_IPS: [Ipv4Addr; 4] =
-    [Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3), Ipv4Addr::new(127, 0, 0, 4)];
+pub const LISTEN_IPS: [Ipv4Addr; 4] = [
+    Ipv4Addr::new(127, 0, 0, 1),
+    Ipv4Addr::new(127, 0, 0, 2),
+    Ipv4Addr::new(127, 0, 0, 3),
+    Ipv4Addr::new(127, 0, 0, 4),
+];
 
 pub struct EchoServer {
     pub addrs: Vec<SocketAddrV4>,
@@ -121,7 +125,10 @@ fn serve(listeners: &[RawFd]) {
     unsafe {
         let ep = libc::epoll_create1(libc::EPOLL_CLOEXEC);
         for &l in listeners {
-            let mut ev = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32, u64: LISTENER_TAG | l as u64 };
+            let mut ev = libc::epoll_event {
+                events: (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32,
+                u64: LISTENER_TAG | l as u64,
+            };
             libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, l, &mut ev);
         }
         let mut conns: Vec<Conn> = Vec::new();
@@ -137,12 +144,23 @@ fn serve(listeners: &[RawFd]) {
                 if data & LISTENER_TAG != 0 {
                     let l = (data & !LISTENER_TAG) as RawFd;
                     loop {
-                        let fd = libc::accept4(l, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC);
+                        let fd = libc::accept4(
+                            l,
+                            std::ptr::null_mut(),
+                            std::ptr::null_mut(),
+                            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                        );
                         if fd < 0 {
                             break;
                         }
                         let one: libc::c_int = 1;
-                        libc::setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, &one as *const _ as *const libc::c_void, 4);
+                        libc::setsockopt(
+                            fd,
+                            libc::IPPROTO_TCP,
+                            libc::TCP_NODELAY,
+                            &one as *const _ as *const libc::c_void,
+                            4,
+                        );
                         let idx = fd as usize;
                         while conns.len() <= idx {
                             conns.push(Conn { mode: MODE_NONE, count: 0 });

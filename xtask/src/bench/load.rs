@@ -50,12 +50,16 @@ pub fn tcp_connect(dst: SocketAddrV4, src: Option<Ipv4Addr>) -> io::Result<TcpSt
             let one: libc::c_int = 1;
             libc::setsockopt(fd, libc::IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one as *const _ as *const libc::c_void, 4);
             let sa = sockaddr(SocketAddrV4::new(ip, 0));
-            if libc::bind(fd, &sa as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_in>() as u32) < 0 {
+            if libc::bind(fd, &sa as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_in>() as u32)
+                < 0
+            {
                 return Err(io::Error::last_os_error());
             }
         }
         let sa = sockaddr(dst);
-        if libc::connect(fd, &sa as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_in>() as u32) < 0 {
+        if libc::connect(fd, &sa as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_in>() as u32)
+            < 0
+        {
             return Err(io::Error::last_os_error());
         }
         s.set_nodelay(true)?;
@@ -273,7 +277,13 @@ pub fn connrate(t: &Target, conc: usize, dur: Duration) -> RateResult {
 
 /// Opens `n` more tunnels (in `threads` parallel openers), each proven with one
 /// echoed byte. Returns the streams opened and the first error, if any.
-pub fn open_tunnels(t: &Target, base: usize, n: usize, threads: usize, deadline: Instant) -> (Vec<TcpStream>, Option<String>) {
+pub fn open_tunnels(
+    t: &Target,
+    base: usize,
+    n: usize,
+    threads: usize,
+    deadline: Instant,
+) -> (Vec<TcpStream>, Option<String>) {
     let handles: Vec<_> = (0..threads)
         .map(|k| {
             let t = t.clone();
@@ -338,7 +348,8 @@ pub fn tcp_mem_bytes() -> u64 {
     let text = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
     let Some(line) = text.lines().find(|l| l.starts_with("TCP:")) else { return 0 };
     let f: Vec<&str> = line.split_whitespace().collect();
-    f.iter().position(|w| *w == "mem").and_then(|i| f.get(i + 1)).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 4096
+    f.iter().position(|w| *w == "mem").and_then(|i| f.get(i + 1)).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        * 4096
 }
 
 /// TCP memory per tunnel while one side of every tunnel stops reading.

@@ -199,7 +199,8 @@ impl Cores {
     fn add(&mut self, a: &Snap, b: &Snap) {
         let wall = ((b.total - a.total) / cores()).max(1e-3);
         let d = |x: f64, y: f64| (y - x) / wall;
-        let (p, g, e, s, busy) = (d(a.proxy, b.proxy), d(a.gen, b.gen), d(a.echo, b.echo), d(a.softirq, b.softirq), d(a.busy, b.busy));
+        let (p, g, e, s, busy) =
+            (d(a.proxy, b.proxy), d(a.gen, b.gen), d(a.echo, b.echo), d(a.softirq, b.softirq), d(a.busy, b.busy));
         self.proxy.push(p);
         self.gen.push(g);
         self.echo.push(e);
@@ -236,7 +237,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // Fork the echo server first, while this process has no other thread.
     let mut echo = echo::EchoServer::spawn(2)?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
-    let out = args.out.clone().unwrap_or_else(|| root.join(if args.smoke { "target/bench/smoke" } else { "target/bench" }));
+    let out =
+        args.out.clone().unwrap_or_else(|| root.join(if args.smoke { "target/bench/smoke" } else { "target/bench" }));
     let logs = out.join("logs");
     std::fs::create_dir_all(&logs)?;
     let work = PathBuf::from(format!("/tmp/proxyd-bench-{}", std::process::id()));
@@ -250,7 +252,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         conn: Duration::from_secs_f64(secs / 2.0),
         concs: vec![1, 16, 64],
         tunnels: match &args.tunnels {
-            Some(s) => s.split(',').map(|x| x.trim().parse::<usize>()).collect::<Result<Vec<_>, _>>().context("--tunnels: numbers, e.g. 1000,4000,8000")?,
+            Some(s) => s
+                .split(',')
+                .map(|x| x.trim().parse::<usize>())
+                .collect::<Result<Vec<_>, _>>()
+                .context("--tunnels: numbers, e.g. 1000,4000,8000")?,
             None if args.smoke => vec![50, 100, 200],
             None => vec![1000, 4000, 8000],
         },
@@ -259,7 +265,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         slow_tunnels: if args.smoke { 4 } else { 20 },
         tests: args.tests.split(',').map(|t| t.trim().to_string()).collect(),
     };
-    if let Some(bad) = cfg.tests.iter().find(|t| !["bulk", "latency", "slow", "mixed", "scale", "conn"].contains(&t.as_str())) {
+    if let Some(bad) =
+        cfg.tests.iter().find(|t| !["bulk", "latency", "slow", "mixed", "scale", "conn"].contains(&t.as_str()))
+    {
         anyhow::bail!("--tests: unknown measurement {bad:?} (allowed: bulk, latency, slow, mixed, scale, conn)");
     }
     let bin = args.proxyd.clone().unwrap_or_else(|| root.join("target/release/proxyd"));
@@ -267,7 +275,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut machine = report::machine_info(&root, &ctx.bin);
     eprintln!("bench: {}", machine.summary());
     if machine.load1 > 0.5 {
-        eprintln!("bench: warning: load average {:.2} at start; other work on this 2-core machine skews the figures", machine.load1);
+        eprintln!(
+            "bench: warning: load average {:.2} at start; other work on this 2-core machine skews the figures",
+            machine.load1
+        );
     }
 
     let iperf = if args.no_iperf || cfg.smoke { None } else { Some(iperf3(&cfg)) };
@@ -282,16 +293,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Kind::Microsocks,
         Kind::Proxyd5("auto"),
     ]
-        .into_iter()
-        .filter(|k| {
-            let short = match k {
-                Kind::Proxyd(p) => p.to_string(),
-                Kind::Proxyd5(p) => format!("{p}-socks5"),
-                k => k.name(),
-            };
-            wanted.iter().any(|w| *w == short || *w == k.name())
-        })
-        .collect();
+    .into_iter()
+    .filter(|k| {
+        let short = match k {
+            Kind::Proxyd(p) => p.to_string(),
+            Kind::Proxyd5(p) => format!("{p}-socks5"),
+            k => k.name(),
+        };
+        wanted.iter().any(|w| *w == short || *w == k.name())
+    })
+    .collect();
     let results = run_systems(&kinds, &ctx, &cfg);
     echo.stop();
     let _ = std::fs::remove_dir_all(&work);
@@ -313,7 +324,11 @@ pub struct Iperf {
 fn iperf3(cfg: &Cfg) -> Iperf {
     let fail = |e: String| Iperf { one: Err(e.clone()), eight: Err(e) };
     let Ok(port) = procs::free_port() else { return fail("no free port".into()) };
-    let server = Command::new("iperf3").args(["-s", "-B", "127.0.0.1", "-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn();
+    let server = Command::new("iperf3")
+        .args(["-s", "-B", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
     let Ok(mut server) = server else { return fail("iperf3 is not installed (`cargo xtask setup`)".into()) };
     std::thread::sleep(Duration::from_millis(300));
     let secs = cfg.bulk.as_secs_f64().ceil().max(1.0) as u64;
@@ -321,11 +336,23 @@ fn iperf3(cfg: &Cfg) -> Iperf {
         let mut v = Vec::new();
         for _ in 0..cfg.repeats {
             let out = Command::new("iperf3")
-                .args(["-c", "127.0.0.1", "-p", &port.to_string(), "-t", &secs.to_string(), "-P", &flows.to_string(), "-J"])
+                .args([
+                    "-c",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    "-t",
+                    &secs.to_string(),
+                    "-P",
+                    &flows.to_string(),
+                    "-J",
+                ])
                 .output()
                 .map_err(|e| e.to_string())?;
             let j: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
-            let bps = j["end"]["sum_received"]["bits_per_second"].as_f64().ok_or_else(|| format!("iperf3: {}", j["error"]))?;
+            let bps = j["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .ok_or_else(|| format!("iperf3: {}", j["error"]))?;
             v.push(bps / 1e9);
         }
         Ok(median(&v))
@@ -594,7 +621,8 @@ fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
             }
             line += &format!("; {drops} listen-queue drops (TcpExt ListenDrops, all runs)");
             s.r.diag.push(line);
-            s.r.diag_json.insert(key.clone(), serde_json::json!({"cores": cpu.json(), "failed": failed, "listen_drops": drops}));
+            s.r.diag_json
+                .insert(key.clone(), serde_json::json!({"cores": cpu.json(), "failed": failed, "listen_drops": drops}));
         }
         if let Some(p) = s.proxy.as_mut() {
             p.stop();
@@ -643,7 +671,13 @@ fn bulk_once(s: &mut Sys, key: &str, flows: usize, rep: usize, ctx: &Ctx, cfg: &
 
 /// "client side: rcvbuf .. (queued ..), sndbuf ..; upstream: ..." (medians over the sockets).
 fn sock_summary(socks: &[procs::Sock], port: u16) -> String {
-    let kib = |v: f64| if v >= 1024.0 * 1024.0 { format!("{:.1} MiB", v / 1048576.0) } else { format!("{:.0} KiB", v / 1024.0) };
+    let kib = |v: f64| {
+        if v >= 1024.0 * 1024.0 {
+            format!("{:.1} MiB", v / 1048576.0)
+        } else {
+            format!("{:.0} KiB", v / 1024.0)
+        }
+    };
     let mut out = String::new();
     for (label, client) in [("client-side", true), ("upstream", false)] {
         let v: Vec<&procs::Sock> = socks.iter().filter(|s| s.local.ends_with(&format!(":{port}")) == client).collect();
@@ -719,13 +753,17 @@ fn scale(r: &mut SysResult, mut proxy: Option<Proxy>, ctx: &Ctx, cfg: &Cfg) {
             streams.len(),
             kinds.iter().map(|(k, n)| format!("{n} {k}")).collect::<Vec<_>>().join(", ")
         );
-        r.diag_json.insert("fd_kinds_at_max".into(), kinds.iter().map(|(k, n)| serde_json::json!({"kind": k, "count": n})).collect::<Vec<_>>().into());
+        r.diag_json.insert(
+            "fd_kinds_at_max".into(),
+            kinds.iter().map(|(k, n)| serde_json::json!({"kind": k, "count": n})).collect::<Vec<_>>().into(),
+        );
     }
     let t = Instant::now();
     let ok = load::verify_tunnels(&mut streams);
     let max = *cfg.tunnels.last().unwrap_or(&0);
     r.push("tunnels_ok", ok as f64);
-    dline += &format!(" {ok} of {} answered one byte each afterwards ({:.2} s)", streams.len(), t.elapsed().as_secs_f64());
+    dline +=
+        &format!(" {ok} of {} answered one byte each afterwards ({:.2} s)", streams.len(), t.elapsed().as_secs_f64());
     if let Some(e) = err {
         r.note("tunnels_ok", e);
     } else if ok < max {
@@ -735,7 +773,10 @@ fn scale(r: &mut SysResult, mut proxy: Option<Proxy>, ctx: &Ctx, cfg: &Cfg) {
         if n1 > n0 {
             r.push("rss_slope_kib", (m1 as f64 - m0 as f64) / (n1 - n0) as f64);
             let pss_slope = (p1 as f64 - p0 as f64) / (n1 - n0) as f64;
-            dline += &format!("; slope {n0}->{n1}: VmRSS {:.2} KiB, PSS {pss_slope:.2} KiB per tunnel", (m1 as f64 - m0 as f64) / (n1 - n0) as f64);
+            dline += &format!(
+                "; slope {n0}->{n1}: VmRSS {:.2} KiB, PSS {pss_slope:.2} KiB per tunnel",
+                (m1 as f64 - m0 as f64) / (n1 - n0) as f64
+            );
             r.diag_json.insert("pss_slope_kib".into(), pss_slope.into());
         }
     }

@@ -63,7 +63,9 @@ fn wait_port(child: &mut Child, addr: SocketAddrV4, log: &Path) -> Result<()> {
 pub fn free_port() -> Result<u16> {
     const FIRST: u16 = 12_000;
     const COUNT: u16 = 20_000;
-    let start = (std::process::id() as u64 ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos() as u64) % u64::from(COUNT);
+    let start = (std::process::id() as u64
+        ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos() as u64)
+        % u64::from(COUNT);
     for i in 0..COUNT {
         let port = FIRST + ((start as u16).wrapping_add(i) % COUNT);
         if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
@@ -74,7 +76,12 @@ pub fn free_port() -> Result<u16> {
 }
 
 fn proxyd_cli(bin: &Path, control: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new(bin).arg("--control").arg(control).args(args).output().with_context(|| format!("cannot run {}", bin.display()))?;
+    let out = Command::new(bin)
+        .arg("--control")
+        .arg(control)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
     if !out.status.success() {
         bail!("`proxyd {}` failed ({}): {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
@@ -107,7 +114,14 @@ impl Proxy {
         die_with_parent(&mut cmd);
         let child = cmd.spawn().with_context(|| format!("cannot start {}", bin.display()))?;
         let pid = child.id() as i32;
-        let mut p = Proxy { child, pid, addr: SocketAddrV4::new([127, 0, 0, 1].into(), 0), pin_dir: Some(pin_dir), path_check: String::new(), socks5 };
+        let mut p = Proxy {
+            child,
+            pid,
+            addr: SocketAddrV4::new([127, 0, 0, 1].into(), 0),
+            pin_dir: Some(pin_dir),
+            path_check: String::new(),
+            socks5,
+        };
         let r = (|| -> Result<()> {
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
@@ -146,7 +160,10 @@ impl Proxy {
             if !line.contains(&format!("in use: {in_use}")) {
                 bail!("asked for data-path {path}, `ip socks print` says `{line}`");
             }
-            p.path_check = format!("asked for `--data-path {path}`; `proxyd ip socks print` says `{line}` (log: {})", log.display());
+            p.path_check = format!(
+                "asked for `--data-path {path}`; `proxyd ip socks print` says `{line}` (log: {})",
+                log.display()
+            );
             wait_port(&mut p.child, p.addr, &log)
         })();
         match r {
@@ -183,13 +200,28 @@ impl Proxy {
         die_with_parent(&mut cmd);
         let child = cmd.spawn().context("cannot start danted (is dante-server installed? `cargo xtask setup`)")?;
         let pid = child.id() as i32;
-        let mut p = Proxy { child, pid, addr: SocketAddrV4::new([127, 0, 0, 1].into(), port), pin_dir: None, path_check: String::new(), socks5: false };
+        let mut p = Proxy {
+            child,
+            pid,
+            addr: SocketAddrV4::new([127, 0, 0, 1].into(), port),
+            pin_dir: None,
+            path_check: String::new(),
+            socks5: false,
+        };
         if let Err(e) = wait_port(&mut p.child, p.addr, &log) {
             p.stop();
             return Err(e);
         }
-        let v = Command::new("danted").arg("-v").output().map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string()).unwrap_or_default();
-        p.path_check = format!("{} from Debian, SOCKS4 on 127.0.0.1 (config written by the bench; log: {})", v.split(" Copyright").next().unwrap_or("").trim().trim_end_matches('.'), log.display());
+        let v = Command::new("danted")
+            .arg("-v")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
+            .unwrap_or_default();
+        p.path_check = format!(
+            "{} from Debian, SOCKS4 on 127.0.0.1 (config written by the bench; log: {})",
+            v.split(" Copyright").next().unwrap_or("").trim().trim_end_matches('.'),
+            log.display()
+        );
         Ok(p)
     }
 
@@ -199,16 +231,27 @@ impl Proxy {
         let port = free_port()?;
         let log = logs.join("microsocks.log");
         let mut cmd = Command::new("microsocks");
-        cmd.args(["-i", "127.0.0.1", "-p", &port.to_string()]).stdin(Stdio::null()).stdout(File::create(&log)?).stderr(File::create(&log)?);
+        cmd.args(["-i", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(File::create(&log)?)
+            .stderr(File::create(&log)?);
         die_with_parent(&mut cmd);
         let child = cmd.spawn().context("cannot start microsocks (is it installed? `cargo xtask setup`)")?;
         let pid = child.id() as i32;
-        let mut p = Proxy { child, pid, addr: SocketAddrV4::new([127, 0, 0, 1].into(), port), pin_dir: None, path_check: String::new(), socks5: true };
+        let mut p = Proxy {
+            child,
+            pid,
+            addr: SocketAddrV4::new([127, 0, 0, 1].into(), port),
+            pin_dir: None,
+            path_check: String::new(),
+            socks5: true,
+        };
         if let Err(e) = wait_port(&mut p.child, p.addr, &log) {
             p.stop();
             return Err(e);
         }
-        p.path_check = format!("microsocks from Debian, SOCKS5 without authentication on {} (log: {})", p.addr, log.display());
+        p.path_check =
+            format!("microsocks from Debian, SOCKS5 without authentication on {} (log: {})", p.addr, log.display());
         Ok(p)
     }
 
@@ -288,7 +331,9 @@ pub fn tree_cpu_secs(root: i32) -> f64 {
 
 /// CPU seconds (user + system, all threads) of one process, children excluded.
 pub fn proc_cpu_secs(pid: i32) -> f64 {
-    stat_fields(pid).map_or(0.0, |f| (11..=12).map(|i| f.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)).sum::<u64>() as f64 / clk_tck())
+    stat_fields(pid).map_or(0.0, |f| {
+        (11..=12).map(|i| f.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)).sum::<u64>() as f64 / clk_tck()
+    })
 }
 
 pub fn threads(pid: i32) -> u64 {
@@ -298,7 +343,12 @@ pub fn threads(pid: i32) -> u64 {
 fn status_kib(pid: i32, file: &str, key: &str) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/{file}"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
         .unwrap_or(0)
 }
 

@@ -36,17 +36,40 @@ fn cmd_out(c: &mut Command) -> String {
 }
 
 pub fn load_average() -> f64 {
-    std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0.0)
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 pub fn machine_info(root: &Path, bin: &Path) -> Machine {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
     let cpuinfo = read("/proc/cpuinfo");
-    let cpu = cpuinfo.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).unwrap_or("?").trim().to_string();
-    let mem_kib: f64 = read("/proc/meminfo").lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    let fd_limit = read("/proc/self/limits").lines().find(|l| l.starts_with("Max open files")).and_then(|l| l.split_whitespace().nth(3)).unwrap_or("?").to_string();
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
+    let mem_kib: f64 = read("/proc/meminfo")
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let fd_limit = read("/proc/self/limits")
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap_or("?")
+        .to_string();
     let mut git = cmd_out(Command::new("git").arg("-C").arg(root).args(["rev-parse", "--short", "HEAD"]));
-    if !cmd_out(Command::new("git").arg("-C").arg(root).args(["status", "--porcelain", "--untracked-files=no"])).is_empty() {
+    if !cmd_out(Command::new("git").arg("-C").arg(root).args(["status", "--porcelain", "--untracked-files=no"]))
+        .is_empty()
+    {
         git += " (with uncommitted changes)";
     }
     Machine {
@@ -115,13 +138,24 @@ fn find<'a>(results: &'a [SysResult], name: &str) -> Option<&'a SysResult> {
     results.iter().find(|r| r.name == name && r.available)
 }
 
-pub fn write(out: &Path, m: &Machine, cfg: &Cfg, iperf: Option<&Iperf>, results: &[SysResult], elapsed: f64) -> Result<String> {
+pub fn write(
+    out: &Path,
+    m: &Machine,
+    cfg: &Cfg,
+    iperf: Option<&Iperf>,
+    results: &[SysResult],
+    elapsed: f64,
+) -> Result<String> {
     let defs = metric_defs(cfg);
     let direct = find(results, "direct");
     let dante = find(results, "dante");
     let mut md = String::new();
     let cmdline = if cfg.smoke { "cargo xtask bench --smoke".to_string() } else { "cargo xtask bench".to_string() };
-    writeln!(md, "## Benchmark results{}\n", if cfg.smoke { " (smoke run: tiny sizes, not figures to quote)" } else { "" })?;
+    writeln!(
+        md,
+        "## Benchmark results{}\n",
+        if cfg.smoke { " (smoke run: tiny sizes, not figures to quote)" } else { "" }
+    )?;
     writeln!(
         md,
         "Machine: {} cores ({}), Linux {}, {:.0} GiB RAM, open files per process {}; {}; git {}; {}. Load average (1 min) at start {:.2}, at end {:.2} (the bench itself adds about 2 on this machine; more means other work shared the cores).\n",
@@ -158,7 +192,8 @@ pub fn write(out: &Path, m: &Machine, cfg: &Cfg, iperf: Option<&Iperf>, results:
     for r in results {
         write!(md, "| {} |", r.name)?;
         for (key, _, _, _) in &defs {
-            let cell = if !r.available { "n/a".to_string() } else { r.get(key).map(num).unwrap_or_else(|| "—".into()) };
+            let cell =
+                if !r.available { "n/a".to_string() } else { r.get(key).map(num).unwrap_or_else(|| "—".into()) };
             write!(md, " {cell} |")?;
         }
         writeln!(md)?;
@@ -172,7 +207,9 @@ pub fn write(out: &Path, m: &Machine, cfg: &Cfg, iperf: Option<&Iperf>, results:
                 let cell = if !r.available {
                     "n/a".into()
                 } else {
-                    ratio(r.get(key), reference.and_then(|x| x.get(key))).map(|x| format!("{}×", num(x))).unwrap_or_else(|| "—".into())
+                    ratio(r.get(key), reference.and_then(|x| x.get(key)))
+                        .map(|x| format!("{}×", num(x)))
+                        .unwrap_or_else(|| "—".into())
                 };
                 write!(md, " {cell} |")?;
             }
@@ -191,7 +228,9 @@ pub fn write(out: &Path, m: &Machine, cfg: &Cfg, iperf: Option<&Iperf>, results:
     }
     let notes: Vec<String> = results
         .iter()
-        .flat_map(|r| r.metrics.iter().filter_map(move |(k, v)| v.note.as_ref().map(|n| format!("- {} {k}: {n}", r.name))))
+        .flat_map(|r| {
+            r.metrics.iter().filter_map(move |(k, v)| v.note.as_ref().map(|n| format!("- {} {k}: {n}", r.name)))
+        })
         .collect();
     if !notes.is_empty() {
         writeln!(md, "\nNotes and errors:\n\n{}", notes.join("\n"))?;
@@ -199,7 +238,9 @@ pub fn write(out: &Path, m: &Machine, cfg: &Cfg, iperf: Option<&Iperf>, results:
 
     // Load generator against iperf3.
     if let Some(ip) = iperf {
-        let f = |x: &Result<f64, String>| x.as_ref().map(|v| format!("{} Gbit/s", num(*v))).unwrap_or_else(|e| format!("failed: {e}"));
+        let f = |x: &Result<f64, String>| {
+            x.as_ref().map(|v| format!("{} Gbit/s", num(*v))).unwrap_or_else(|e| format!("failed: {e}"))
+        };
         let d1 = direct.and_then(|d| d.get("bulk1_gbps"));
         let d8 = direct.and_then(|d| d.get("bulk8_gbps"));
         writeln!(
@@ -217,13 +258,20 @@ pub fn write(out: &Path, m: &Machine, cfg: &Cfg, iperf: Option<&Iperf>, results:
     // Goals of the kernel path.
     let goals = goals(results, cfg);
     if !goals.is_empty() {
-        writeln!(md, "\nGoals (proxyd-auto, the default, medians of this run):\n\n| goal | measured | met |\n|---|---|---|")?;
+        writeln!(
+            md,
+            "\nGoals (proxyd-auto, the default, medians of this run):\n\n| goal | measured | met |\n|---|---|---|"
+        )?;
         for (goal, measured, met) in &goals {
-            writeln!(md, "| {goal} | {measured} | {} |", match met {
-                Some(true) => "yes",
-                Some(false) => "**no**",
-                None => "n/a",
-            })?;
+            writeln!(
+                md,
+                "| {goal} | {measured} | {} |",
+                match met {
+                    Some(true) => "yes",
+                    Some(false) => "**no**",
+                    None => "n/a",
+                }
+            )?;
         }
     }
 
@@ -250,7 +298,10 @@ pub fn write(out: &Path, m: &Machine, cfg: &Cfg, iperf: Option<&Iperf>, results:
 
     std::fs::create_dir_all(out)?;
     std::fs::write(out.join("results.md"), &md)?;
-    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&to_json(m, cfg, iperf, results, &defs, &goals, elapsed))?)?;
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&to_json(m, cfg, iperf, results, &defs, &goals, elapsed))?,
+    )?;
     std::fs::write(out.join("results.svg"), svg(results, &defs, m))?;
     Ok(md)
 }
@@ -284,7 +335,11 @@ fn goals(results: &[SysResult], cfg: &Cfg) -> Vec<Goal> {
     for c in &cfg.concs {
         let key = format!("conn_c{c}");
         let (x, n) = (g(&key, auto), g(&key, dante));
-        v.push((format!("connections c={c} ≥ 2× Dante"), format!("{} Dante", fmt_ratio(x, n)), x.zip(n).map(|(x, n)| x >= 2.0 * n)));
+        v.push((
+            format!("connections c={c} ≥ 2× Dante"),
+            format!("{} Dante", fmt_ratio(x, n)),
+            x.zip(n).map(|(x, n)| x >= 2.0 * n),
+        ));
     }
     let (x1, d1, n1) = (g("bulk1_gbps", auto), g("bulk1_gbps", direct), g("bulk1_gbps", dante));
     v.push((
@@ -296,7 +351,11 @@ fn goals(results: &[SysResult], cfg: &Cfg) -> Vec<Goal> {
         },
     ));
     let (x8, n8) = (g("bulk8_gbps", auto), g("bulk8_gbps", dante));
-    v.push(("bulk 8 flows ≥ 1.6× Dante".into(), format!("{} Dante", fmt_ratio(x8, n8)), x8.zip(n8).map(|(x, n)| x >= 1.6 * n)));
+    v.push((
+        "bulk 8 flows ≥ 1.6× Dante".into(),
+        format!("{} Dante", fmt_ratio(x8, n8)),
+        x8.zip(n8).map(|(x, n)| x >= 1.6 * n),
+    ));
     let (km, um) = (g("cpu_machine_s_per_gib", kernel), g("cpu_machine_s_per_gib", user));
     v.push((
         "forced kernel path: machine CPU per GiB ≤ the relay's".into(),
@@ -313,7 +372,11 @@ fn goals(results: &[SysResult], cfg: &Cfg) -> Vec<Goal> {
     let (ok, slope) = (g("tunnels_ok", auto), g("rss_slope_kib", auto));
     v.push((
         format!("{max} idle tunnels held, ≤ 4 KiB per tunnel"),
-        format!("{} answering, {} KiB per tunnel", ok.map(num).unwrap_or("—".into()), slope.map(num).unwrap_or("—".into())),
+        format!(
+            "{} answering, {} KiB per tunnel",
+            ok.map(num).unwrap_or("—".into()),
+            slope.map(num).unwrap_or("—".into())
+        ),
         ok.zip(slope).map(|(o, s)| o >= max && s <= 4.0),
     ));
     if auto.is_none() {
@@ -328,7 +391,15 @@ fn fmt_ratio(a: Option<f64>, b: Option<f64>) -> String {
     ratio(a, b).map(|x| format!("{}×", num(x))).unwrap_or("—".into())
 }
 
-fn to_json(m: &Machine, cfg: &Cfg, iperf: Option<&Iperf>, results: &[SysResult], defs: &[(String, String, &'static str, bool)], goals: &[Goal], elapsed: f64) -> Value {
+fn to_json(
+    m: &Machine,
+    cfg: &Cfg,
+    iperf: Option<&Iperf>,
+    results: &[SysResult],
+    defs: &[(String, String, &'static str, bool)],
+    goals: &[Goal],
+    elapsed: f64,
+) -> Value {
     let direct = find(results, "direct");
     let dante = find(results, "dante");
     let systems: Vec<Value> = results
@@ -380,8 +451,17 @@ fn svg(results: &[SysResult], defs: &[(String, String, &'static str, bool)], m: 
         "proxyd-auto" => "#9467bd",
         _ => "#9467bd",
     };
-    let panels: Vec<&(String, String, &'static str, bool)> =
-        defs.iter().filter(|d| d.0.starts_with("bulk") || d.0 == "lat_mean_us" || d.0 == "lat_p99_us" || d.0.starts_with("conn_") || d.0 == "rss_slope_kib" || d.0.starts_with("cpu_")).collect();
+    let panels: Vec<&(String, String, &'static str, bool)> = defs
+        .iter()
+        .filter(|d| {
+            d.0.starts_with("bulk")
+                || d.0 == "lat_mean_us"
+                || d.0 == "lat_p99_us"
+                || d.0.starts_with("conn_")
+                || d.0 == "rss_slope_kib"
+                || d.0.starts_with("cpu_")
+        })
+        .collect();
     let (pw, ph, cols) = (300.0, 210.0, 3usize);
     let rows = panels.len().div_ceil(cols);
     let (w, h) = (pw * cols as f64 + 20.0, ph * rows as f64 + 90.0);
@@ -391,12 +471,22 @@ fn svg(results: &[SysResult], defs: &[(String, String, &'static str, bool)], m: 
     // Legend.
     let mut lx = 10.0;
     for r in results {
-        s += &format!("<rect x=\"{lx}\" y=\"32\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"42\">{}{}</text>\n", colors(&r.name), lx + 16.0, esc(&r.name), if r.available { "" } else { " (n/a)" });
+        s += &format!(
+            "<rect x=\"{lx}\" y=\"32\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"42\">{}{}</text>\n",
+            colors(&r.name),
+            lx + 16.0,
+            esc(&r.name),
+            if r.available { "" } else { " (n/a)" }
+        );
         lx += 150.0;
     }
     for (i, (key, label, unit, higher)) in panels.iter().enumerate() {
         let (x0, y0) = (10.0 + pw * (i % cols) as f64, 60.0 + ph * (i / cols) as f64);
-        let title = format!("{label}{} — {} is better", if unit.is_empty() { String::new() } else { format!(" ({unit})") }, if *higher { "higher" } else { "lower" });
+        let title = format!(
+            "{label}{} — {} is better",
+            if unit.is_empty() { String::new() } else { format!(" ({unit})") },
+            if *higher { "higher" } else { "lower" }
+        );
         s += &format!("<text x=\"{}\" y=\"{}\" font-weight=\"bold\">{}</text>\n", x0 + 5.0, y0 + 14.0, esc(&title));
         let vals: Vec<Option<f64>> = results.iter().map(|r| if r.available { r.get(key) } else { None }).collect();
         let max = vals.iter().flatten().cloned().fold(0.0f64, f64::max);
@@ -409,13 +499,33 @@ fn svg(results: &[SysResult], defs: &[(String, String, &'static str, bool)], m: 
             match v {
                 Some(v) if max > 0.0 => {
                     let hh = (v / max * bh).max(1.0);
-                    s += &format!("<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{bwid:.1}\" height=\"{hh:.1}\" fill=\"{}\"/>\n", by + bh - hh, colors(&r.name));
-                    s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n", x + bwid / 2.0, by + bh - hh - 3.0, num(*v));
+                    s += &format!(
+                        "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{bwid:.1}\" height=\"{hh:.1}\" fill=\"{}\"/>\n",
+                        by + bh - hh,
+                        colors(&r.name)
+                    );
+                    s += &format!(
+                        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n",
+                        x + bwid / 2.0,
+                        by + bh - hh - 3.0,
+                        num(*v)
+                    );
                 }
-                _ => s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#999\">n/a</text>\n", x + bwid / 2.0, by + bh - 3.0),
+                _ => {
+                    s += &format!(
+                        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#999\">n/a</text>\n",
+                        x + bwid / 2.0,
+                        by + bh - 3.0
+                    )
+                }
             }
             let short = r.name.trim_start_matches("proxyd-");
-            s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#333\">{}</text>\n", x + bwid / 2.0, by + bh + 13.0, esc(short));
+            s += &format!(
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#333\">{}</text>\n",
+                x + bwid / 2.0,
+                by + bh + 13.0,
+                esc(short)
+            );
         }
     }
     s += "</svg>\n";

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aya::maps::{MapData, RingBuf};
-use proxy_common::{Event, EVENT_OVER, EVENT_LOW};
+use proxy_common::{Event, EVENT_LOW, EVENT_OVER};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;

@@ -72,16 +72,9 @@ pub fn tcp_info(sock: &impl AsFd) -> io::Result<TcpInfo> {
     // shorter struct and the field would read as 0, which `len` catches.
     let needed = mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + mem::size_of::<u64>();
     if (len as usize) < needed {
-        return Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "TCP_INFO has no tcpi_bytes_acked",
-        ));
+        return Err(io::Error::new(io::ErrorKind::Unsupported, "TCP_INFO has no tcpi_bytes_acked"));
     }
-    Ok(TcpInfo {
-        state: info.tcpi_state,
-        bytes_acked: info.tcpi_bytes_acked,
-        rtt_us: info.tcpi_rtt,
-    })
+    Ok(TcpInfo { state: info.tcpi_state, bytes_acked: info.tcpi_bytes_acked, rtt_us: info.tcpi_rtt })
 }
 
 /// `SIOCOUTQ`: bytes in the send queue not yet acknowledged by the peer.
@@ -115,10 +108,7 @@ pub fn setsockopt_int(sock: &impl AsFd, level: i32, name: i32, value: i32) -> io
 
 /// Sets `SO_LINGER {on, 0}` so that closing the socket sends a RST.
 pub fn set_linger_zero(sock: &impl AsFd) -> io::Result<()> {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
     // SAFETY: the option value is a valid `linger` of the length passed.
     let rc = unsafe {
         libc::setsockopt(
@@ -154,9 +144,7 @@ impl Epoll {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-        Ok(Epoll {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        Ok(Epoll { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
     }
 
     /// Watches `sock` for `EPOLLRDHUP` (edge-triggered; `EPOLLHUP` and
@@ -173,14 +161,8 @@ impl Epoll {
     fn add(&self, sock: &impl AsFd, events: u32, token: u64) -> io::Result<()> {
         let mut ev = libc::epoll_event { events, u64: token };
         // SAFETY: both fds are open for the call; `ev` is a valid event.
-        let rc = unsafe {
-            libc::epoll_ctl(
-                self.fd.as_raw_fd(),
-                libc::EPOLL_CTL_ADD,
-                sock.as_fd().as_raw_fd(),
-                &mut ev,
-            )
-        };
+        let rc =
+            unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, sock.as_fd().as_raw_fd(), &mut ev) };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
@@ -204,8 +186,7 @@ impl Epoll {
         let mut out = Vec::new();
         loop {
             // SAFETY: `events` has room for `N` entries, the count passed.
-            let n =
-                unsafe { libc::epoll_wait(self.fd.as_raw_fd(), events.as_mut_ptr(), N as i32, 0) };
+            let n = unsafe { libc::epoll_wait(self.fd.as_raw_fd(), events.as_mut_ptr(), N as i32, 0) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -242,7 +223,6 @@ pub fn async_logger<T>(logger: EbpfLogger<T>) -> io::Result<AsyncFd<EbpfLogger<T
     Ok(unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }?)
 }
 
-
 /// The `union bpf_attr` member of the map element commands (lookup, update,
 /// delete): `map_fd`, `key`, `value`, `flags`, passed with exactly this size.
 #[repr(C)]
@@ -257,13 +237,7 @@ struct MapElemAttr {
 /// `bpf(2)` on one map element. Maps are shared between threads without a
 /// lock: each element command is atomic in the kernel.
 fn map_elem(cmd: u32, map: BorrowedFd<'_>, key: *const u8, value: u64, flags: u64) -> io::Result<()> {
-    let mut attr = MapElemAttr {
-        map_fd: map.as_raw_fd() as u32,
-        _pad: 0,
-        key: key as u64,
-        value,
-        flags,
-    };
+    let mut attr = MapElemAttr { map_fd: map.as_raw_fd() as u32, _pad: 0, key: key as u64, value, flags };
     // SAFETY: `attr` is a valid prefix of `union bpf_attr` for the element
     // commands, of the size passed; `key` (and `value`, when set) point to
     // live buffers of the map's key and value size for the whole call (the

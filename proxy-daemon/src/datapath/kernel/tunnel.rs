@@ -187,12 +187,16 @@ pub(super) async fn run(
         // After the relay there is nothing to hand over: it stopped with both
         // receive queues drained, and what arrived since are whole skbs.
         let from_relay = rule.is_some();
-        let handed_over = if from_relay { Ok(false) } else { tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return,
-            // Boxed so its buffers' state does not stay in the long-lived task.
-            done = Box::pin(hand_over(&flow, client, upstream, early.take().unwrap_or_default())) => done,
-        } };
+        let handed_over = if from_relay {
+            Ok(false)
+        } else {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                // Boxed so its buffers' state does not stay in the long-lived task.
+                done = Box::pin(hand_over(&flow, client, upstream, early.take().unwrap_or_default())) => done,
+            }
+        };
         match handed_over {
             Ok(false) => {}
             Ok(true) => {
@@ -263,7 +267,12 @@ pub(super) async fn run(
 
 /// Takes the pair out of tokio's reactor and into the maps; on failure it
 /// is relayed to its end here and `None` is returned.
-async fn enter(shared: &Shared, flow: &KernelFlow, socks: [TcpStream; 2], cancel: &CancellationToken) -> Option<Spliced> {
+async fn enter(
+    shared: &Shared,
+    flow: &KernelFlow,
+    socks: [TcpStream; 2],
+    cancel: &CancellationToken,
+) -> Option<Spliced> {
     let id = flow.client;
     // Leave tokio's reactor: from now on the kernel moves the bytes.
     let [client, upstream] = socks;
@@ -586,7 +595,11 @@ async fn watch(shared: &Shared, sp: &Spliced, grace: &mut Grace<'_>, cancel: &Ca
                         no_room(&mut recheck[side]);
                     }
                     Err(End::Demote) => {
-                        debug!(tunnel = sp.cookies[CLIENT], "the {} side's peer is behind: braking", side_name(1 - side));
+                        debug!(
+                            tunnel = sp.cookies[CLIENT],
+                            "the {} side's peer is behind: braking",
+                            side_name(1 - side)
+                        );
                         recheck[side] = None;
                         match Brake::apply(shared, sp, now) {
                             Ok(b) => brake = Some(b),
@@ -657,7 +670,11 @@ impl Brake {
 
     fn counted(shared: &Shared, sp: &Spliced) -> Result<[u64; 2], End> {
         let flow = |side: usize| {
-            shared.maps.flow(sp.cookies[side]).map(|f| f.bytes).ok_or_else(|| End::Failed(io::Error::other("flow entry vanished from the map")))
+            shared
+                .maps
+                .flow(sp.cookies[side])
+                .map(|f| f.bytes)
+                .ok_or_else(|| End::Failed(io::Error::other("flow entry vanished from the map")))
         };
         Ok([flow(CLIENT)?, flow(UPSTREAM)?])
     }
@@ -685,7 +702,9 @@ impl Grace<'_> {
     fn take(&mut self, side: usize) -> bool {
         let budget = &self.shared.grace_budget;
         let got = budget
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| (left >= MIN_GRANT).then(|| left - left.min(GRACE_MAX)))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                (left >= MIN_GRANT).then(|| left - left.min(GRACE_MAX))
+            })
             .map_or(0, |left| left.min(GRACE_MAX));
         self.held[side] = got;
         got > 0
