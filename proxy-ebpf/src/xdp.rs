@@ -110,7 +110,7 @@ fn count_drop(ctx: &XdpContext, src: [u8; 4], prefix_len: u32) {
         u32::MAX << (32 - prefix_len)
     };
     let key = XdpPrefixV4 { prefix_len, addr: (host & mask).to_be_bytes() };
-    match XDP_DROPS_V4.get_ptr_mut(&key) {
+    match XDP_DROPS_V4.get_ptr_mut(key) {
         // SAFETY: a per-CPU slot from a successful lookup, valid for this run
         // (RCU); only this CPU writes it while this program runs on it.
         Some(p) => unsafe {
@@ -120,7 +120,7 @@ fn count_drop(ctx: &XdpContext, src: [u8; 4], prefix_len: u32) {
         None => {
             // Userspace creates the entry with the trie entry; this covers a
             // counter removed under us. Losing a count is fine, a drop is not.
-            let _ = XDP_DROPS_V4.insert(&key, &XdpDrops { packets: 1, bytes: len }, BPF_NOEXIST as u64);
+            let _ = XDP_DROPS_V4.insert(key, XdpDrops { packets: 1, bytes: len }, BPF_NOEXIST as u64);
         }
     }
 }

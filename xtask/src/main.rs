@@ -1,6 +1,7 @@
 //! `cargo xtask`: the developer tasks. `setup` installs what is missing (and
 //! is quick when nothing is), `build` builds everything, `run` starts a local
-//! daemon with a working default, `test` runs the whole suite (CI calls it).
+//! daemon with a working default, `lint` checks formatting, clippy and the
+//! module graph, `test` runs the lint and the whole suite (CI calls it).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 
 mod bench;
+mod lint;
 
 #[derive(Parser)]
 #[command(about = "proxyd developer tasks")]
@@ -37,7 +39,10 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u32,
     },
-    /// Set up, build, and run every test (unit and integration).
+    /// Check formatting (rustfmt), clippy (host crates, and the BPF crate for its target) and the
+    /// daemon's module graph (no import cycle).
+    Lint,
+    /// Set up, lint, build, and run every test (unit and integration).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
@@ -70,6 +75,7 @@ fn main() -> Result<()> {
         Task::Setup => setup(),
         Task::Build { release } => build(release),
         Task::Run { data_path } => run(&data_path),
+        Task::Lint => lint(),
         Task::Test { args } => test(&args),
         Task::Fuzz { seconds } => fuzz(seconds),
         Task::BuildAndLoad => run("kernel"),
@@ -245,8 +251,27 @@ fn run(data_path: &str) -> Result<()> {
     )
 }
 
+fn lint() -> Result<()> {
+    setup()?;
+    lint::run(&root(), || {
+        // The way build.rs (aya-build) compiles it: nightly, core from source.
+        // A separate target dir: this build must not invalidate the host's.
+        let mut c = Command::new("rustup");
+        c.args(["run", "nightly", "cargo", "clippy", "--package", "proxy-ebpf", "-Z", "build-std=core"])
+            .args(["--target", "bpfel-unknown-none", "--target-dir", "target/lint-bpf", "--", "-D", "warnings"])
+            .current_dir(root());
+        for var in ["CARGO", "RUSTC", "RUSTUP_TOOLCHAIN", "RUSTC_WRAPPER", "CARGO_ENCODED_RUSTFLAGS"] {
+            c.env_remove(var);
+        }
+        exec(&mut c)
+    })
+}
+
 fn test(args: &[String]) -> Result<()> {
     setup()?;
+    if args.is_empty() {
+        lint().context("the lint step failed (run `cargo xtask lint`)")?;
+    }
     build(false)?;
     let bin = root().join("target/debug/proxyd");
     exec(cargo().args(["test", "--no-fail-fast"]).args(args).env("PROXYD_BIN", &bin))?;
