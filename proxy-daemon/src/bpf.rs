@@ -1,12 +1,16 @@
 //! What the two BPF loaders (the kernel data path and the XDP prefilter)
-//! share: bpffs detection and mounting, pin folders that remove stale pins
-//! at start and their own pins at exit, and load errors as one line.
+//! share: the BPF object, bpffs detection and mounting, pin folders that
+//! remove stale pins at start and their own pins at exit, and load errors as
+//! one line.
 
 use std::io;
 use std::path::{Path, PathBuf};
 
 use aya::maps::MapInfo;
 use tracing::{info, warn};
+
+/// The BPF object built by `build.rs` (empty when built with `PROXYD_SKIP_EBPF=1`).
+pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
 /// Where bpffs is mounted by convention; the daemon mounts it there if needed.
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf";

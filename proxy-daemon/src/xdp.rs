@@ -43,10 +43,9 @@ use proxy_common::{
 };
 use tracing::{error, info, warn};
 
-use crate::bpf::{error_line, missing, Pins};
+use crate::bpf::{error_line, missing, Pins, BPF_OBJECT};
 use crate::config::prefilter::denied_sources;
 use crate::config::{AccessList, Settings};
-use crate::datapath::kernel::BPF_OBJECT;
 
 /// The folder under the pin dir that holds the prefilter's pins.
 pub const PIN_SUBDIR: &str = "xdp";

@@ -920,7 +920,7 @@ mod tests {
         run(&mut c, "users add name=bob rate-limit=512k only-one=yes").unwrap();
         assert!(c.users[0].password.verify(b"s3cret"));
         assert_eq!(c.users[1].rate_limit, Some(512_000));
-        let printed = render::users(&c);
+        let printed = crate::control::print::users(&c);
         assert_eq!(printed, "Flags: X - disabled\n0 name=alice only-one=no\n1 name=bob only-one=yes rate-limit=512k\n");
         run(&mut c, "users set 0 password=new").unwrap();
         assert!(c.users[0].password.verify(b"new") && !c.users[0].password.verify(b"s3cret"));

@@ -8,6 +8,7 @@
 //! answer `{"exit":0,"stdout":"...","stderr":"..."}`.
 
 pub mod client;
+pub mod print;
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -100,20 +101,20 @@ impl Controller {
             Command::Export(menu) => Response::ok(render::export(&config, *menu)),
             Command::SettingsPrint => {
                 let xdp = self.server.prefilter_status();
-                let mut text = render::settings(&config.settings, active);
-                let mut value = render::settings_json(&config.settings, active);
+                let mut text = print::settings(&config.settings, active);
+                let mut value = print::settings_json(&config.settings, active);
                 if !config.settings.xdp_interfaces.is_empty() {
-                    text.push_str(&render::xdp_attached(&xdp));
+                    text.push_str(&print::xdp_attached(&xdp));
                 }
                 value["xdp-attached"] = serde_json::to_value(&xdp).unwrap_or_default();
                 out(text, value)
             }
             Command::Print(Menu::Access, opts) if opts.stats => {
                 let drops = self.server.prefilter_drops();
-                out(render::access_stats(&config, drops.as_ref()), render::access_stats_json(&config, drops.as_ref()))
+                out(print::access_stats(&config, drops.as_ref()), print::access_stats_json(&config, drops.as_ref()))
             }
-            Command::Print(Menu::Access, _) => out(render::access(&config), render::access_json(&config)),
-            Command::Print(Menu::Users, _) => out(render::users(&config), render::users_json(&config)),
+            Command::Print(Menu::Access, _) => out(print::access(&config), print::access_json(&config)),
+            Command::Print(Menu::Users, _) => out(print::users(&config), print::users_json(&config)),
             Command::Print(_, opts) => {
                 let rows: Vec<_> =
                     self.server.registry.rows().into_iter().filter(|r| row_matches(r, &opts.filters)).collect();
@@ -157,7 +158,7 @@ impl Controller {
                     } else {
                         &["SRC-ADDRESS", "DST-ADDRESS", "TX", "RX"]
                     };
-                    render::table(header, &cells)
+                    print::table(header, &cells)
                 };
                 out(text, serde_json::to_value(&rows).unwrap())
             }

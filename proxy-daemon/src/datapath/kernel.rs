@@ -46,10 +46,8 @@ use tracing::{info, warn};
 
 use super::userspace::Counters;
 use super::{monotonic_ns, DataPath, DataPathKind, FlowSource, FlowStats, Pair, SharedDataPath, Tunnel};
-use crate::bpf::{error_line, missing, Pins};
+use crate::bpf::{error_line, missing, Pins, BPF_OBJECT};
 
-/// The BPF object built by `build.rs` (empty when built with `PROXYD_SKIP_EBPF=1`).
-pub(crate) static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
 /// What a send queue may hold when `net.ipv4.tcp_wmem` cannot be read: its
 /// maximum on a default Linux.

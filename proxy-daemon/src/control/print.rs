@@ -1,0 +1,273 @@
+//! How things print for people and scripts: the manual's layouts
+//! (`enabled: yes`, `Flags: X - disabled`, numbered rows, `# SRC-ADDRESS ...`
+//! tables) and their JSON. The views that show runtime state (the data path
+//! in use, the XDP prefilter's drops) live here, above `config`, so that
+//! `config` depends on nothing above it.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use crate::config::render::{metrics_address, rule_props, user_props, yes_no};
+use crate::config::{format_prefix, time, Config, Settings};
+use crate::datapath::DataPathKind;
+use crate::xdp::{InterfaceStatus, RuleDrops};
+
+/// `/ip socks print`: the manual's four lines in its order, then proxyd's own.
+pub fn settings(s: &Settings, active: Option<DataPathKind>) -> String {
+    let mut out = format!(
+        "enabled: {}\nport: {}\nconnection-idle-timeout: {}\nmax-connections: {}\nlisten-address: {}\n",
+        yes_no(s.enabled),
+        s.port,
+        time::format(s.connection_idle_timeout),
+        s.max_connections,
+        s.listen_address,
+    );
+    match active {
+        Some(kind) => out.push_str(&format!("data-path: {} (in use: {kind})\n", s.data_path)),
+        None => out.push_str(&format!("data-path: {}\n", s.data_path)),
+    }
+    out.push_str(&format!("version: {}\nauth-method: {}\n", s.version, s.auth_method));
+    for (name, value) in [("metrics-address", metrics_address(s)), ("xdp-interfaces", s.xdp_interfaces.join(","))] {
+        // No trailing blank after an empty value.
+        out.push_str(&format!("{}\n", format!("{name}: {value}").trim_end()));
+    }
+    out
+}
+
+pub fn settings_json(s: &Settings, active: Option<DataPathKind>) -> Value {
+    json!({
+        "enabled": s.enabled,
+        "port": s.port,
+        "connection-idle-timeout": time::format(s.connection_idle_timeout),
+        "connection-idle-timeout-secs": s.connection_idle_timeout.as_secs_f64(),
+        "max-connections": s.max_connections,
+        "listen-address": s.listen_address.to_string(),
+        "data-path": s.data_path,
+        "data-path-in-use": active,
+        "version": s.version,
+        "auth-method": s.auth_method,
+        "metrics-address": s.metrics_address.map(|a| a.to_string()),
+        "xdp-interfaces": s.xdp_interfaces,
+    })
+}
+
+/// `/ip socks access print`: a flags line, then numbered rules; a disabled rule
+/// carries `X`, a comment stands on its own `;;;` line above its rule.
+pub fn access(config: &Config) -> String {
+    let rows: Vec<_> =
+        config.access.rules.iter().map(|r| (r.disabled, r.comment.as_deref(), rule_props(r, false))).collect();
+    flagged_list(&rows)
+}
+
+/// `/ip socks access print stats`: each rule with what the XDP prefilter
+/// dropped for it (summed over its prefixes; only unconditional `deny` rules
+/// have prefixes). `drops` is `None` while the prefilter is off.
+pub fn access_stats(config: &Config, drops: Option<&BTreeMap<usize, RuleDrops>>) -> String {
+    let mut out = String::from("Flags: X - disabled\n");
+    let rows: Vec<Vec<String>> = config
+        .access
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let d = drops.map(|m| m.get(&i).copied().unwrap_or_default());
+            let n = |f: fn(&RuleDrops) -> u64| d.as_ref().map_or_else(|| "-".to_string(), |d| f(d).to_string());
+            vec![
+                if r.disabled { "X".into() } else { String::new() },
+                r.src_address.as_ref().map(format_prefix).unwrap_or_default(),
+                r.action.to_string(),
+                n(|d| d.prefixes as u64),
+                n(|d| d.packets),
+                n(|d| d.bytes),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["", "SRC-ADDRESS", "ACTION", "XDP-PREFIXES", "XDP-PACKETS", "XDP-BYTES"], &rows));
+    if drops.is_none() {
+        out.push_str("XDP prefilter off (xdp-interfaces is empty): nothing is dropped before the handshake\n");
+    }
+    out
+}
+
+pub fn access_stats_json(config: &Config, drops: Option<&BTreeMap<usize, RuleDrops>>) -> Value {
+    let mut rows = access_json(config);
+    if let Value::Array(items) = &mut rows {
+        for (i, item) in items.iter_mut().enumerate() {
+            let d = drops.map(|m| m.get(&i).copied().unwrap_or_default());
+            item["xdp-prefixes"] = json!(d.map(|d| d.prefixes));
+            item["xdp-packets"] = json!(d.map(|d| d.packets));
+            item["xdp-bytes"] = json!(d.map(|d| d.bytes));
+        }
+    }
+    rows
+}
+
+pub fn access_json(config: &Config) -> Value {
+    let rows: Vec<Value> = config
+        .access
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            json!({
+                "number": i,
+                "src-address": r.src_address.as_ref().map(format_prefix),
+                "src-port": r.src_port.map(|p| p.to_string()),
+                "dst-address": r.dst_address.as_ref().map(|d| d.to_string()),
+                "dst-port": r.dst_port.map(|p| p.to_string()),
+                "action": r.action,
+                "disabled": r.disabled,
+                "comment": r.comment,
+            })
+        })
+        .collect();
+    Value::Array(rows)
+}
+
+/// The `xdp-attached: IFACE (MODE), ...` line under `/ip socks print`.
+pub fn xdp_attached(status: &[InterfaceStatus]) -> String {
+    let list: Vec<String> = status.iter().map(|s| format!("{} ({})", s.interface, s.mode)).collect();
+    format!("xdp-attached: {}\n", list.join(", "))
+}
+
+/// `/ip socks users print`: like the access list; the password never shows.
+pub fn users(config: &Config) -> String {
+    let rows: Vec<_> = config.users.iter().map(|u| (u.disabled, u.comment.as_deref(), user_props(u, false))).collect();
+    flagged_list(&rows)
+}
+
+pub fn users_json(config: &Config) -> Value {
+    Value::Array(
+        config
+            .users
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                json!({
+                    "number": i,
+                    "name": u.name,
+                    "only-one": u.only_one,
+                    "rate-limit": u.rate_limit,
+                    "disabled": u.disabled,
+                    "comment": u.comment,
+                })
+            })
+            .collect(),
+    )
+}
+
+fn flagged_list(rows: &[(bool, Option<&str>, Vec<String>)]) -> String {
+    let mut out = String::from("Flags: X - disabled\n");
+    let width = rows.len().saturating_sub(1).to_string().len();
+    for (i, (disabled, comment, props)) in rows.iter().enumerate() {
+        let flag = if *disabled { " X" } else { "" };
+        if let Some(c) = comment {
+            out.push_str(&format!("{:>width$}{flag} ;;; {c}\n", i));
+            out.push_str(&format!("{:>width$}{} {}\n", "", " ".repeat(flag.len()), props.join(" ")));
+        } else {
+            out.push_str(&format!("{i:>width$}{flag} {}\n", props.join(" ")));
+        }
+    }
+    out
+}
+
+/// Lays out rows as a table with a `#` column, padded like RouterOS prints.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let num_width = rows.len().saturating_sub(1).to_string().len();
+    let line = |num: &str, cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = format!("{num:>num_width$}");
+        for (cell, w) in cells.zip(&widths) {
+            l.push(' ');
+            l.push_str(&format!("{cell:<w$}"));
+        }
+        l.truncate(l.trim_end().len());
+        l.push('\n');
+        l
+    };
+    let mut out = line("#", &mut header.iter().copied());
+    for (i, row) in rows.iter().enumerate() {
+        out.push_str(&line(&i.to_string(), &mut row.iter().map(String::as_str)));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::command::{apply, parse, split_line, Menu};
+
+    fn configured(lines: &[&str]) -> Config {
+        let mut c = Config::default();
+        for l in lines {
+            let (_, cmd) = parse(Menu::Root, &split_line(l).unwrap()).unwrap();
+            apply(&mut c, &cmd).unwrap();
+        }
+        c
+    }
+
+    /// `ip socks print` after `set enabled=yes` starts with the manual's four lines.
+    #[test]
+    fn settings_print_matches_manual() {
+        let c = configured(&["ip socks set enabled=yes"]);
+        let out = settings(&c.settings, None);
+        assert!(
+            out.starts_with("enabled: yes\nport: 1080\nconnection-idle-timeout: 2m\nmax-connections: 200\n"),
+            "{out}"
+        );
+    }
+
+    /// `access print` after the manual's three rules prints the manual's lines.
+    #[test]
+    fn access_print_matches_manual() {
+        let c = configured(&[
+            "ip socks access add src-address=192.168.0.2 dst-port=21 action=allow",
+            "ip socks access add dst-port=1024-65535 action=allow",
+            "ip socks access add action=deny",
+        ]);
+        assert_eq!(
+            access(&c),
+            "Flags: X - disabled\n0 src-address=192.168.0.2 dst-port=21 action=allow\n1 dst-port=1024-65535 action=allow\n2 action=deny\n"
+        );
+    }
+
+    /// Disabled rules show X; comments stand above their rule.
+    #[test]
+    fn access_print_flags_and_comments() {
+        let c = configured(&["ip socks access add action=deny disabled=yes comment=\"block all\""]);
+        assert_eq!(access(&c), "Flags: X - disabled\n0 X ;;; block all\n    action=deny\n");
+    }
+
+    /// `access print stats` lists drops per rule, or `-` while the prefilter is off.
+    #[test]
+    fn access_stats_layout() {
+        let c =
+            configured(&["ip socks access add src-address=10.0.0.0/8 action=allow", "ip socks access add action=deny"]);
+        let mut m = BTreeMap::new();
+        m.insert(1, RuleDrops { prefixes: 8, packets: 3, bytes: 180 });
+        let on = access_stats(&c, Some(&m));
+        assert_eq!(
+            on,
+            "Flags: X - disabled\n#  SRC-ADDRESS ACTION XDP-PREFIXES XDP-PACKETS XDP-BYTES\n0  10.0.0.0/8  allow  0            0           0\n1              deny   8            3           180\n"
+        );
+        let off = access_stats(&c, None);
+        assert!(off.contains("XDP prefilter off"), "{off}");
+        let j = access_stats_json(&c, Some(&m));
+        assert_eq!(j[1]["xdp-packets"], 3);
+        assert_eq!(j[0]["xdp-packets"], 0);
+        assert!(access_stats_json(&c, None)[1]["xdp-packets"].is_null());
+    }
+
+    /// Tables pad columns and number rows from 0.
+    #[test]
+    fn table_layout() {
+        let t = table(&["SRC-ADDRESS", "TX"], &[vec!["192.168.0.2:3242".into(), "4847".into()]]);
+        assert_eq!(t, "# SRC-ADDRESS      TX\n0 192.168.0.2:3242 4847\n");
+    }
+}
