@@ -184,16 +184,16 @@ fn run(control_path: PathBuf, args: RunArgs) -> anyhow::Result<()> {
 
         shutdown_signal().await;
         proxyd::sdnotify::notify_stopping();
-        tracing::info!("shutting down: no new clients; {} open connection(s) get {:?}", server.registry.len(), args.shutdown_grace);
+        tracing::info!("shutting down: no new clients; {} open connection(s) get {:?}", server.shared.registry.len(), args.shutdown_grace);
         server.stop_listening();
         let _ = std::fs::remove_file(&control_path);
         let deadline = tokio::time::Instant::now() + args.shutdown_grace;
-        while !server.registry.is_empty() && tokio::time::Instant::now() < deadline {
+        while !server.shared.registry.is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if !server.registry.is_empty() {
-            tracing::info!("grace period over: closing {} connection(s)", server.registry.len());
-            server.registry.cancel_all();
+        if !server.shared.registry.is_empty() {
+            tracing::info!("grace period over: closing {} connection(s)", server.shared.registry.len());
+            server.shared.registry.cancel_all();
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         server.stop_prefilter();

@@ -90,11 +90,13 @@ impl Controller {
                 let n = match command {
                     Command::Print(Menu::Access, _) => config.access.rules.len(),
                     Command::Print(Menu::Users, _) => config.users.len(),
-                    _ => self.server.registry.rows().into_iter().filter(|r| row_matches(r, &opts.filters)).count(),
+                    _ => {
+                        self.server.shared.registry.rows().into_iter().filter(|r| row_matches(r, &opts.filters)).count()
+                    }
                 };
                 out(format!("{n}\n"), serde_json::json!(n))
             }
-            Command::ConnectionsRemove(numbers) => match self.server.registry.cancel_rows(numbers) {
+            Command::ConnectionsRemove(numbers) => match self.server.shared.registry.cancel_rows(numbers) {
                 Ok(()) => Response::ok(String::new()),
                 Err(n) => Response::err(1, format!("no such item: {n} (see connections print)")),
             },
@@ -117,7 +119,7 @@ impl Controller {
             Command::Print(Menu::Users, _) => out(print::users(&config), print::users_json(&config)),
             Command::Print(_, opts) => {
                 let rows: Vec<_> =
-                    self.server.registry.rows().into_iter().filter(|r| row_matches(r, &opts.filters)).collect();
+                    self.server.shared.registry.rows().into_iter().filter(|r| row_matches(r, &opts.filters)).collect();
                 let dst =
                     |r: &crate::server::registry::Row| r.dst_address.map_or_else(|| "-".into(), |d| d.to_string());
                 let text = if opts.detail {

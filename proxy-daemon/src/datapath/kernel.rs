@@ -24,30 +24,30 @@
 //! `data-path=kernel` (splice at once) without loading a second copy.
 
 mod hangup;
+mod shared;
 mod sys;
 mod tunnel;
 
+pub use tunnel::Policy;
+
+use shared::{KernelFlow, Maps, Shared};
+
 use std::io;
-use std::os::fd::AsFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use aya::maps::{HashMap as BpfHashMap, IterableMap, MapData, MapInfo, RingBuf, SockHash};
+use aya::maps::{HashMap as BpfHashMap, MapInfo, RingBuf, SockHash};
 use aya::programs::SkSkb;
-use aya::{Ebpf, EbpfLoader};
+use aya::EbpfLoader;
 use aya_log::EbpfLogger;
-use proxy_common::{
-    FlowStats as MapFlow, Splice, EVENTS_MAP, FLOWS_MAP, PEERS_MAP, SOCKS_MAP, SPLICE_MAP, VERDICT_PROG,
-};
+use proxy_common::{EVENTS_MAP, FLOWS_MAP, PEERS_MAP, SOCKS_MAP, SPLICE_MAP, VERDICT_PROG};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::userspace::Counters;
-use super::{monotonic_ns, DataPath, DataPathKind, FlowSource, FlowStats, Pair, SharedDataPath, Tunnel};
+use super::{DataPath, DataPathKind, Pair, SharedDataPath, Tunnel};
 use crate::bpf::{error_line, missing, Pins, BPF_OBJECT};
-
 
 /// What a send queue may hold when `net.ipv4.tcp_wmem` cannot be read: its
 /// maximum on a default Linux.
@@ -62,15 +62,6 @@ pub const DEFAULT_MAX_TUNNELS: u32 = (proxy_common::MAX_SOCKETS / 2) as u32;
 /// Names of every pin this data path creates in its pin dir.
 const PINNED_MAPS: [&str; 4] = [SOCKS_MAP, SPLICE_MAP, PEERS_MAP, FLOWS_MAP];
 
-/// When a tunnel enters the sockhash.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Policy {
-    /// `data-path=auto`: start on the relay, promote once bulk.
-    Auto,
-    /// `data-path=kernel`: splice at once.
-    Always,
-}
-
 /// The loaded programs and maps; `attach` splices pairs through them.
 pub struct KernelDataPath {
     /// Maps and the loaded object, shared with every tunnel task so the
@@ -80,99 +71,6 @@ pub struct KernelDataPath {
     pins: Pins,
     /// Polls the programs' aya-log ring buffer.
     log_task: Option<JoinHandle<()>>,
-}
-
-/// What the tunnel tasks share with the loader.
-struct Shared {
-    /// The four maps, used without a lock: every element command is atomic
-    /// in the kernel, and each tunnel touches only its own two keys.
-    maps: Maps,
-    /// Keeps the program loaded and attached to `SPLICE`.
-    _ebpf: Mutex<Ebpf>,
-    /// Most bytes in flight towards a spliced socket: its send queue plus
-    /// what was redirected to it and has not reached it yet
-    /// (`net.ipv4.tcp_wmem`'s maximum, what the relay lets a send queue hold).
-    queue_cap: u64,
-    /// Bytes that directions past their window may still have redirected,
-    /// summed over the daemon: what the kernel may hold outside TCP's
-    /// accounting beyond the windows (see `tunnel`'s grace).
-    grace_budget: AtomicU64,
-    /// Tunnels promoted from the relay into the maps, and demoted back.
-    promotions: AtomicU64,
-    demotions: AtomicU64,
-    /// The hangup watcher shared by all tunnels, and its dispatcher task.
-    hangups: Arc<hangup::Hangups>,
-    hangup_task: JoinHandle<()>,
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        self.hangup_task.abort();
-    }
-}
-
-/// The maps, owned through aya (which created and pinned them); elements are
-/// read and written with [`sys`]'s map commands, which take `&self`.
-struct Maps {
-    socks: SockHash<MapData, u64>,
-    splice: SockHash<MapData, u64>,
-    peers: BpfHashMap<MapData, u64, Splice>,
-    flows: BpfHashMap<MapData, u64, MapFlow>,
-}
-
-impl Maps {
-    /// One socket's flow entry, if the socket is in the maps.
-    fn flow(&self, cookie: u64) -> Option<MapFlow> {
-        sys::map_lookup(self.flows.map().fd().as_fd(), &cookie).ok().flatten()
-    }
-
-    /// Everything a pair needs before its first verdict, in the order of the
-    /// module docs: `PEERS` (with each direction's window), `FLOWS`, `SOCKS`
-    /// (both), then the upstream in `SPLICE`. The client enters `SPLICE`
-    /// with [`Maps::splice_in`].
-    fn enter(&self, [c, u]: [u64; 2], [cfd, ufd]: [u32; 2], windows: [Splice; 2], fresh: MapFlow) -> io::Result<()> {
-        let (flows, socks) = (self.flows.map().fd().as_fd(), self.socks.map().fd().as_fd());
-        self.set_splice(c, &windows[0])?;
-        self.set_splice(u, &windows[1])?;
-        sys::map_update(flows, &c, &fresh, 0)?;
-        sys::map_update(flows, &u, &fresh, 0)?;
-        sys::map_update(socks, &c, &cfd, 0)?;
-        sys::map_update(socks, &u, &ufd, 0)?;
-        self.splice_in(u, ufd)
-    }
-
-    /// One socket's `PEERS` value, if the socket is in the maps.
-    fn splice_of(&self, cookie: u64) -> Option<Splice> {
-        sys::map_lookup(self.peers.map().fd().as_fd(), &cookie).ok().flatten()
-    }
-
-    /// Replaces one socket's `PEERS` value (one element, seen whole by the verdict).
-    fn set_splice(&self, cookie: u64, splice: &Splice) -> io::Result<()> {
-        sys::map_update(self.peers.map().fd().as_fd(), &cookie, splice, 0)
-    }
-
-    /// Puts one socket under the verdict.
-    fn splice_in(&self, cookie: u64, fd: u32) -> io::Result<()> {
-        sys::map_update(self.splice.map().fd().as_fd(), &cookie, &fd, 0)
-    }
-
-    /// Takes one socket from under the verdict (missing is fine).
-    fn splice_out(&self, cookie: u64) {
-        let _ = sys::map_delete(self.splice.map().fd().as_fd(), &cookie);
-    }
-
-    /// Removes the pair from every map, in the reverse order of
-    /// [`Maps::enter`] (missing entries are fine).
-    fn leave(&self, cookies: [u64; 2]) {
-        for cookie in cookies {
-            self.splice_out(cookie);
-        }
-        for (map, cookie) in
-            [self.socks.map(), self.peers.map(), self.flows.map()].into_iter().flat_map(|m| cookies.map(|c| (m, c)))
-        {
-            let _ = sys::map_delete(map.fd().as_fd(), &cookie);
-        }
-    }
 }
 
 impl KernelDataPath {
@@ -320,116 +218,6 @@ impl Drop for KernelDataPath {
 fn tcp_mem_max(name: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}")).ok()?;
     text.split_whitespace().nth(2)?.parse().ok()
-}
-
-/// A tunnel's counters: what userspace moved itself (on the relay, and in
-/// the hand-over before each splice) plus what the verdict counted in `FLOWS`
-/// during each stay in the maps (an epoch: the entries go with it, so the last
-/// value read is kept and added up when the epoch ends).
-struct KernelFlow {
-    shared: Arc<Shared>,
-    /// Cookie of the client socket: its `FLOWS` entry counts tx.
-    client: u64,
-    /// Cookie of the upstream socket: its `FLOWS` entry counts rx.
-    upstream: u64,
-    /// Whether the verdict moves the bytes right now (the `path` column).
-    spliced: AtomicBool,
-    /// What userspace moved.
-    user: Counters,
-    /// What the verdict counted (a lock: an epoch's end must not race a read).
-    kernel: Mutex<KernelCounts>,
-}
-
-/// What the verdict counted for one tunnel, per side (client, upstream).
-#[derive(Default)]
-struct KernelCounts {
-    /// Whether the pair is in the maps (counters are read from `FLOWS`).
-    in_maps: bool,
-    /// The epochs that ended.
-    done: [u64; 2],
-    /// Last values read from `FLOWS` in the current epoch.
-    now: [u64; 2],
-    /// Latest activity the verdict stamped, `CLOCK_MONOTONIC` ns.
-    last_ns: u64,
-}
-
-impl KernelFlow {
-    fn new(shared: Arc<Shared>, client: u64, upstream: u64) -> Self {
-        KernelFlow {
-            shared,
-            client,
-            upstream,
-            spliced: AtomicBool::new(false),
-            user: Counters::new(),
-            kernel: Mutex::new(KernelCounts::default()),
-        }
-    }
-
-    /// Folds the current `FLOWS` entries into the kept values while the
-    /// pair is in the maps.
-    fn read_maps(&self, counts: &mut KernelCounts) {
-        let maps = &self.shared.maps;
-        if !counts.in_maps {
-            return;
-        }
-        if let (Some(c), Some(u)) = (maps.flow(self.client), maps.flow(self.upstream)) {
-            counts.now = [counts.now[0].max(c.bytes), counts.now[1].max(u.bytes)];
-            counts.last_ns = counts.last_ns.max(c.last_ns).max(u.last_ns);
-        }
-    }
-
-    fn counts(&self) -> std::sync::MutexGuard<'_, KernelCounts> {
-        self.kernel.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// An epoch begins: the pair entered the maps with fresh `FLOWS` entries.
-    fn enter_maps(&self) {
-        self.counts().in_maps = true;
-        self.spliced.store(true, Ordering::Relaxed);
-    }
-
-    /// The epoch ends (called right before the entries are removed): the
-    /// last values are read and added to the finished epochs.
-    fn freeze(&self) {
-        let mut counts = self.counts();
-        self.read_maps(&mut counts);
-        counts.in_maps = false;
-        for side in 0..2 {
-            counts.done[side] += std::mem::take(&mut counts.now[side]);
-        }
-        self.spliced.store(false, Ordering::Relaxed);
-    }
-
-    /// Counts bytes moved by userspace outside the relay (the hand-over).
-    fn add_user(&self, tx: u64, rx: u64) {
-        self.user.tx.fetch_add(tx, Ordering::Relaxed);
-        self.user.rx.fetch_add(rx, Ordering::Relaxed);
-        self.user.last_ns.fetch_max(monotonic_ns(), Ordering::Relaxed);
-    }
-}
-
-impl FlowSource for KernelFlow {
-    fn snapshot(&self) -> FlowStats {
-        let (kernel, kernel_last) = {
-            let mut counts = self.counts();
-            self.read_maps(&mut counts);
-            ([0, 1].map(|side| counts.done[side] + counts.now[side]), counts.last_ns)
-        };
-        let user = self.user.snapshot();
-        FlowStats {
-            tx: user.tx + kernel[0],
-            rx: user.rx + kernel[1],
-            last_activity_ns: user.last_activity_ns.max(kernel_last),
-        }
-    }
-
-    fn path(&self) -> DataPathKind {
-        if self.spliced.load(Ordering::Relaxed) {
-            DataPathKind::Kernel
-        } else {
-            DataPathKind::Userspace
-        }
-    }
 }
 
 /// Reads the programs' log ring buffer whenever it is readable.

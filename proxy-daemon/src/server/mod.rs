@@ -5,15 +5,16 @@
 //! everything that can fail) and [`Server::commit`] (which cannot fail).
 
 pub mod conn;
+pub mod dial;
 pub mod registry;
+pub mod shared;
 pub mod socks4;
 pub mod socks5;
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -21,10 +22,12 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, DataPathMode, Settings};
 use crate::datapath::kernel::{KernelDataPath, Policy};
-use crate::datapath::userspace::{Limits, RateLimit, UserspaceRelay};
+use crate::datapath::userspace::UserspaceRelay;
 use crate::datapath::{DataPathKind, SharedDataPath};
+use crate::metrics::{self, Metrics, RefusalReason, Snapshot};
 use crate::xdp::{self, Prefilter};
-use registry::Registry;
+use registry::ConnType;
+use shared::Shared;
 
 /// How often the idle reaper looks at the connections.
 const REAP_INTERVAL: Duration = Duration::from_millis(250);
@@ -33,18 +36,14 @@ const BACKLOG: u32 = 1024;
 
 /// The running server, shared by the accept loop, the connections and the control socket.
 pub struct Server {
-    config: RwLock<Arc<Config>>,
-    pub registry: Arc<Registry>,
-    datapath: RwLock<SharedDataPath>,
+    /// What the connection tasks read (configuration, data path, the
+    /// connections list, counters).
+    pub shared: Arc<Shared>,
     /// The kernel data path once loaded: `auto` and `kernel` share it, and a
     /// switch between them (or back from `userspace`) loads nothing again.
     kernel: Mutex<Option<Arc<KernelDataPath>>>,
     listener: Mutex<Option<ActiveListener>>,
     pin_dir: PathBuf,
-    /// Pacing of rate-limited users, by name, with the rate it was made for.
-    user_limits: Mutex<HashMap<String, (u64, Limits)>>,
-    /// Prometheus counters.
-    pub metrics: crate::metrics::Metrics,
     /// The metrics endpoint, when `metrics-address` is set.
     metrics_listener: Mutex<Option<ActiveListener>>,
     /// The XDP prefilter, loaded while `xdp-interfaces` is not empty.
@@ -76,54 +75,57 @@ pub struct Prepared {
     xdp: Option<(Option<Prefilter>, xdp::NewAttachments)>,
 }
 
+impl metrics::Source for Server {
+    fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let rows = self.shared.registry.rows();
+        let count = |f: &dyn Fn(&registry::Row) -> bool| rows.iter().filter(|r| f(r)).count() as u64;
+        let (promoted, demoted) = self.path_switches();
+        Snapshot {
+            connections: [ConnType::Unknown, ConnType::Out, ConnType::In, ConnType::Udp]
+                .into_iter()
+                .map(|t| (t.as_str(), count(&|r| r.kind == t)))
+                .collect(),
+            open_tx: rows.iter().map(|r| r.tx).sum(),
+            open_rx: rows.iter().map(|r| r.rx).sum(),
+            tunnels_kernel: count(&|r| r.path == Some(DataPathKind::Kernel)),
+            tunnels_userspace: count(&|r| r.path == Some(DataPathKind::Userspace)),
+            promoted,
+            demoted,
+            data_path: self.datapath_kind(),
+        }
+    }
+}
+
 impl Server {
     /// Creates the server with the data path `mode` asks for.
     pub fn new(config: Config, mode: DataPathMode, pin_dir: PathBuf) -> io::Result<Arc<Self>> {
         let kernel = Mutex::new(None);
         let datapath = select_datapath(mode, &pin_dir, &kernel)?;
         Ok(Arc::new(Server {
-            config: RwLock::new(Arc::new(config)),
-            registry: Arc::new(Registry::default()),
-            datapath: RwLock::new(datapath),
+            shared: Arc::new(Shared::new(config, datapath)),
             kernel,
             listener: Mutex::new(None),
             pin_dir,
-            user_limits: Mutex::new(HashMap::new()),
-            metrics: Default::default(),
             metrics_listener: Mutex::new(None),
             prefilter: Mutex::new(None),
         }))
     }
 
     pub fn config(&self) -> Arc<Config> {
-        self.config.read().unwrap().clone()
+        self.shared.config()
     }
 
-    pub fn datapath(&self) -> SharedDataPath {
-        self.datapath.read().unwrap().clone()
+    pub fn datapath_kind(&self) -> DataPathKind {
+        self.shared.datapath_kind()
     }
 
     /// Tunnels promoted into the kernel splice and demoted back, so far.
     pub fn path_switches(&self) -> (u64, u64) {
         self.kernel.lock().unwrap().as_ref().map_or((0, 0), |k| k.switches())
-    }
-
-    pub fn datapath_kind(&self) -> DataPathKind {
-        self.datapath().kind()
-    }
-
-    /// The pacing shared by all tunnels of `user` at `bits_per_sec` each way.
-    pub fn user_limits(&self, user: &str, bits_per_sec: u64) -> Limits {
-        let mut map = self.user_limits.lock().unwrap();
-        match map.get(user) {
-            Some((rate, limits)) if *rate == bits_per_sec => limits.clone(),
-            _ => {
-                let limits =
-                    Limits { up: Arc::new(RateLimit::new(bits_per_sec)), down: Arc::new(RateLimit::new(bits_per_sec)) };
-                map.insert(user.to_owned(), (bits_per_sec, limits.clone()));
-                limits
-            }
-        }
     }
 
     /// The address the listener is bound to, if it is listening.
@@ -195,10 +197,10 @@ impl Server {
                 }
             }
         }
-        *self.config.write().unwrap() = Arc::new(config);
+        self.shared.set_config(config);
         if let Some(dp) = prepared.datapath {
             tracing::info!(data_path = %dp.kind(), "new tunnels use the {} data path", dp.kind());
-            *self.datapath.write().unwrap() = dp;
+            self.shared.set_datapath(dp);
         }
         if let Some(metrics) = prepared.metrics {
             let mut slot = self.metrics_listener.lock().unwrap();
@@ -207,7 +209,7 @@ impl Server {
                 let server = self.clone();
                 let task = tokio::spawn(async move {
                     match TcpListener::from_std(std_listener) {
-                        Ok(l) => crate::metrics::serve(l, server).await,
+                        Ok(l) => metrics::serve(l, server).await,
                         Err(e) => tracing::error!(%addr, error = %e, "cannot register the metrics listener"),
                     }
                 });
@@ -281,13 +283,13 @@ impl Server {
 
     fn admit(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         let max = self.config().settings.max_connections as usize;
-        self.metrics.accepted();
-        match self.registry.admit(peer, max) {
+        self.shared.metrics.accepted();
+        match self.shared.registry.admit(peer, max) {
             Some(slot) => {
-                tokio::spawn(conn::serve(self, stream, peer, slot));
+                tokio::spawn(conn::serve(self.shared.clone(), stream, peer, slot));
             }
             None => {
-                self.metrics.refused(conn::RefusalReason::Limit);
+                self.shared.metrics.refused(RefusalReason::Limit);
                 tracing::info!(src = %peer, max, "refused: max-connections reached");
                 conn::refuse(stream);
             }
@@ -301,7 +303,7 @@ impl Server {
         loop {
             tick.tick().await;
             let timeout = self.config().settings.connection_idle_timeout;
-            self.registry.reap_idle(timeout);
+            self.shared.registry.reap_idle(timeout);
         }
     }
 }

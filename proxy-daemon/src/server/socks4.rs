@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::conn::{self, await_peer, bind_listener, check_access, Established, Failure, HANDSHAKE_TIMEOUT};
+use super::dial::{self, await_peer, bind_listener, check_access, Established, Failure, HANDSHAKE_TIMEOUT};
 use super::registry::{ConnType, Entry};
 use crate::config::Config;
 use crate::protocol::socks4::{self, Command, Destination, ParseError, Reply};
@@ -47,7 +47,7 @@ async fn run(
         loop {
             match socks4::parse_request(&buf) {
                 Ok((req, used)) => return Ok((req, buf.split_off(used))),
-                Err(ParseError::Incomplete) => conn::read_more(client, &mut buf, entry).await?,
+                Err(ParseError::Incomplete) => dial::read_more(client, &mut buf, entry).await?,
                 Err(e) => return Err(Failure::Malformed(e.to_string())),
             }
         }
@@ -56,14 +56,14 @@ async fn run(
     let (candidates, name) = match &request.destination {
         Destination::Addr(a) => (vec![SocketAddr::V4(*a)], None),
         Destination::Name { host, port } => {
-            conn::deny_by_name(config, peer, *port, host)?;
-            (conn::resolve(host, *port, true).await?, Some(host.as_str()))
+            dial::deny_by_name(config, peer, *port, host)?;
+            (dial::resolve(host, *port, true).await?, Some(host.as_str()))
         }
     };
 
     match request.command {
         Command::Connect => {
-            let upstream = conn::connect(config, peer, &candidates, name, entry).await?;
+            let upstream = dial::connect(config, peer, &candidates, name, entry).await?;
             client.write_all(&Reply::granted(v4(upstream.local_addr()?)).encode()).await?;
             entry.touch();
             Ok(Established { kind: ConnType::Out, upstream, early, limits: None })

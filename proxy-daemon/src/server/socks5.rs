@@ -12,9 +12,9 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
-use super::conn::{self, await_peer, bind_listener, check_access, Established, Failure, HANDSHAKE_TIMEOUT};
+use super::dial::{self, await_peer, bind_listener, check_access, Established, Failure, HANDSHAKE_TIMEOUT};
 use super::registry::{ConnType, Entry};
-use super::Server;
+use super::shared::Shared;
 use crate::config::{AuthMethod, Config};
 use crate::datapath::{monotonic_ns, FlowSource, FlowStats};
 use crate::protocol::socks5::{self, Address, Command, ParseError, ReplyCode};
@@ -34,7 +34,7 @@ pub async fn refuse_version(client: &mut TcpStream) {
 /// failures included; returns the far side of a TCP tunnel, `None` for a UDP
 /// association that has ended, or why it failed.
 pub async fn handshake(
-    server: &Server,
+    server: &Shared,
     config: &Config,
     client: &mut TcpStream,
     peer: SocketAddr,
@@ -83,7 +83,7 @@ async fn read_message<T>(
                     buf.drain(..used);
                     return Ok(Ok(msg));
                 }
-                Err(ParseError::Incomplete) => conn::read_more(client, buf, entry).await?,
+                Err(ParseError::Incomplete) => dial::read_more(client, buf, entry).await?,
                 Err(e) => return Ok(Err(e)),
             }
         }
@@ -93,7 +93,7 @@ async fn read_message<T>(
 
 #[allow(clippy::too_many_arguments)]
 async fn run(
-    server: &Server,
+    server: &Shared,
     config: &Config,
     client: &mut TcpStream,
     peer: SocketAddr,
@@ -165,15 +165,15 @@ async fn run(
             (vec![SocketAddr::from(([0, 0, 0, 0], *port))], None)
         }
         Address::Domain { host, port } => {
-            conn::deny_by_name(config, peer, *port, host)?;
-            (conn::resolve(host, *port, false).await?, Some(host.as_str()))
+            dial::deny_by_name(config, peer, *port, host)?;
+            (dial::resolve(host, *port, false).await?, Some(host.as_str()))
         }
     };
     let dst = candidates[0];
     let early = std::mem::take(&mut buf);
     match request.command {
         Command::Connect => {
-            let upstream = conn::connect(config, peer, &candidates, dst_name, entry).await?;
+            let upstream = dial::connect(config, peer, &candidates, dst_name, entry).await?;
             client.write_all(&socks5::encode_reply(ReplyCode::Succeeded, upstream.local_addr()?)).await?;
             entry.touch();
             Ok(Some(Established { kind: ConnType::Out, upstream, early, limits }))
@@ -276,7 +276,7 @@ async fn udp_associate(
                     let Ok((addr, start)) = socks5::parse_udp_header(&dgram[..n]) else { continue };
                     let (dst, name) = match &addr {
                         Address::Ip(a) => (canonical(*a), None),
-                        Address::Domain { host, port } => match conn::resolve(host, *port, false).await {
+                        Address::Domain { host, port } => match dial::resolve(host, *port, false).await {
                             Ok(a) => (a[0], Some(host.as_str())),
                             Err(_) => continue,
                         },

@@ -76,8 +76,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::hangup::{EV_LOW, EV_OVER};
+use super::shared::{KernelFlow, Shared};
 use super::sys::{self, EV_ERR, EV_HUP, EV_RDHUP};
-use super::{error_line, monotonic_ns, KernelFlow, Policy, Shared};
+use crate::bpf::error_line;
+use crate::datapath::monotonic_ns;
 use crate::datapath::userspace::{relay, Promote, RelayEnd};
 
 /// Index of the client socket in the per-tunnel arrays.
@@ -110,6 +112,15 @@ pub(super) const PROMOTE: Promote = Promote { bytes: 2 << 20, age: Some(Duration
 pub(super) const REPROMOTE: Promote = Promote { bytes: 16 << 20, age: None };
 /// Never promote again.
 const STAY: Promote = Promote { bytes: u64::MAX, age: None };
+
+/// When a tunnel enters the sockhash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// `data-path=auto`: start on the relay, promote once bulk.
+    Auto,
+    /// `data-path=kernel`: splice at once.
+    Always,
+}
 
 /// A pair in the maps.
 struct Spliced {

@@ -1,0 +1,199 @@
+//! What the SOCKS4 and SOCKS5 handshakes share: the handshake's limits and
+//! outcome ([`Established`], [`Failure`]), reading the request, the access
+//! check, resolving, dialling, and the BIND listener.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::registry::{ConnType, Entry};
+use crate::config::{AccessRequest, Action, Config};
+use crate::datapath::userspace::Limits;
+use crate::metrics::RefusalReason;
+
+/// Longest time from accept to a decoded request (and, separately, to resolve
+/// a name). Slow or silent clients are cut here.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest time to resolve a name.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest time to connect to a destination.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest time a BIND waits for its peer to connect.
+pub const BIND_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bytes read per call during the handshake: a whole request fits, and
+/// early payload after it is kept for the tunnel.
+pub const READ_CHUNK: usize = 1024;
+
+/// A handshake that got its far side: what the data path takes over.
+pub struct Established {
+    pub kind: ConnType,
+    pub upstream: TcpStream,
+    /// Client bytes read past the request (the start of its stream).
+    pub early: Vec<u8>,
+    /// Pacing for a rate-limited user; such tunnels use the userspace relay.
+    pub limits: Option<Limits>,
+}
+
+/// Why a handshake ended without a tunnel; each protocol turns it into its reply.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    #[error("client closed during the handshake")]
+    ClientGone,
+    #[error("handshake took longer than {HANDSHAKE_TIMEOUT:?}")]
+    Deadline,
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("cannot resolve {0}")]
+    Resolve(String),
+    #[error("denied by access rule {0}")]
+    Denied(String),
+    #[error("cannot connect to {dst}: {source}")]
+    Dial { dst: SocketAddr, source: io::Error },
+    #[error("BIND: {0}")]
+    Bind(String),
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// How the metrics count a failure.
+pub fn refusal_reason(f: &Failure) -> RefusalReason {
+    match f {
+        Failure::Denied(_) => RefusalReason::Access,
+        Failure::Refused(_) => RefusalReason::Auth,
+        Failure::Resolve(_) | Failure::Dial { .. } => RefusalReason::Dial,
+        _ => RefusalReason::Handshake,
+    }
+}
+
+impl Failure {
+    /// Whether the client is still there to read a failure reply.
+    pub fn replies(&self) -> bool {
+        !matches!(self, Failure::ClientGone)
+    }
+}
+
+/// Appends what the client sent next to `buf`; an end of stream is [`Failure::ClientGone`].
+pub async fn read_more(client: &mut TcpStream, buf: &mut Vec<u8>, entry: &Entry) -> Result<(), Failure> {
+    let start = buf.len();
+    buf.resize(start + READ_CHUNK, 0);
+    let n = client.read(&mut buf[start..]).await;
+    buf.truncate(start + *n.as_ref().unwrap_or(&0));
+    match n? {
+        0 => Err(Failure::ClientGone),
+        _ => {
+            entry.touch();
+            Ok(())
+        }
+    }
+}
+
+/// Asks the access list; a deny is a [`Failure::Denied`] naming the rule.
+pub fn check_access(config: &Config, src: SocketAddr, dst: SocketAddr, dst_name: Option<&str>) -> Result<(), Failure> {
+    let decision = config.access.decide(&AccessRequest { src, dst, dst_name });
+    match decision.action {
+        Action::Allow => Ok(()),
+        Action::Deny => Err(Failure::Denied(decision.rule.map_or_else(|| "-".into(), |r| r.to_string()))),
+    }
+}
+
+/// Refuses a request for a name that the access list denies by name alone,
+/// before any DNS query for it is made.
+pub fn deny_by_name(config: &Config, src: SocketAddr, port: u16, host: &str) -> Result<(), Failure> {
+    match config.access.decide_by_name(src, port, host) {
+        Some(d) if d.action == Action::Deny => {
+            Err(Failure::Denied(d.rule.map_or_else(|| "-".into(), |r| r.to_string())))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Resolves a name to its addresses, IPv4 first; `v4_only` for SOCKS4a,
+/// which can only reach IPv4.
+pub async fn resolve(host: &str, port: u16, v4_only: bool) -> Result<Vec<SocketAddr>, Failure> {
+    let lookup = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port)));
+    match lookup.await {
+        Ok(Ok(addrs)) => {
+            let mut addrs: Vec<SocketAddr> = addrs.filter(|a| !v4_only || a.is_ipv4()).collect();
+            addrs.sort_by_key(|a| !a.is_ipv4());
+            addrs.dedup();
+            if addrs.is_empty() {
+                return Err(Failure::Resolve(format!("{host}: no usable address")));
+            }
+            Ok(addrs)
+        }
+        Ok(Err(e)) => Err(Failure::Resolve(format!("{host}: {e}"))),
+        Err(_) => Err(Failure::Resolve(format!("{host}: timed out"))),
+    }
+}
+
+/// Connects to the first of `candidates` that the access list allows and
+/// that answers, within [`DIAL_TIMEOUT`] in all. Records the destination in the row.
+pub async fn connect(
+    config: &Config,
+    src: SocketAddr,
+    candidates: &[SocketAddr],
+    name: Option<&str>,
+    entry: &Entry,
+) -> Result<TcpStream, Failure> {
+    let deadline = tokio::time::Instant::now() + DIAL_TIMEOUT;
+    let mut last = None;
+    for &dst in candidates {
+        entry.set_destination(dst);
+        if let Err(e) = check_access(config, src, dst, name) {
+            last = Some(e);
+            continue;
+        }
+        let attempt = tokio::time::timeout_at(deadline, TcpStream::connect(dst))
+            .await
+            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")));
+        match attempt {
+            Ok(upstream) => {
+                let _ = upstream.set_nodelay(true);
+                return Ok(upstream);
+            }
+            Err(source) => last = Some(Failure::Dial { dst, source }),
+        }
+    }
+    Err(last.unwrap_or_else(|| Failure::Resolve("no address".into())))
+}
+
+/// BIND's listener, on the address the client reached the proxy at (so the
+/// address in the first reply is one the client can pass on).
+pub async fn bind_listener(client: &TcpStream) -> Result<TcpListener, Failure> {
+    let local_ip = client.local_addr()?.ip();
+    Ok(TcpListener::bind(SocketAddr::new(local_ip, 0)).await?)
+}
+
+/// Waits for BIND's peer. The client must wait for the second reply: bytes
+/// or a close from it now end the BIND. A peer from another address than
+/// `expected` ends it too (SOCKS4 spec).
+pub async fn await_peer(
+    listener: TcpListener,
+    client: &mut TcpStream,
+    expected: IpAddr,
+) -> Result<(TcpStream, SocketAddr), Failure> {
+    let accept = async {
+        let mut probe = [0u8; 1];
+        tokio::select! {
+            r = listener.accept() => Ok(r?),
+            r = client.peek(&mut probe) => match r {
+                Ok(0) => Err(Failure::ClientGone),
+                Ok(_) => Err(Failure::Bind("client sent data before the second reply".into())),
+                Err(e) => Err(Failure::Io(e)),
+            },
+        }
+    };
+    let (peer, peer_addr) = tokio::time::timeout(BIND_TIMEOUT, accept)
+        .await
+        .map_err(|_| Failure::Bind(format!("no peer connected within {BIND_TIMEOUT:?}")))??;
+    if peer_addr.ip().to_canonical() != expected.to_canonical() {
+        return Err(Failure::Bind(format!("peer {peer_addr} is not the requested {expected}")));
+    }
+    let _ = peer.set_nodelay(true);
+    Ok((peer, peer_addr))
+}
