@@ -9,35 +9,21 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use proxyd::config::{store, DataPathMode};
+use proxyd::config::{schema, store, DataPathMode};
 use proxyd::control::{self, client, Controller};
 use proxyd::server::Server;
 
 const DEFAULT_CONTROL: &str = "/run/proxyd/control.sock";
+/// How long cancelled connections get to close after the grace period.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
 
+/// The CLI. Its `--help` ends with [`after_help`], generated from the
+/// command schema (menus, commands, properties); see [`cli`].
 #[derive(Parser)]
 #[command(
     name = "proxyd",
     version,
-    about = "SOCKS4/4a proxy daemon with RouterOS /ip socks semantics and an eBPF data path",
-    after_help = "\
-Commands (RouterOS style, sent to the running daemon):
-  proxyd ip socks set enabled=yes port=1080 connection-idle-timeout=2m max-connections=200
-  proxyd ip socks print
-  proxyd ip socks access add src-address=192.168.0.2 dst-port=21 action=allow
-  proxyd ip socks access add dst-port=1024-65535 action=allow
-  proxyd ip socks access add action=deny
-  proxyd ip socks access print | remove N | set N name=value | move N M | enable N | disable N
-  proxyd ip socks connections print [detail]
-  proxyd export                  the whole configuration as a RouterOS script
-
-Settings: enabled (yes|no), port (1..65535), connection-idle-timeout (1s..1w, e.g. 30s, 2m, 1d2h),
-  max-connections (1..1000000), listen-address (IP), data-path (auto|kernel|userspace).
-Access rules: src-address, dst-address (a.b.c.d[/len]), src-port, dst-port (N or N-M),
-  action (allow|deny), disabled (yes|no), comment. The first enabled matching rule decides;
-  no match allows.
-
-Exit status: 0 success, 1 refused or failed command, 2 usage error."
+    about = "SOCKS4, SOCKS4a and SOCKS5 proxy daemon with RouterOS /ip socks semantics and an eBPF data path"
 )]
 struct Cli {
     /// Control socket of the daemon.
@@ -89,8 +75,26 @@ fn parse_time(s: &str) -> Result<Duration, String> {
     proxyd::config::time::parse(s).ok_or_else(|| format!("`{s}` is not a time (e.g. 10s, 1m)"))
 }
 
+/// The command line with its generated help.
+fn command() -> clap::Command {
+    use clap::CommandFactory;
+    Cli::command().after_help(after_help())
+}
+
+/// What `--help` says after the options: every menu, command and property
+/// of the schema, and the exit statuses.
+fn after_help() -> String {
+    format!(
+        "{}\nThe first enabled matching access rule decides; no match allows.\n\nExit status: 0 success, 1 refused or failed command, 2 usage error.",
+        schema::overview()
+    )
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = {
+        use clap::FromArgMatches;
+        Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit())
+    };
     match cli.command {
         Cmd::Run(args) => {
             init_logging();
@@ -110,9 +114,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Cmd::Man => {
-            use clap::CommandFactory;
-            let _ =
-                std::io::Write::write_all(&mut std::io::stdout(), proxyd::manpage::render(&Cli::command()).as_bytes());
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), proxyd::manpage::render(&command()).as_bytes());
             ExitCode::SUCCESS
         }
         Cmd::Menu(words) if words.iter().any(|w| w == "--help" || w == "-h" || w == "help") => menu_help(words),
@@ -124,7 +126,6 @@ fn main() -> ExitCode {
 /// the schema, without asking the daemon. The one parser finds the menu.
 fn menu_help(words: Vec<String>) -> ExitCode {
     use proxyd::config::command::{parse, Command};
-    use proxyd::config::schema;
     let path: Vec<String> = words.into_iter().filter(|w| w != "--help" && w != "-h" && w != "help").collect();
     match parse(proxyd::config::command::Menu::Root, &path) {
         Ok((menu, cmd)) => {
@@ -187,14 +188,17 @@ fn run(control_path: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         tracing::info!("shutting down: no new clients; {} open connection(s) get {:?}", server.shared.registry.len(), args.shutdown_grace);
         server.stop_listening();
         let _ = std::fs::remove_file(&control_path);
-        let deadline = tokio::time::Instant::now() + args.shutdown_grace;
-        while !server.shared.registry.is_empty() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if !server.shared.registry.is_empty() {
+        // Every connection task (each ends after its tunnel) is tracked:
+        // wait for them all, up to the grace, then cancel the rest and wait
+        // for them to close their sockets (and leave the BPF maps).
+        let tasks = &server.shared.tasks;
+        tasks.close();
+        if tokio::time::timeout(args.shutdown_grace, tasks.wait()).await.is_err() {
             tracing::info!("grace period over: closing {} connection(s)", server.shared.registry.len());
             server.shared.registry.cancel_all();
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            if tokio::time::timeout(CLOSE_DEADLINE, tasks.wait()).await.is_err() {
+                tracing::warn!("{} connection(s) still closing after {CLOSE_DEADLINE:?}; exiting", tasks.len());
+            }
         }
         server.stop_prefilter();
         tracing::info!("stopped");
@@ -209,5 +213,42 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--help` and the man page name every menu, command and property the
+    /// schema describes (and the parser takes its names from the schema).
+    #[test]
+    fn help_and_man_page_cover_the_schema() {
+        let help = command().render_long_help().to_string();
+        let man = proxyd::manpage::render(&command());
+        for def in schema::MENUS {
+            let path = def.menu.to_string();
+            let words = path.trim_start_matches('/');
+            for c in def.commands {
+                let line = format!("proxyd {words}{}{}", if words.is_empty() { "" } else { " " }, c.usage);
+                assert!(help.contains(&line), "--help lacks `{line}`:\n{help}");
+                assert!(man.contains(&roff_free(c.usage)), "the man page lacks {path} {}", c.usage);
+            }
+            for p in def.properties {
+                assert!(
+                    help.lines().any(|l| l.trim_start().starts_with(p.name) && l.contains(p.values)),
+                    "--help lacks {path} property {} ({})",
+                    p.name,
+                    p.values
+                );
+                assert!(man.contains(&roff_free(p.name)), "the man page lacks {path} property {}", p.name);
+            }
+        }
+        assert!(help.contains("SOCKS5"), "{help}");
+    }
+
+    /// The text as roff would have it (hyphens escaped).
+    fn roff_free(s: &str) -> String {
+        s.replace('-', "\\-")
     }
 }

@@ -397,18 +397,20 @@ fn kill_9_during_transfers_then_restart() {
     }
 }
 
-/// SIGTERM: new clients are refused at once (within 500 ms), an open tunnel keeps
-/// working, and the daemon exits 0 as soon as it ends; a tunnel still open when
-/// `--shutdown-grace 2s` runs out is closed and the daemon exits 0 then.
+/// SIGTERM with 100 open tunnels: new clients are refused at once (within
+/// 500 ms), the open tunnels keep working, and the daemon exits 0 as soon as
+/// the last one ends; tunnels still open when `--shutdown-grace 2s` runs out
+/// are all closed and the daemon exits 0 then.
 #[test]
 fn sigterm_stops_accepting_and_drains() {
+    const TUNNELS: usize = 100;
     for dp in data_paths() {
         let options = Options { args: vec!["--shutdown-grace".into(), "2s".into()], ..Options::default() };
-        // Tunnel ends within the grace period.
+        // The tunnels end within the grace period.
         let mut d = Daemon::start_with(dp, options.clone());
         let proxy = d.enable(&[]);
         let (l, dst) = listen_local();
-        let (mut c, mut u) = socks::tunnel(proxy, &l, dst);
+        let mut tunnels: Vec<_> = (0..TUNNELS).map(|_| socks::tunnel(proxy, &l, dst)).collect();
         let t = Instant::now();
         d.signal(libc::SIGTERM);
         let refused = wait_until(
@@ -417,12 +419,21 @@ fn sigterm_stops_accepting_and_drains() {
         );
         assert!(refused, "[{dp}] still accepting 500 ms after SIGTERM");
         std::thread::sleep(Duration::from_millis(300));
-        c.write_all(b"still here").unwrap();
-        let mut b = [0u8; 10];
-        u.read_exact(&mut b).expect("tunnel works after SIGTERM");
-        u.write_all(b"ok").unwrap();
-        c.read_exact(&mut b[..2]).expect("tunnel works after SIGTERM");
-        assert!(d.wait_exit(Duration::from_millis(100)).is_none(), "[{dp}] exited with a tunnel open");
+        for (c, u) in &mut tunnels {
+            c.write_all(b"still here").unwrap();
+            let mut b = [0u8; 10];
+            u.read_exact(&mut b).expect("tunnel works after SIGTERM");
+            u.write_all(b"ok").unwrap();
+            c.read_exact(&mut b[..2]).expect("tunnel works after SIGTERM");
+        }
+        assert!(d.wait_exit(Duration::from_millis(100)).is_none(), "[{dp}] exited with tunnels open");
+        let last = tunnels.pop().unwrap();
+        for (c, mut u) in tunnels {
+            drop(c);
+            assert!(socks::closed_within(&mut u, Duration::from_secs(2)));
+        }
+        assert!(d.wait_exit(Duration::from_millis(100)).is_none(), "[{dp}] exited with one tunnel open");
+        let (c, mut u) = last;
         drop(c);
         assert!(socks::closed_within(&mut u, Duration::from_secs(2)));
         drop(u);
@@ -432,14 +443,14 @@ fn sigterm_stops_accepting_and_drains() {
         assert!(st.success(), "[{dp}] exit status {st} after SIGTERM\n{}", d.log());
         assert!(
             t.elapsed() < Duration::from_millis(1900),
-            "[{dp}] exit took {:?}: it waited for the grace period instead of the tunnel",
+            "[{dp}] exit took {:?}: it waited for the grace period instead of the tunnels",
             t.elapsed()
         );
 
-        // Tunnel outlives the grace period.
+        // The tunnels outlive the grace period.
         let mut d = Daemon::start_with(dp, options);
         let proxy = d.enable(&[]);
-        let (mut c, _u) = socks::tunnel(proxy, &l, dst);
+        let mut tunnels: Vec<_> = (0..TUNNELS).map(|_| socks::tunnel(proxy, &l, dst)).collect();
         let t = Instant::now();
         d.signal(libc::SIGTERM);
         let st =
@@ -450,9 +461,11 @@ fn sigterm_stops_accepting_and_drains() {
             took >= Duration::from_millis(1800) && took < Duration::from_secs(4),
             "[{dp}] exited {took:?} after SIGTERM with --shutdown-grace 2s"
         );
-        assert!(
-            socks::closed_within(&mut c, Duration::from_secs(2)),
-            "[{dp}] the tunnel was not closed when the grace period ran out"
-        );
+        for (i, (c, _u)) in tunnels.iter_mut().enumerate() {
+            assert!(
+                socks::closed_within(c, Duration::from_secs(2)),
+                "[{dp}] tunnel {i} was not closed when the grace period ran out"
+            );
+        }
     }
 }

@@ -4,60 +4,13 @@
 //! configuration command against a [`Config`]. The CLI (argv words), the
 //! control socket and the state file all come through here.
 
-use std::fmt;
-
-use super::time;
+pub use super::schema::Menu;
 use super::users::{parse_rate, PasswordHash, User};
 use super::{
     parse_prefix, AccessRule, Action, AuthMethod, Config, DataPathMode, DstMatch, PortRange, Settings,
     IDLE_TIMEOUT_RANGE, MAX_CONNECTIONS_RANGE,
 };
-
-/// A menu of the command tree.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Menu {
-    Root,
-    Ip,
-    Socks,
-    Access,
-    Connections,
-    Users,
-}
-
-impl Menu {
-    fn child(self, name: &str) -> Option<Menu> {
-        match (self, name) {
-            (_, "ip") => Some(Menu::Ip),
-            (Menu::Ip, "socks") => Some(Menu::Socks),
-            (Menu::Socks, "access") => Some(Menu::Access),
-            (Menu::Socks, "connections") => Some(Menu::Connections),
-            (Menu::Socks, "users") => Some(Menu::Users),
-            (m, "..") => Some(m.parent()),
-            _ => None,
-        }
-    }
-
-    fn parent(self) -> Menu {
-        match self {
-            Menu::Root | Menu::Ip => Menu::Root,
-            Menu::Socks => Menu::Ip,
-            Menu::Access | Menu::Connections | Menu::Users => Menu::Socks,
-        }
-    }
-}
-
-impl fmt::Display for Menu {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Menu::Root => "/",
-            Menu::Ip => "/ip",
-            Menu::Socks => "/ip socks",
-            Menu::Access => "/ip socks access",
-            Menu::Connections => "/ip socks connections",
-            Menu::Users => "/ip socks users",
-        })
-    }
-}
+use super::{schema, time};
 
 /// How `print` should show things.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -82,13 +35,15 @@ pub enum List {
 }
 
 impl List {
-    /// Properties an item of the list takes.
-    pub fn props(self) -> &'static [&'static str] {
-        match self {
-            List::Access => &["src-address", "src-port", "dst-address", "dst-port", "action", "disabled", "comment"],
-            // `password-hash` is how the state file keeps a password; people type `password`.
-            List::Users => &["name", "password", "password-hash", "only-one", "rate-limit", "disabled", "comment"],
+    /// Properties an item of the list takes: the schema's, and for users
+    /// `password-hash`, which is how the state file keeps a password (people
+    /// type `password`).
+    pub fn props(self) -> Vec<&'static str> {
+        let mut props = schema::property_names(self.menu());
+        if self == List::Users {
+            props.push("password-hash");
         }
+        props
     }
 
     fn menu(self) -> Menu {
@@ -98,11 +53,8 @@ impl List {
         }
     }
 
-    fn allowed(self) -> &'static str {
-        match self {
-            List::Access => "src-address, src-port, dst-address, dst-port, action, disabled, comment",
-            List::Users => "name, password, only-one, rate-limit, disabled, comment",
-        }
+    fn allowed(self) -> String {
+        schema::property_names(self.menu()).join(", ")
     }
 }
 
@@ -150,12 +102,12 @@ impl Command {
 /// Why a command was refused. Each names what was wrong and what is allowed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CommandError {
-    #[error("no such menu: `{path}` (proxyd manages /ip socks, /ip socks access and /ip socks connections)")]
+    #[error("no such menu: `{path}` (proxyd manages {})", schema::menu_paths())]
     UnknownMenu { path: String },
     #[error("no such command in {menu}: `{command}` (allowed: {allowed})")]
-    UnknownCommand { menu: Menu, command: String, allowed: &'static str },
+    UnknownCommand { menu: Menu, command: String, allowed: String },
     #[error("{menu} has no property `{name}` (allowed: {allowed})")]
-    UnknownProperty { menu: Menu, name: String, allowed: &'static str },
+    UnknownProperty { menu: Menu, name: String, allowed: String },
     #[error("invalid value for {property}: `{value}` (allowed: {allowed})")]
     InvalidValue { property: String, value: String, allowed: String },
     #[error("no such item: {0}")]
@@ -297,14 +249,11 @@ pub fn parse(at: Menu, words: &[String]) -> Result<(Menu, Command), CommandError
             list_command(list, verb, &args)?
         }
         (m, c) => {
-            let allowed = match m {
-                Menu::Socks => "set, print, export",
-                Menu::Access => "add, set, remove, move, enable, disable, print, export",
-                Menu::Connections => "print, remove",
-                Menu::Users => "add, set, remove, enable, disable, print, export",
-                Menu::Root | Menu::Ip => "export, or the menu ip socks",
-            };
-            return Err(CommandError::UnknownCommand { menu: m, command: c.to_owned(), allowed });
+            return Err(CommandError::UnknownCommand {
+                menu: m,
+                command: c.to_owned(),
+                allowed: schema::command_names(m),
+            });
         }
     };
     Ok((menu, command))
@@ -321,9 +270,6 @@ fn no_args(menu: Menu, cmd: &str, args: &[&str]) -> Result<(), CommandError> {
         Some(a) => Err(CommandError::Usage(format!("{menu} {cmd} takes no argument `{a}`"))),
     }
 }
-
-/// Properties `connections print where` can test.
-pub const CONNECTION_PROPS: &[&str] = &["src-address", "dst-address", "tx", "rx", "type", "user"];
 
 fn print_options(menu: Menu, args: &[&str]) -> Result<PrintOptions, CommandError> {
     let mut opts = PrintOptions::default();
@@ -342,11 +288,11 @@ fn print_options(menu: Menu, args: &[&str]) -> Result<PrintOptions, CommandError
                 opts.interval = Some(d);
             }
             (_, Some((k, v))) if in_where => {
-                if !CONNECTION_PROPS.contains(&k) {
+                if !schema::property_names(Menu::Connections).contains(&k) {
                     return Err(CommandError::UnknownProperty {
                         menu,
                         name: k.into(),
-                        allowed: "src-address, dst-address, tx, rx, type, user",
+                        allowed: schema::property_names(Menu::Connections).join(", "),
                     });
                 }
                 opts.filters.push((k.to_owned(), v.to_owned()));
@@ -389,22 +335,25 @@ fn numbers(args: &[&str]) -> Result<Vec<usize>, CommandError> {
     Ok(out)
 }
 
-const SETTINGS: &str =
-    "enabled, port, connection-idle-timeout, max-connections, listen-address, data-path, version, auth-method, metrics-address, xdp-interfaces";
-
 fn settings_args(args: &[&str]) -> Result<Vec<(String, String)>, CommandError> {
+    let settings = schema::property_names(Menu::Socks);
     let mut out = Vec::new();
     for a in args {
         let Some((k, v)) = a.split_once('=') else {
-            return Err(CommandError::Usage(format!("set takes name=value, not `{a}` (properties: {SETTINGS})")));
+            let names = settings.join(", ");
+            return Err(CommandError::Usage(format!("set takes name=value, not `{a}` (properties: {names})")));
         };
-        if !SETTINGS.split(", ").any(|s| s == k) {
-            return Err(CommandError::UnknownProperty { menu: Menu::Socks, name: k.into(), allowed: SETTINGS });
+        if !settings.contains(&k) {
+            return Err(CommandError::UnknownProperty {
+                menu: Menu::Socks,
+                name: k.into(),
+                allowed: settings.join(", "),
+            });
         }
         out.push((k.to_owned(), v.to_owned()));
     }
     if out.is_empty() {
-        return Err(CommandError::Usage(format!("set needs properties (allowed: {SETTINGS})")));
+        return Err(CommandError::Usage(format!("set needs properties (allowed: {})", settings.join(", "))));
     }
     Ok(out)
 }
@@ -422,7 +371,7 @@ fn list_command(list: List, verb: &str, args: &[&str]) -> Result<Command, Comman
                     return Err(CommandError::UnknownProperty {
                         menu: list.menu(),
                         name: k.into(),
-                        allowed: "numbers, destination",
+                        allowed: "numbers, destination".into(),
                     })
                 }
                 None => positional.push(a),
@@ -486,12 +435,12 @@ fn item_args<'a>(list: List, args: &[&'a str]) -> Result<(Vec<&'a str>, Vec<Chan
                 }
             },
         };
-        let prop = list.props().iter().find(|p| **p == name).ok_or_else(|| CommandError::UnknownProperty {
+        let prop = list.props().into_iter().find(|p| *p == name).ok_or_else(|| CommandError::UnknownProperty {
             menu: list.menu(),
             name: name.into(),
             allowed: list.allowed(),
         })?;
-        changes.push((*prop, value));
+        changes.push((prop, value));
     }
     Ok((items, changes))
 }

@@ -1,10 +1,65 @@
 //! What the command language offers, described once: menus, their commands
 //! and properties, with allowed values, defaults and a line of help each.
 //! `--help`, the console's tab completion, the shell completions and the man
-//! page are all generated from these tables; the parser in [`super::command`]
-//! checks the same names.
+//! page are all generated from these tables, and the parser in
+//! [`super::command`] takes its menu, command and property names from them.
 
-use super::command::Menu;
+use std::fmt;
+
+/// A menu of the command tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Menu {
+    Root,
+    Ip,
+    Socks,
+    Access,
+    Connections,
+    Users,
+}
+
+impl Menu {
+    /// The menu `name` leads to from here (`..` goes up; `ip` works from anywhere).
+    pub fn child(self, name: &str) -> Option<Menu> {
+        match name {
+            ".." => Some(self.parent()),
+            "ip" => Some(Menu::Ip),
+            _ => MENUS.iter().map(|m| m.menu).find(|m| *m != Menu::Root && m.parent() == self && m.name() == name),
+        }
+    }
+
+    /// The last word of the menu's path (empty for the root).
+    pub fn name(self) -> &'static str {
+        match self {
+            Menu::Root => "",
+            Menu::Ip => "ip",
+            Menu::Socks => "socks",
+            Menu::Access => "access",
+            Menu::Connections => "connections",
+            Menu::Users => "users",
+        }
+    }
+
+    pub fn parent(self) -> Menu {
+        match self {
+            Menu::Root | Menu::Ip => Menu::Root,
+            Menu::Socks => Menu::Ip,
+            Menu::Access | Menu::Connections | Menu::Users => Menu::Socks,
+        }
+    }
+}
+
+impl fmt::Display for Menu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Menu::Root => "/",
+            Menu::Ip => "/ip",
+            Menu::Socks => "/ip socks",
+            Menu::Access => "/ip socks access",
+            Menu::Connections => "/ip socks connections",
+            Menu::Users => "/ip socks users",
+        })
+    }
+}
 
 /// One menu of the command tree.
 pub struct MenuDef {
@@ -239,12 +294,45 @@ pub fn menu(menu: Menu) -> &'static MenuDef {
 
 /// Names of the menus directly below `menu`.
 pub fn submenus(menu: Menu) -> Vec<&'static str> {
-    match menu {
-        Menu::Root => vec!["ip"],
-        Menu::Ip => vec!["socks"],
-        Menu::Socks => vec!["access", "connections", "users"],
-        _ => vec![],
+    MENUS.iter().filter(|m| m.menu != Menu::Root && m.menu.parent() == menu).map(|m| m.menu.name()).collect()
+}
+
+/// The names of a menu's commands, as its errors list them.
+pub fn command_names(menu: Menu) -> String {
+    let mut names: Vec<&str> = self::menu(menu).commands.iter().map(|c| c.name).collect();
+    names.extend(submenus(menu));
+    names.join(", ")
+}
+
+/// The property names of a menu, in the order the manual lists them.
+pub fn property_names(menu: Menu) -> Vec<&'static str> {
+    self::menu(menu).properties.iter().map(|p| p.name).collect()
+}
+
+/// Every menu path, as `no such menu` lists them.
+pub fn menu_paths() -> String {
+    MENUS.iter().filter(|m| !m.properties.is_empty()).map(|m| m.menu.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// The overview under `proxyd --help`: every menu with its commands and
+/// properties (the man page's `COMMANDS` section says the same at length).
+pub fn overview() -> String {
+    let mut out = String::from("Commands (RouterOS style, sent to the running daemon):\n");
+    for def in MENUS {
+        let path = def.menu.to_string();
+        let words = path.trim_start_matches('/');
+        for c in def.commands {
+            let line = format!("proxyd {words}{}{}", if words.is_empty() { "" } else { " " }, c.usage);
+            out.push_str(&format!("  {line:<58} {}\n", c.summary));
+        }
     }
+    for def in MENUS.iter().filter(|m| !m.properties.is_empty()) {
+        out.push_str(&format!("\n{} properties:\n", def.menu));
+        for p in def.properties {
+            out.push_str(&format!("  {:<24} {}\n", p.name, p.values));
+        }
+    }
+    out
 }
 
 /// `--help` text for a menu.

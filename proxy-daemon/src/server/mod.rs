@@ -286,7 +286,7 @@ impl Server {
         self.shared.metrics.accepted();
         match self.shared.registry.admit(peer, max) {
             Some(slot) => {
-                tokio::spawn(conn::serve(self.shared.clone(), stream, peer, slot));
+                self.shared.tasks.spawn(conn::serve(self.shared.clone(), stream, peer, slot));
             }
             None => {
                 self.shared.metrics.refused(RefusalReason::Limit);

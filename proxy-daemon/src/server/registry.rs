@@ -120,6 +120,9 @@ pub struct Row {
 pub struct Registry {
     entries: Mutex<BTreeMap<u64, Arc<Entry>>>,
     next_id: AtomicU64,
+    /// Parent of every entry's cancellation token: cancelling it closes every
+    /// connection, and every one admitted after.
+    root: CancellationToken,
 }
 
 /// A place in the registry; the row leaves the list when this is dropped.
@@ -145,7 +148,7 @@ impl Registry {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(Entry {
             src,
-            cancel: CancellationToken::new(),
+            cancel: self.root.child_token(),
             handshake_activity_ns: AtomicU64::new(monotonic_ns()),
             progress: Mutex::new(Progress::default()),
         });
@@ -212,11 +215,10 @@ impl Registry {
         Ok(())
     }
 
-    /// Closes every connection (shutdown after the grace period).
+    /// Closes every connection, and any admitted from now on (shutdown after
+    /// the grace period).
     pub fn cancel_all(&self) {
-        for e in self.snapshot() {
-            e.cancel.cancel();
-        }
+        self.root.cancel();
     }
 }
 

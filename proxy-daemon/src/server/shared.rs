@@ -7,6 +7,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
+use tokio_util::task::TaskTracker;
+
 use super::registry::Registry;
 use crate::config::Config;
 use crate::datapath::userspace::{Limits, RateLimit};
@@ -21,6 +23,9 @@ pub struct Shared {
     user_limits: Mutex<HashMap<String, (u64, Limits)>>,
     /// Prometheus counters.
     pub metrics: Metrics,
+    /// Every connection task (and so every tunnel: a connection task ends
+    /// after its tunnel), for shutdown to wait on.
+    pub tasks: TaskTracker,
 }
 
 impl Shared {
@@ -31,6 +36,7 @@ impl Shared {
             datapath: RwLock::new(datapath),
             user_limits: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
+            tasks: TaskTracker::new(),
         }
     }
 
