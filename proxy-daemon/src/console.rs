@@ -12,7 +12,7 @@
 //! daemon owns the language.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rustyline::completion::{Completer, Pair};
@@ -26,6 +26,7 @@ use rustyline::{CompletionType, Config, Editor, Helper};
 use crate::config::command::{parse, split_line, Command, Menu};
 use crate::config::schema;
 use crate::control::client;
+use crate::sys::{self, SIGINT_SEEN};
 
 /// Lines the console answers itself (besides menu paths).
 const LOCAL: &[&str] = &["quit", "exit", "help", "?"];
@@ -51,7 +52,7 @@ pub fn run(socket: &Path, json: bool) -> i32 {
     if let Some(h) = &history {
         let _ = editor.load_history(h);
     }
-    install_interrupt_flag();
+    sys::catch_sigint();
     if std::os::unix::net::UnixStream::connect(socket).is_err() {
         eprintln!(
             "proxyd console: proxyd is not answering on {} yet (is `proxyd run` running? --control sets the socket)",
@@ -129,7 +130,7 @@ pub fn request_words(menu: Menu, words: Vec<String>) -> Vec<String> {
 /// Sends one command and prints the answer; `print interval=...` repeats until Ctrl-C.
 fn execute(socket: &Path, menu: Menu, words: Vec<String>, json: bool) {
     let words = request_words(menu, words);
-    INTERRUPTED.store(false, Ordering::SeqCst);
+    SIGINT_SEEN.store(false, Ordering::SeqCst);
     loop {
         let resp = match client::send(socket, words.clone(), json) {
             Ok(r) => r,
@@ -150,29 +151,14 @@ fn execute(socket: &Path, menu: Menu, words: Vec<String>, json: bool) {
         let _ = std::io::stdout().flush();
         let until = Instant::now() + Duration::from_millis(ms);
         while Instant::now() < until {
-            if INTERRUPTED.swap(false, Ordering::SeqCst) {
+            if SIGINT_SEEN.swap(false, Ordering::SeqCst) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        if INTERRUPTED.swap(false, Ordering::SeqCst) {
+        if SIGINT_SEEN.swap(false, Ordering::SeqCst) {
             return;
         }
-    }
-}
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_interrupt(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// Ctrl-C while a `print interval=...` refreshes stops the refresh, not the
-/// console (at the prompt the line editor reads Ctrl-C itself).
-fn install_interrupt_flag() {
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t);
     }
 }
 
@@ -195,19 +181,11 @@ fn user_name() -> String {
 }
 
 fn host_name() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`.
-    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if r != 0 {
-        return "proxyd".into();
-    }
-    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    let name = String::from_utf8_lossy(&buf[..end]).into_owned();
-    if name.is_empty() {
-        "proxyd".into()
-    } else {
-        name
-    }
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "proxyd".into())
 }
 
 /// The line editor's helper: completion from the schema, for the current menu.

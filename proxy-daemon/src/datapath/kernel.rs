@@ -25,7 +25,6 @@
 
 mod hangup;
 mod shared;
-mod sys;
 mod tunnel;
 
 pub use tunnel::Policy;
@@ -48,6 +47,7 @@ use tracing::{info, warn};
 
 use super::{DataPath, DataPathKind, Pair, SharedDataPath, Tunnel};
 use crate::bpf::{error_line, missing, Pins, BPF_OBJECT};
+use crate::sys;
 
 /// What a send queue may hold when `net.ipv4.tcp_wmem` cannot be read: its
 /// maximum on a default Linux.

@@ -16,7 +16,7 @@
 
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -141,7 +141,6 @@ pub async fn relay(
     promote: Option<Promote>,
     gates: [impl Future<Output = io::Result<()>>; 2],
 ) -> RelayEnd {
-    let fds = [socks[0].as_fd().as_raw_fd(), socks[1].as_fd().as_raw_fd()];
     let [client, upstream] = &*socks;
     let stop = Stop::default();
     let started = Instant::now();
@@ -182,9 +181,8 @@ pub async fn relay(
             Ok(end) => *slot = Some(end),
             Err(e) => {
                 tracing::debug!(error = %e, "relay direction failed; resetting both sides");
-                // The halves borrow the sockets, so the fds are still open.
-                for fd in fds {
-                    reset_on_close(fd);
+                for sock in [client, upstream] {
+                    let _ = crate::sys::set_linger_zero(sock);
                 }
                 return RelayEnd::Closed;
             }
@@ -344,22 +342,6 @@ async fn write_all(writer: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Makes the next close of `fd` send RST instead of FIN (`SO_LINGER` 0).
-pub fn reset_on_close(fd: std::os::fd::RawFd) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: fd is an open socket owned by the caller's halves; the option
-    // value is a properly sized `linger`.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &linger as *const libc::linger as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
 }
 
 #[cfg(test)]

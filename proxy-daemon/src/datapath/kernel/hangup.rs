@@ -21,7 +21,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use super::sys::{self, Epoll};
+use crate::sys::{self, Epoll};
 
 /// Bit set in a side's events when its window ran low (from the ring).
 pub(super) const EV_LOW: u32 = 1 << 30;

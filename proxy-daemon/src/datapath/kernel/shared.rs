@@ -4,19 +4,18 @@
 //! counters ([`KernelFlow`]), which the connections list reads.
 
 use std::io;
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use aya::maps::{HashMap as BpfHashMap, IterableMap, MapData, SockHash};
+use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
 use aya::Ebpf;
 use proxy_common::{FlowStats as MapFlow, Splice};
 use tokio::task::JoinHandle;
 
 use super::hangup;
-use super::sys;
 use crate::datapath::userspace::Counters;
 use crate::datapath::{monotonic_ns, DataPathKind, FlowSource, FlowStats};
+use crate::sys;
 
 /// What the tunnel tasks share with the loader.
 pub(super) struct Shared {
@@ -59,7 +58,7 @@ pub(super) struct Maps {
 impl Maps {
     /// One socket's flow entry, if the socket is in the maps.
     pub(super) fn flow(&self, cookie: u64) -> Option<MapFlow> {
-        sys::map_lookup(self.flows.map().fd().as_fd(), &cookie).ok().flatten()
+        sys::map_lookup(&self.flows, &cookie).ok().flatten()
     }
 
     /// Everything a pair needs before its first verdict, in the order of the
@@ -73,34 +72,33 @@ impl Maps {
         windows: [Splice; 2],
         fresh: MapFlow,
     ) -> io::Result<()> {
-        let (flows, socks) = (self.flows.map().fd().as_fd(), self.socks.map().fd().as_fd());
         self.set_splice(c, &windows[0])?;
         self.set_splice(u, &windows[1])?;
-        sys::map_update(flows, &c, &fresh, 0)?;
-        sys::map_update(flows, &u, &fresh, 0)?;
-        sys::map_update(socks, &c, &cfd, 0)?;
-        sys::map_update(socks, &u, &ufd, 0)?;
+        sys::map_update(&self.flows, &c, &fresh, 0)?;
+        sys::map_update(&self.flows, &u, &fresh, 0)?;
+        sys::map_update(&self.socks, &c, &cfd, 0)?;
+        sys::map_update(&self.socks, &u, &ufd, 0)?;
         self.splice_in(u, ufd)
     }
 
     /// One socket's `PEERS` value, if the socket is in the maps.
     pub(super) fn splice_of(&self, cookie: u64) -> Option<Splice> {
-        sys::map_lookup(self.peers.map().fd().as_fd(), &cookie).ok().flatten()
+        sys::map_lookup(&self.peers, &cookie).ok().flatten()
     }
 
     /// Replaces one socket's `PEERS` value (one element, seen whole by the verdict).
     pub(super) fn set_splice(&self, cookie: u64, splice: &Splice) -> io::Result<()> {
-        sys::map_update(self.peers.map().fd().as_fd(), &cookie, splice, 0)
+        sys::map_update(&self.peers, &cookie, splice, 0)
     }
 
     /// Puts one socket under the verdict.
     pub(super) fn splice_in(&self, cookie: u64, fd: u32) -> io::Result<()> {
-        sys::map_update(self.splice.map().fd().as_fd(), &cookie, &fd, 0)
+        sys::map_update(&self.splice, &cookie, &fd, 0)
     }
 
     /// Takes one socket from under the verdict (missing is fine).
     pub(super) fn splice_out(&self, cookie: u64) {
-        let _ = sys::map_delete(self.splice.map().fd().as_fd(), &cookie);
+        let _ = sys::map_delete(&self.splice, &cookie);
     }
 
     /// Removes the pair from every map, in the reverse order of
@@ -109,10 +107,14 @@ impl Maps {
         for cookie in cookies {
             self.splice_out(cookie);
         }
-        for (map, cookie) in
-            [self.socks.map(), self.peers.map(), self.flows.map()].into_iter().flat_map(|m| cookies.map(|c| (m, c)))
-        {
-            let _ = sys::map_delete(map.fd().as_fd(), &cookie);
+        for cookie in cookies {
+            let _ = sys::map_delete(&self.socks, &cookie);
+        }
+        for cookie in cookies {
+            let _ = sys::map_delete(&self.peers, &cookie);
+        }
+        for cookie in cookies {
+            let _ = sys::map_delete(&self.flows, &cookie);
         }
     }
 }

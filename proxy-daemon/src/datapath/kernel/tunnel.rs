@@ -69,6 +69,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::sys::socket::{setsockopt, sockopt, SetSockOpt};
 use proxy_common::{FlowStats as MapFlow, Splice};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -77,10 +78,10 @@ use tracing::{debug, warn};
 
 use super::hangup::{EV_LOW, EV_OVER};
 use super::shared::{KernelFlow, Shared};
-use super::sys::{self, EV_ERR, EV_HUP, EV_RDHUP};
 use crate::bpf::error_line;
 use crate::datapath::monotonic_ns;
 use crate::datapath::userspace::{relay, Promote, RelayEnd};
+use crate::sys::{self, EV_ERR, EV_HUP, EV_RDHUP};
 
 /// Index of the client socket in the per-tunnel arrays.
 const CLIENT: usize = 0;
@@ -805,20 +806,24 @@ fn tune_socket(sock: &StdTcpStream, cap: u64) {
 
 /// Sets `SO_SNDBUF` (the kernel doubles `bytes`).
 fn set_send_buffer(sock: &StdTcpStream, bytes: u64) {
-    set_buffer(sock, [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF], bytes);
+    set_buffer(sock, sockopt::SndBufForce, sockopt::SndBuf, bytes);
 }
 
 /// Sets `SO_RCVBUF` (the kernel doubles `bytes`; 0 gives its minimum).
 fn set_receive_buffer(sock: &StdTcpStream, bytes: u64) {
-    set_buffer(sock, [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF], bytes);
+    set_buffer(sock, sockopt::RcvBufForce, sockopt::RcvBuf, bytes);
 }
 
-fn set_buffer(sock: &StdTcpStream, [force, plain]: [i32; 2], bytes: u64) {
-    let bytes = bytes.min(i32::MAX as u64 / 2) as i32;
+fn set_buffer<F, P>(sock: &StdTcpStream, force: F, plain: P, bytes: u64)
+where
+    F: SetSockOpt<Val = usize>,
+    P: SetSockOpt<Val = usize>,
+{
+    let bytes = bytes.min(i32::MAX as u64 / 2) as usize;
     // The FORCE variant passes net.core.[rw]mem_max (needs CAP_NET_ADMIN,
     // which loading BPF programs needs too); fall back to the capped one.
-    if sys::setsockopt_int(sock, libc::SOL_SOCKET, force, bytes).is_err() {
-        if let Err(e) = sys::setsockopt_int(sock, libc::SOL_SOCKET, plain, bytes) {
+    if setsockopt(sock, force, &bytes).is_err() {
+        if let Err(e) = setsockopt(sock, plain, &bytes) {
             debug!("socket buffer {bytes}: {e}");
         }
     }

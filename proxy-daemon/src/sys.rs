@@ -1,18 +1,23 @@
-//! The few raw Linux calls the kernel data path needs and that neither std,
-//! tokio nor nix wrap: socket cookies, `TCP_INFO`, `SIOCOUTQ`, forced buffer
-//! sizes, a private epoll set (and handing fds to tokio's reactor), bpffs
-//! detection/mounting, and map element commands that need no `&mut` (so the
-//! maps are shared by all tunnel tasks without a lock).
+//! The raw Linux calls proxyd makes that neither std, tokio nor nix wrap
+//! safely: socket cookies, `TCP_INFO`, `SIOCOUTQ`, socket options by number,
+//! `SO_LINGER` 0, a private epoll set (and handing fds to tokio's reactor),
+//! map element commands that need no `&mut` (so the maps are shared by all
+//! tunnel tasks without a lock), and the console's SIGINT flag.
 //!
-//! Every `unsafe` block of the kernel data path lives here, each with its
-//! SAFETY argument; callers get safe functions over `AsFd`.
+//! With `privileges` (capabilities), this is the only module allowed
+//! `unsafe` (the crate root denies it elsewhere). Every `unsafe` block has
+//! its SAFETY argument; callers get safe functions over `AsFd` and over maps
+//! whose key and value sizes aya checked when it opened them.
 
 use std::io;
 use std::mem;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use aya::maps::{HashMap as BpfHashMap, IterableMap, MapData, SockHash};
 use aya::Pod;
 use aya_log::EbpfLogger;
+use nix::sys::epoll::{EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
@@ -125,10 +130,10 @@ pub fn set_linger_zero(sock: &impl AsFd) -> io::Result<()> {
     Ok(())
 }
 
-/// An epoll set, edge-triggered, that reports only the events asked for:
-/// tunnels watch for FIN/RST without a wake-up per received skb.
+/// A private epoll set (nix's) whose events carry a caller's token; the
+/// tunnels watch for FIN/RST only, without a wake-up per received skb.
 pub struct Epoll {
-    fd: OwnedFd,
+    epoll: nix::sys::epoll::Epoll,
 }
 
 /// Event bits as epoll reports them.
@@ -138,41 +143,26 @@ pub const EV_ERR: u32 = libc::EPOLLERR as u32;
 
 impl Epoll {
     pub fn new() -> io::Result<Self> {
-        // SAFETY: plain syscall; on success we own the returned fd.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-        Ok(Epoll { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Ok(Epoll { epoll: nix::sys::epoll::Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)? })
     }
 
     /// Watches `sock` for `EPOLLRDHUP` (edge-triggered; `EPOLLHUP` and
     /// `EPOLLERR` are always reported), tagged with `token`.
     pub fn watch_hangup(&self, sock: &impl AsFd, token: u64) -> io::Result<()> {
-        self.add(sock, (libc::EPOLLRDHUP | libc::EPOLLET) as u32, token)
+        Ok(self.epoll.add(sock, EpollEvent::new(EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET, token))?)
     }
 
     /// Watches `fd` for readability (level-triggered), tagged with `token`.
     pub fn watch_readable(&self, fd: &impl AsFd, token: u64) -> io::Result<()> {
-        self.add(fd, libc::EPOLLIN as u32, token)
+        Ok(self.epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token))?)
     }
 
-    fn add(&self, sock: &impl AsFd, events: u32, token: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events, u64: token };
-        // SAFETY: both fds are open for the call; `ev` is a valid event.
-        let rc =
-            unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, sock.as_fd().as_raw_fd(), &mut ev) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Stops watching `fd` (it must still be open).
+    /// Stops watching `fd`. The number is all epoll needs; a descriptor
+    /// already closed has left the set by itself, and this fails harmlessly.
     pub fn unwatch(&self, fd: std::os::fd::RawFd) -> io::Result<()> {
-        // SAFETY: both fds are open for the call; DEL ignores the event argument.
-        let rc = unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+        // SAFETY: EPOLL_CTL_DEL reads no memory (the event argument may be
+        // null); both arguments are plain descriptor numbers.
+        let rc = unsafe { libc::epoll_ctl(self.epoll.0.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
@@ -182,20 +172,15 @@ impl Epoll {
     /// Collects pending events without blocking, as `(token, events)`.
     pub fn drain(&self) -> io::Result<Vec<(u64, u32)>> {
         const N: usize = 64;
-        let mut events = [libc::epoll_event { events: 0, u64: 0 }; N];
+        let mut events = [EpollEvent::empty(); N];
         let mut out = Vec::new();
         loop {
-            // SAFETY: `events` has room for `N` entries, the count passed.
-            let n = unsafe { libc::epoll_wait(self.fd.as_raw_fd(), events.as_mut_ptr(), N as i32, 0) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            let n = n as usize;
-            out.extend(events[..n].iter().map(|e| (e.u64, e.events)));
+            let n = match self.epoll.wait(&mut events, EpollTimeout::ZERO) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            out.extend(events[..n].iter().map(|e| (e.data(), e.events().bits() as u32)));
             if n < N {
                 return Ok(out);
             }
@@ -205,7 +190,7 @@ impl Epoll {
 
 impl AsRawFd for Epoll {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.fd.as_raw_fd()
+        self.epoll.0.as_raw_fd()
     }
 }
 
@@ -234,14 +219,41 @@ struct MapElemAttr {
     flags: u64,
 }
 
+/// A map opened through aya's typed wrappers, which checked its key and
+/// value sizes against the kernel's map: the element commands below take
+/// only keys and values of those types.
+pub trait CheckedMap {
+    type Key: Pod;
+    type Value: Pod;
+    fn map_fd(&self) -> BorrowedFd<'_>;
+}
+
+impl<K: Pod, V: Pod> CheckedMap for BpfHashMap<MapData, K, V> {
+    type Key = K;
+    type Value = V;
+    fn map_fd(&self) -> BorrowedFd<'_> {
+        self.map().fd().as_fd()
+    }
+}
+
+/// A sockhash's value is the socket's fd (`u32`) on update.
+impl<K: Pod> CheckedMap for SockHash<MapData, K> {
+    type Key = K;
+    type Value = u32;
+    fn map_fd(&self) -> BorrowedFd<'_> {
+        self.fd().as_fd()
+    }
+}
+
 /// `bpf(2)` on one map element. Maps are shared between threads without a
 /// lock: each element command is atomic in the kernel.
-fn map_elem(cmd: u32, map: BorrowedFd<'_>, key: *const u8, value: u64, flags: u64) -> io::Result<()> {
-    let mut attr = MapElemAttr { map_fd: map.as_raw_fd() as u32, _pad: 0, key: key as u64, value, flags };
+fn map_elem<M: CheckedMap>(cmd: u32, map: &M, key: &M::Key, value: u64, flags: u64) -> io::Result<()> {
+    let key = key as *const M::Key as u64;
+    let mut attr = MapElemAttr { map_fd: map.map_fd().as_raw_fd() as u32, _pad: 0, key, value, flags };
     // SAFETY: `attr` is a valid prefix of `union bpf_attr` for the element
     // commands, of the size passed; `key` (and `value`, when set) point to
-    // live buffers of the map's key and value size for the whole call (the
-    // callers pass `&K`/`&V`/`&mut V` of the map's declared types, all `Pod`).
+    // live buffers of `M::Key`/`M::Value` for the whole call, which are the
+    // map's key and value sizes (aya checked them when it opened the map).
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -262,22 +274,38 @@ const BPF_MAP_DELETE_ELEM: u32 = 3;
 
 /// Sets `map[key] = value` (`flags`: `BPF_ANY` 0, `BPF_NOEXIST` 1, ...).
 /// For a sockhash the value is the socket's fd as a `u32`.
-pub fn map_update<K: Pod, V: Pod>(map: BorrowedFd<'_>, key: &K, value: &V, flags: u64) -> io::Result<()> {
-    map_elem(BPF_MAP_UPDATE_ELEM, map, (key as *const K).cast(), value as *const V as u64, flags)
+pub fn map_update<M: CheckedMap>(map: &M, key: &M::Key, value: &M::Value, flags: u64) -> io::Result<()> {
+    map_elem(BPF_MAP_UPDATE_ELEM, map, key, value as *const M::Value as u64, flags)
 }
 
 /// Removes `map[key]`; a missing key is `ErrorKind::NotFound`.
-pub fn map_delete<K: Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
-    map_elem(BPF_MAP_DELETE_ELEM, map, (key as *const K).cast(), 0, 0)
+pub fn map_delete<M: CheckedMap>(map: &M, key: &M::Key) -> io::Result<()> {
+    map_elem(BPF_MAP_DELETE_ELEM, map, key, 0, 0)
 }
 
 /// `map[key]`, or `None` when the key is missing.
-pub fn map_lookup<K: Pod, V: Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
+pub fn map_lookup<M: CheckedMap>(map: &M, key: &M::Key) -> io::Result<Option<M::Value>> {
     // SAFETY: `Pod` types are valid for any bit pattern, all zeros included.
-    let mut value: V = unsafe { mem::zeroed() };
-    match map_elem(BPF_MAP_LOOKUP_ELEM, map, (key as *const K).cast(), &mut value as *mut V as u64, 0) {
+    let mut value: M::Value = unsafe { mem::zeroed() };
+    match map_elem(BPF_MAP_LOOKUP_ELEM, map, key, &mut value as *mut M::Value as u64, 0) {
         Ok(()) => Ok(Some(value)),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(e) => Err(e),
+    }
+}
+
+/// Set by SIGINT once [`catch_sigint`] ran.
+pub static SIGINT_SEEN: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    SIGINT_SEEN.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGINT set [`SIGINT_SEEN`] instead of ending the process (the
+/// console's `print interval=...` stops on Ctrl-C).
+pub fn catch_sigint() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t);
     }
 }
