@@ -1,10 +1,13 @@
 //! `/ip socks users`: the SOCKS5 username/password accounts. Passwords are
-//! kept only as salted PBKDF2-HMAC-SHA256 hashes, so the state file and
+//! kept only as salted PBKDF2-HMAC-SHA256 hashes in the PHC string format
+//! (the `password-hash` crate's, through `pbkdf2`), so the state file and
 //! `export` can check a password but never give it back.
 
 use std::fmt;
 use std::io::Read;
 
+use pbkdf2::password_hash::{PasswordHash as Phc, PasswordHasher, PasswordVerifier, SaltString};
+use pbkdf2::{Algorithm, Params, Pbkdf2};
 use sha2::Sha256;
 
 /// PBKDF2 rounds for new hashes (a few milliseconds per check on one core).
@@ -25,7 +28,9 @@ pub struct User {
     pub comment: Option<String>,
 }
 
-/// `pbkdf2-sha256$ROUNDS$SALT_HEX$HASH_HEX`; empty for "no password set".
+/// A PHC string, `$pbkdf2-sha256$i=ROUNDS,l=32$SALT$HASH` (B64), or the
+/// form proxyd 0.1 wrote, `pbkdf2-sha256$ROUNDS$SALT_HEX$HASH_HEX`, which
+/// state files may still hold; empty for "no password set".
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct PasswordHash(String);
 
@@ -46,15 +51,27 @@ impl PasswordHash {
     }
 
     fn with_salt(password: &[u8], salt: &[u8], rounds: u32) -> Self {
-        let mut out = [0u8; HASH_LEN];
-        pbkdf2::pbkdf2_hmac::<Sha256>(password, salt, rounds, &mut out);
-        PasswordHash(format!("pbkdf2-sha256${rounds}${}${}", hex(salt), hex(&out)))
+        let salt = SaltString::encode_b64(salt).expect("16 bytes make a valid salt");
+        let params = Params { rounds, output_length: HASH_LEN };
+        let phc = Pbkdf2
+            .hash_password_customized(password, Some(Algorithm::Pbkdf2Sha256.ident()), None, params, &salt)
+            .expect("PBKDF2-SHA256 with these parameters cannot fail");
+        PasswordHash(phc.to_string())
     }
 
     /// Accepts a stored hash (from a state file or `export`), checking its form.
     pub fn parse(stored: &str) -> Option<Self> {
-        let (rounds, salt, hash) = split(stored)?;
-        (rounds > 0 && !salt.is_empty() && hash.len() == HASH_LEN).then(|| PasswordHash(stored.to_owned()))
+        let valid = match stored.strip_prefix('$') {
+            Some(_) => Phc::new(stored).ok().is_some_and(|phc| {
+                phc.algorithm == Algorithm::Pbkdf2Sha256.ident()
+                    && phc.salt.is_some()
+                    && phc.hash.is_some_and(|h| h.len() == HASH_LEN)
+                    && Params::try_from(&phc).is_ok_and(|p| p.rounds > 0)
+            }),
+            None => legacy(stored)
+                .is_some_and(|(rounds, salt, hash)| rounds > 0 && !salt.is_empty() && hash.len() == HASH_LEN),
+        };
+        valid.then(|| PasswordHash(stored.to_owned()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -67,14 +84,18 @@ impl PasswordHash {
 
     /// Whether `password` is the one this hash was made from (constant time in the hash).
     pub fn verify(&self, password: &[u8]) -> bool {
-        let Some((rounds, salt, want)) = split(&self.0) else { return false };
+        if self.0.starts_with('$') {
+            return Phc::new(&self.0).is_ok_and(|phc| Pbkdf2.verify_password(password, &phc).is_ok());
+        }
+        let Some((rounds, salt, want)) = legacy(&self.0) else { return false };
         let mut got = [0u8; HASH_LEN];
         pbkdf2::pbkdf2_hmac::<Sha256>(password, &salt, rounds, &mut got);
         got.iter().zip(&want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
     }
 }
 
-fn split(stored: &str) -> Option<(u32, Vec<u8>, Vec<u8>)> {
+/// proxyd 0.1's own form (hex, `$`-separated, no leading `$`), still read.
+fn legacy(stored: &str) -> Option<(u32, Vec<u8>, Vec<u8>)> {
     let mut parts = stored.split('$');
     if parts.next()? != "pbkdf2-sha256" {
         return None;
@@ -83,10 +104,6 @@ fn split(stored: &str) -> Option<(u32, Vec<u8>, Vec<u8>)> {
     let salt = unhex(parts.next()?)?;
     let hash = unhex(parts.next()?)?;
     parts.next().is_none().then_some((rounds, salt, hash))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
@@ -136,14 +153,36 @@ mod tests {
         assert_eq!(PasswordHash::parse(h.as_str()), Some(h.clone()));
         assert_ne!(PasswordHash::new(b"s3cret"), h, "salts differ");
         assert!(!format!("{h:?}").contains("pbkdf2"));
+        assert!(h.as_str().starts_with("$pbkdf2-sha256$i=10000,l=32$"), "a PHC string: {}", h.as_str());
+    }
+
+    /// A hash in proxyd 0.1's own form (state files written before the PHC
+    /// format) still parses and checks its password.
+    #[test]
+    fn legacy_hashes_still_verify() {
+        let mut out = [0u8; HASH_LEN];
+        let salt = [7u8; SALT_LEN];
+        pbkdf2::pbkdf2_hmac::<Sha256>(b"old", &salt, 1000, &mut out);
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let stored = format!("pbkdf2-sha256$1000${}${}", hex(&salt), hex(&out));
+        let h = PasswordHash::parse(&stored).expect("legacy form parses");
+        assert!(h.verify(b"old") && !h.verify(b"new"));
     }
 
     /// Malformed stored hashes are refused.
     #[test]
     fn parse_rejects_garbage() {
-        for bad in
-            ["", "plain", "pbkdf2-sha256$0$00$00", "pbkdf2-sha256$10$zz$00", "md5$1$00$00", "pbkdf2-sha256$10$0011$00"]
-        {
+        for bad in [
+            "",
+            "plain",
+            "pbkdf2-sha256$0$00$00",
+            "pbkdf2-sha256$10$zz$00",
+            "md5$1$00$00",
+            "pbkdf2-sha256$10$0011$00",
+            "$pbkdf2-sha256$i=0,l=32$c2FsdHNhbHQ$AAAA",
+            "$argon2id$v=19$m=65536,t=2,p=1$c2FsdHNhbHQ$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            "$pbkdf2-sha256$i=1000,l=32$c2FsdHNhbHQ$AAAA",
+        ] {
             assert_eq!(PasswordHash::parse(bad), None, "{bad}");
         }
     }
