@@ -296,3 +296,34 @@ async fn a_tunnel_outlives_its_data_paths_pins() {
     .await
     .expect("the test took too long");
 }
+
+/// A reset that reaches the proxy before the pair is spliced (`kernel`: the
+/// RST is already queued when the hand-over reads the sockets) reaches the
+/// other outer end as a reset too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug: on data-path=kernel a hand-over that fails on a reset socket closes both with a FIN \
+            (datapath/kernel/tunnel.rs run(), the Err arm after hand_over), so the other end sees a clean EOF"]
+async fn a_reset_before_the_splice_crosses_the_tunnel() {
+    if !kernel_under_test("a_reset_before_the_splice_crosses_the_tunnel") {
+        return;
+    }
+    init_log();
+    let dir = PinDir::new();
+    tokio::time::timeout(TEST_LIMIT, async {
+        let kernel = Arc::new(KernelDataPath::load(&dir.0).expect("load the kernel data path"));
+        let dp = kernel.with_policy(Policy::Always);
+        for client_resets in [false, true] {
+            let what = format!("{} resets before the splice", if client_resets { "client" } else { "destination" });
+            let (client, dest, pair) = connect().await;
+            let (resetting, mut other) = if client_resets { (client, dest) } else { (dest, client) };
+            reset(resetting);
+            // Let the RST land on the inner socket before the data path takes the pair.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let mut tunnel = dp.attach(pair, CancellationToken::new()).expect("attach");
+            expect_reset(&mut other, &what).await;
+            finish(&mut tunnel, 0, 0, &what).await;
+        }
+    })
+    .await
+    .expect("the test took too long");
+}
