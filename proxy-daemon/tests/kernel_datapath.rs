@@ -301,8 +301,6 @@ async fn a_tunnel_outlives_its_data_paths_pins() {
 /// RST is already queued when the hand-over reads the sockets) reaches the
 /// other outer end as a reset too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: on data-path=kernel a hand-over that fails on a reset socket closes both with a FIN \
-            (datapath/kernel/tunnel.rs run(), the Err arm after hand_over), so the other end sees a clean EOF"]
 async fn a_reset_before_the_splice_crosses_the_tunnel() {
     if !kernel_under_test("a_reset_before_the_splice_crosses_the_tunnel") {
         return;

@@ -216,7 +216,12 @@ pub(super) async fn run(
                 return relay_to_end(&flow, socks, &cancel).await;
             }
             Err(e) => {
-                debug!(tunnel = id, "handing over queued bytes: {e}");
+                // A side failed (typically reset): the other one gets a RST
+                // too, as on the relay and while spliced, not a clean FIN.
+                debug!(tunnel = id, "handing over queued bytes: {e}; resetting both sides");
+                for sock in &socks {
+                    let _ = sys::set_linger_zero(sock);
+                }
                 return;
             }
         }
