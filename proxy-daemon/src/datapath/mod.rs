@@ -10,6 +10,7 @@
 //! Nothing outside the data path touches the sockets after `attach`.
 
 pub mod kernel;
+pub mod udp;
 pub mod userspace;
 
 use std::fmt;

@@ -1,29 +1,23 @@
 //! The SOCKS5 handshake (RFC 1928, RFC 1929): method selection, optional
 //! username/password against `/ip socks users` (with `only-one` and
 //! `rate-limit`), then CONNECT, BIND or UDP ASSOCIATE. A failure after the
-//! request sends the RFC's reply code before the close. UDP ASSOCIATE runs
-//! its relay here, in userspace, until the client's TCP connection ends.
+//! request sends the RFC's reply code before the close. UDP ASSOCIATE hands
+//! the association to the UDP relay (`datapath::udp`) with the access check
+//! and name resolution it needs.
 
-use std::collections::HashSet;
-use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 use super::dial::{self, await_peer, bind_listener, check_access, Established, Failure, HANDSHAKE_TIMEOUT};
 use super::registry::{ConnType, Entry};
 use super::shared::Shared;
 use crate::config::{AuthMethod, Config};
-use crate::datapath::{monotonic_ns, FlowSource, FlowStats};
+use crate::datapath::udp;
+use crate::datapath::userspace::Counters;
 use crate::protocol::socks5::{self, Address, Command, ParseError, ReplyCode};
-
-/// Most distinct destinations one UDP association remembers (answers are
-/// accepted only from these).
-const UDP_MAX_PEERS: usize = 1024;
-/// Largest UDP datagram relayed.
-const UDP_MAX_DATAGRAM: usize = 65_535;
 
 /// Tells a SOCKS5 client that no method is acceptable (`version=4`).
 pub async fn refuse_version(client: &mut TcpStream) {
@@ -199,47 +193,8 @@ async fn run(
     }
 }
 
-/// Counters of one UDP association (payload bytes).
-#[derive(Default)]
-struct UdpCounters {
-    tx: AtomicU64,
-    rx: AtomicU64,
-    last_ns: AtomicU64,
-}
-
-impl FlowSource for UdpCounters {
-    fn snapshot(&self) -> FlowStats {
-        FlowStats {
-            tx: self.tx.load(Ordering::Relaxed),
-            rx: self.rx.load(Ordering::Relaxed),
-            last_activity_ns: self.last_ns.load(Ordering::Relaxed),
-        }
-    }
-}
-
-/// One UDP socket for both families: IPv6 with IPv4-mapped addresses, or IPv4 alone.
-async fn udp_socket() -> std::io::Result<UdpSocket> {
-    match UdpSocket::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))).await {
-        Ok(s) => Ok(s),
-        Err(_) => UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0))).await,
-    }
-}
-
-/// The address to hand to `send_to` on `socket`.
-fn sendable(socket: &UdpSocket, dst: SocketAddr) -> SocketAddr {
-    match (socket.local_addr().map(|a| a.is_ipv6()).unwrap_or(false), dst) {
-        (true, SocketAddr::V4(a)) => SocketAddr::V6(SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0)),
-        _ => dst,
-    }
-}
-
-fn canonical(a: SocketAddr) -> SocketAddr {
-    SocketAddr::new(a.ip().to_canonical(), a.port())
-}
-
-/// Relays datagrams for the client until its TCP connection ends. Only the
-/// client's own address may send through the relay, and only the
-/// destinations it has sent to may answer.
+/// Answers UDP ASSOCIATE and relays datagrams for the client until its
+/// TCP connection ends.
 async fn udp_associate(
     config: &Config,
     client: &mut TcpStream,
@@ -247,65 +202,37 @@ async fn udp_associate(
     requested: SocketAddr,
     entry: &Entry,
 ) -> Result<(), Failure> {
-    let socket = udp_socket().await?;
+    let socket = udp::socket().await?;
     let relay_addr = SocketAddr::new(client.local_addr()?.ip().to_canonical(), socket.local_addr()?.port());
-    let counters = Arc::new(UdpCounters { last_ns: AtomicU64::new(monotonic_ns()), ..Default::default() });
+    let counters = Arc::new(Counters::new());
     entry.set_tunnel(ConnType::Udp, relay_addr, counters.clone());
     client.write_all(&socks5::encode_reply(ReplyCode::Succeeded, relay_addr)).await?;
     tracing::debug!(src = %peer, relay = %relay_addr, "UDP association up");
-
-    let client_ip = peer.ip().to_canonical();
-    // The client's UDP port: as requested, or learned from its first datagram.
-    let mut client_udp: Option<SocketAddr> =
-        (requested.port() != 0).then(|| SocketAddr::new(client_ip, requested.port()));
-    let mut peers: HashSet<SocketAddr> = HashSet::new();
-    let mut dgram = vec![0u8; UDP_MAX_DATAGRAM];
-    let mut control = [0u8; 512];
-    loop {
-        tokio::select! {
-            r = client.read(&mut control) => match r {
-                Ok(0) | Err(_) => break,
-                Ok(_) => continue,
-            },
-            r = socket.recv_from(&mut dgram) => {
-                let (n, from) = r?;
-                let from = canonical(from);
-                let is_client = from.ip() == client_ip && client_udp.is_none_or(|c| c == from);
-                if is_client {
-                    client_udp.get_or_insert(from);
-                    let Ok((addr, start)) = socks5::parse_udp_header(&dgram[..n]) else { continue };
-                    let (dst, name) = match &addr {
-                        Address::Ip(a) => (canonical(*a), None),
-                        Address::Domain { host, port } => match dial::resolve(host, *port, false).await {
-                            Ok(a) => (a[0], Some(host.as_str())),
-                            Err(_) => continue,
-                        },
-                    };
-                    if let Err(e) = check_access(config, peer, dst, name) {
-                        tracing::debug!(src = %peer, %dst, "UDP datagram dropped: {e}");
-                        continue;
-                    }
-                    if peers.len() < UDP_MAX_PEERS {
-                        peers.insert(dst);
-                    }
-                    entry.set_destination(dst);
-                    if socket.send_to(&dgram[start..n], sendable(&socket, dst)).await.is_ok() {
-                        counters.tx.fetch_add((n - start) as u64, Ordering::Relaxed);
-                        counters.last_ns.store(monotonic_ns(), Ordering::Relaxed);
-                    }
-                } else if peers.contains(&from) {
-                    let Some(to) = client_udp else { continue };
-                    let wrapped = socks5::encode_udp(from, &dgram[..n]);
-                    if socket.send_to(&wrapped, sendable(&socket, to)).await.is_ok() {
-                        counters.rx.fetch_add(n as u64, Ordering::Relaxed);
-                        counters.last_ns.store(monotonic_ns(), Ordering::Relaxed);
-                    }
-                } else {
-                    tracing::debug!(src = %peer, %from, "UDP datagram from a third address dropped");
-                }
-            }
-        }
-    }
+    let port = (requested.port() != 0).then_some(requested.port());
+    let policy = UdpAccess { config, peer, entry };
+    udp::relay(&socket, client, peer.ip(), port, &counters, &policy).await?;
     tracing::info!(src = %peer, relay = %relay_addr, "UDP association closed");
     Ok(())
+}
+
+/// The access list and the resolver, for the UDP relay.
+struct UdpAccess<'a> {
+    config: &'a Config,
+    peer: SocketAddr,
+    entry: &'a Entry,
+}
+
+impl udp::Policy for UdpAccess<'_> {
+    async fn resolve(&self, host: &str, port: u16) -> Option<SocketAddr> {
+        dial::resolve(host, port, false).await.ok().map(|a| a[0])
+    }
+
+    fn allow(&self, dst: SocketAddr, name: Option<&str>) -> bool {
+        if let Err(e) = check_access(self.config, self.peer, dst, name) {
+            tracing::debug!(src = %self.peer, %dst, "UDP datagram dropped: {e}");
+            return false;
+        }
+        self.entry.set_destination(dst);
+        true
+    }
 }
