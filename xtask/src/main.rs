@@ -236,7 +236,7 @@ fn run(data_path: &str) -> Result<()> {
     let control = if is_root() { PathBuf::from("/run/proxyd/control.sock") } else { dir.join("control.sock") };
     let bin = root().join("target/release/proxyd");
     eprintln!(
-        "\nproxyd: SOCKS4/4a on 127.0.0.1:1080, state in {}.\nIn another shell:\n  {}{} ip socks print\n  curl --socks4a 127.0.0.1:1080 http://example.test/\nCtrl-C stops it.\n",
+        "\nproxyd: SOCKS4, SOCKS4a and SOCKS5 on 127.0.0.1:1080, state in {}.\nIn another shell:\n  {}{} ip socks print\n  curl --socks4a 127.0.0.1:1080 http://example.test/\nCtrl-C stops it.\n",
         state.display(),
         if is_root() { String::new() } else { format!("PROXYD_CONTROL={} ", control.display()) },
         bin.display()
