@@ -287,9 +287,14 @@ pub fn arguments(menu: Menu, command: &str) -> Vec<String> {
         if word.is_empty() || !word.chars().all(|ch| ch.is_ascii_lowercase() || ch == '-') {
             continue;
         }
-        out.push(if takes_value { format!("{word}=") } else { format!("{word} ") });
+        out.push(match (word, takes_value) {
+            ("find", _) => "[find ".to_string(),
+            (_, true) => format!("{word}="),
+            (_, false) => format!("{word} "),
+        });
     }
-    if c.usage.contains("NAME=VALUE") {
+    // `where EXPR` (and `[find ...]`) test the menu's properties.
+    if c.usage.contains("NAME=VALUE") || c.usage.contains("where EXPR") {
         out.extend(def.properties.iter().map(|p| format!("{}=", p.name)));
     }
     let mut seen = std::collections::HashSet::new();
@@ -380,7 +385,13 @@ mod tests {
         for w in ["detail ", "count-only ", "interval=", "where ", "dst-address="] {
             assert!(print.contains(&w.to_string()), "{w} in {print:?}");
         }
-        assert_eq!(words(Menu::Access, "remove "), Vec::<String>::new());
+        assert_eq!(words(Menu::Access, "remove "), vec!["[find "]);
+        let print = words(Menu::Access, "print ");
+        for w in ["terse ", "where ", "action="] {
+            assert!(print.contains(&w.to_string()), "{w} in {print:?}");
+        }
+        assert!(words(Menu::Access, "add ").contains(&"place-before=".to_string()));
+        assert!(words(Menu::Root, "imp").contains(&"import ".to_string()));
     }
 
     /// Every property of every menu that takes NAME=VALUE is offered by some command.

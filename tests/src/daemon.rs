@@ -252,6 +252,17 @@ impl Daemon {
         self.cli.ok(args)
     }
 
+    /// `export ARGS` without its header line (`# <date> by proxyd <version>`,
+    /// which changes every second), so two exports compare by content.
+    pub fn export(&self, args: &str) -> String {
+        let line = format!("export {args}");
+        let out = self.cmd(line.trim_end());
+        match out.split_once('\n') {
+            Some((header, rest)) if header.starts_with("# ") && header.contains(" by proxyd ") => rest.to_owned(),
+            _ => panic!("`{line}` has no header line:\n{out}"),
+        }
+    }
+
     /// Like [`Daemon::cli_ok`], with the words of one command line split at spaces:
     /// `d.cmd("ip socks access add action=deny")`.
     pub fn cmd(&self, line: &str) -> String {

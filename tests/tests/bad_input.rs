@@ -220,7 +220,7 @@ fn bad_cli_values_are_refused() {
         let mut d = Daemon::start(dp);
         d.enable(&["max-connections=7"]);
         d.cmd("ip socks access add src-address=127.0.0.1 dst-port=21 action=allow");
-        let export = d.cli_ok(&["export"]);
+        let export = d.export("");
         let state = std::fs::read(&d.state).unwrap();
         let cases: &[(&[&str], &str)] = &[
             (&["ip", "socks", "set", "port=0"], "port"),
@@ -252,7 +252,7 @@ fn bad_cli_values_are_refused() {
             if !err.contains(prop) {
                 failures.push(format!("`proxyd {}`: stderr does not name `{prop}`: {err:?}", args.join(" ")));
             }
-            let now = d.cli_ok(&["export"]);
+            let now = d.export("");
             if now != export {
                 failures.push(format!("`proxyd {}` changed the configuration:\n{now}", args.join(" ")));
             }
@@ -268,7 +268,7 @@ fn bad_cli_values_are_refused() {
                 ));
             }
         }
-        if d.cli_ok(&["export"]) != export {
+        if d.export("") != export {
             failures.push("a usage error changed the configuration".into());
         }
         assert!(failures.is_empty(), "bad CLI values ({dp}):\n  {}", failures.join("\n  "));

@@ -334,7 +334,7 @@ fn kill_9_during_transfers_then_restart() {
         let proxy = d.enable(&["max-connections=123", "connection-idle-timeout=1h"]);
         d.cmd("ip socks access add src-address=127.0.0.0/8 action=allow");
         d.cli_ok(&["ip", "socks", "access", "add", "action=deny", "comment=default deny"]);
-        let before = d.cli_ok(&["export"]);
+        let before = d.export("");
         let (l, dst) = listen_local();
         let stop = Arc::new(AtomicBool::new(false));
         let mut clients = Vec::new();
@@ -377,7 +377,7 @@ fn kill_9_during_transfers_then_restart() {
             eprintln!("[{dp}] pins left by kill -9 in {}: {stale:?}", pin.display());
         }
         d.restart();
-        assert_eq!(d.cli_ok(&["export"]), before, "[{dp}] configuration differs after kill -9");
+        assert_eq!(d.export(""), before, "[{dp}] configuration differs after kill -9");
         let up = wait_until(Duration::from_secs(5), || TcpStream::connect(proxy).is_ok());
         assert!(up, "[{dp}] not listening on {proxy} after the restart");
         let mut c = socks::connect(proxy, dst);

@@ -43,7 +43,7 @@ fn control_socket_refuses_non_root() {
     let d = Daemon::start("userspace");
     let mode = std::fs::metadata(&d.cli.control).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode, 0o600, "control socket mode is {mode:o}, want 600");
-    let before = d.cli_ok(&["export"]);
+    let before = d.export("");
 
     let out = cli_as_nobody(&d, &["ip", "socks", "set", "max-connections=77"]);
     assert!(!out.status.success(), "nobody changed the daemon through the 0600 socket: {}", text(&out.stdout));
@@ -67,7 +67,7 @@ fn control_socket_refuses_non_root() {
         assert!(out.stdout.is_empty(), "nobody read `{}`: {}", args.join(" "), text(&out.stdout));
     }
     std::fs::set_permissions(&d.cli.control, std::fs::Permissions::from_mode(0o600)).unwrap();
-    assert_eq!(d.cli_ok(&["export"]), before, "a refused non-root command changed the configuration");
+    assert_eq!(d.export(""), before, "a refused non-root command changed the configuration");
     assert!(d.log().contains("control connection refused"), "the refusal is not logged:\n{}", d.log());
 }
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 fn print_all(d: &Daemon) -> (String, String, String) {
-    (d.cli_ok(&["ip", "socks", "print"]), d.cmd("ip socks access print"), d.cli_ok(&["export"]))
+    (d.cli_ok(&["ip", "socks", "print"]), d.cmd("ip socks access print"), d.export(""))
 }
 
 /// Settings and rules (with comment and disabled flag) survive a SIGTERM restart, and

@@ -949,7 +949,7 @@ fn socks5_properties_print_export_and_survive_restart() {
         for want in ["fd00:1234::/32", "2001:db8::/32", "blocked.example", "dst-address=::1", "v6-lan"] {
             assert!(access.contains(want), "{when}: `access print` lacks {want:?}:\n{access}");
         }
-        let export = d.cmd("export");
+        let export = d.export("show-sensitive");
         no_cleartext(&format!("{when}: export"), &export);
         no_cleartext(&format!("{when}: state file"), &std::fs::read_to_string(&d.state).unwrap());
         assert_eq!(export.matches("password-hash=").count(), 3, "{when}: export:\n{export}");
@@ -1000,12 +1000,12 @@ fn socks5_properties_print_export_and_survive_restart() {
     d.cli_ok(&["ip", "socks", "users", "set", "2", &format!("password={WRONG_PW}"), "rate-limit=0"]);
     d.cmd("ip socks users enable 1");
     d.cmd("ip socks users set 0 only-one=no comment=moved");
-    let after_set = d.cmd("export");
+    let after_set = d.export("show-sensitive");
     no_cleartext("after set: export", &after_set);
     assert!(!after_set.contains(WRONG_PW), "export contains carol's new cleartext password");
     d.restart();
     assert!(wait_until(Duration::from_secs(5), || tcp_connect(proxy).is_ok()), "not listening after restart");
-    assert_eq!(d.cmd("export"), after_set, "export changed across restart after set");
+    assert_eq!(d.export("show-sensitive"), after_set, "export changed across restart after set");
     let users = d.cmd("ip socks users print");
     assert!(users.contains("moved"), "`users set 0 comment=moved` not shown:\n{users}");
     assert!(!users.contains("rate-limit=512k"), "rate-limit=0 did not clear carol's limit:\n{users}");
@@ -1018,14 +1018,14 @@ fn socks5_properties_print_export_and_survive_restart() {
     logins(&d, "after remove", &[("bob", BOB_PW, false), ("alice", ALICE_PW, true)]);
 
     // The export alone (password hashes, no cleartext) restores the same logins.
-    let export = d.cmd("export");
+    let export = d.export("show-sensitive");
     d.stop();
     let mut d2 = Daemon::start("userspace");
     d2.stop();
     std::fs::write(&d2.state, &export).unwrap();
     d2.restart();
     assert!(wait_until(Duration::from_secs(5), || tcp_connect(proxy).is_ok()), "the export does not listen");
-    assert_eq!(d2.cmd("export"), export, "a daemon started from the export exports something else");
+    assert_eq!(d2.export("show-sensitive"), export, "a daemon started from the export exports something else");
     logins(&d2, "from export", &[("alice", ALICE_PW, true), ("alice", WRONG_PW, false), ("carol", WRONG_PW, true)]);
 }
 

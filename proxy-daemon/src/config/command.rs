@@ -5,6 +5,7 @@
 //! control socket and the state file all come through here.
 
 pub use super::schema::Menu;
+use super::select::{join_words, Expr};
 use super::users::{parse_rate, PasswordHash, User};
 use super::{
     parse_prefix, AccessRule, Action, AuthMethod, Config, DataPathMode, DstMatch, PortRange, Settings,
@@ -21,8 +22,10 @@ pub struct PrintOptions {
     pub count_only: bool,
     /// `print interval=1s`: print again every interval until interrupted.
     pub interval: Option<std::time::Duration>,
-    /// `print where name=value ...`: only rows whose properties match.
-    pub filters: Vec<(String, String)>,
+    /// `print terse`: one line per item, every property as `name=value`.
+    pub terse: bool,
+    /// `print where EXPR`: only items the expression selects.
+    pub filter: Option<Expr>,
     /// `access print stats`: what the XDP prefilter dropped, per rule.
     pub stats: bool,
 }
@@ -61,26 +64,84 @@ impl List {
 /// A property change: `name=value` sets, `!name` clears.
 pub type Change = (&'static str, Option<String>);
 
+/// Which items a command acts on: numbers as `print` shows them, or
+/// `[find ...]`, evaluated against the list when the command runs (an
+/// expression that selects nothing is not an error).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selector {
+    Numbers(Vec<usize>),
+    Find(Expr),
+}
+
+impl Selector {
+    /// The numbers of the selected items among `len`, whose properties
+    /// `values(item, name)` gives (printed forms).
+    pub fn resolve(&self, len: usize, values: impl Fn(usize, &str) -> Vec<String>) -> Result<Vec<usize>, CommandError> {
+        match self {
+            Selector::Numbers(numbers) => {
+                check_items(len, numbers)?;
+                Ok(numbers.clone())
+            }
+            Selector::Find(expr) => Ok((0..len).filter(|&i| expr.matches(&|name| values(i, name))).collect()),
+        }
+    }
+}
+
+/// Where `add` puts the new item and what it starts from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// `place-before=N`: inserted before item N (appended when `None`).
+    pub before: Option<usize>,
+    /// `copy-from=N`: starts as a copy of item N, then the properties given apply.
+    pub copy_from: Option<usize>,
+}
+
+/// How `export` writes the configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExportOptions {
+    /// `export verbose`: every value, defaults too (the default is compact:
+    /// only what differs from the defaults).
+    pub verbose: bool,
+    /// `export terse`: the menu path on every line, one line per item.
+    pub terse: bool,
+    /// `export show-sensitive`: the stored password hashes too.
+    pub show_sensitive: bool,
+    /// `export file=NAME`: written to `NAME.rsc` instead of printed.
+    pub file: Option<String>,
+}
+
+impl ExportOptions {
+    /// What the state file holds: every value, the password hashes, one line per item.
+    pub fn state_file() -> Self {
+        ExportOptions { verbose: true, terse: false, show_sensitive: true, file: None }
+    }
+}
 /// A parsed command.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
     /// A bare menu path: changes the current menu (scripts).
     Enter(Menu),
     /// `export` in some menu: the configuration below it as a script.
-    Export(Menu),
+    Export(Menu, ExportOptions),
+    /// `/import file=NAME`: runs a script of configuration commands as one
+    /// change, all or nothing.
+    Import {
+        file: String,
+        verbose: bool,
+    },
     SettingsPrint,
     SettingsSet(Vec<(String, String)>),
     /// `print` in a list menu or in `connections`.
     Print(Menu, PrintOptions),
-    Add(List, Vec<Change>),
-    Set(List, Vec<usize>, Vec<Change>),
-    Remove(List, Vec<usize>),
-    Enable(List, Vec<usize>),
-    Disable(List, Vec<usize>),
+    Add(List, Vec<Change>, Placement),
+    Set(List, Selector, Vec<Change>),
+    Remove(List, Selector),
+    Enable(List, Selector),
+    Disable(List, Selector),
     /// Moves the items before the item numbered `before` (to the end when `None`).
-    Move(List, Vec<usize>, Option<usize>),
+    Move(List, Selector, Option<usize>),
     /// `connections remove N`: closes live connections (not a configuration change).
-    ConnectionsRemove(Vec<usize>),
+    ConnectionsRemove(Selector),
 }
 
 impl Command {
@@ -226,24 +287,31 @@ pub fn parse(at: Menu, words: &[String]) -> Result<(Menu, Command), CommandError
     };
     // proxyd's only service is /ip socks: a bare `set enabled=yes` or `print`
     // typed at the top means that menu (the manual's `ip socks>` prompt).
-    if menu == Menu::Root && idx == 1 && cmd != "export" {
+    if menu == Menu::Root && idx == 1 && cmd != "export" && cmd != "import" {
         menu = Menu::Socks;
     }
     let args = &words[idx..];
     // RouterOS continuation marks, when a manual line is pasted as it stands.
     let args: Vec<&str> = args.iter().map(String::as_str).filter(|a| *a != "\\" && *a != "\\...").collect();
     let command = match (menu, cmd) {
-        (_, "export") => {
-            no_args(menu, "export", &args)?;
-            Command::Export(menu)
-        }
+        (_, "export") => Command::Export(menu, export_options(menu, &args)?),
+        (Menu::Root, "import") => import_args(&args)?,
         (Menu::Socks, "print") => {
             no_args(menu, "print", &args)?;
             Command::SettingsPrint
         }
         (Menu::Socks, "set") => Command::SettingsSet(settings_args(&args)?),
         (Menu::Access | Menu::Users | Menu::Connections, "print") => Command::Print(menu, print_options(menu, &args)?),
-        (Menu::Connections, "remove") => Command::ConnectionsRemove(numbers(&args)?),
+        (Menu::Connections, "remove") => {
+            let (selector, rest) = take_find(menu, &args)?;
+            Command::ConnectionsRemove(match selector {
+                Some(s) if rest.is_empty() => s,
+                Some(_) => {
+                    return Err(CommandError::Usage(format!("remove takes one selection, not also `{}`", rest[0])))
+                }
+                None => Selector::Numbers(numbers(&rest)?),
+            })
+        }
         (Menu::Access | Menu::Users, verb @ ("add" | "set" | "remove" | "enable" | "disable" | "move")) => {
             let list = if menu == Menu::Access { List::Access } else { List::Users };
             list_command(list, verb, &args)?
@@ -260,7 +328,76 @@ pub fn parse(at: Menu, words: &[String]) -> Result<(Menu, Command), CommandError
 }
 
 fn is_command(word: &str) -> bool {
-    matches!(word, "print" | "set" | "add" | "remove" | "enable" | "disable" | "move" | "export")
+    matches!(word, "print" | "set" | "add" | "remove" | "enable" | "disable" | "move" | "export" | "import")
+}
+
+/// The properties a `where` or `[find ...]` in `menu` may test.
+fn selectable(menu: Menu) -> Vec<&'static str> {
+    schema::property_names(menu).into_iter().filter(|p| *p != "password").collect()
+}
+
+/// Takes a `[find ...]` (also `numbers=[find ...]`) out of `args`: the
+/// words from one starting with `[` to the one ending with `]`.
+fn take_find<'a>(menu: Menu, args: &[&'a str]) -> Result<(Option<Selector>, Vec<&'a str>), CommandError> {
+    let Some(start) = args.iter().position(|a| a.starts_with('[') || a.starts_with("numbers=[")) else {
+        return Ok((None, args.to_vec()));
+    };
+    let Some(end) = (start..args.len()).find(|&i| args[i].ends_with(']')) else {
+        return Err(CommandError::Usage("`[` without `]`: write [find ...] as one selection".into()));
+    };
+    let mut words: Vec<&str> = args[start..=end].to_vec();
+    words[0] = words[0].trim_start_matches("numbers=").trim_start_matches('[');
+    let last = words.len() - 1;
+    words[last] = words[last].strip_suffix(']').unwrap_or(words[last]);
+    let text = join_words(&words);
+    let inner = text.trim();
+    let body = match inner.strip_prefix("find") {
+        Some(rest) if rest.is_empty() || rest.starts_with(char::is_whitespace) => rest.trim_start(),
+        _ => return Err(CommandError::Usage(format!("`[{inner}]`: only [find ...] selects items"))),
+    };
+    let body =
+        body.strip_prefix("where").filter(|r| r.is_empty() || r.starts_with(char::is_whitespace)).unwrap_or(body);
+    let expr = Expr::parse(body, &selectable(menu)).map_err(|e| CommandError::Usage(format!("[find]: {e}")))?;
+    let rest = args[..start].iter().chain(&args[end + 1..]).copied().collect();
+    Ok((Some(Selector::Find(expr)), rest))
+}
+
+fn export_options(menu: Menu, args: &[&str]) -> Result<ExportOptions, CommandError> {
+    let mut opts = ExportOptions::default();
+    for a in args {
+        match (*a, a.split_once('=')) {
+            ("verbose", _) => opts.verbose = true,
+            ("compact", _) => opts.verbose = false,
+            ("terse", _) => opts.terse = true,
+            ("show-sensitive", _) => opts.show_sensitive = true,
+            ("hide-sensitive" | "without-paging", _) => {}
+            (_, Some(("file", name))) if !name.is_empty() => opts.file = Some(name.to_owned()),
+            (other, _) => {
+                return Err(CommandError::Usage(format!(
+                    "{menu} export: unknown argument `{other}` (allowed: compact, verbose, terse, show-sensitive, file=NAME)"
+                )))
+            }
+        }
+    }
+    Ok(opts)
+}
+
+fn import_args(args: &[&str]) -> Result<Command, CommandError> {
+    let (mut file, mut verbose) = (None, false);
+    for a in args {
+        match a.split_once('=') {
+            Some(("file-name" | "file", v)) if !v.is_empty() => file = Some(v.to_owned()),
+            Some(("verbose", v)) => verbose = yes_no("verbose", v)?,
+            None if file.is_none() => file = Some(a.to_string()),
+            _ => {
+                return Err(CommandError::Usage(format!(
+                    "import: unknown argument `{a}` (allowed: file=NAME, verbose=yes|no)"
+                )))
+            }
+        }
+    }
+    let file = file.ok_or_else(|| CommandError::Usage("import needs file=NAME".into()))?;
+    Ok(Command::Import { file, verbose })
 }
 
 fn no_args(menu: Menu, cmd: &str, args: &[&str]) -> Result<(), CommandError> {
@@ -273,40 +410,30 @@ fn no_args(menu: Menu, cmd: &str, args: &[&str]) -> Result<(), CommandError> {
 
 fn print_options(menu: Menu, args: &[&str]) -> Result<PrintOptions, CommandError> {
     let mut opts = PrintOptions::default();
-    let mut in_where = false;
-    for a in args {
+    for (i, a) in args.iter().enumerate() {
         match (*a, a.split_once('=')) {
             ("detail", _) => opts.detail = true,
+            ("terse", _) => opts.terse = true,
             ("count-only", _) => opts.count_only = true,
             ("stats", _) if menu == Menu::Access => opts.stats = true,
             ("without-paging" | "brief", _) => {}
-            ("where", _) if menu == Menu::Connections => in_where = true,
+            ("where", _) => {
+                let text = join_words(&args[i + 1..]);
+                let expr =
+                    Expr::parse(&text, &selectable(menu)).map_err(|e| CommandError::Usage(format!("where: {e}")))?;
+                opts.filter = Some(expr);
+                break;
+            }
             (_, Some(("interval", v))) => {
                 let d = time::parse(v)
                     .filter(|d| !d.is_zero())
                     .ok_or_else(|| invalid("interval", v, "a time such as 1s or 500ms"))?;
                 opts.interval = Some(d);
             }
-            (_, Some((k, v))) if in_where => {
-                if !schema::property_names(Menu::Connections).contains(&k) {
-                    return Err(CommandError::UnknownProperty {
-                        menu,
-                        name: k.into(),
-                        allowed: schema::property_names(Menu::Connections).join(", "),
-                    });
-                }
-                opts.filters.push((k.to_owned(), v.to_owned()));
-            }
             (other, _) => {
-                let allowed = if menu == Menu::Connections {
-                    "detail, count-only, interval=TIME, where NAME=VALUE..., without-paging"
-                } else if menu == Menu::Access {
-                    "detail, count-only, stats, interval=TIME, without-paging"
-                } else {
-                    "detail, count-only, interval=TIME, without-paging"
-                };
+                let stats = if menu == Menu::Access { "stats, " } else { "" };
                 return Err(CommandError::Usage(format!(
-                    "{menu} print: unknown argument `{other}` (allowed: {allowed})"
+                    "{menu} print: unknown argument `{other}` (allowed: detail, terse, count-only, {stats}interval=TIME, where EXPR, without-paging)"
                 )));
             }
         }
@@ -360,6 +487,8 @@ fn settings_args(args: &[&str]) -> Result<Vec<(String, String)>, CommandError> {
 
 /// Parses the arguments of a list command.
 fn list_command(list: List, verb: &str, args: &[&str]) -> Result<Command, CommandError> {
+    let (find, args) = take_find(list.menu(), args)?;
+    let args = &args[..];
     if verb == "move" {
         let mut positional = Vec::new();
         let mut dest = None;
@@ -377,40 +506,61 @@ fn list_command(list: List, verb: &str, args: &[&str]) -> Result<Command, Comman
                 None => positional.push(a),
             }
         }
-        if dest.is_none() && positional.len() == 2 {
+        if dest.is_none() && positional.len() == 2 - usize::from(find.is_some()) {
             dest = positional.pop();
         }
-        if positional.len() != 1 {
-            return Err(CommandError::Usage(
-                "usage: move N [M] (M: the item to move before; the end when left out)".into(),
-            ));
-        }
+        let selector = match find {
+            Some(s) if positional.is_empty() => s,
+            None if positional.len() == 1 => Selector::Numbers(numbers(&positional)?),
+            _ => {
+                return Err(CommandError::Usage(
+                    "usage: move N|[find ...] [M] (M: the item to move before; the end when left out)".into(),
+                ))
+            }
+        };
         let to = dest.map(number).transpose()?;
-        return Ok(Command::Move(list, numbers(&positional)?, to));
+        return Ok(Command::Move(list, selector, to));
+    }
+    if verb == "add" {
+        if find.is_some() {
+            return Err(CommandError::Usage("add takes name=value properties, not [find]".into()));
+        }
+        let mut placement = Placement::default();
+        let mut rest = Vec::new();
+        for a in args {
+            match a.split_once('=') {
+                Some(("place-before", v)) => placement.before = Some(number(v)?),
+                Some(("copy-from", v)) => placement.copy_from = Some(number(v)?),
+                _ => rest.push(*a),
+            }
+        }
+        let (items, changes) = item_args(list, &rest)?;
+        if let Some(extra) = items.first() {
+            return Err(CommandError::Usage(format!("add takes name=value properties, not `{extra}`")));
+        }
+        return Ok(Command::Add(list, changes, placement));
     }
     let (items, changes) = item_args(list, args)?;
+    let selector = match find {
+        Some(s) if items.is_empty() => s,
+        Some(_) => return Err(CommandError::Usage(format!("{verb} takes one selection, not also `{}`", items[0]))),
+        None => Selector::Numbers(numbers(&items)?),
+    };
     Ok(match verb {
-        "add" => {
-            if let Some(extra) = items.first() {
-                return Err(CommandError::Usage(format!("add takes name=value properties, not `{extra}`")));
-            }
-            Command::Add(list, changes)
-        }
         "set" => {
             if changes.is_empty() {
                 return Err(CommandError::Usage(format!("set needs properties (allowed: {})", list.allowed())));
             }
-            Command::Set(list, numbers(&items)?, changes)
+            Command::Set(list, selector, changes)
         }
         _ => {
             if let Some((name, _)) = changes.first() {
-                return Err(CommandError::Usage(format!("{verb} takes item numbers, not `{name}`")));
+                return Err(CommandError::Usage(format!("{verb} takes item numbers or [find ...], not `{name}`")));
             }
-            let items = numbers(&items)?;
             match verb {
-                "remove" => Command::Remove(list, items),
-                "enable" => Command::Enable(list, items),
-                _ => Command::Disable(list, items),
+                "remove" => Command::Remove(list, selector),
+                "enable" => Command::Enable(list, selector),
+                _ => Command::Disable(list, selector),
             }
         }
     })
@@ -458,6 +608,8 @@ trait Item: Default {
     /// Sets one property from its text (`None`: back to the default), checking it.
     fn set(&mut self, prop: &str, value: Option<&str>) -> Result<(), CommandError>;
     fn set_disabled(&mut self, disabled: bool);
+    /// A property's printed value, empty when not set (what `where` tests).
+    fn value(&self, prop: &str) -> String;
 }
 
 impl Item for AccessRule {
@@ -494,6 +646,10 @@ impl Item for AccessRule {
     fn set_disabled(&mut self, disabled: bool) {
         self.disabled = disabled;
     }
+
+    fn value(&self, prop: &str) -> String {
+        super::render::rule_value(self, prop)
+    }
 }
 
 impl Item for User {
@@ -524,6 +680,10 @@ impl Item for User {
     fn set_disabled(&mut self, disabled: bool) {
         self.disabled = disabled;
     }
+
+    fn value(&self, prop: &str) -> String {
+        super::render::user_value(self, prop)
+    }
 }
 
 fn check_items(list_len: usize, items: &[usize]) -> Result<(), CommandError> {
@@ -534,38 +694,41 @@ fn check_items(list_len: usize, items: &[usize]) -> Result<(), CommandError> {
 }
 
 /// Runs a list command on `items`.
-fn apply_list<T: Item>(items: &mut Vec<T>, command: &Command) -> Result<(), CommandError> {
+fn apply_list<T: Item + Clone>(items: &mut Vec<T>, command: &Command) -> Result<(), CommandError> {
+    let select =
+        |items: &Vec<T>, selector: &Selector| selector.resolve(items.len(), |i, name| vec![items[i].value(name)]);
     match command {
-        Command::Add(_, changes) => {
-            let mut item = T::default();
+        Command::Add(_, changes, placement) => {
+            check_items(items.len(), placement.copy_from.as_slice())?;
+            if let Some(b) = placement.before.filter(|b| *b > items.len()) {
+                return Err(CommandError::NoSuchItem(b));
+            }
+            let mut item = placement.copy_from.map(|n| items[n].clone()).unwrap_or_default();
             for (prop, value) in changes {
                 item.set(prop, value.as_deref())?;
             }
-            items.push(item);
+            items.insert(placement.before.unwrap_or(items.len()), item);
         }
-        Command::Set(_, numbers, changes) => {
-            check_items(items.len(), numbers)?;
-            for &n in numbers {
+        Command::Set(_, selector, changes) => {
+            for n in select(items, selector)? {
                 for (prop, value) in changes {
                     items[n].set(prop, value.as_deref())?;
                 }
             }
         }
-        Command::Remove(_, numbers) => {
-            check_items(items.len(), numbers)?;
-            for &n in numbers.iter().rev() {
+        Command::Remove(_, selector) => {
+            for n in select(items, selector)?.into_iter().rev() {
                 items.remove(n);
             }
         }
-        Command::Enable(_, numbers) | Command::Disable(_, numbers) => {
-            check_items(items.len(), numbers)?;
+        Command::Enable(_, selector) | Command::Disable(_, selector) => {
             let disabled = matches!(command, Command::Disable(..));
-            for &n in numbers {
+            for n in select(items, selector)? {
                 items[n].set_disabled(disabled);
             }
         }
-        Command::Move(_, numbers, before) => {
-            check_items(items.len(), numbers)?;
+        Command::Move(_, selector, before) => {
+            let numbers = select(items, selector)?;
             if let Some(b) = before {
                 if *b > items.len() {
                     return Err(CommandError::NoSuchItem(*b));
@@ -630,13 +793,13 @@ fn apply_in_place(config: &mut Config, command: &Command) -> Result<(), CommandE
             }
             Ok(())
         }
-        Command::Add(List::Access, _)
+        Command::Add(List::Access, ..)
         | Command::Set(List::Access, ..)
         | Command::Remove(List::Access, _)
         | Command::Enable(List::Access, _)
         | Command::Disable(List::Access, _)
         | Command::Move(List::Access, ..) => apply_list(&mut config.access.rules, command),
-        Command::Add(List::Users, _)
+        Command::Add(List::Users, ..)
         | Command::Set(List::Users, ..)
         | Command::Remove(List::Users, _)
         | Command::Enable(List::Users, _)
@@ -742,6 +905,87 @@ fn set_setting(s: &mut Settings, k: &str, v: &str) -> Result<(), CommandError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `[find where EXPR]` and `print where EXPR` select exactly what a
+    /// straightforward filter over the rules' fields selects, for random
+    /// lists and random expressions (atoms, `and`, `or`, `not`, parentheses).
+    #[test]
+    fn selection_matches_a_plain_filter() {
+        struct Rng(u64);
+        impl Rng {
+            fn below(&mut self, n: u64) -> u64 {
+                self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (self.0 >> 33) % n
+            }
+        }
+        type Pred = Box<dyn Fn(&AccessRule) -> bool>;
+        fn atom(r: &mut Rng) -> (String, Pred) {
+            let port = |a: &AccessRule| a.dst_port.map(|p| p.to_string());
+            let first =
+                |a: &AccessRule| a.dst_port.map(|p| p.to_string().split('-').next().unwrap().parse::<u64>().unwrap());
+            match r.below(8) {
+                0 => ("action=deny".into(), Box::new(|a: &AccessRule| a.action == Action::Deny)),
+                1 => ("action!=deny".into(), Box::new(|a: &AccessRule| a.action != Action::Deny)),
+                2 => ("disabled".into(), Box::new(|a: &AccessRule| a.disabled)),
+                3 => ("!disabled".into(), Box::new(|a: &AccessRule| !a.disabled)),
+                4 => ("dst-port=21".into(), Box::new(move |a: &AccessRule| port(a).as_deref() == Some("21"))),
+                5 => ("dst-port>1000".into(), Box::new(move |a: &AccessRule| first(a).is_some_and(|p| p > 1000))),
+                6 => (
+                    "comment~\"^c[12]\"".into(),
+                    Box::new(|a: &AccessRule| a.comment.as_deref().is_some_and(|c| c == "c1" || c == "c2")),
+                ),
+                _ => (
+                    "src-address=10.0.0.0/8".into(),
+                    Box::new(|a: &AccessRule| a.src_address.is_some_and(|n| n.to_string() == "10.0.0.0/8")),
+                ),
+            }
+        }
+        fn expr(r: &mut Rng, depth: u32) -> (String, Pred) {
+            if depth == 0 || r.below(3) == 0 {
+                return atom(r);
+            }
+            let (a, pa) = expr(r, depth - 1);
+            let (b, pb) = expr(r, depth - 1);
+            match r.below(3) {
+                0 => (format!("({a}) and ({b})"), Box::new(move |x: &AccessRule| pa(x) && pb(x))),
+                1 => (format!("({a}) or ({b})"), Box::new(move |x: &AccessRule| pa(x) || pb(x))),
+                _ => (format!("not ({a})"), Box::new(move |x: &AccessRule| !pa(x))),
+            }
+        }
+        let mut rng = Rng(7);
+        for round in 0..300 {
+            let mut c = Config::default();
+            for _ in 0..rng.below(12) {
+                let mut line = String::from("ip socks access add");
+                line += [" action=deny", " action=allow"][rng.below(2) as usize];
+                line += ["", " dst-port=21", " dst-port=1024-65535", " dst-port=80", " dst-port=2000"]
+                    [rng.below(5) as usize];
+                line += ["", " src-address=10.0.0.0/8", " src-address=192.168.0.2"][rng.below(3) as usize];
+                line += ["", " disabled=yes"][rng.below(2) as usize];
+                line += ["", " comment=c1", " comment=c2", " comment=c3"][rng.below(4) as usize];
+                let (_, cmd) = parse(Menu::Root, &split_line(&line).unwrap()).unwrap();
+                apply(&mut c, &cmd).unwrap();
+            }
+            let (text, pred) = expr(&mut rng, 3);
+            let want: Vec<AccessRule> = c.access.rules.iter().filter(|r| !pred(r)).cloned().collect();
+            let line = format!("/ip socks access remove [find where {text}]");
+            let (_, cmd) = parse(Menu::Root, &split_line(&line).unwrap()).unwrap_or_else(|e| panic!("{line}: {e}"));
+            let mut after = c.clone();
+            apply(&mut after, &cmd).unwrap();
+            assert_eq!(after.access.rules, want, "round {round}: {line}");
+            // `print where` selects the complement of what stayed.
+            let (_, cmd) = parse(Menu::Access, &split_line(&format!("print where {text}")).unwrap()).unwrap();
+            let Command::Print(_, opts) = cmd else { panic!() };
+            let selector = Selector::Find(opts.filter.unwrap());
+            let picked = selector
+                .resolve(c.access.rules.len(), |i, name| {
+                    vec![super::super::render::rule_value(&c.access.rules[i], name)]
+                })
+                .unwrap();
+            let plain: Vec<usize> = (0..c.access.rules.len()).filter(|&i| pred(&c.access.rules[i])).collect();
+            assert_eq!(picked, plain, "round {round}: {text}");
+        }
+    }
     use crate::config::render;
 
     fn w(line: &str) -> Vec<String> {
@@ -869,7 +1113,7 @@ mod tests {
         run(&mut c, "users add name=bob rate-limit=512k only-one=yes").unwrap();
         assert!(c.users[0].password.verify(b"s3cret"));
         assert_eq!(c.users[1].rate_limit, Some(512_000));
-        let printed = crate::control::print::users(&c);
+        let printed = crate::control::print::users(&c, &Default::default());
         assert_eq!(printed, "Flags: X - disabled\n0 name=alice only-one=no\n1 name=bob only-one=yes rate-limit=512k\n");
         run(&mut c, "users set 0 password=new").unwrap();
         assert!(c.users[0].password.verify(b"new") && !c.users[0].password.verify(b"s3cret"));
@@ -901,7 +1145,7 @@ mod tests {
         run(&mut c, "access add dst-address=example.com src-address=2001:db8::/32 action=deny").unwrap();
         run(&mut c, "set version=5 auth-method=password").unwrap();
         run(&mut c, "users add name=alice password=s3cret only-one=yes rate-limit=8M comment=\"first user\"").unwrap();
-        let script = render::export(&c, Menu::Root);
+        let script = render::export(&c, Menu::Root, &ExportOptions::state_file());
         assert!(!script.contains("s3cret"), "{script}");
         let mut back = Config::default();
         let mut menu = Menu::Root;

@@ -7,6 +7,7 @@ pub mod command;
 pub mod prefilter;
 pub mod render;
 pub mod schema;
+pub mod select;
 pub mod store;
 pub mod time;
 pub mod users;

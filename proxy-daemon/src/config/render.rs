@@ -2,7 +2,7 @@
 //! file), and the `name=value` properties of items that `export` and the
 //! print views (`control::print`) share.
 
-use super::command::{quote, Menu};
+use super::command::{quote, ExportOptions, Menu};
 use super::users::{format_rate, User};
 use super::{format_prefix, time, AccessRule, Config, Settings};
 
@@ -66,37 +66,112 @@ pub fn user_props(u: &User, for_export: bool) -> Vec<String> {
     p
 }
 
+/// Every setting as `(name, value)` in the schema's order, values as a
+/// script writes them (quoted where needed).
+pub fn settings_pairs(s: &Settings) -> Vec<(&'static str, String)> {
+    vec![
+        ("enabled", yes_no(s.enabled).to_string()),
+        ("port", s.port.to_string()),
+        ("connection-idle-timeout", time::format(s.connection_idle_timeout)),
+        ("max-connections", s.max_connections.to_string()),
+        ("listen-address", s.listen_address.to_string()),
+        ("data-path", s.data_path.to_string()),
+        ("version", s.version.to_string()),
+        ("auth-method", s.auth_method.to_string()),
+        ("metrics-address", quote(&metrics_address(s))),
+        ("xdp-interfaces", quote(&s.xdp_interfaces.join(","))),
+    ]
+}
+
+/// A rule's property as `print` and `where` see it; empty when not set.
+pub fn rule_value(r: &AccessRule, prop: &str) -> String {
+    match prop {
+        "src-address" => r.src_address.as_ref().map(format_prefix).unwrap_or_default(),
+        "src-port" => r.src_port.map(|p| p.to_string()).unwrap_or_default(),
+        "dst-address" => r.dst_address.as_ref().map(|d| d.to_string()).unwrap_or_default(),
+        "dst-port" => r.dst_port.map(|p| p.to_string()).unwrap_or_default(),
+        "action" => r.action.to_string(),
+        "disabled" => yes_no(r.disabled).into(),
+        "comment" => r.comment.clone().unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+/// A user's property as `print` and `where` see it (never the password).
+pub fn user_value(u: &User, prop: &str) -> String {
+    match prop {
+        "name" => u.name.clone(),
+        "only-one" => yes_no(u.only_one).into(),
+        "rate-limit" => u.rate_limit.map(format_rate).unwrap_or_default(),
+        "disabled" => yes_no(u.disabled).into(),
+        "comment" => u.comment.clone().unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
 /// `export`: a RouterOS script that rebuilds the configuration below `menu`.
-/// The state file holds exactly this.
-pub fn export(config: &Config, menu: Menu) -> String {
-    let s = &config.settings;
+/// Compact by default (settings that differ from the defaults; items with
+/// their set properties), `verbose` with every value; `terse` puts the menu
+/// path on every line. Password hashes only with `show_sensitive`.
+pub fn export(config: &Config, menu: Menu, opts: &ExportOptions) -> String {
     let mut out = String::new();
+    let mut section = |path: &str, lines: Vec<String>| {
+        if lines.is_empty() {
+            return;
+        }
+        if !opts.terse {
+            out.push_str(&format!("{path}\n"));
+        }
+        for line in lines {
+            if opts.terse {
+                out.push_str(&format!("{path} {line}\n"));
+            } else {
+                out.push_str(&format!("{line}\n"));
+            }
+        }
+    };
     if matches!(menu, Menu::Root | Menu::Ip | Menu::Socks) {
-        out.push_str(&format!(
-            "/ip socks\nset enabled={} port={} connection-idle-timeout={} max-connections={} listen-address={} data-path={} version={} auth-method={} metrics-address={} xdp-interfaces={}\n",
-            yes_no(s.enabled),
-            s.port,
-            time::format(s.connection_idle_timeout),
-            s.max_connections,
-            s.listen_address,
-            s.data_path,
-            s.version,
-            s.auth_method,
-            quote(&metrics_address(s)),
-            quote(&s.xdp_interfaces.join(",")),
-        ));
+        let defaults = settings_pairs(&Settings::default());
+        let pairs: Vec<String> = settings_pairs(&config.settings)
+            .into_iter()
+            .zip(defaults)
+            .filter(|(now, default)| opts.verbose || now != default)
+            .map(|((name, value), _)| format!("{name}={value}"))
+            .collect();
+        let line = if pairs.is_empty() { vec![] } else { vec![format!("set {}", pairs.join(" "))] };
+        section("/ip socks", line);
     }
     if matches!(menu, Menu::Root | Menu::Ip | Menu::Socks | Menu::Users) {
-        out.push_str("/ip socks users\n");
-        for u in &config.users {
-            out.push_str(&format!("add {}\n", user_props(u, true).join(" ")));
-        }
+        let lines = config.users.iter().map(|u| format!("add {}", user_export(u, opts).join(" "))).collect();
+        section("/ip socks users", lines);
     }
     if matches!(menu, Menu::Root | Menu::Ip | Menu::Socks | Menu::Access) {
-        out.push_str("/ip socks access\n");
-        for r in &config.access.rules {
-            out.push_str(&format!("add {}\n", rule_props(r, true).join(" ")));
-        }
+        let lines = config.access.rules.iter().map(|r| format!("add {}", rule_export(r, opts).join(" "))).collect();
+        section("/ip socks access", lines);
     }
     out
+}
+
+fn rule_export(r: &AccessRule, opts: &ExportOptions) -> Vec<String> {
+    let mut p = rule_props(r, true);
+    if opts.verbose && !r.disabled {
+        let at = p.iter().position(|x| x.starts_with("comment=")).unwrap_or(p.len());
+        p.insert(at, "disabled=no".into());
+    }
+    p
+}
+
+fn user_export(u: &User, opts: &ExportOptions) -> Vec<String> {
+    let mut p = user_props(u, true);
+    if !opts.show_sensitive {
+        p.retain(|x| !x.starts_with("password-hash="));
+    }
+    if !opts.verbose {
+        p.retain(|x| x != "only-one=no");
+    }
+    if opts.verbose && !u.disabled {
+        let at = p.iter().position(|x| x.starts_with("comment=")).unwrap_or(p.len());
+        p.insert(at, "disabled=no".into());
+    }
+    p
 }

@@ -84,14 +84,23 @@ pub struct PropDef {
     pub summary: &'static str,
 }
 
-const EXPORT: CommandDef =
-    CommandDef { name: "export", usage: "export", summary: "print the configuration below this menu as a script" };
+const EXPORT: CommandDef = CommandDef {
+    name: "export",
+    usage: "export [compact|verbose|terse] [show-sensitive] [file=NAME]",
+    summary: "the configuration below this menu as a script (compact: only what differs from the defaults)",
+};
+
+const IMPORT: CommandDef = CommandDef {
+    name: "import",
+    usage: "import file=NAME [verbose=yes]",
+    summary: "run a script of these commands as one change: every line checked first, all or nothing",
+};
 
 pub const MENUS: &[MenuDef] = &[
     MenuDef {
         menu: Menu::Root,
         summary: "proxyd's command tree; its only service is /ip socks",
-        commands: &[EXPORT],
+        commands: &[EXPORT, IMPORT],
         properties: &[],
     },
     MenuDef { menu: Menu::Ip, summary: "IP services", commands: &[EXPORT], properties: &[] },
@@ -169,23 +178,27 @@ pub const MENUS: &[MenuDef] = &[
         menu: Menu::Access,
         summary: "ordered allow/deny rules; the first enabled match decides, no match allows",
         commands: &[
-            CommandDef { name: "add", usage: "add NAME=VALUE...", summary: "append a rule" },
+            CommandDef {
+                name: "add",
+                usage: "add [place-before=N] [copy-from=N] NAME=VALUE...",
+                summary: "add a rule (at the end, or before rule N; copy-from starts from rule N)",
+            },
             CommandDef {
                 name: "set",
-                usage: "set N[,N...] NAME=VALUE... | !NAME",
+                usage: "set N[,N...]|[find ...] NAME=VALUE... | !NAME",
                 summary: "change rules (!NAME clears a property)",
             },
-            CommandDef { name: "remove", usage: "remove N[,N...]", summary: "delete rules" },
+            CommandDef { name: "remove", usage: "remove N[,N...]|[find ...]", summary: "delete rules" },
             CommandDef {
                 name: "move",
-                usage: "move N [M]",
-                summary: "put rule N before rule M (at the end without M)",
+                usage: "move N|[find ...] [M]",
+                summary: "put the rules before rule M (at the end without M)",
             },
-            CommandDef { name: "enable", usage: "enable N[,N...]", summary: "enable rules" },
-            CommandDef { name: "disable", usage: "disable N[,N...]", summary: "disable rules" },
+            CommandDef { name: "enable", usage: "enable N[,N...]|[find ...]", summary: "enable rules" },
+            CommandDef { name: "disable", usage: "disable N[,N...]|[find ...]", summary: "disable rules" },
             CommandDef {
                 name: "print",
-                usage: "print [detail] [count-only] [stats]",
+                usage: "print [detail|terse] [count-only] [stats] [where EXPR]",
                 summary: "list the rules; `stats`: what the XDP prefilter dropped per rule",
             },
             EXPORT,
@@ -214,14 +227,18 @@ pub const MENUS: &[MenuDef] = &[
         menu: Menu::Users,
         summary: "SOCKS5 accounts for auth-method=password",
         commands: &[
-            CommandDef { name: "add", usage: "add name=NAME password=PASSWORD [NAME=VALUE...]", summary: "add a user" },
-            CommandDef { name: "set", usage: "set N[,N...] NAME=VALUE...", summary: "change users" },
-            CommandDef { name: "remove", usage: "remove N[,N...]", summary: "delete users" },
-            CommandDef { name: "enable", usage: "enable N[,N...]", summary: "enable users" },
-            CommandDef { name: "disable", usage: "disable N[,N...]", summary: "disable users" },
+            CommandDef {
+                name: "add",
+                usage: "add [place-before=N] [copy-from=N] name=NAME password=PASSWORD [NAME=VALUE...]",
+                summary: "add a user",
+            },
+            CommandDef { name: "set", usage: "set N[,N...]|[find ...] NAME=VALUE...", summary: "change users" },
+            CommandDef { name: "remove", usage: "remove N[,N...]|[find ...]", summary: "delete users" },
+            CommandDef { name: "enable", usage: "enable N[,N...]|[find ...]", summary: "enable users" },
+            CommandDef { name: "disable", usage: "disable N[,N...]|[find ...]", summary: "disable users" },
             CommandDef {
                 name: "print",
-                usage: "print [detail] [count-only]",
+                usage: "print [detail|terse] [count-only] [where EXPR]",
                 summary: "list users (never their passwords)",
             },
             EXPORT,
@@ -251,10 +268,10 @@ pub const MENUS: &[MenuDef] = &[
         commands: &[
             CommandDef {
                 name: "print",
-                usage: "print [detail] [count-only] [interval=TIME] [where NAME=VALUE...]",
+                usage: "print [detail|terse] [count-only] [interval=TIME] [where EXPR]",
                 summary: "list connections",
             },
-            CommandDef { name: "remove", usage: "remove N[,N...]", summary: "close connections" },
+            CommandDef { name: "remove", usage: "remove N[,N...]|[find ...]", summary: "close connections" },
         ],
         properties: &[
             PropDef { name: "src-address", values: "address[:port]", default: "", summary: "the client" },
@@ -283,6 +300,12 @@ pub const MENUS: &[MenuDef] = &[
                 summary: "handshaking, CONNECT, BIND, UDP ASSOCIATE",
             },
             PropDef { name: "user", values: "name", default: "", summary: "the SOCKS5 user" },
+            PropDef {
+                name: "path",
+                values: "kernel | userspace",
+                default: "",
+                summary: "what moves the tunnel's bytes right now",
+            },
         ],
     },
 ];
@@ -384,6 +407,7 @@ mod tests {
                     "add" if def.menu == Menu::Users => vec!["add".into(), "name=a".into()],
                     "add" => vec!["add".into(), "action=deny".into()],
                     "remove" | "enable" | "disable" | "move" => vec![c.name.into(), "0".into()],
+                    "import" => vec!["import".into(), "file=x".into()],
                     other => vec![other.into()],
                 };
                 parse(def.menu, &words).unwrap_or_else(|e| panic!("{} {}: {e}", def.menu, c.name));
@@ -400,6 +424,9 @@ mod tests {
     #[test]
     fn help_lists_commands_and_properties() {
         let h = help(menu(Menu::Access));
-        assert!(h.contains("move N [M]") && h.contains("src-address") && h.contains("first enabled match"), "{h}");
+        assert!(
+            h.contains("move N|[find ...] [M]") && h.contains("src-address") && h.contains("first enabled match"),
+            "{h}"
+        );
     }
 }

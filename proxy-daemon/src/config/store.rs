@@ -7,7 +7,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use super::command::{apply, parse, split_line, Command, CommandError, Menu};
+use super::command::{apply, parse, split_line, Command, CommandError, ExportOptions, Menu};
 use super::{render, Config};
 
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +42,20 @@ pub fn load(path: &Path) -> Result<Config, StoreError> {
 
 /// Runs a script of configuration commands on the default configuration.
 pub fn parse_script(text: &str, path: &Path) -> Result<Config, StoreError> {
-    let mut config = Config::default();
+    run_script(text, path, Config::default(), &mut |_, _| {})
+}
+
+/// Runs a script of configuration commands on `config`, all or nothing:
+/// the first line that does not parse or apply is the error (with its line
+/// number), and the caller's configuration is untouched then. `ran` sees
+/// each command line that ran, with its number (`import verbose=yes`).
+pub fn run_script(
+    text: &str,
+    path: &Path,
+    start: Config,
+    ran: &mut dyn FnMut(usize, &str),
+) -> Result<Config, StoreError> {
+    let mut config = start;
     let mut menu = Menu::Root;
     let mut pending: Vec<String> = Vec::new();
     let mut first_line = 0;
@@ -73,6 +86,7 @@ pub fn parse_script(text: &str, path: &Path) -> Result<Config, StoreError> {
                 })?;
                 // A command with a path runs there but does not move the script.
                 let _ = m;
+                ran(first_line, &words.join(" "));
             }
             _ => {
                 return Err(StoreError::NotAChange { path: path.into(), line: first_line, text: words.join(" ") });
@@ -96,7 +110,7 @@ pub fn save(path: &Path, config: &Config) -> Result<(), StoreError> {
     let tmp = PathBuf::from(tmp);
     let body = format!(
         "# proxyd configuration: RouterOS script, rewritten on every change\n{}",
-        render::export(config, Menu::Root)
+        render::export(config, Menu::Root, &ExportOptions::state_file())
     );
     {
         let mut f = OpenOptions::new()

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::config::command::{apply, parse, Command, CommandError, Menu};
+use crate::config::command::{apply, parse, Command, CommandError, ExportOptions, Menu, PrintOptions};
 use crate::config::{render, store};
 use crate::server::Server;
 
@@ -86,21 +86,26 @@ impl Controller {
         };
         let mut response = match &command {
             Command::Enter(menu) => Response::err(2, format!("{menu}: a command is needed (e.g. print)")),
-            Command::Print(_, opts) if opts.count_only => {
-                let n = match command {
-                    Command::Print(Menu::Access, _) => config.access.rules.len(),
-                    Command::Print(Menu::Users, _) => config.users.len(),
-                    _ => {
-                        self.server.shared.registry.rows().into_iter().filter(|r| row_matches(r, &opts.filters)).count()
-                    }
+            Command::Print(menu, opts) if opts.count_only => {
+                let n = match menu {
+                    Menu::Access => print::access_json(&config, opts).as_array().map_or(0, Vec::len),
+                    Menu::Users => print::users_json(&config, opts).as_array().map_or(0, Vec::len),
+                    _ => self.connections(opts).len(),
                 };
                 out(format!("{n}\n"), serde_json::json!(n))
             }
-            Command::ConnectionsRemove(numbers) => match self.server.shared.registry.cancel_rows(numbers) {
-                Ok(()) => Response::ok(String::new()),
-                Err(n) => Response::err(1, format!("no such item: {n} (see connections print)")),
-            },
-            Command::Export(menu) => Response::ok(render::export(&config, *menu)),
+            Command::ConnectionsRemove(selector) => {
+                let rows = self.server.shared.registry.rows();
+                let numbers = match selector.resolve(rows.len(), |i, name| row_values(&rows[i], name)) {
+                    Ok(n) => n,
+                    Err(e) => return Response::err(1, format!("{e} (see connections print)")),
+                };
+                match self.server.shared.registry.cancel_rows(&numbers) {
+                    Ok(()) => Response::ok(String::new()),
+                    Err(n) => Response::err(1, format!("no such item: {n} (see connections print)")),
+                }
+            }
+            Command::Export(menu, opts) => self.export(&config, *menu, opts),
             Command::SettingsPrint => {
                 let xdp = self.server.prefilter_status();
                 let mut text = print::settings(&config.settings, active);
@@ -115,16 +120,15 @@ impl Controller {
                 let drops = self.server.prefilter_drops();
                 out(print::access_stats(&config, drops.as_ref()), print::access_stats_json(&config, drops.as_ref()))
             }
-            Command::Print(Menu::Access, _) => out(print::access(&config), print::access_json(&config)),
-            Command::Print(Menu::Users, _) => out(print::users(&config), print::users_json(&config)),
+            Command::Print(Menu::Access, opts) => out(print::access(&config, opts), print::access_json(&config, opts)),
+            Command::Print(Menu::Users, opts) => out(print::users(&config, opts), print::users_json(&config, opts)),
             Command::Print(_, opts) => {
-                let rows: Vec<_> =
-                    self.server.shared.registry.rows().into_iter().filter(|r| row_matches(r, &opts.filters)).collect();
+                let rows = self.connections(opts);
                 let dst =
                     |r: &crate::server::registry::Row| r.dst_address.map_or_else(|| "-".into(), |d| d.to_string());
-                let text = if opts.detail {
+                let text = if opts.detail || opts.terse {
                     let mut s = String::new();
-                    for (i, r) in rows.iter().enumerate() {
+                    for (i, r) in &rows {
                         s.push_str(&format!(
                             "{i} src-address={} dst-address={} tx={} rx={} type={}",
                             r.src_address,
@@ -144,15 +148,15 @@ impl Controller {
                     s
                 } else {
                     // The manual's columns; USER only when some client logged in (SOCKS5).
-                    let with_user = rows.iter().any(|r| r.user.is_some());
-                    let cells: Vec<Vec<String>> = rows
+                    let with_user = rows.iter().any(|(_, r)| r.user.is_some());
+                    let cells: Vec<(usize, Vec<String>)> = rows
                         .iter()
-                        .map(|r| {
+                        .map(|(i, r)| {
                             let mut c = vec![r.src_address.to_string(), dst(r), r.tx.to_string(), r.rx.to_string()];
                             if with_user {
                                 c.push(r.user.clone().unwrap_or_default());
                             }
-                            c
+                            (*i, c)
                         })
                         .collect();
                     let header: &[&str] = if with_user {
@@ -160,14 +164,73 @@ impl Controller {
                     } else {
                         &["SRC-ADDRESS", "DST-ADDRESS", "TX", "RX"]
                     };
-                    print::table(header, &cells)
+                    print::numbered_table(header, &cells)
                 };
+                let rows: Vec<_> = rows.into_iter().map(|(_, r)| r).collect();
                 out(text, serde_json::to_value(&rows).unwrap())
             }
+            Command::Import { file, verbose } => self.import(file, *verbose).await,
             change => self.change(change).await,
         };
         if let Command::Print(_, opts) = &command {
             response.repeat_ms = opts.interval.map(|d| d.as_millis() as u64);
+        }
+        response
+    }
+
+    /// The connections `print` shows, with their numbers (all, or those its
+    /// `where` selects).
+    fn connections(&self, opts: &PrintOptions) -> Vec<(usize, crate::server::registry::Row)> {
+        let rows = self.server.shared.registry.rows();
+        rows.into_iter()
+            .enumerate()
+            .filter(|(_, r)| opts.filter.as_ref().is_none_or(|expr| expr.matches(&|name| row_values(r, name))))
+            .collect()
+    }
+
+    /// `export`: the script, with RouterOS's header line; `file=NAME` writes
+    /// `NAME.rsc` (a relative name is under the state file's folder).
+    fn export(&self, config: &crate::config::Config, menu: Menu, opts: &ExportOptions) -> Response {
+        let text = format!(
+            "# {} by proxyd {}\n{}",
+            crate::config::time::utc_now(),
+            env!("CARGO_PKG_VERSION"),
+            render::export(config, menu, opts)
+        );
+        let Some(name) = &opts.file else { return Response::ok(text) };
+        let path = self.script_path(name);
+        match std::fs::write(&path, text) {
+            Ok(()) => Response::ok(String::new()),
+            Err(e) => Response::err(1, format!("export: cannot write {}: {e}", path.display())),
+        }
+    }
+
+    /// `NAME`, or `NAME.rsc`, under the state file's folder unless absolute.
+    fn script_path(&self, name: &str) -> PathBuf {
+        let file = if name.ends_with(".rsc") { name.to_owned() } else { format!("{name}.rsc") };
+        let dir = self.state_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        dir.join(file)
+    }
+
+    /// `/import file=NAME`: every line parsed and applied to a copy first;
+    /// a bad line is reported with its number and nothing changes.
+    async fn import(&self, file: &str, verbose: bool) -> Response {
+        let _one_at_a_time = self.changes.lock().await;
+        let current = self.server.config();
+        let path = self.script_path(file);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => return Response::err(1, format!("import: cannot read {}: {e}", path.display())),
+        };
+        let mut log = String::new();
+        let ran = &mut |line: usize, words: &str| log.push_str(&format!("#{line}: {words}\n"));
+        let new = match store::run_script(&text, &path, (*current).clone(), ran) {
+            Ok(c) => c,
+            Err(e) => return Response::err(1, format!("import failed, nothing changed: {e}")),
+        };
+        let mut response = self.commit_config(&current, new);
+        if verbose && response.exit == 0 {
+            response.stdout = log;
         }
         response
     }
@@ -180,6 +243,12 @@ impl Controller {
         if let Err(e) = apply(&mut new, command) {
             return e.into();
         }
+        self.commit_config(&current, new)
+    }
+
+    /// Makes `new` the configuration in place of `current` (the caller holds
+    /// the change lock): prepare what can fail, save, then commit.
+    fn commit_config(&self, current: &crate::config::Config, new: crate::config::Config) -> Response {
         if new == *current {
             return Response::ok(String::new());
         }
@@ -203,20 +272,20 @@ impl Controller {
     }
 }
 
-/// Whether a connection row passes `where name=value ...` (addresses match
-/// with or without their port).
-fn row_matches(r: &crate::server::registry::Row, filters: &[(String, String)]) -> bool {
-    let addr =
-        |a: Option<std::net::SocketAddr>, v: &str| a.is_some_and(|a| a.to_string() == v || a.ip().to_string() == v);
-    filters.iter().all(|(k, v)| match k.as_str() {
-        "src-address" => addr(Some(r.src_address), v),
-        "dst-address" => addr(r.dst_address, v),
-        "tx" => r.tx.to_string() == *v,
-        "rx" => r.rx.to_string() == *v,
-        "type" => r.kind.as_str() == v,
-        "user" => r.user.as_deref() == Some(v.as_str()),
-        _ => false,
-    })
+/// A connection's property as `print` and `where` see it; an address also
+/// matches without its port.
+fn row_values(r: &crate::server::registry::Row, name: &str) -> Vec<String> {
+    let addr = |a: Option<std::net::SocketAddr>| a.map_or_else(Vec::new, |a| vec![a.to_string(), a.ip().to_string()]);
+    match name {
+        "src-address" => addr(Some(r.src_address)),
+        "dst-address" => addr(r.dst_address),
+        "tx" => vec![r.tx.to_string()],
+        "rx" => vec![r.rx.to_string()],
+        "type" => vec![r.kind.as_str().to_owned()],
+        "user" => r.user.iter().cloned().collect(),
+        "path" => r.path.iter().map(|p| p.to_string()).collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// Fails when a running proxyd answers on the control socket `path`. `run`

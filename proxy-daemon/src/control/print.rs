@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use crate::config::render::{metrics_address, rule_props, user_props, yes_no};
-use crate::config::{format_prefix, time, Config, Settings};
+use crate::config::command::{quote, PrintOptions};
+use crate::config::render::{metrics_address, rule_props, rule_value, user_props, user_value, yes_no};
+use crate::config::{format_prefix, schema, time, Config, Settings};
 use crate::datapath::DataPathKind;
 use crate::xdp::{InterfaceStatus, RuleDrops};
 
@@ -54,10 +55,40 @@ pub fn settings_json(s: &Settings, active: Option<DataPathKind>) -> Value {
 
 /// `/ip socks access print`: a flags line, then numbered rules; a disabled rule
 /// carries `X`, a comment stands on its own `;;;` line above its rule.
-pub fn access(config: &Config) -> String {
-    let rows: Vec<_> =
-        config.access.rules.iter().map(|r| (r.disabled, r.comment.as_deref(), rule_props(r, false))).collect();
-    flagged_list(&rows)
+/// With `where`, only the selected rules, under their own numbers; `detail`
+/// shows every property, `terse` one line per rule with the comment inline.
+pub fn access(config: &Config, opts: &PrintOptions) -> String {
+    let rules = &config.access.rules;
+    let rows: Vec<_> = selected(rules.len(), opts, |i, name| rule_value(&rules[i], name))
+        .into_iter()
+        .map(|i| {
+            let r = &rules[i];
+            let props = match (opts.detail, opts.terse) {
+                (false, false) => rule_props(r, false),
+                _ => every_prop(schema::Menu::Access, opts.terse, |n| rule_value(r, n)),
+            };
+            (i, r.disabled, r.comment.as_deref(), props)
+        })
+        .collect();
+    flagged_list(&rows, opts.terse)
+}
+
+/// The item numbers `print` shows: all, or those its `where` selects.
+pub fn selected(len: usize, opts: &PrintOptions, value: impl Fn(usize, &str) -> String) -> Vec<usize> {
+    match &opts.filter {
+        Some(expr) => (0..len).filter(|&i| expr.matches(&|name| vec![value(i, name)])).collect(),
+        None => (0..len).collect(),
+    }
+}
+
+/// Every property of a menu's item as `name=value` (`detail`, `terse`);
+/// `disabled` is the flag, and the comment stands apart unless `terse`.
+fn every_prop(menu: schema::Menu, terse: bool, value: impl Fn(&str) -> String) -> Vec<String> {
+    schema::property_names(menu)
+        .into_iter()
+        .filter(|p| *p != "password" && *p != "disabled" && (terse || *p != "comment"))
+        .map(|p| format!("{p}={}", quote(&value(p))))
+        .collect()
 }
 
 /// `/ip socks access print stats`: each rule with what the XDP prefilter
@@ -91,7 +122,7 @@ pub fn access_stats(config: &Config, drops: Option<&BTreeMap<usize, RuleDrops>>)
 }
 
 pub fn access_stats_json(config: &Config, drops: Option<&BTreeMap<usize, RuleDrops>>) -> Value {
-    let mut rows = access_json(config);
+    let mut rows = access_json(config, &PrintOptions::default());
     if let Value::Array(items) = &mut rows {
         for (i, item) in items.iter_mut().enumerate() {
             let d = drops.map(|m| m.get(&i).copied().unwrap_or_default());
@@ -103,12 +134,11 @@ pub fn access_stats_json(config: &Config, drops: Option<&BTreeMap<usize, RuleDro
     rows
 }
 
-pub fn access_json(config: &Config) -> Value {
-    let rows: Vec<Value> = config
-        .access
-        .rules
-        .iter()
-        .enumerate()
+pub fn access_json(config: &Config, opts: &PrintOptions) -> Value {
+    let rules = &config.access.rules;
+    let rows: Vec<Value> = selected(rules.len(), opts, |i, name| rule_value(&rules[i], name))
+        .into_iter()
+        .map(|i| (i, &rules[i]))
         .map(|(i, r)| {
             json!({
                 "number": i,
@@ -132,17 +162,28 @@ pub fn xdp_attached(status: &[InterfaceStatus]) -> String {
 }
 
 /// `/ip socks users print`: like the access list; the password never shows.
-pub fn users(config: &Config) -> String {
-    let rows: Vec<_> = config.users.iter().map(|u| (u.disabled, u.comment.as_deref(), user_props(u, false))).collect();
-    flagged_list(&rows)
+pub fn users(config: &Config, opts: &PrintOptions) -> String {
+    let users = &config.users;
+    let rows: Vec<_> = selected(users.len(), opts, |i, name| user_value(&users[i], name))
+        .into_iter()
+        .map(|i| {
+            let u = &users[i];
+            let props = match (opts.detail, opts.terse) {
+                (false, false) => user_props(u, false),
+                _ => every_prop(schema::Menu::Users, opts.terse, |n| user_value(u, n)),
+            };
+            (i, u.disabled, u.comment.as_deref(), props)
+        })
+        .collect();
+    flagged_list(&rows, opts.terse)
 }
 
-pub fn users_json(config: &Config) -> Value {
+pub fn users_json(config: &Config, opts: &PrintOptions) -> Value {
+    let users = &config.users;
     Value::Array(
-        config
-            .users
-            .iter()
-            .enumerate()
+        selected(users.len(), opts, |i, name| user_value(&users[i], name))
+            .into_iter()
+            .map(|i| (i, &users[i]))
             .map(|(i, u)| {
                 json!({
                     "number": i,
@@ -157,12 +198,19 @@ pub fn users_json(config: &Config) -> Value {
     )
 }
 
-fn flagged_list(rows: &[(bool, Option<&str>, Vec<String>)]) -> String {
-    let mut out = String::from("Flags: X - disabled\n");
-    let width = rows.len().saturating_sub(1).to_string().len();
-    for (i, (disabled, comment, props)) in rows.iter().enumerate() {
+/// Numbered items with the `X` flag; a comment on its own `;;;` line above
+/// (terse: no header, one line per item).
+fn flagged_list(rows: &[(usize, bool, Option<&str>, Vec<String>)], terse: bool) -> String {
+    let mut out = String::new();
+    if !terse {
+        out.push_str("Flags: X - disabled\n");
+    }
+    let width = rows.iter().map(|r| r.0).max().unwrap_or(0).to_string().len();
+    for (i, disabled, comment, props) in rows {
         let flag = if *disabled { " X" } else { "" };
-        if let Some(c) = comment {
+        if terse {
+            out.push_str(&format!("{i:>width$}{flag} {}\n", props.join(" ")));
+        } else if let Some(c) = comment {
             out.push_str(&format!("{:>width$}{flag} ;;; {c}\n", i));
             out.push_str(&format!("{:>width$}{} {}\n", "", " ".repeat(flag.len()), props.join(" ")));
         } else {
@@ -174,13 +222,19 @@ fn flagged_list(rows: &[(bool, Option<&str>, Vec<String>)]) -> String {
 
 /// Lays out rows as a table with a `#` column, padded like RouterOS prints.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let numbered: Vec<(usize, Vec<String>)> = rows.iter().cloned().enumerate().collect();
+    numbered_table(header, &numbered)
+}
+
+/// [`table`] with each row's own number (a `where` keeps the numbers).
+pub fn numbered_table(header: &[&str], rows: &[(usize, Vec<String>)]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
+    for (_, row) in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
         }
     }
-    let num_width = rows.len().saturating_sub(1).to_string().len();
+    let num_width = rows.iter().map(|r| r.0).max().unwrap_or(0).to_string().len();
     let line = |num: &str, cells: &mut dyn Iterator<Item = &str>| {
         let mut l = format!("{num:>num_width$}");
         for (cell, w) in cells.zip(&widths) {
@@ -192,7 +246,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         l
     };
     let mut out = line("#", &mut header.iter().copied());
-    for (i, row) in rows.iter().enumerate() {
+    for (i, row) in rows {
         out.push_str(&line(&i.to_string(), &mut row.iter().map(String::as_str)));
     }
     out
@@ -232,7 +286,7 @@ mod tests {
             "ip socks access add action=deny",
         ]);
         assert_eq!(
-            access(&c),
+            access(&c, &PrintOptions::default()),
             "Flags: X - disabled\n0 src-address=192.168.0.2 dst-port=21 action=allow\n1 dst-port=1024-65535 action=allow\n2 action=deny\n"
         );
     }
@@ -241,7 +295,7 @@ mod tests {
     #[test]
     fn access_print_flags_and_comments() {
         let c = configured(&["ip socks access add action=deny disabled=yes comment=\"block all\""]);
-        assert_eq!(access(&c), "Flags: X - disabled\n0 X ;;; block all\n    action=deny\n");
+        assert_eq!(access(&c, &PrintOptions::default()), "Flags: X - disabled\n0 X ;;; block all\n    action=deny\n");
     }
 
     /// `access print stats` lists drops per rule, or `-` while the prefilter is off.
