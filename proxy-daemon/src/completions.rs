@@ -260,6 +260,20 @@ mod tests {
             }
         }
         assert!(s.contains("run) echo '--help --state'"), "{s}");
+        // The v7 words come from the schema's usage lines too.
+        for w in [
+            "[find",
+            "where",
+            "terse",
+            "count-only",
+            "place-before=",
+            "copy-from=",
+            "show-sensitive",
+            "import",
+            "file=",
+        ] {
+            assert!(s.contains(w), "{w} missing from the completion script");
+        }
         assert!(script("fish", &cli).is_none());
     }
 }
