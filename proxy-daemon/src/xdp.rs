@@ -1,4 +1,4 @@
-//! The XDP prefilter: drops TCP packets to the SOCKS port from source
+//! The XDP prefilter: drops TCP SYNs to the SOCKS port from source
 //! prefixes that the access list denies whatever they ask for
 //! ([`denied_sources`]), at the driver, before a socket exists.
 //!

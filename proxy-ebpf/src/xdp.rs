@@ -1,11 +1,11 @@
-//! The XDP prefilter: drops TCP packets to the SOCKS port from source
+//! The XDP prefilter: drops TCP SYNs to the SOCKS port from source
 //! prefixes that the access list denies whatever they ask for, before the
 //! kernel allocates an skb or a socket for them.
 //!
 //! Per packet: Ethernet (one optional 802.1Q/802.1ad tag), then by EtherType
 //! IPv4 (handled) or anything else (passed; IPv6 gets its own trie and
-//! counters next to the IPv4 ones, with the same value types). For IPv4 TCP
-//! to [`XDP_CONFIG`]'s port (and address, unless that is 0.0.0.0), the source
+//! counters next to the IPv4 ones, with the same value types). For an IPv4
+//! TCP SYN (without ACK) to [`XDP_CONFIG`]'s port (and address, unless that is 0.0.0.0), the source
 //! is looked up in [`XDP_DENY_V4`]; a hit is dropped and counted in
 //! [`XDP_DROPS_V4`] under the matching prefix. Everything else, including
 //! whatever cannot be parsed and non-first fragments, passes untouched.
@@ -43,6 +43,8 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_TCP: u8 = 6;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 #[xdp]
 pub fn proxyd_xdp(ctx: XdpContext) -> u32 {
@@ -87,14 +89,23 @@ fn ipv4(ctx: &XdpContext, l3: u32) -> Option<u32> {
     if cfg.addr_v4 != [0; 4] && dst != cfg.addr_v4 {
         return None;
     }
-    let ports = load::<4>(ctx, l3 + ihl)?;
-    if be16([ports[2], ports[3]]) as u32 != cfg.port {
+    if !syn_to(load::<14>(ctx, l3 + ihl)?, cfg.port) {
         return None;
     }
     let src = [ip[12], ip[13], ip[14], ip[15]];
     let deny = XDP_DENY_V4.get(&Key::new(32, src))?;
     count_drop(ctx, src, deny.prefix_len);
     Some(xdp_action::XDP_DROP)
+}
+
+/// Whether a TCP header (its first 14 bytes: ports, sequence numbers, data
+/// offset, flags) is a connection request (SYN without ACK) to `port`. Only
+/// those are dropped: the ACKs and data of a tunnel set up before its source
+/// became denied pass, so the tunnel lives on (access-list changes apply to
+/// the next request), and a stray segment gets the kernel's RST as before.
+#[inline(always)]
+fn syn_to(tcp: [u8; 14], port: u32) -> bool {
+    be16([tcp[2], tcp[3]]) as u32 == port && tcp[13] & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 #[inline(always)]

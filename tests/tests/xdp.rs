@@ -209,10 +209,23 @@ fn drops(d: &Daemon, rule: usize) -> u64 {
 
 /// One CONNECT through the proxy from client `ns` to `dst`, with an echo round trip.
 fn relay_from(ns: &str, dst: SocketAddrV4) {
-    let mut s = connect_from(ns, Duration::from_secs(5)).unwrap_or_else(|e| panic!("allowed client in {ns}: {e}"));
+    let s = connect_from(ns, Duration::from_secs(5)).unwrap_or_else(|e| panic!("allowed client in {ns}: {e}"));
+    echo_through(s, dst);
+}
+
+/// A CONNECT to `dst` on `s` (connected to the proxy), then an echo round
+/// trip; returns the tunnel for more.
+fn echo_through(mut s: TcpStream, dst: SocketAddrV4) -> TcpStream {
     s.write_all(&socks::request(socks::CONNECT, dst, b"xdp")).unwrap();
     let r = socks::read_reply(&mut s).expect("SOCKS reply");
     assert_eq!(r.code, socks::GRANTED, "{r:?}");
+    echo_round_trip(&mut s);
+    s
+}
+
+/// 200 kB out and back through an open tunnel to the echo server (bounded by
+/// the stream's 10 s read and write timeouts).
+fn echo_round_trip(s: &mut TcpStream) {
     let data = proxyd_tests::pattern(200_000, 7);
     let mut w = s.try_clone().unwrap();
     let sent = data.clone();
@@ -335,6 +348,33 @@ fn access_change_swaps_dropped_host_without_reload() {
     );
     assert!(connect_from(&net.b, Duration::from_millis(500)).is_err(), "B not dropped again");
     assert_eq!(net.xdp("sva").map(|x| x.0), Some(prog));
+}
+
+/// Only SYNs are dropped: a tunnel A opened before the list came to deny A
+/// keeps relaying (its ACKs and data pass the prefilter; access-list changes
+/// apply to the next request), while A's next connect gets no SYN-ACK.
+#[test]
+fn open_tunnel_outlives_a_deny_of_its_source() {
+    if !prerequisites("open_tunnel_outlives_a_deny_of_its_source") {
+        return;
+    }
+    let net = Net::new();
+    let d = net.daemon("userspace");
+    configure(&d);
+    let echo = echo_server(&net);
+    assert!(wait(Duration::from_secs(5), || connect_from(&net.a, SYN_TIMEOUT).is_ok()), "A cannot reach the proxy");
+    let s = connect_from(&net.a, Duration::from_secs(5)).expect("A connects");
+    let mut tunnel = echo_through(s, echo);
+
+    d.cmd("ip socks access set 0 src-address=10.200.1.0/24");
+    assert!(
+        wait(Duration::from_secs(1), || connect_from(&net.a, Duration::from_millis(300)).is_err()),
+        "A's new connections not dropped"
+    );
+    let dropped = drops(&d, 0);
+    echo_round_trip(&mut tunnel);
+    echo_round_trip(&mut tunnel);
+    assert_eq!(drops(&d, 0), dropped, "packets of the open tunnel were dropped");
 }
 
 /// (5) Empty list: nothing attached or pinned. Adding interfaces attaches
