@@ -98,25 +98,33 @@ pub const MAX_SOCKETS: usize = 65_536;
 
 // --- XDP prefilter (`proxyd_xdp`) ------------------------------------------
 //
-// The prefilter drops TCP packets to the SOCKS port from source prefixes that
-// the access list denies whatever they ask. IPv4 now; IPv6 gets its own trie,
-// counter map and key type (`[u8; 16]`) with the same value types.
+// The prefilter drops TCP SYNs to the SOCKS port from source prefixes that
+// the access list denies whatever they ask. One trie and one counter map per
+// address family, with the same value types: IPv4 keys `[u8; 4]`
+// ([`XdpPrefixV4`]), IPv6 keys `[u8; 16]` ([`XdpPrefixV6`]).
 
 /// What the XDP program matches, in [`XDP_CONFIG_MAP`] (an array of one).
+/// Each family has its own port, so one can be off while the other matches
+/// (a listener bound to an IPv4 address gets no IPv6 packet, and back).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct XdpConfig {
-    /// The listening TCP port (host byte order); 0: match nothing (pass all).
-    pub port: u32,
+    /// The listening TCP port for IPv4 (host byte order); 0: pass all IPv4.
+    pub port_v4: u32,
     /// The listening IPv4 address (network byte order); all zeros: any
     /// destination address (the listener is bound to the unspecified address).
     pub addr_v4: [u8; 4],
+    /// The listening TCP port for IPv6 (host byte order); 0: pass all IPv6.
+    pub port_v6: u32,
+    /// The listening IPv6 address (network byte order); all zeros: any.
+    pub addr_v6: [u8; 16],
 }
 
-/// Value of the deny trie [`XDP_DENY_V4_MAP`] (key: `{prefix_len: u32,
-/// addr: [u8; 4]}`, the LPM trie key layout): the access-list rule that denies
-/// the prefix, and the prefix length, so the program can find the prefix's
-/// drop counter (the trie returns the value, not the matching key).
+/// Value of the deny tries [`XDP_DENY_V4_MAP`] and [`XDP_DENY_V6_MAP`] (key:
+/// `{prefix_len: u32, addr: [u8; 4 or 16]}`, the LPM trie key layout): the
+/// access-list rule that denies the prefix, and the prefix length, so the
+/// program can find the prefix's drop counter (the trie returns the value,
+/// not the matching key).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct XdpDeny {
@@ -126,8 +134,8 @@ pub struct XdpDeny {
     pub prefix_len: u32,
 }
 
-/// Key of the drop counters [`XDP_DROPS_V4_MAP`]: a prefix of the deny trie,
-/// with the host bits of `addr` cleared.
+/// Key of the drop counters [`XDP_DROPS_V4_MAP`]: a prefix of the IPv4 deny
+/// trie, with the host bits of `addr` cleared.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct XdpPrefixV4 {
@@ -136,7 +144,18 @@ pub struct XdpPrefixV4 {
     pub addr: [u8; 4],
 }
 
-/// Per-CPU drop counters of one prefix (value of [`XDP_DROPS_V4_MAP`]).
+/// Key of the drop counters [`XDP_DROPS_V6_MAP`]: a prefix of the IPv6 deny
+/// trie, with the host bits of `addr` cleared.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct XdpPrefixV6 {
+    pub prefix_len: u32,
+    /// Network byte order.
+    pub addr: [u8; 16],
+}
+
+/// Per-CPU drop counters of one prefix (value of [`XDP_DROPS_V4_MAP`] and
+/// [`XDP_DROPS_V6_MAP`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct XdpDrops {
@@ -148,7 +167,7 @@ pub struct XdpDrops {
 
 #[cfg(feature = "user")]
 // SAFETY: `#[repr(C)]`, made only of integers and byte arrays with no padding
-// (4 + 4, 4 + 4, 4 + 4, 8 + 8 bytes), every bit pattern valid.
+// (4 + 4 + 4 + 16, 4 + 4, 4 + 4, 4 + 16, 8 + 8 bytes), every bit pattern valid.
 unsafe impl aya::Pod for XdpConfig {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
@@ -156,6 +175,9 @@ unsafe impl aya::Pod for XdpDeny {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
 unsafe impl aya::Pod for XdpPrefixV4 {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for XdpPrefixV6 {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
 unsafe impl aya::Pod for XdpDrops {}
@@ -168,6 +190,11 @@ pub const XDP_CONFIG_MAP: &str = "XDP_CONFIG";
 pub const XDP_DENY_V4_MAP: &str = "XDP_DENY_V4";
 /// Per-CPU hash: [`XdpPrefixV4`] -> [`XdpDrops`] (BTF).
 pub const XDP_DROPS_V4_MAP: &str = "XDP_DROPS_V4";
-/// Most prefixes the IPv4 deny trie (and its counters) hold. Prefixes beyond
-/// it are left out, which only drops less (the access list still decides).
+/// LPM trie: IPv6 source prefix -> [`XdpDeny`] (BTF).
+pub const XDP_DENY_V6_MAP: &str = "XDP_DENY_V6";
+/// Per-CPU hash: [`XdpPrefixV6`] -> [`XdpDrops`] (BTF).
+pub const XDP_DROPS_V6_MAP: &str = "XDP_DROPS_V6";
+/// Most prefixes each deny trie (and its counters) holds, per family.
+/// Prefixes beyond it are left out, which only drops less (the access list
+/// still decides).
 pub const MAX_XDP_PREFIXES: usize = 16_384;

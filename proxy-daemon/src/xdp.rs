@@ -7,7 +7,7 @@
 //! the kernel data path (a second loader, with the data path's maps shrunk to
 //! one entry since this one never uses them), its maps are pinned under
 //! `<pin dir>/xdp/` (BTF, so `bpftool map dump pinned <pin dir>/xdp/XDP_DROPS_V4`
-//! prints field names), and it is attached to each listed interface in native
+//! and `.../XDP_DROPS_V6` print field names), and it is attached to each listed interface in native
 //! (driver) mode, else in generic (skb) mode; which one is logged and shown
 //! by `ip socks print`.
 //!
@@ -20,37 +20,37 @@
 //! in [`Prefilter::load`]/[`Prefilter::attach_missing`]; what they return
 //! detaches again if dropped uncommitted. [`Prefilter::commit`] cannot fail:
 //! it detaches interfaces that left the list, points the program at the
-//! listening port, and brings the trie to the access list's denied prefixes
-//! without reloading the program. It removes stale trie entries before adding
-//! new ones, and if a removal ever failed it switches the prefilter off
-//! (port 0: pass everything), so a source the new list allows is never
-//! dropped. Adding fewer entries (a full trie) only drops less.
+//! listening port, and brings the two tries (IPv4, IPv6) to the access list's
+//! denied prefixes without reloading the program. It removes stale trie
+//! entries before adding new ones, and if a removal ever failed it switches
+//! that family off (port 0: pass all of it), so a source the new list allows
+//! is never dropped. Adding fewer entries (a full trie) only drops less.
 
 use std::collections::BTreeMap;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::sync::Mutex;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, MapData, MapError, MapInfo, PerCpuHashMap, PerCpuValues};
 use aya::programs::{xdp::XdpLink, Xdp, XdpMode};
-use aya::{Ebpf, EbpfLoader};
-use ipnet::IpNet;
+use aya::{Ebpf, EbpfLoader, Pod};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use proxy_common::{
-    XdpConfig, XdpDeny, XdpDrops, XdpPrefixV4, FLOWS_MAP, MAX_XDP_PREFIXES, PEERS_MAP, SOCKS_MAP, SPLICE_MAP,
-    XDP_CONFIG_MAP, XDP_DENY_V4_MAP, XDP_DROPS_V4_MAP, XDP_PROG,
+    XdpConfig, XdpDeny, XdpDrops, XdpPrefixV4, XdpPrefixV6, FLOWS_MAP, MAX_XDP_PREFIXES, PEERS_MAP, SOCKS_MAP,
+    SPLICE_MAP, XDP_CONFIG_MAP, XDP_DENY_V4_MAP, XDP_DENY_V6_MAP, XDP_DROPS_V4_MAP, XDP_DROPS_V6_MAP, XDP_PROG,
 };
 use tracing::{error, info, warn};
 
 use crate::bpf::{error_line, missing, Pins, BPF_OBJECT};
-use crate::config::prefilter::denied_sources;
+use crate::config::prefilter::{denied_sources, DeniedPrefix};
 use crate::config::{AccessList, Settings};
 
 /// The folder under the pin dir that holds the prefilter's pins.
 pub const PIN_SUBDIR: &str = "xdp";
 /// Maps pinned there.
-const PINNED_MAPS: [&str; 3] = [XDP_CONFIG_MAP, XDP_DENY_V4_MAP, XDP_DROPS_V4_MAP];
+const PINNED_MAPS: [&str; 5] = [XDP_CONFIG_MAP, XDP_DENY_V4_MAP, XDP_DROPS_V4_MAP, XDP_DENY_V6_MAP, XDP_DROPS_V6_MAP];
 /// The kernel data path's maps, in the same object: created at one entry each.
 const UNUSED_MAPS: [&str; 4] = [SOCKS_MAP, SPLICE_MAP, PEERS_MAP, FLOWS_MAP];
 /// `BPF_NOEXIST` (linux/bpf.h): create only.
@@ -112,13 +112,59 @@ struct State {
     /// Keeps the program loaded.
     ebpf: Ebpf,
     config: Array<MapData, XdpConfig>,
-    deny: LpmTrie<MapData, [u8; 4], XdpDeny>,
-    drops: PerCpuHashMap<MapData, XdpPrefixV4, XdpDrops>,
+    v4: Family<XdpPrefixV4>,
+    v6: Family<XdpPrefixV6>,
     /// Interface name -> attachment.
     links: BTreeMap<String, Attachment>,
-    /// What the trie holds: prefix -> rule.
-    installed: BTreeMap<XdpPrefixV4, u32>,
     _pins: Pins,
+}
+
+/// One address family's deny trie, its drop counters, and what the trie holds.
+struct Family<P: Prefix> {
+    deny: LpmTrie<MapData, P::Addr, XdpDeny>,
+    drops: PerCpuHashMap<MapData, P, XdpDrops>,
+    /// What the trie holds: prefix -> rule.
+    installed: BTreeMap<P, u32>,
+}
+
+/// A prefix of one family as the maps hold it ([`XdpPrefixV4`],
+/// [`XdpPrefixV6`]): the counters' key, and the trie's key made from it.
+trait Prefix: Pod + Ord {
+    /// The trie key's data: the address bytes.
+    type Addr: Pod;
+    /// `net` as this family's key; `None` for the other family.
+    fn of(net: &IpNet) -> Option<Self>;
+    fn trie_key(&self) -> Key<Self::Addr>;
+    /// For messages.
+    fn net(&self) -> IpNet;
+}
+
+impl Prefix for XdpPrefixV4 {
+    type Addr = [u8; 4];
+    fn of(net: &IpNet) -> Option<Self> {
+        let IpNet::V4(n) = net else { return None };
+        Some(XdpPrefixV4 { prefix_len: n.prefix_len() as u32, addr: n.network().octets() })
+    }
+    fn trie_key(&self) -> Key<[u8; 4]> {
+        Key::new(self.prefix_len, self.addr)
+    }
+    fn net(&self) -> IpNet {
+        IpNet::V4(Ipv4Net::new(Ipv4Addr::from(self.addr), self.prefix_len as u8).unwrap_or_default())
+    }
+}
+
+impl Prefix for XdpPrefixV6 {
+    type Addr = [u8; 16];
+    fn of(net: &IpNet) -> Option<Self> {
+        let IpNet::V6(n) = net else { return None };
+        Some(XdpPrefixV6 { prefix_len: n.prefix_len() as u32, addr: n.network().octets() })
+    }
+    fn trie_key(&self) -> Key<[u8; 16]> {
+        Key::new(self.prefix_len, self.addr)
+    }
+    fn net(&self) -> IpNet {
+        IpNet::V6(Ipv6Net::new(Ipv6Addr::from(self.addr), self.prefix_len as u8).unwrap_or_default())
+    }
 }
 
 impl Drop for State {
@@ -162,8 +208,8 @@ impl Prefilter {
         let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| missing("map", name));
         let convert = |name: &str, e: MapError| error_line(&format!("BPF map {name}"), &e);
         let config = Array::try_from(take(XDP_CONFIG_MAP)?).map_err(|e| convert(XDP_CONFIG_MAP, e))?;
-        let deny = LpmTrie::try_from(take(XDP_DENY_V4_MAP)?).map_err(|e| convert(XDP_DENY_V4_MAP, e))?;
-        let drops = PerCpuHashMap::try_from(take(XDP_DROPS_V4_MAP)?).map_err(|e| convert(XDP_DROPS_V4_MAP, e))?;
+        let v4 = Family::take(&mut ebpf, XDP_DENY_V4_MAP, XDP_DROPS_V4_MAP)?;
+        let v6 = Family::take(&mut ebpf, XDP_DENY_V6_MAP, XDP_DROPS_V6_MAP)?;
         let program = program(&mut ebpf)?;
         program.load().map_err(|e| {
             // The verifier's whole log, for `PROXYD_LOG=debug`.
@@ -174,15 +220,7 @@ impl Prefilter {
         info!(pin_dir = %dir.display(), prog_id, "XDP prefilter loaded");
         Ok(Prefilter {
             prog_id,
-            state: Mutex::new(State {
-                ebpf,
-                config,
-                deny,
-                drops,
-                links: BTreeMap::new(),
-                installed: BTreeMap::new(),
-                _pins: pins,
-            }),
+            state: Mutex::new(State { ebpf, config, v4, v6, links: BTreeMap::new(), _pins: pins }),
         })
     }
 
@@ -234,20 +272,12 @@ impl Prefilter {
         self.prog_id
     }
 
-    /// Drops per access-list rule (summed over the rule's prefixes).
+    /// Drops per access-list rule (summed over the rule's prefixes, IPv4 and IPv6).
     pub fn drops_by_rule(&self) -> BTreeMap<usize, RuleDrops> {
         let st = self.lock();
         let mut out: BTreeMap<usize, RuleDrops> = BTreeMap::new();
-        for (prefix, rule) in &st.installed {
-            let entry = out.entry(*rule as usize).or_default();
-            entry.prefixes += 1;
-            if let Ok(values) = st.drops.get(prefix, 0) {
-                for v in values.iter() {
-                    entry.packets += v.packets;
-                    entry.bytes += v.bytes;
-                }
-            }
-        }
+        st.v4.add_drops(&mut out);
+        st.v6.add_drops(&mut out);
         out
     }
 
@@ -258,16 +288,82 @@ impl Prefilter {
 
 impl State {
     fn sync(&mut self, settings: &Settings, access: &AccessList) {
-        let mut want: BTreeMap<XdpPrefixV4, u32> = BTreeMap::new();
+        let denied = denied_sources(access);
+        let want4 = Family::<XdpPrefixV4>::wanted(&denied);
+        let want6 = Family::<XdpPrefixV6>::wanted(&denied);
+
+        // 1. Remove what the new list does not deny (before anything is added).
+        let ok4 = self.v4.remove_stale(&want4);
+        let ok6 = self.v6.remove_stale(&want6);
+
+        // 2. Match the listening port (0: pass everything). A family is off
+        //    when a stale entry could not be removed, so nothing allowed is
+        //    ever dropped.
+        let mut config = match_config(settings);
+        for (ok, port, name) in [(ok4, &mut config.port_v4, "IPv4"), (ok6, &mut config.port_v6, "IPv6")] {
+            if !ok {
+                *port = 0;
+                error!("XDP prefilter switched off for {name} until the next access-list change");
+            }
+        }
+        if let Err(e) = self.config.set(0, config, 0) {
+            error!("XDP prefilter: cannot set the port: {e}");
+        }
+
+        // 3. Add (or re-number) what it denies; counters first.
+        let added = self.v4.add(&want4) + self.v6.add(&want6);
+        info!(
+            prefixes_v4 = self.v4.installed.len(),
+            prefixes_v6 = self.v6.installed.len(),
+            added,
+            port_v4 = config.port_v4,
+            port_v6 = config.port_v6,
+            "XDP prefilter updated"
+        );
+    }
+}
+
+/// What the program matches for `settings`: per family, the listening port
+/// (0: the server is off, or the listener gets none of that family) and
+/// address (all zeros: any). An IPv4 address (`0.0.0.0` included) gets only
+/// IPv4; `::` gets both (dual stack); another IPv6 address only IPv6, unless
+/// it is IPv4-mapped.
+fn match_config(settings: &Settings) -> XdpConfig {
+    let mut c = XdpConfig::default();
+    if !settings.enabled {
+        return c;
+    }
+    let port = settings.port as u32;
+    match settings.listen_address.to_canonical() {
+        IpAddr::V4(a) => (c.port_v4, c.addr_v4) = (port, a.octets()),
+        IpAddr::V6(a) if a.is_unspecified() => (c.port_v4, c.port_v6) = (port, port),
+        IpAddr::V6(a) => (c.port_v6, c.addr_v6) = (port, a.octets()),
+    }
+    c
+}
+
+impl<P: Prefix> Family<P> {
+    /// Takes the family's two maps out of `ebpf`.
+    fn take(ebpf: &mut Ebpf, deny: &str, drops: &str) -> io::Result<Self> {
+        let mut take = |name: &str| ebpf.take_map(name).ok_or_else(|| missing("map", name));
+        let convert = |name: &str, e: MapError| error_line(&format!("BPF map {name}"), &e);
+        Ok(Family {
+            deny: LpmTrie::try_from(take(deny)?).map_err(|e| convert(deny, e))?,
+            drops: PerCpuHashMap::try_from(take(drops)?).map_err(|e| convert(drops, e))?,
+            installed: BTreeMap::new(),
+        })
+    }
+
+    /// This family's prefixes of `denied`, up to the trie's size.
+    fn wanted(denied: &[DeniedPrefix]) -> BTreeMap<P, u32> {
+        let mut want = BTreeMap::new();
         let mut left_out = 0usize;
-        for d in denied_sources(access) {
-            // IPv6 prefixes wait for the IPv6 trie.
-            let IpNet::V4(net) = d.prefix else { continue };
+        for d in denied {
+            let Some(key) = P::of(&d.prefix) else { continue };
             if want.len() >= MAX_XDP_PREFIXES {
                 left_out += 1;
                 continue;
             }
-            let key = XdpPrefixV4 { prefix_len: net.prefix_len() as u32, addr: net.network().octets() };
             want.insert(key, d.rule as u32);
         }
         if left_out > 0 {
@@ -275,44 +371,36 @@ impl State {
                 "XDP prefilter: {left_out} denied prefix(es) beyond the trie's {MAX_XDP_PREFIXES} are not dropped early (the access list still refuses them)"
             );
         }
+        want
+    }
 
-        // 1. Remove what the new list does not deny (before anything is added).
-        let mut failed = false;
-        let stale: Vec<XdpPrefixV4> = self.installed.keys().filter(|k| !want.contains_key(k)).copied().collect();
+    /// Removes the trie entries (and their counters) that `want` does not
+    /// hold; false if one could not be removed.
+    fn remove_stale(&mut self, want: &BTreeMap<P, u32>) -> bool {
+        let mut ok = true;
+        let stale: Vec<P> = self.installed.keys().filter(|k| !want.contains_key(k)).copied().collect();
         for key in stale {
-            match self.deny.remove(&trie_key(&key)) {
+            match self.deny.remove(&key.trie_key()) {
                 Ok(()) => {}
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => {
-                    error!("XDP prefilter: cannot remove {}/{} from the trie: {e}", addr(&key), key.prefix_len);
-                    failed = true;
+                    error!("XDP prefilter: cannot remove {} from the trie: {e}", key.net());
+                    ok = false;
                     continue;
                 }
             }
             let _ = self.drops.remove(&key);
             self.installed.remove(&key);
         }
+        ok
+    }
 
-        // 2. Match the listening port (0: pass everything). Off when a stale
-        //    entry could not be removed, so nothing allowed is ever dropped.
-        let (port, addr_v4) = match settings.listen_address.to_canonical() {
-            _ if failed || !settings.enabled => (0, [0; 4]),
-            IpAddr::V4(a) => (settings.port as u32, a.octets()),
-            IpAddr::V6(a) if a.is_unspecified() => (settings.port as u32, [0; 4]),
-            // A specific IPv6 listen address gets no IPv4 packet.
-            IpAddr::V6(_) => (0, [0; 4]),
-        };
-        if let Err(e) = self.config.set(0, XdpConfig { port, addr_v4 }, 0) {
-            error!("XDP prefilter: cannot set the port: {e}");
-        }
-        if failed {
-            error!("XDP prefilter switched off until the next access-list change");
-        }
-
-        // 3. Add (or re-number) what it denies; counters first.
+    /// Adds (or re-numbers) the entries of `want`, each counter before its
+    /// trie entry; returns how many it wrote.
+    fn add(&mut self, want: &BTreeMap<P, u32>) -> usize {
         let cpus = aya::util::nr_cpus().ok();
         let mut added = 0usize;
-        for (key, rule) in &want {
+        for (key, rule) in want {
             if self.installed.get(key) == Some(rule) {
                 continue;
             }
@@ -322,28 +410,32 @@ impl State {
                     let _ = self.drops.insert(key, zero, BPF_NOEXIST);
                 }
             }
-            match self.deny.insert(&trie_key(key), XdpDeny { rule: *rule, prefix_len: key.prefix_len }, 0) {
+            let trie_key = key.trie_key();
+            let deny = XdpDeny { rule: *rule, prefix_len: trie_key.prefix_len() };
+            match self.deny.insert(&trie_key, deny, 0) {
                 Ok(()) => {
                     self.installed.insert(*key, *rule);
                     added += 1;
                 }
-                Err(e) => warn!(
-                    "XDP prefilter: cannot add {}/{}: {e} (the access list still refuses it)",
-                    addr(key),
-                    key.prefix_len
-                ),
+                Err(e) => warn!("XDP prefilter: cannot add {}: {e} (the access list still refuses it)", key.net()),
             }
         }
-        info!(prefixes = self.installed.len(), added, port, "XDP prefilter updated");
+        added
     }
-}
 
-fn trie_key(k: &XdpPrefixV4) -> Key<[u8; 4]> {
-    Key::new(k.prefix_len, k.addr)
-}
-
-fn addr(k: &XdpPrefixV4) -> std::net::Ipv4Addr {
-    std::net::Ipv4Addr::from(k.addr)
+    /// Adds this family's prefixes and counters to `out`, per rule.
+    fn add_drops(&self, out: &mut BTreeMap<usize, RuleDrops>) {
+        for (prefix, rule) in &self.installed {
+            let entry = out.entry(*rule as usize).or_default();
+            entry.prefixes += 1;
+            if let Ok(values) = self.drops.get(prefix, 0) {
+                for v in values.iter() {
+                    entry.packets += v.packets;
+                    entry.bytes += v.bytes;
+                }
+            }
+        }
+    }
 }
 
 fn is_not_found(e: &MapError) -> bool {
@@ -387,5 +479,49 @@ fn attach(program: &mut Xdp, name: &str) -> io::Result<Attachment> {
                 format!("xdp-interfaces: cannot attach the XDP prefilter to {name}: {native}; {generic}"),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matched(enabled: bool, listen: &str) -> XdpConfig {
+        let settings = Settings { enabled, port: 1080, listen_address: listen.parse().unwrap(), ..Settings::default() };
+        match_config(&settings)
+    }
+
+    /// Each family matches only what the listener gets: an IPv4 listener no
+    /// IPv6 packet and back; `::` both; off matches nothing.
+    #[test]
+    fn each_family_matches_what_the_listener_gets() {
+        let any = XdpConfig { port_v4: 1080, port_v6: 1080, ..Default::default() };
+        assert_eq!(matched(true, "::"), any);
+        assert_eq!(matched(true, "0.0.0.0"), XdpConfig { port_v4: 1080, ..Default::default() });
+        assert_eq!(
+            matched(true, "10.0.0.1"),
+            XdpConfig { port_v4: 1080, addr_v4: [10, 0, 0, 1], ..Default::default() }
+        );
+        assert_eq!(
+            matched(true, "::ffff:10.0.0.1"),
+            XdpConfig { port_v4: 1080, addr_v4: [10, 0, 0, 1], ..Default::default() }
+        );
+        let v6: Ipv6Addr = "fd00::1".parse().unwrap();
+        assert_eq!(matched(true, "fd00::1"), XdpConfig { port_v6: 1080, addr_v6: v6.octets(), ..Default::default() });
+        assert_eq!(matched(false, "::"), XdpConfig::default());
+    }
+
+    /// The counters' keys round-trip through `IpNet`, and each family takes
+    /// only its own prefixes.
+    #[test]
+    fn prefix_keys() {
+        let v6: IpNet = "fd00:1::/32".parse().unwrap();
+        let k = XdpPrefixV6::of(&v6).unwrap();
+        assert_eq!((k.prefix_len, k.net()), (32, v6));
+        assert_eq!(k.trie_key().prefix_len(), 32);
+        assert!(XdpPrefixV4::of(&v6).is_none());
+        let v4: IpNet = "10.1.0.0/16".parse().unwrap();
+        assert_eq!(XdpPrefixV4::of(&v4).unwrap().net(), v4);
+        assert!(XdpPrefixV6::of(&v4).is_none());
     }
 }
