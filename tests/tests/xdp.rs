@@ -1,8 +1,10 @@
 //! The XDP prefilter (`xdp-interfaces`), in network namespaces the test makes
 //! and removes: the daemon runs in its own namespace `S` with two veth links,
-//! `sva` (10.200.1.1/24) to client host `A` (10.200.1.2) and `svb`
-//! (10.200.2.1/24) to client host `B` (10.200.2.2). Every address lives in a
-//! namespace made here; the root namespace is not touched. Needs root, `ip`
+//! `sva` (10.200.1.1/24, fd00:200:1::1/64) to client host `A` (10.200.1.2,
+//! fd00:200:1::2) and `svb` (10.200.2.1/24, fd00:200:2::1/64) to client host
+//! `B` (10.200.2.2, fd00:200:2::2). Every address lives in a namespace made
+//! here (the IPv6 ones in the ULA range fd00::/8); the root namespace is not
+//! touched. Needs root, `ip`
 //! (iproute2) and a proxyd built with its BPF programs: skipped otherwise, or
 //! failed when `CI` is set. Runs when `PROXYD_TEST_KERNEL=1` (or as root in CI).
 //!
@@ -13,6 +15,11 @@
 //! (4) is the property test `never_drops_a_source_the_list_would_allow` in
 //! `proxy-daemon/src/config/prefilter.rs` (3000 random lists, 60 requests
 //! each), which runs with `cargo test -p proxy-daemon`.
+//!
+//! IPv6 (issue 13): `ipv6_denied_client_gets_no_syn_ack` (the same as (1)
+//! and (2) over IPv6, plus: other ports and the other family pass, an open
+//! tunnel outlives a deny of its source); the property test covers IPv6 and
+//! IPv4-mapped sources.
 
 use proxyd_tests::{data_paths, find_program, is_root, skip_or_fail, socks, text, Daemon, Options};
 use std::io::{Read, Write};
@@ -24,6 +31,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const PROXY: &str = "10.200.1.1:1080";
+/// The proxy's IPv6 address on `sva` (`listen-address=::` takes both).
+const PROXY_V6: &str = "[fd00:200:1::1]:1080";
 /// How long a connect to the proxy may take before it counts as "no SYN-ACK".
 const SYN_TIMEOUT: Duration = Duration::from_millis(1500);
 
@@ -89,10 +98,15 @@ impl Net {
             ip(&["-n", &net.s, "link", "add", &sv, "type", "veth", "peer", "name", &cl, "netns", client]);
             ip(&["-n", &net.s, "addr", "add", sv_addr, "dev", &sv]);
             ip(&["-n", client, "addr", "add", cl_addr, "dev", &cl]);
+            // IPv6 on the same pair; nodad: usable at once.
+            let n = if side == "a" { 1 } else { 2 };
+            ip(&["-n", &net.s, "addr", "add", &format!("fd00:200:{n}::1/64"), "dev", &sv, "nodad"]);
+            ip(&["-n", client, "addr", "add", &format!("fd00:200:{n}::2/64"), "dev", &cl, "nodad"]);
             ip(&["-n", &net.s, "link", "set", &sv, "up"]);
             ip(&["-n", client, "link", "set", &cl, "up"]);
             let gw = sv_addr.split('/').next().unwrap();
             ip(&["-n", client, "route", "add", "default", "via", gw]);
+            ip(&["-n", client, "-6", "route", "add", "default", "via", &format!("fd00:200:{n}::1")]);
         }
         net
     }
@@ -151,9 +165,14 @@ fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
 
 /// Connects to the proxy from client host `ns`.
 fn connect_from(ns: &str, timeout: Duration) -> std::io::Result<TcpStream> {
-    let proxy: SocketAddr = PROXY.parse().unwrap();
+    connect_to(ns, PROXY, timeout)
+}
+
+/// Connects to `addr` from client host `ns`.
+fn connect_to(ns: &str, addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    let addr: SocketAddr = addr.parse().unwrap();
     in_ns(ns, || {
-        let s = TcpStream::connect_timeout(&proxy, timeout)?;
+        let s = TcpStream::connect_timeout(&addr, timeout)?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         s.set_write_timeout(Some(Duration::from_secs(10)))?;
         Ok(s)
@@ -375,6 +394,79 @@ fn open_tunnel_outlives_a_deny_of_its_source() {
     echo_round_trip(&mut tunnel);
     echo_round_trip(&mut tunnel);
     assert_eq!(drops(&d, 0), dropped, "packets of the open tunnel were dropped");
+}
+
+/// Issue 13: IPv6 sources as IPv4 ones. With the proxy on `::` (dual
+/// stack) and B's IPv6 /64 denied: B's IPv6 SYNs get no SYN-ACK, the daemon
+/// never accepts them, rule 0's drops rise (and `XDP_DROPS_V6` holds them by
+/// field name); B still reaches another port over IPv6 and the proxy over
+/// IPv4; A relays over IPv6. Then A's /64 is denied instead: A's open IPv6
+/// tunnel keeps relaying (only SYNs are dropped) and its new ones are dropped
+/// within a second, without a reload.
+#[test]
+fn ipv6_denied_client_gets_no_syn_ack() {
+    if !prerequisites("ipv6_denied_client_gets_no_syn_ack") {
+        return;
+    }
+    let net = Net::new();
+    let d = net.daemon("userspace");
+    d.cmd("ip socks access add src-address=fd00:200:2::/64 action=deny");
+    d.cmd("ip socks set enabled=yes port=1080 listen-address=:: metrics-address=127.0.0.1:9180 xdp-interfaces=sva,svb");
+    let echo = echo_server(&net);
+    assert!(
+        wait(Duration::from_secs(5), || connect_to(&net.a, PROXY_V6, SYN_TIMEOUT).is_ok()),
+        "A cannot reach the proxy over IPv6\n{}",
+        d.log()
+    );
+    assert!(wait(Duration::from_secs(2), || d.cli.connections().is_empty()));
+    let before = accepted(&net);
+    let drops_before = drops(&d, 0);
+
+    let t = Instant::now();
+    let err = connect_to(&net.b, "[fd00:200:1::1]:1080", SYN_TIMEOUT).expect_err("B must get no SYN-ACK over IPv6");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "B: {err} after {:?}", t.elapsed());
+    assert!(d.cli.connections().is_empty(), "a connection row for B");
+    assert_eq!(accepted(&net), before, "the daemon accepted B");
+    let after = drops(&d, 0);
+    assert!(after > drops_before, "drop counter of rule 0 did not rise ({drops_before} -> {after})");
+    let stats = d.cmd("ip socks access print stats");
+    assert!(stats.contains("fd00:200:2::/64"), "{stats}");
+
+    if find_program("bpftool").is_some() {
+        let pin = net.pin_dir.join("xdp/XDP_DROPS_V6");
+        let out = Command::new("bpftool").args(["map", "dump", "pinned"]).arg(&pin).output().unwrap();
+        let dump = text(&out.stdout);
+        assert!(
+            out.status.success() && dump.contains("\"packets\"") && dump.contains("\"prefix_len\": 64"),
+            "bpftool: {dump} {}",
+            text(&out.stderr)
+        );
+    }
+
+    // Not other ports, not the other family.
+    let other = in_ns(&net.s, || TcpListener::bind("[::]:2080").expect("bind [::]:2080"));
+    connect_to(&net.b, "[fd00:200:1::1]:2080", Duration::from_secs(5)).expect("B to another port over IPv6");
+    drop(other);
+    connect_to(&net.b, "10.200.1.1:1080", Duration::from_secs(5)).expect("B to the proxy over IPv4");
+
+    // A relays over IPv6 (to an IPv4 destination: SOCKS4).
+    let s = connect_to(&net.a, PROXY_V6, Duration::from_secs(5)).expect("A connects over IPv6");
+    let mut tunnel = echo_through(s, echo);
+
+    // Deny A's /64 instead: its open tunnel lives on, its new SYNs are dropped.
+    d.cmd("ip socks access set 0 src-address=fd00:200:1::/64");
+    assert!(
+        wait(Duration::from_secs(1), || connect_to(&net.a, PROXY_V6, Duration::from_millis(300)).is_err()),
+        "A's new IPv6 connections not dropped"
+    );
+    assert!(
+        wait(Duration::from_secs(1), || connect_to(&net.b, "[fd00:200:1::1]:1080", Duration::from_millis(300)).is_ok()),
+        "B still dropped after the change"
+    );
+    let dropped = drops(&d, 0);
+    echo_round_trip(&mut tunnel);
+    assert_eq!(drops(&d, 0), dropped, "packets of A's open tunnel were dropped");
+    assert!(d.log().contains("prefixes_v6=1"), "{}", d.log());
 }
 
 /// (5) Empty list: nothing attached or pinned. Adding interfaces attaches
