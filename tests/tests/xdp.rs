@@ -4,16 +4,16 @@
 //! fd00:200:1::2) and `svb` (10.200.2.1/24, fd00:200:2::1/64) to client host
 //! `B` (10.200.2.2, fd00:200:2::2). Every address lives in a namespace made
 //! here (the IPv6 ones in the ULA range fd00::/8); the root namespace is not
-//! touched. Needs root, `ip`
-//! (iproute2) and a proxyd built with its BPF programs: skipped otherwise, or
-//! failed when `CI` is set. Runs when `PROXYD_TEST_KERNEL=1` (or as root in CI).
+//! touched. Needs root, `ip` (iproute2) and a proxyd built with its BPF
+//! programs: skipped otherwise, or failed when `CI` is set. Runs when
+//! `PROXYD_TEST_KERNEL=1` (or as root in CI).
 //!
 //! Done-when items of the XDP issue: (1) `denied_client_gets_no_syn_ack`,
 //! (2) `allowed_client_relays` (on every data path), (3)
 //! `access_change_swaps_dropped_host_without_reload`, (5)
 //! `attach_and_detach_follow_the_list` (also: clean exit and `kill -9`).
 //! (4) is the property test `never_drops_a_source_the_list_would_allow` in
-//! `proxy-daemon/src/config/prefilter.rs` (3000 random lists, 60 requests
+//! `proxy-daemon/src/config/prefilter.rs` (4000 random lists, 60 requests
 //! each), which runs with `cargo test -p proxy-daemon`.
 //!
 //! IPv6 (issue 13): `ipv6_denied_client_gets_no_syn_ack` (the same as (1)
