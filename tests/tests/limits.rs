@@ -180,3 +180,38 @@ fn settings_apply_without_restart() {
         assert_eq!(d.cli.connections().len(), 2, "open tunnels should stay listed after enabled=no");
     }
 }
+
+/// A new `listen-address` on the same port moves the listener (the new one is
+/// bound while the old one still listens, so a refused change would leave the
+/// old one as it was); open tunnels stay, and no other socket gets the port.
+#[test]
+fn listen_address_moves_on_the_same_port() {
+    for dp in data_paths() {
+        let mut d = Daemon::start(dp);
+        let proxy = d.enable(&[]);
+        let port = proxy.port();
+        let other: std::net::SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+        let (l, dst) = listen_local();
+        let mut c = socks::connect(proxy, dst);
+        let mut u = accept_timeout(&l, Duration::from_secs(5)).expect("accept");
+        assert!(tcp_connect(other).is_err(), "{other} accepts while listen-address=127.0.0.1");
+
+        d.cmd("ip socks set listen-address=0.0.0.0");
+        let mut c2 = socks::connect(other, dst);
+        let mut u2 = accept_timeout(&l, Duration::from_secs(5)).expect("accept via 0.0.0.0");
+        ping(&mut c, &mut u, "tunnel opened before the move");
+        ping(&mut c2, &mut u2, "tunnel via the moved listener");
+
+        d.cmd("ip socks set listen-address=127.0.0.1");
+        assert!(
+            wait_until(Duration::from_secs(3), || tcp_connect(other).is_err()),
+            "{other} still accepts after `set listen-address=127.0.0.1`"
+        );
+        let mut c3 = socks::connect(proxy, dst);
+        let mut u3 = accept_timeout(&l, Duration::from_secs(5)).expect("accept after the move back");
+        ping(&mut c3, &mut u3, "tunnel after the move back");
+        ping(&mut c, &mut u, "first tunnel after both moves");
+        let taken = std::net::TcpListener::bind(proxy);
+        assert!(taken.is_err(), "another socket could bind {proxy} after the moves");
+    }
+}

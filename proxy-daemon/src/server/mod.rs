@@ -13,6 +13,7 @@ pub mod socks5;
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -52,6 +53,9 @@ pub struct Server {
 
 struct ActiveListener {
     addr: SocketAddr,
+    /// A second descriptor of the listening socket (its accept loop owns
+    /// the first), for handing its port over to a new listener.
+    socket: Option<OwnedFd>,
     task: JoinHandle<()>,
 }
 
@@ -139,19 +143,27 @@ impl Server {
         let old = self.config();
         let mut p = Prepared::default();
         let want = new.enabled.then(|| SocketAddr::new(new.listen_address, new.port));
-        let have = self.listening_on();
+        let current = self.listener.lock().unwrap();
+        let have = current.as_ref().map(|l| l.addr);
         if want != have {
             p.listener = Some(match want {
-                Some(addr) => Some((addr, bind(addr)?)),
+                Some(addr) => {
+                    // The same port on another address: the new listener
+                    // is bound while the old one still listens.
+                    let old_socket = current.as_ref().filter(|l| l.addr.port() == addr.port());
+                    Some((addr, bind(addr, old_socket.and_then(|l| l.socket.as_ref()))?))
+                }
                 None => None,
             });
         }
+        drop(current);
         let have_metrics = self.metrics_listener.lock().unwrap().as_ref().map(|l| l.addr);
         if new.metrics_address != have_metrics {
             p.metrics = Some(match new.metrics_address {
-                Some(addr) => {
-                    Some((addr, bind(addr).map_err(|e| io::Error::new(e.kind(), format!("metrics-address: {e}")))?))
-                }
+                Some(addr) => Some((
+                    addr,
+                    bind(addr, None).map_err(|e| io::Error::new(e.kind(), format!("metrics-address: {e}")))?,
+                )),
                 None => None,
             });
         }
@@ -206,6 +218,7 @@ impl Server {
             let mut slot = self.metrics_listener.lock().unwrap();
             *slot = None;
             if let Some((addr, std_listener)) = metrics {
+                let socket = std_listener.try_clone().ok().map(OwnedFd::from);
                 let server = self.clone();
                 let task = tokio::spawn(async move {
                     match TcpListener::from_std(std_listener) {
@@ -214,7 +227,7 @@ impl Server {
                     }
                 });
                 tracing::info!(%addr, "serving Prometheus metrics at http://{addr}/metrics");
-                *slot = Some(ActiveListener { addr, task });
+                *slot = Some(ActiveListener { addr, socket, task });
             }
         }
         if let Some(listener) = prepared.listener {
@@ -223,6 +236,7 @@ impl Server {
             *slot = None;
             match listener {
                 Some((addr, std_listener)) => {
+                    let socket = std_listener.try_clone().ok().map(OwnedFd::from);
                     let server = self.clone();
                     let task = tokio::spawn(async move {
                         match TcpListener::from_std(std_listener) {
@@ -231,7 +245,7 @@ impl Server {
                         }
                     });
                     tracing::info!(%addr, "accepting SOCKS clients");
-                    *slot = Some(ActiveListener { addr, task });
+                    *slot = Some(ActiveListener { addr, socket, task });
                 }
                 None => tracing::info!("SOCKS server disabled: not accepting new clients"),
             }
@@ -330,14 +344,38 @@ pub fn raise_nofile_limit(max_connections: u32) {
 }
 
 /// Binds a listening socket with `SO_REUSEADDR` (restarts do not wait for TIME_WAIT).
-fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+///
+/// `replacing` is the listener this one replaces on the same port (another
+/// address). Both listen until the change is committed (the old one is
+/// closed only then, so a refused change leaves it as it was), which the
+/// kernel allows only while both sockets have `SO_REUSEPORT`: it is set for
+/// the bind and the listen and cleared right after. A socket without
+/// `SO_REUSEPORT` (a second proxyd, anything else) still cannot bind the
+/// port. One that sets it and runs as the daemon's user can join the port
+/// after such a change, as the kernel keeps the port's reuseport state;
+/// that user can reach into the daemon anyway.
+fn bind(addr: SocketAddr, replacing: Option<&OwnedFd>) -> io::Result<std::net::TcpListener> {
+    use nix::sys::socket::{setsockopt, sockopt::ReusePort};
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
-    socket.bind(addr).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-    let listener = socket.listen(BACKLOG)?;
+    if let Some(old) = replacing {
+        setsockopt(old, ReusePort, &true)?;
+        socket.set_reuseport(true)?;
+    }
+    let bound = socket
+        .bind(addr)
+        .and_then(|()| socket.listen(BACKLOG))
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")));
+    if let Some(old) = replacing {
+        let _ = setsockopt(old, ReusePort, &false);
+    }
+    let listener = bound?;
+    if replacing.is_some() {
+        setsockopt(&listener, ReusePort, &false)?;
+    }
     listener.into_std()
 }
 
