@@ -42,7 +42,7 @@ fn manual_enable_and_print() {
         assert_eq!(lines[..4], want, "`ip socks print` does not start with the manual's lines:\n{printed}");
         for extra in &lines[4..] {
             assert!(
-                ["listen-address", "data-path", "version", "auth-method", "metrics-address", "xdp-interfaces"]
+                ["listen-address", "data-path", "version", "auth-method", "vrf", "metrics-address", "xdp-interfaces"]
                     .contains(&extra.split(':').next().unwrap_or("")),
                 "unexpected extra line {extra:?} in `ip socks print`:\n{printed}"
             );

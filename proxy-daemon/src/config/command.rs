@@ -855,6 +855,7 @@ fn set_setting(s: &mut Settings, k: &str, v: &str) -> Result<(), CommandError> {
                 v.parse().map_err(|_| invalid(k, v, "an IPv4 or IPv6 address, e.g. 0.0.0.0, 127.0.0.1, ::"))?
         }
         "data-path" => s.data_path = v.parse::<DataPathMode>().map_err(|_| invalid(k, v, DataPathMode::ALLOWED))?,
+        "vrf" => s.vrf = super::parse_vrf(v).ok_or_else(|| invalid(k, v, super::VRF_ALLOWED))?,
         "version" => {
             s.version = match v {
                 "4" => 4,

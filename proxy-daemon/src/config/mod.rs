@@ -75,6 +75,9 @@ pub struct Settings {
     pub version: u8,
     /// SOCKS5 authentication: none, or username/password against `/ip socks users`.
     pub auth_method: AuthMethod,
+    /// RouterOS v7's `vrf`: [`VRF_MAIN`] (no binding), or the Linux VRF or
+    /// interface the listener and every outgoing socket are bound to.
+    pub vrf: String,
     /// Where the Prometheus endpoint listens; off when `None` (beyond the manual).
     pub metrics_address: Option<SocketAddr>,
     /// Interfaces the XDP prefilter is attached to; empty: off (beyond the manual).
@@ -110,10 +113,36 @@ impl Default for Settings {
             data_path: DataPathMode::Auto,
             version: 4,
             auth_method: AuthMethod::None,
+            vrf: VRF_MAIN.to_owned(),
             metrics_address: None,
             xdp_interfaces: Vec::new(),
         }
     }
+}
+
+impl Settings {
+    /// The device sockets are bound to (`SO_BINDTODEVICE`); `None` for `vrf=main`.
+    pub fn vrf_device(&self) -> Option<&str> {
+        (self.vrf != VRF_MAIN).then_some(self.vrf.as_str())
+    }
+}
+
+/// `vrf=main`: the main routing table, no binding (RouterOS's default VRF).
+pub const VRF_MAIN: &str = "main";
+/// What `vrf` takes, as errors explain it.
+pub const VRF_ALLOWED: &str = "main, or the name of an existing VRF or interface (at most 15 characters)";
+
+/// Checks the form of a `vrf` value: `main`, or a name Linux accepts for a
+/// device (1..15 bytes, not `.` or `..`, no `/`, `:` or white space).
+/// Whether that device exists is the server's question (it may appear
+/// later: a state file naming it still loads).
+pub fn parse_vrf(s: &str) -> Option<String> {
+    let valid = !s.is_empty()
+        && s.len() <= 15
+        && s != "."
+        && s != ".."
+        && s.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
+    valid.then(|| s.to_owned())
 }
 
 /// Ranges of the settings, used both to check and to explain.
@@ -453,6 +482,30 @@ mod tests {
             AccessRule { dst_address: DstMatch::parse("10.0.0.0/8"), action: Action::Allow, ..Default::default() };
         let list = AccessList { rules: vec![by_addr, deny_name] };
         assert_eq!(list.decide_by_name(src, 80, "blocked.test"), None);
+    }
+
+    /// `vrf` takes `main` or a Linux device name; `main` binds nothing.
+    /// Whether the device exists is not the parser's question.
+    #[test]
+    fn vrf_values() {
+        use crate::config::command::{apply, parse, split_line, Menu};
+        assert_eq!(Settings::default().vrf, "main");
+        assert_eq!(Settings::default().vrf_device(), None);
+        for ok in ["main", "lo", "vrf-blue", "eth0.100", "a234567890abcde", "br@x"] {
+            assert_eq!(parse_vrf(ok).as_deref(), Some(ok));
+        }
+        for bad in ["", ".", "..", "a/b", "eth0:1", "two words", "a2345678901234567", "tab\there"] {
+            assert_eq!(parse_vrf(bad), None, "{bad:?}");
+        }
+        let mut c = Config::default();
+        let (_, cmd) = parse(Menu::Socks, &split_line("set vrf=nosuch0").unwrap()).unwrap();
+        apply(&mut c, &cmd).unwrap();
+        assert_eq!(c.settings.vrf_device(), Some("nosuch0"));
+        let (_, cmd) = parse(Menu::Socks, &split_line("set port=1081 vrf=a/b").unwrap()).unwrap();
+        let e = apply(&mut c, &cmd).unwrap_err();
+        assert_eq!(e.exit_code(), 1);
+        assert!(e.to_string().contains("vrf") && e.to_string().contains("allowed: main"), "{e}");
+        assert_eq!((c.settings.port, c.settings.vrf.as_str()), (1080, "nosuch0"), "a refused set changed something");
     }
 
     /// Ports parse as N or N-M with N <= M.

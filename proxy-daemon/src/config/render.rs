@@ -78,6 +78,7 @@ pub fn settings_pairs(s: &Settings) -> Vec<(&'static str, String)> {
         ("data-path", s.data_path.to_string()),
         ("version", s.version.to_string()),
         ("auth-method", s.auth_method.to_string()),
+        ("vrf", quote(&s.vrf)),
         ("metrics-address", quote(&metrics_address(s))),
         ("xdp-interfaces", quote(&s.xdp_interfaces.join(","))),
     ]

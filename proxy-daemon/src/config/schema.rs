@@ -161,6 +161,12 @@ pub const MENUS: &[MenuDef] = &[
                 summary: "SOCKS5 login: none, or username/password from /ip socks users",
             },
             PropDef {
+                name: "vrf",
+                values: "main | VRF or interface name",
+                default: "main",
+                summary: "the VRF (or interface) the server listens in and connects through",
+            },
+            PropDef {
                 name: "metrics-address",
                 values: "ADDRESS:PORT, or empty",
                 default: "off",

@@ -152,6 +152,22 @@ mod tests {
         fs::remove_dir_all(dir).unwrap();
     }
 
+    /// `vrf` is saved with the settings and loads back, also when no such
+    /// device exists now (a VRF may appear after proxyd starts: the server,
+    /// not the state file, finds out).
+    #[test]
+    fn vrf_is_saved_and_loads_without_its_device() {
+        let dir = tmpdir().join("vrf");
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.rsc");
+        let mut c = Config::default();
+        c.settings.vrf = "nosuch-vrf0".into();
+        save(&path, &c).unwrap();
+        assert!(fs::read_to_string(&path).unwrap().contains(" vrf=nosuch-vrf0 "));
+        assert_eq!(load(&path).unwrap(), c);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
     /// A missing file is the default configuration.
     #[test]
     fn missing_file_is_default() {

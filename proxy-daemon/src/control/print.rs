@@ -28,7 +28,7 @@ pub fn settings(s: &Settings, active: Option<DataPathKind>) -> String {
         Some(kind) => out.push_str(&format!("data-path: {} (in use: {kind})\n", s.data_path)),
         None => out.push_str(&format!("data-path: {}\n", s.data_path)),
     }
-    out.push_str(&format!("version: {}\nauth-method: {}\n", s.version, s.auth_method));
+    out.push_str(&format!("version: {}\nauth-method: {}\nvrf: {}\n", s.version, s.auth_method, s.vrf));
     for (name, value) in [("metrics-address", metrics_address(s)), ("xdp-interfaces", s.xdp_interfaces.join(","))] {
         // No trailing blank after an empty value.
         out.push_str(&format!("{}\n", format!("{name}: {value}").trim_end()));
@@ -48,6 +48,7 @@ pub fn settings_json(s: &Settings, active: Option<DataPathKind>) -> Value {
         "data-path-in-use": active,
         "version": s.version,
         "auth-method": s.auth_method,
+        "vrf": s.vrf,
         "metrics-address": s.metrics_address.map(|a| a.to_string()),
         "xdp-interfaces": s.xdp_interfaces,
     })
@@ -275,6 +276,16 @@ mod tests {
             out.starts_with("enabled: yes\nport: 1080\nconnection-idle-timeout: 2m\nmax-connections: 200\n"),
             "{out}"
         );
+    }
+
+    /// `vrf` prints after `auth-method`, in JSON too (`main` by default).
+    #[test]
+    fn settings_print_vrf() {
+        let out = settings(&Config::default().settings, None);
+        assert!(out.contains("auth-method: none\nvrf: main\nmetrics-address"), "{out}");
+        let c = configured(&["ip socks set vrf=vrf-blue"]);
+        assert!(settings(&c.settings, None).contains("\nvrf: vrf-blue\n"));
+        assert_eq!(settings_json(&c.settings, None)["vrf"], "vrf-blue");
     }
 
     /// `access print` after the manual's three rules prints the manual's lines.
