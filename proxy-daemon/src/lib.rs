@@ -28,4 +28,5 @@ pub mod sdnotify;
 pub mod server;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod vrf;
 pub mod xdp;

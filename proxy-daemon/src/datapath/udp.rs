@@ -3,12 +3,14 @@
 //! control connection ends. Only the client's own address may send through
 //! the relay, and only the destinations it has sent to may answer. What the
 //! client may reach, and how names resolve, is the caller's ([`Policy`]):
-//! the relay itself knows nothing of the access list.
+//! the relay itself knows nothing of the access list. Its socket is bound to
+//! the `vrf` device when there is one.
 
 use std::collections::HashSet;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 
 use tokio::io::AsyncReadExt;
@@ -33,12 +35,26 @@ pub trait Policy {
     fn allow(&self, dst: SocketAddr, name: Option<&str>) -> bool;
 }
 
-/// One UDP socket for both families: IPv6 with IPv4-mapped addresses, or IPv4 alone.
-pub async fn socket() -> io::Result<UdpSocket> {
-    match UdpSocket::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))).await {
+/// One UDP socket for both families: IPv6 with IPv4-mapped addresses, or
+/// IPv4 alone; bound to `device` (`vrf`) before it gets its port.
+pub fn socket(device: Option<&str>) -> io::Result<UdpSocket> {
+    match bound_socket(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)), device) {
         Ok(s) => Ok(s),
-        Err(_) => UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0))).await,
+        Err(_) => bound_socket(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), device),
     }
+}
+
+/// What `UdpSocket::bind(addr)` does, with the device bound first.
+fn bound_socket(addr: SocketAddr, device: Option<&str>) -> io::Result<UdpSocket> {
+    use nix::sys::socket::{bind, socket, AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrIn6};
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = socket(family, SockType::Datagram, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?;
+    crate::vrf::bind(&fd, device)?;
+    match addr {
+        SocketAddr::V4(a) => bind(fd.as_raw_fd(), &SockaddrIn::from(a))?,
+        SocketAddr::V6(a) => bind(fd.as_raw_fd(), &SockaddrIn6::from(a))?,
+    }
+    UdpSocket::from_std(std::net::UdpSocket::from(fd))
 }
 
 /// Relays until `control` (the client's TCP connection) ends. `client_ip`

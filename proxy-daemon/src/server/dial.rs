@@ -1,13 +1,14 @@
 //! What the SOCKS4 and SOCKS5 handshakes share: the handshake's limits and
 //! outcome ([`Established`], [`Failure`]), reading the request, the access
-//! check, resolving, dialling, and the BIND listener.
+//! check, resolving, dialling, and the BIND listener (both bound to the
+//! `vrf` device when there is one).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use super::registry::{ConnType, Entry};
 use crate::config::{AccessRequest, Action, Config};
@@ -132,7 +133,8 @@ pub async fn resolve(host: &str, port: u16, v4_only: bool) -> Result<Vec<SocketA
 }
 
 /// Connects to the first of `candidates` that the access list allows and
-/// that answers, within [`DIAL_TIMEOUT`] in all. Records the destination in the row.
+/// that answers, within [`DIAL_TIMEOUT`] in all, through the `vrf` in
+/// `config`. Records the destination in the row.
 pub async fn connect(
     config: &Config,
     src: SocketAddr,
@@ -148,7 +150,7 @@ pub async fn connect(
             last = Some(e);
             continue;
         }
-        let attempt = tokio::time::timeout_at(deadline, TcpStream::connect(dst))
+        let attempt = tokio::time::timeout_at(deadline, dial(dst, config.settings.vrf_device()))
             .await
             .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")));
         match attempt {
@@ -162,11 +164,24 @@ pub async fn connect(
     Err(last.unwrap_or_else(|| Failure::Resolve("no address".into())))
 }
 
+/// One connection attempt, from a socket bound to `device` (`vrf`) first.
+async fn dial(dst: SocketAddr, device: Option<&str>) -> io::Result<TcpStream> {
+    let socket = if dst.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    crate::vrf::bind(&socket, device)?;
+    socket.connect(dst).await
+}
+
 /// BIND's listener, on the address the client reached the proxy at (so the
-/// address in the first reply is one the client can pass on).
-pub async fn bind_listener(client: &TcpStream) -> Result<TcpListener, Failure> {
-    let local_ip = client.local_addr()?.ip();
-    Ok(TcpListener::bind(SocketAddr::new(local_ip, 0)).await?)
+/// address in the first reply is one the client can pass on), bound to
+/// `device` (`vrf`) like the SOCKS listener.
+pub async fn bind_listener(client: &TcpStream, device: Option<&str>) -> Result<TcpListener, Failure> {
+    let local = SocketAddr::new(client.local_addr()?.ip(), 0);
+    let socket = if local.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    // What TcpListener::bind does, with the device bound first.
+    socket.set_reuseaddr(true)?;
+    crate::vrf::bind(&socket, device)?;
+    socket.bind(local)?;
+    Ok(socket.listen(1024)?)
 }
 
 /// Waits for BIND's peer. The client must wait for the second reply: bytes

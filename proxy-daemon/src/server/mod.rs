@@ -1,5 +1,5 @@
-//! The SOCKS server: the listener (rebound live when `port`, `listen-address`
-//! or `enabled` change), admission against `max-connections`, the handshake
+//! The SOCKS server: the listener (rebound live when `port`, `listen-address`,
+//! `vrf` or `enabled` change), admission against `max-connections`, the handshake
 //! and CONNECT/BIND ([`conn`]), the idle reaper, and the data path in use.
 //! Configuration changes arrive through [`Server::prepare`] (which does
 //! everything that can fail) and [`Server::commit`] (which cannot fail).
@@ -53,6 +53,8 @@ pub struct Server {
 
 struct ActiveListener {
     addr: SocketAddr,
+    /// The device it is bound to (`vrf`); `None` for `vrf=main`.
+    device: Option<String>,
     /// A second descriptor of the listening socket (its accept loop owns
     /// the first), for handing its port over to a new listener.
     socket: Option<OwnedFd>,
@@ -69,7 +71,7 @@ impl Drop for ActiveListener {
 #[derive(Default)]
 pub struct Prepared {
     /// A new listener to swap in, or `Some(None)` to stop listening.
-    listener: Option<Option<(SocketAddr, std::net::TcpListener)>>,
+    listener: Option<Option<(Listen, std::net::TcpListener)>>,
     /// The same for the metrics endpoint.
     metrics: Option<Option<(SocketAddr, std::net::TcpListener)>>,
     datapath: Option<SharedDataPath>,
@@ -138,20 +140,34 @@ impl Server {
     }
 
     /// Does what can fail for moving from the current settings to `new`:
-    /// binds a new listener, loads a new data path. Nothing changes yet.
+    /// checks a new `vrf`, binds a new listener, loads a new data path.
+    /// Nothing changes yet.
     pub fn prepare(&self, new: &Settings) -> io::Result<Prepared> {
         let old = self.config();
         let mut p = Prepared::default();
-        let want = new.enabled.then(|| SocketAddr::new(new.listen_address, new.port));
+        // A new vrf must name a device now, even while the server is
+        // disabled (then no listener would catch it). An unchanged one is
+        // not checked again: a VRF that went away must not block other
+        // changes (a listener bound to it fails on its own, naming it).
+        if new.vrf != old.settings.vrf {
+            if let Some(device) = new.vrf_device() {
+                crate::vrf::check(device)?;
+            }
+        }
+        let want = new.enabled.then(|| Listen {
+            addr: SocketAddr::new(new.listen_address, new.port),
+            device: new.vrf_device().map(str::to_owned),
+        });
         let current = self.listener.lock().unwrap();
-        let have = current.as_ref().map(|l| l.addr);
+        let have = current.as_ref().map(|l| Listen { addr: l.addr, device: l.device.clone() });
         if want != have {
             p.listener = Some(match want {
-                Some(addr) => {
-                    // The same port on another address: the new listener
-                    // is bound while the old one still listens.
-                    let old_socket = current.as_ref().filter(|l| l.addr.port() == addr.port());
-                    Some((addr, bind(addr, old_socket.and_then(|l| l.socket.as_ref()))?))
+                Some(listen) => {
+                    // The same port with another address or vrf: the new
+                    // listener is bound while the old one still listens.
+                    let old_socket = current.as_ref().filter(|l| l.addr.port() == listen.addr.port());
+                    let l = bind(listen.addr, listen.device.as_deref(), old_socket.and_then(|l| l.socket.as_ref()))?;
+                    Some((listen, l))
                 }
                 None => None,
             });
@@ -160,10 +176,14 @@ impl Server {
         let have_metrics = self.metrics_listener.lock().unwrap().as_ref().map(|l| l.addr);
         if new.metrics_address != have_metrics {
             p.metrics = Some(match new.metrics_address {
-                Some(addr) => Some((
-                    addr,
-                    bind(addr, None).map_err(|e| io::Error::new(e.kind(), format!("metrics-address: {e}")))?,
-                )),
+                Some(addr) => {
+                    // Not in the vrf: the metrics endpoint is management, not the SOCKS service.
+                    Some((
+                        addr,
+                        bind(addr, None, None)
+                            .map_err(|e| io::Error::new(e.kind(), format!("metrics-address: {e}")))?,
+                    ))
+                }
                 None => None,
             });
         }
@@ -227,7 +247,7 @@ impl Server {
                     }
                 });
                 tracing::info!(%addr, "serving Prometheus metrics at http://{addr}/metrics");
-                *slot = Some(ActiveListener { addr, socket, task });
+                *slot = Some(ActiveListener { addr, device: None, socket, task });
             }
         }
         if let Some(listener) = prepared.listener {
@@ -235,7 +255,7 @@ impl Server {
             // Dropping the old listener stops its accept loop; open tunnels stay.
             *slot = None;
             match listener {
-                Some((addr, std_listener)) => {
+                Some((Listen { addr, device }, std_listener)) => {
                     let socket = std_listener.try_clone().ok().map(OwnedFd::from);
                     let server = self.clone();
                     let task = tokio::spawn(async move {
@@ -244,8 +264,9 @@ impl Server {
                             Err(e) => tracing::error!(%addr, error = %e, "cannot register the listener"),
                         }
                     });
-                    tracing::info!(%addr, "accepting SOCKS clients");
-                    *slot = Some(ActiveListener { addr, socket, task });
+                    let vrf = device.as_deref().unwrap_or(crate::config::VRF_MAIN);
+                    tracing::info!(%addr, vrf, "accepting SOCKS clients");
+                    *slot = Some(ActiveListener { addr, device, socket, task });
                 }
                 None => tracing::info!("SOCKS server disabled: not accepting new clients"),
             }
@@ -343,24 +364,33 @@ pub fn raise_nofile_limit(max_connections: u32) {
     }
 }
 
-/// Binds a listening socket with `SO_REUSEADDR` (restarts do not wait for TIME_WAIT).
+/// Where the SOCKS listener listens: an address, and the `vrf` device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Listen {
+    addr: SocketAddr,
+    device: Option<String>,
+}
+
+/// Binds a listening socket with `SO_REUSEADDR` (restarts do not wait for
+/// TIME_WAIT), to `device` when one is given (`vrf`).
 ///
 /// `replacing` is the listener this one replaces on the same port (another
-/// address). Both listen until the change is committed (the old one is
-/// closed only then, so a refused change leaves it as it was), which the
+/// address or vrf). Both listen until the change is committed (the old one
+/// is closed only then, so a refused change leaves it as it was), which the
 /// kernel allows only while both sockets have `SO_REUSEPORT`: it is set for
 /// the bind and the listen and cleared right after. A socket without
 /// `SO_REUSEPORT` (a second proxyd, anything else) still cannot bind the
 /// port. One that sets it and runs as the daemon's user can join the port
 /// after such a change, as the kernel keeps the port's reuseport state;
 /// that user can reach into the daemon anyway.
-fn bind(addr: SocketAddr, replacing: Option<&OwnedFd>) -> io::Result<std::net::TcpListener> {
+fn bind(addr: SocketAddr, device: Option<&str>, replacing: Option<&OwnedFd>) -> io::Result<std::net::TcpListener> {
     use nix::sys::socket::{setsockopt, sockopt::ReusePort};
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
+    crate::vrf::bind(&socket, device)?;
     if let Some(old) = replacing {
         setsockopt(old, ReusePort, &true)?;
         socket.set_reuseport(true)?;

@@ -75,7 +75,7 @@ async fn run(
             if !early.is_empty() {
                 return Err(Failure::Bind(format!("{} unexpected bytes after the request", early.len())));
             }
-            let listener = bind_listener(client).await?;
+            let listener = bind_listener(client, config.settings.vrf_device()).await?;
             client.write_all(&Reply::granted(v4(listener.local_addr()?)).encode()).await?;
             entry.touch();
             let (upstream, peer_addr) = await_peer(listener, client, dst.ip()).await?;

@@ -178,7 +178,7 @@ async fn run(
             if !early.is_empty() {
                 return Err(Failure::Bind(format!("{} unexpected bytes after the request", early.len())));
             }
-            let listener = bind_listener(client).await?;
+            let listener = bind_listener(client, config.settings.vrf_device()).await?;
             client.write_all(&socks5::encode_reply(ReplyCode::Succeeded, listener.local_addr()?)).await?;
             entry.touch();
             let (upstream, peer_addr) = await_peer(listener, client, dst.ip()).await?;
@@ -202,7 +202,7 @@ async fn udp_associate(
     requested: SocketAddr,
     entry: &Entry,
 ) -> Result<(), Failure> {
-    let socket = udp::socket().await?;
+    let socket = udp::socket(config.settings.vrf_device())?;
     let relay_addr = SocketAddr::new(client.local_addr()?.ip().to_canonical(), socket.local_addr()?.port());
     let counters = Arc::new(Counters::new());
     entry.set_tunnel(ConnType::Udp, relay_addr, counters.clone());
