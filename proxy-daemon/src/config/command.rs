@@ -4,6 +4,7 @@
 //! configuration command against a [`Config`]. The CLI (argv words), the
 //! control socket and the state file all come through here.
 
+pub use super::render::{quote, ExportOptions};
 pub use super::schema::Menu;
 use super::select::{join_words, Expr};
 use super::users::{parse_rate, PasswordHash, User};
@@ -96,26 +97,6 @@ pub struct Placement {
     pub copy_from: Option<usize>,
 }
 
-/// How `export` writes the configuration.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ExportOptions {
-    /// `export verbose`: every value, defaults too (the default is compact:
-    /// only what differs from the defaults).
-    pub verbose: bool,
-    /// `export terse`: the menu path on every line, one line per item.
-    pub terse: bool,
-    /// `export show-sensitive`: the stored password hashes too.
-    pub show_sensitive: bool,
-    /// `export file=NAME`: written to `NAME.rsc` instead of printed.
-    pub file: Option<String>,
-}
-
-impl ExportOptions {
-    /// What the state file holds: every value, the password hashes, one line per item.
-    pub fn state_file() -> Self {
-        ExportOptions { verbose: true, terse: false, show_sensitive: true, file: None }
-    }
-}
 /// A parsed command.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
@@ -232,26 +213,6 @@ pub fn split_line(line: &str) -> Result<Vec<String>, CommandError> {
         words.push(word);
     }
     Ok(words)
-}
-
-/// Quotes a value for a script when it needs it.
-pub fn quote(value: &str) -> String {
-    let plain = !value.is_empty() && value.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:/,+@".contains(c));
-    if plain {
-        return value.to_owned();
-    }
-    let mut out = String::from("\"");
-    for c in value.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// Parses `words` typed in menu `at`. Leading words that name menus move

@@ -2,9 +2,50 @@
 //! file), and the `name=value` properties of items that `export` and the
 //! print views (`control::print`) share.
 
-use super::command::{quote, ExportOptions, Menu};
+use super::schema::Menu;
 use super::users::{format_rate, User};
 use super::{format_prefix, time, AccessRule, Config, Settings};
+
+/// How `export` writes the configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExportOptions {
+    /// `export verbose`: every value, defaults too (the default is compact:
+    /// only what differs from the defaults).
+    pub verbose: bool,
+    /// `export terse`: the menu path on every line, one line per item.
+    pub terse: bool,
+    /// `export show-sensitive`: the stored password hashes too.
+    pub show_sensitive: bool,
+    /// `export file=NAME`: written to `NAME.rsc` instead of printed.
+    pub file: Option<String>,
+}
+
+impl ExportOptions {
+    /// What the state file holds: every value, the password hashes, one line per item.
+    pub fn state_file() -> Self {
+        ExportOptions { verbose: true, terse: false, show_sensitive: true, file: None }
+    }
+}
+
+/// Quotes a value for a script when it needs it.
+pub fn quote(value: &str) -> String {
+    let plain = !value.is_empty() && value.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:/,+@".contains(c));
+    if plain {
+        return value.to_owned();
+    }
+    let mut out = String::from("\"");
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
 
 pub fn metrics_address(s: &Settings) -> String {
     s.metrics_address.map(|a| a.to_string()).unwrap_or_default()
