@@ -104,6 +104,32 @@ impl Pins {
         Ok(Pins { dir: dir.to_path_buf(), files: Vec::new(), remove_parent, _lock: lock })
     }
 
+    /// Takes over the pin dir of a process that hands over its BPF state (an
+    /// upgrade): its lock (the open file the old process locked) and the
+    /// pins named `names` as they are; nothing is removed.
+    pub fn adopt(dir: &Path, lock: std::os::fd::OwnedFd, names: &[&str]) -> Self {
+        let files = names
+            .iter()
+            .map(|n| dir.join(n))
+            .filter(|p| p.exists())
+            .map(|p| {
+                let id = MapInfo::from_pin(&p).map(|info| info.id()).ok();
+                (p, id)
+            })
+            .collect();
+        Pins { dir: dir.to_path_buf(), files, remove_parent: false, _lock: std::fs::File::from(lock) }
+    }
+
+    /// A descriptor of the pin dir's lock, to hand to a new process.
+    pub fn lock(&self) -> io::Result<std::os::fd::OwnedFd> {
+        Ok(self._lock.try_clone()?.into())
+    }
+
+    /// Leaves the pins in place at exit (a new process uses them now).
+    pub fn keep(&mut self) {
+        self.files.clear();
+    }
+
     /// Records a pin made at `path` for the map with id `id`.
     pub fn record(&mut self, path: PathBuf, id: Option<u32>) {
         self.files.push((path, id));

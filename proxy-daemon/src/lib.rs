@@ -28,5 +28,6 @@ pub mod sdnotify;
 pub mod server;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod upgrade;
 pub mod vrf;
 pub mod xdp;

@@ -153,7 +153,11 @@ fn init_logging() {
 }
 
 fn run(control_path: PathBuf, args: RunArgs) -> anyhow::Result<()> {
-    control::ensure_not_running(&control_path).context("cannot start")?;
+    // Started by `proxyd upgrade`: the running proxyd hands everything over.
+    let handover = proxyd::upgrade::incoming();
+    if handover.is_none() {
+        control::ensure_not_running(&control_path).context("cannot start")?;
+    }
     let config = store::load(&args.state).context("cannot start: the state file is broken")?;
     proxyd::server::raise_nofile_limit(config.settings.max_connections);
     // Mounting bpffs needs CAP_SYS_ADMIN, which is about to go.
@@ -167,23 +171,39 @@ fn run(control_path: PathBuf, args: RunArgs) -> anyhow::Result<()> {
             Some(m) => m.parse::<DataPathMode>().expect("clap checked the value"),
             None => config.settings.data_path,
         };
-        let server = Server::new(config.clone(), mode, args.bpf_pin_dir.clone())?;
-        tracing::info!(state = %args.state.display(), data_path = %server.datapath_kind(), "proxyd {} starting ({} data path)", env!("CARGO_PKG_VERSION"), server.datapath_kind());
-        match server.prepare(&config.settings) {
-            Ok(p) => server.commit(config.clone(), p),
-            Err(e) => tracing::error!("not accepting clients: {e}; fix it with `proxyd ip socks set ...`"),
-        }
+        let (server, listener) = match handover {
+            Some(fd) => adopt(fd, &config, mode, &args).await?,
+            None => {
+                let server = Server::new(config.clone(), mode, args.bpf_pin_dir.clone())?;
+                tracing::info!(state = %args.state.display(), data_path = %server.datapath_kind(), "proxyd {} starting ({} data path)", env!("CARGO_PKG_VERSION"), server.datapath_kind());
+                match server.prepare(&config.settings) {
+                    Ok(p) => server.commit(config.clone(), p),
+                    Err(e) => tracing::error!("not accepting clients: {e}; fix it with `proxyd ip socks set ...`"),
+                }
+                let listener = control::bind(&control_path).with_context(|| format!("cannot create the control socket {}", control_path.display()))?;
+                (server, listener)
+            }
+        };
         if config.settings.enabled && config.access.is_open() {
             tracing::warn!("the access list allows any client to any destination: this is an open proxy");
         }
-        let listener = control::bind(&control_path).with_context(|| format!("cannot create the control socket {}", control_path.display()))?;
-        let controller = Arc::new(Controller::new(server.clone(), args.state.clone()));
-        tokio::spawn(control::serve(listener, controller));
+        let socket = std::os::fd::AsFd::as_fd(&listener).try_clone_to_owned().ok();
+        let controller = Arc::new(Controller::new(server.clone(), args.state.clone(), socket));
+        tokio::spawn(control::serve(listener, controller.clone()));
         tokio::spawn(server.clone().reap_idle_forever());
         tracing::info!(control = %control_path.display(), "ready");
         proxyd::sdnotify::notify_ready();
 
-        shutdown_signal().await;
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = controller.upgraded.cancelled() => {
+                // A new proxyd serves everything now; what is left here (UDP
+                // associations) ends with this process.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                tracing::info!("upgraded: exiting");
+                return Ok(());
+            }
+        }
         proxyd::sdnotify::notify_stopping();
         tracing::info!("shutting down: no new clients; {} open connection(s) get {:?}", server.shared.registry.len(), args.shutdown_grace);
         server.stop_listening();
@@ -204,6 +224,57 @@ fn run(control_path: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         tracing::info!("stopped");
         Ok::<(), anyhow::Error>(())
     })
+}
+
+/// The new process of an upgrade: takes the running proxyd's sockets,
+/// tunnels and kernel data path over (see `proxyd::upgrade`).
+async fn adopt(
+    fd: std::os::fd::OwnedFd,
+    config: &proxyd::config::Config,
+    mode: DataPathMode,
+    args: &RunArgs,
+) -> anyhow::Result<(Arc<Server>, tokio::net::UnixListener)> {
+    let offered = proxyd::upgrade::receive_offer(fd).await.map_err(anyhow::Error::msg).context("upgrade")?;
+    tracing::info!("proxyd {} taking over from the running proxyd", env!("CARGO_PKG_VERSION"));
+    // Until the old process detaches its BPF programs: no kernel path and no
+    // XDP prefilter here, and no accepting (the old one still does).
+    let ready = (|| {
+        if offered.kernel && mode == DataPathMode::Userspace {
+            return Err(
+                "the running proxyd splices tunnels in the kernel; this one runs data-path=userspace".to_string()
+            );
+        }
+        let server = Server::new(config.clone(), DataPathMode::Userspace, args.bpf_pin_dir.clone())
+            .map_err(|e| e.to_string())?;
+        Ok(server)
+    })();
+    let server = match ready {
+        Ok(s) => s,
+        Err(reason) => {
+            let _ = offered.answer(Err(reason.clone())).await;
+            anyhow::bail!("upgrade refused: {reason}");
+        }
+    };
+    let socks = offered.socks.as_ref().map(|(a, d, fd)| (*a, d.clone(), fd.try_clone()));
+    let metrics = offered.metrics.as_ref().map(|(a, fd)| (*a, fd.try_clone()));
+    let socks = socks.map(|(a, d, fd)| fd.map(|fd| (a, d, fd))).transpose()?;
+    let metrics = metrics.map(|(a, fd)| fd.map(|fd| (a, fd))).transpose()?;
+    server.adopt_listeners(socks, metrics, false);
+    let control = std::os::unix::net::UnixListener::from(offered.control.try_clone()?);
+    control.set_nonblocking(true)?;
+    let control = tokio::net::UnixListener::from_std(control)?;
+    offered.answer(Ok(())).await.map_err(anyhow::Error::msg)?;
+    let tunnels = offered.adopt(&server, mode).await.map_err(anyhow::Error::msg).context("upgrade")?;
+    // Everything else the configuration asks for (the XDP prefilter), now
+    // that the old process let go of it; the listeners stay as they are.
+    match server.prepare(&config.settings) {
+        Ok(p) => server.commit(config.clone(), p),
+        Err(e) => tracing::error!("after the upgrade: {e}"),
+    }
+    server.set_accepting(true);
+    let _ = proxyd::sdnotify::notify(&format!("MAINPID={}", std::process::id()));
+    tracing::info!(tunnels, data_path = %server.datapath_kind(), "upgrade: took over {tunnels} tunnel(s)");
+    Ok((server, control))
 }
 
 async fn shutdown_signal() {

@@ -11,7 +11,7 @@
 
 use std::io;
 use std::mem;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use aya::maps::{HashMap as BpfHashMap, IterableMap, MapData, SockHash};
@@ -308,4 +308,78 @@ pub fn catch_sigint() {
     unsafe {
         libc::signal(libc::SIGINT, on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t);
     }
+}
+
+/// A connected pair of `SOCK_SEQPACKET` Unix sockets (close-on-exec): each
+/// send is one message, with the descriptors it carries.
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    Ok(socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?)
+}
+
+/// Lets `fd` survive `exec` (for the one descriptor a child inherits).
+pub fn inheritable(fd: &impl AsFd) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    fcntl(fd.as_fd().as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))?;
+    Ok(())
+}
+
+/// Sends one message with `fds` attached (`SCM_RIGHTS`).
+pub fn send_with_fds(sock: &impl AsFd, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
+    let iov = [std::io::IoSlice::new(bytes)];
+    let n = sendmsg::<UnixAddr>(sock.as_fd().as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
+    if n != bytes.len() {
+        return Err(io::Error::other("hand-over message truncated"));
+    }
+    Ok(())
+}
+
+/// Receives one message (up to `buf.len()` bytes) and the descriptors it
+/// carries, which the caller then owns. `Ok((0, []))` is the peer's close.
+pub fn recv_with_fds(sock: &impl AsFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
+    let mut space = nix::cmsg_space!([i32; 16]);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<UnixAddr>(sock.as_fd().as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    if msg.flags.contains(MsgFlags::MSG_TRUNC) || msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(io::Error::other("hand-over message truncated"));
+    }
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            for fd in raw {
+                // SAFETY: SCM_RIGHTS just installed `fd` in this process; nothing
+                // else owns it.
+                fds.push(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    Ok((msg.bytes, fds))
+}
+
+/// Takes ownership of descriptor `fd`, inherited from the parent process
+/// that named it (`PROXYD_HANDOVER_FD`); it must be an open socket.
+pub fn take_inherited(fd: i32) -> io::Result<OwnedFd> {
+    use nix::sys::stat::{fstat, SFlag};
+    let st = fstat(fd)?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
+        return Err(io::Error::other("not a socket"));
+    }
+    // SAFETY: the parent passed this open descriptor (checked just above)
+    // for this process to own, and nothing else here has taken it.
+    let owned = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+    Ok(owned)
+}
+
+/// Registers a descriptor this process owns with tokio's reactor (readable
+/// and writable interest).
+pub fn async_fd(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: `OwnedFd` owns its descriptor and `as_raw_fd` always returns
+    // it; it stays open until the `AsyncFd` drops it.
+    Ok(unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }?)
 }

@@ -110,6 +110,11 @@ pub enum Command {
         file: String,
         verbose: bool,
     },
+    /// `upgrade [binary=PATH]`: a new proxyd process takes over without
+    /// dropping a tunnel.
+    Upgrade {
+        binary: Option<String>,
+    },
     SettingsPrint,
     SettingsSet(Vec<(String, String)>),
     /// `print` in a list menu or in `connections`.
@@ -248,7 +253,7 @@ pub fn parse(at: Menu, words: &[String]) -> Result<(Menu, Command), CommandError
     };
     // proxyd's only service is /ip socks: a bare `set enabled=yes` or `print`
     // typed at the top means that menu (the manual's `ip socks>` prompt).
-    if menu == Menu::Root && idx == 1 && cmd != "export" && cmd != "import" {
+    if menu == Menu::Root && idx == 1 && !matches!(cmd, "export" | "import" | "upgrade") {
         menu = Menu::Socks;
     }
     let args = &words[idx..];
@@ -257,6 +262,22 @@ pub fn parse(at: Menu, words: &[String]) -> Result<(Menu, Command), CommandError
     let command = match (menu, cmd) {
         (_, "export") => Command::Export(menu, export_options(menu, &args)?),
         (Menu::Root, "import") => import_args(&args)?,
+        (Menu::Root, "upgrade") => {
+            let mut binary = None;
+            let mut words = args.iter();
+            while let Some(a) = words.next() {
+                match (*a, a.split_once('=')) {
+                    ("--binary", _) => binary = words.next().map(|b| b.to_string()),
+                    (_, Some(("binary" | "--binary", b))) if !b.is_empty() => binary = Some(b.to_owned()),
+                    _ => {
+                        return Err(CommandError::Usage(format!(
+                            "upgrade: unknown argument `{a}` (allowed: binary=PATH)"
+                        )))
+                    }
+                }
+            }
+            Command::Upgrade { binary }
+        }
         (Menu::Socks, "print") => {
             no_args(menu, "print", &args)?;
             Command::SettingsPrint
@@ -289,7 +310,7 @@ pub fn parse(at: Menu, words: &[String]) -> Result<(Menu, Command), CommandError
 }
 
 fn is_command(word: &str) -> bool {
-    matches!(word, "print" | "set" | "add" | "remove" | "enable" | "disable" | "move" | "export" | "import")
+    matches!(word, "print" | "set" | "add" | "remove" | "enable" | "disable" | "move" | "export" | "import" | "upgrade")
 }
 
 /// The properties a `where` or `[find ...]` in `menu` may test.

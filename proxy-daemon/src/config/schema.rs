@@ -90,6 +90,12 @@ const EXPORT: CommandDef = CommandDef {
     summary: "the configuration below this menu as a script (compact: only what differs from the defaults)",
 };
 
+const UPGRADE: CommandDef = CommandDef {
+    name: "upgrade",
+    usage: "upgrade [binary=PATH]",
+    summary: "start the new binary (this one by default) and hand it every socket and tunnel; none is dropped",
+};
+
 const IMPORT: CommandDef = CommandDef {
     name: "import",
     usage: "import file=NAME [verbose=yes]",
@@ -100,7 +106,7 @@ pub const MENUS: &[MenuDef] = &[
     MenuDef {
         menu: Menu::Root,
         summary: "proxyd's command tree; its only service is /ip socks",
-        commands: &[EXPORT, IMPORT],
+        commands: &[EXPORT, IMPORT, UPGRADE],
         properties: &[],
     },
     MenuDef { menu: Menu::Ip, summary: "IP services", commands: &[EXPORT], properties: &[] },
@@ -414,6 +420,7 @@ mod tests {
                     "add" => vec!["add".into(), "action=deny".into()],
                     "remove" | "enable" | "disable" | "move" => vec![c.name.into(), "0".into()],
                     "import" => vec!["import".into(), "file=x".into()],
+                    "upgrade" => vec!["upgrade".into()],
                     other => vec![other.into()],
                 };
                 parse(def.menu, &words).unwrap_or_else(|e| panic!("{} {}: {e}", def.menu, c.name));

@@ -11,6 +11,7 @@ pub mod client;
 pub mod print;
 
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -66,11 +67,24 @@ pub struct Controller {
     state_path: PathBuf,
     /// Serialises changes so each is saved before the next one starts.
     changes: tokio::sync::Mutex<()>,
+    /// A second descriptor of the control socket, for `upgrade`.
+    socket: Option<std::os::fd::OwnedFd>,
+    /// Stops [`serve`] (a new process serves the socket after an upgrade).
+    stop: tokio_util::sync::CancellationToken,
+    /// Set when an upgrade handed everything over: the process exits.
+    pub upgraded: tokio_util::sync::CancellationToken,
 }
 
 impl Controller {
-    pub fn new(server: Arc<Server>, state_path: PathBuf) -> Self {
-        Controller { server, state_path, changes: tokio::sync::Mutex::new(()) }
+    pub fn new(server: Arc<Server>, state_path: PathBuf, socket: Option<std::os::fd::OwnedFd>) -> Self {
+        Controller {
+            server,
+            state_path,
+            changes: tokio::sync::Mutex::new(()),
+            socket,
+            stop: Default::default(),
+            upgraded: Default::default(),
+        }
     }
 
     /// Runs one command given as words, as typed after `proxyd`.
@@ -170,6 +184,7 @@ impl Controller {
                 out(text, serde_json::to_value(&rows).unwrap())
             }
             Command::Import { file, verbose } => self.import(file, *verbose).await,
+            Command::Upgrade { binary } => self.upgrade(binary.clone()).await,
             change => self.change(change).await,
         };
         if let Command::Print(_, opts) = &command {
@@ -202,6 +217,25 @@ impl Controller {
         match std::fs::write(&path, text) {
             Ok(()) => Response::ok(String::new()),
             Err(e) => Response::err(1, format!("export: cannot write {}: {e}", path.display())),
+        }
+    }
+
+    /// `upgrade`: a new proxyd takes everything over (see `crate::upgrade`).
+    /// Changes wait meanwhile, so none is lost between the two processes.
+    async fn upgrade(&self, binary: Option<String>) -> Response {
+        let _no_changes_meanwhile = self.changes.lock().await;
+        let Some(socket) = &self.socket else {
+            return Response::err(1, "upgrade: this proxyd has no control socket to hand over");
+        };
+        let handover =
+            crate::upgrade::Handover { server: &self.server, control: socket.as_fd(), stop_control: &self.stop };
+        match crate::upgrade::hand_over(handover, binary.map(PathBuf::from)).await {
+            Ok(summary) => {
+                tracing::info!("{summary}; exiting");
+                self.upgraded.cancel();
+                Response::ok(format!("{summary}\n"))
+            }
+            Err(reason) => Response::err(1, reason),
         }
     }
 
@@ -335,7 +369,11 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 pub async fn serve(listener: UnixListener, controller: Arc<Controller>) {
     let own_uid = nix::unistd::geteuid().as_raw();
     loop {
-        let (stream, _) = match listener.accept().await {
+        let accepted = tokio::select! {
+            _ = controller.stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, _) = match accepted {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "control socket accept failed");

@@ -45,6 +45,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::park::{Park, ParkedState};
+use super::userspace::to_tokio;
 use super::{DataPath, DataPathKind, Pair, SharedDataPath, Tunnel};
 use crate::bpf::{error_line, missing, Pins, BPF_OBJECT};
 use crate::sys;
@@ -59,16 +61,18 @@ const GRACE_BUDGET: u64 = 256 << 20;
 /// Tunnels the maps hold by default (see `proxy_common::MAX_SOCKETS`).
 pub const DEFAULT_MAX_TUNNELS: u32 = (proxy_common::MAX_SOCKETS / 2) as u32;
 
-/// Names of every pin this data path creates in its pin dir.
-const PINNED_MAPS: [&str; 4] = [SOCKS_MAP, SPLICE_MAP, PEERS_MAP, FLOWS_MAP];
+/// Names of every pin this data path creates in its pin dir (the events
+/// ring too: a new process takes it over in an upgrade).
+const PINNED_MAPS: [&str; 5] = [SOCKS_MAP, SPLICE_MAP, PEERS_MAP, FLOWS_MAP, EVENTS_MAP];
 
 /// The loaded programs and maps; `attach` splices pairs through them.
 pub struct KernelDataPath {
     /// Maps and the loaded object, shared with every tunnel task so the
     /// verdict stays attached while any tunnel is alive.
     shared: Arc<Shared>,
-    /// The pins created at load; removed on drop.
-    pins: Pins,
+    /// The pins created at load; removed on drop (unless handed over).
+    pins: Mutex<Pins>,
+    pin_dir: std::path::PathBuf,
     /// Polls the programs' aya-log ring buffer.
     log_task: Option<JoinHandle<()>>,
 }
@@ -89,17 +93,40 @@ impl KernelDataPath {
     /// tunnels. Tunnels beyond that (the maps are full) are relayed through
     /// userspace instead, so this bounds kernel memory, not service.
     pub fn load_with_capacity(pin_dir: &Path, max_tunnels: u32) -> Result<Self, io::Error> {
+        Self::load_inner(pin_dir, max_tunnels, None)
+    }
+
+    /// Takes over the kernel data path another proxyd handed over (an
+    /// upgrade): the same pinned maps, so the tunnels it spliced go on, and
+    /// this binary's verdict attached to them (the old one detached first).
+    /// `lock` is the pin dir's lock, held on by the new process.
+    pub fn adopt(pin_dir: &Path, lock: std::os::fd::OwnedFd) -> Result<Self, io::Error> {
+        Self::load_inner(pin_dir, DEFAULT_MAX_TUNNELS, Some(lock))
+    }
+
+    fn load_inner(pin_dir: &Path, max_tunnels: u32, adopt: Option<std::os::fd::OwnedFd>) -> Result<Self, io::Error> {
         if BPF_OBJECT.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "this proxyd was built without its BPF programs (PROXYD_SKIP_EBPF=1)",
             ));
         }
-        let mut pins = Pins::prepare(pin_dir, &PINNED_MAPS, false)?;
+        let adopting = adopt.is_some();
+        let mut pins = match adopt {
+            Some(lock) => Pins::adopt(pin_dir, lock, &PINNED_MAPS),
+            None => Pins::prepare(pin_dir, &PINNED_MAPS, false)?,
+        };
         let sockets = max_tunnels.clamp(1, u32::MAX / 2) * 2;
+        let pin_paths: Vec<std::path::PathBuf> = PINNED_MAPS.iter().map(|n| pin_dir.join(n)).collect();
         let mut loader = EbpfLoader::new();
-        for name in PINNED_MAPS {
-            loader.map_max_entries(name, sockets);
+        for (name, path) in PINNED_MAPS.iter().zip(&pin_paths) {
+            if adopting {
+                // The maps the old process pinned, and everything in them.
+                loader.map_pin_path(name, path.as_path());
+            } else if *name != EVENTS_MAP {
+                // (The ring keeps the size the object gives it.)
+                loader.map_max_entries(name, sockets);
+            }
         }
         let mut ebpf = loader.load(BPF_OBJECT).map_err(|e| error_line("loading the BPF object", &e))?;
 
@@ -111,7 +138,7 @@ impl KernelDataPath {
             }
         };
 
-        for name in PINNED_MAPS {
+        for name in PINNED_MAPS.into_iter().filter(|_| !adopting) {
             let path = pin_dir.join(name);
             let map = ebpf.map(name).ok_or_else(|| missing("map", name))?;
             map.pin(&path).map_err(|e| error_line(&format!("pinning BPF map {name} at {}", path.display()), &e))?;
@@ -134,7 +161,7 @@ impl KernelDataPath {
             .try_into()
             .map_err(|e| error_line(&format!("BPF program {VERDICT_PROG}"), &e))?;
         program.load().map_err(|e| error_line(&format!("loading BPF program {VERDICT_PROG}"), &e))?;
-        program
+        let link = program
             .attach(maps.splice.fd())
             .map_err(|e| error_line(&format!("attaching {VERDICT_PROG} to {SPLICE_MAP}"), &e))?;
 
@@ -152,10 +179,33 @@ impl KernelDataPath {
                 demotions: AtomicU64::new(0),
                 hangups,
                 hangup_task,
+                verdict_link: Mutex::new(Some(link)),
             }),
-            pins,
+            pins: Mutex::new(pins),
+            pin_dir: pin_dir.to_path_buf(),
             log_task,
         })
+    }
+
+    /// Hands the kernel data path over to a new process (an upgrade):
+    /// detaches this process's verdict from `SPLICE` (the sockets already in
+    /// it keep running the program they were linked with, so their bytes go
+    /// on) and leaves the pins in place. Returns the pin dir's lock for the
+    /// new process. Call it once no tunnel of this process can enter the
+    /// maps any more.
+    pub fn hand_over(&self) -> io::Result<std::os::fd::OwnedFd> {
+        let lock = self.pins.lock().unwrap().lock()?;
+        if let Some(link) = self.shared.verdict_link.lock().unwrap().take() {
+            let mut ebpf = self.shared._ebpf.lock().unwrap();
+            let program: &mut SkSkb = ebpf
+                .program_mut(VERDICT_PROG)
+                .ok_or_else(|| missing("program", VERDICT_PROG))?
+                .try_into()
+                .map_err(|e| error_line(&format!("BPF program {VERDICT_PROG}"), &e))?;
+            program.detach(link).map_err(|e| error_line(&format!("detaching {VERDICT_PROG}"), &e))?;
+        }
+        self.pins.lock().unwrap().keep();
+        Ok(lock)
     }
 
     /// This data path under `policy`, as the server's [`DataPath`]; both
@@ -171,7 +221,7 @@ impl KernelDataPath {
 
     /// The folder holding the pinned maps.
     pub fn pin_dir(&self) -> &Path {
-        &self.pins.dir
+        &self.pin_dir
     }
 }
 
@@ -188,19 +238,78 @@ impl DataPath for WithPolicy {
 
     fn attach(&self, pair: Pair, cancel: CancellationToken) -> io::Result<Tunnel> {
         let Pair { client, upstream, client_early } = pair;
+        let cookies = [sys::socket_cookie(&client)?, sys::socket_cookie(&upstream)?];
+        let start = tunnel::Start::Fresh { client, upstream, early: client_early };
+        Ok(self.spawn(cookies, start, cancel, None))
+    }
+
+    fn resume(
+        &self,
+        socks: [std::net::TcpStream; 2],
+        state: ParkedState,
+        cancel: CancellationToken,
+    ) -> io::Result<Tunnel> {
+        let cookies = [sys::socket_cookie(&socks[0])?, sys::socket_cookie(&socks[1])?];
+        let (user, kernel_done, start) = match state {
+            ParkedState::Userspace { tx, rx, last_ns, ended } => {
+                ([tx, rx, last_ns], [0, 0], tunnel::Start::Relayed { socks: to_tokio(socks)?, ended })
+            }
+            ParkedState::Kernel {
+                cookies: parked,
+                written_before,
+                kernel_done,
+                user_tx,
+                user_rx,
+                last_ns,
+                fin,
+                shut,
+            } => {
+                if parked != cookies {
+                    return Err(io::Error::other("the parked tunnel's sockets are not the ones it names"));
+                }
+                for c in cookies {
+                    if self.kernel.shared.maps.splice_of(c).is_none() {
+                        return Err(io::Error::other("a parked spliced tunnel is not in this data path's maps"));
+                    }
+                }
+                (
+                    [user_tx, user_rx, last_ns],
+                    kernel_done,
+                    tunnel::Start::Spliced { socks, cookies, written_before, fin, shut },
+                )
+            }
+        };
+        let spliced = matches!(start, tunnel::Start::Spliced { .. });
+        Ok(self.spawn(cookies, start, cancel, Some((user, kernel_done, spliced))))
+    }
+}
+
+impl WithPolicy {
+    /// Starts a tunnel task; `resumed`: the counters (user tx, rx, last
+    /// activity; the verdict's earlier epochs) and whether it is spliced,
+    /// of a tunnel taken over from another process.
+    fn spawn(
+        &self,
+        cookies: [u64; 2],
+        start: tunnel::Start,
+        cancel: CancellationToken,
+        resumed: Option<([u64; 3], [u64; 2], bool)>,
+    ) -> Tunnel {
         let shared = &self.kernel.shared;
-        let flow =
-            Arc::new(KernelFlow::new(Arc::clone(shared), sys::socket_cookie(&client)?, sys::socket_cookie(&upstream)?));
+        let flow = Arc::new(KernelFlow::new(Arc::clone(shared), cookies[0], cookies[1]));
+        if let Some((user, kernel_done, spliced)) = resumed {
+            flow.resumed(user, kernel_done, spliced);
+        }
+        let park = Arc::new(Park::default());
         let done = tokio::spawn(tunnel::run(
             Arc::clone(shared),
             Arc::clone(&flow),
-            client,
-            upstream,
-            client_early,
+            start,
             cancel,
             self.policy,
+            Arc::clone(&park),
         ));
-        Ok(Tunnel { stats: flow, done })
+        Tunnel { stats: flow, done, park }
     }
 }
 

@@ -10,6 +10,7 @@
 //! Nothing outside the data path touches the sockets after `attach`.
 
 pub mod kernel;
+pub mod park;
 pub mod udp;
 pub mod userspace;
 
@@ -17,6 +18,7 @@ use std::fmt;
 use std::io;
 use std::sync::Arc;
 
+use park::{Park, ParkedState};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -58,8 +60,11 @@ pub trait FlowSource: Send + Sync {
 pub struct Tunnel {
     /// Live counters.
     pub stats: Arc<dyn FlowSource>,
-    /// Ends when both directions are closed and both sockets are released.
+    /// Ends when both directions are closed and both sockets are released,
+    /// or when the tunnel parked (an upgrade).
     pub done: JoinHandle<()>,
+    /// Where an upgrade asks the tunnel to park.
+    pub park: Arc<Park>,
 }
 
 /// Which implementation moves the bytes.
@@ -87,6 +92,17 @@ pub trait DataPath: Send + Sync {
     /// half-close in either direction and no byte lost at close.
     /// Cancelling `cancel` closes the tunnel at once (idle reaper, shutdown).
     fn attach(&self, pair: Pair, cancel: CancellationToken) -> io::Result<Tunnel>;
+
+    /// Takes over a tunnel that another process parked (an upgrade): its
+    /// sockets (client first) and where it stood. Fails, changing nothing,
+    /// when this data path cannot carry it on (a spliced tunnel without a
+    /// kernel path).
+    fn resume(
+        &self,
+        socks: [std::net::TcpStream; 2],
+        state: ParkedState,
+        cancel: CancellationToken,
+    ) -> io::Result<Tunnel>;
 }
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of [`FlowStats::last_activity_ns`].

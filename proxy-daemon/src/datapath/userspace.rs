@@ -25,6 +25,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::park::{Park, Parked, ParkedState};
 use super::{monotonic_ns, DataPath, DataPathKind, FlowSource, FlowStats, Pair, Tunnel};
 
 /// Bytes read per system call while a direction is busy.
@@ -78,10 +79,12 @@ pub struct Promote {
 pub enum RelayEnd {
     /// Both directions ended (or failed, or were cancelled): the sockets are closed.
     Closed,
-    /// The [`Promote`] rule fired: both pumps stopped with their reader's
-    /// queue drained and no byte held in the daemon; the sockets are handed
-    /// back, both open.
-    Stopped,
+    /// The [`Promote`] rule fired, or a park request: the pumps stopped with
+    /// their reader's queue drained and no byte held in the daemon; the
+    /// sockets are handed back, both open. `ended[i]`: the direction
+    /// (client to upstream, upstream to client) had already ended with a
+    /// half-close (only when parking).
+    Stopped { ended: [bool; 2] },
 }
 
 /// What stops both pumps between chunks. Both pumps run in one task, so
@@ -100,6 +103,12 @@ impl Stop {
         if self.eof.load(Ordering::Acquire) {
             return;
         }
+        self.force();
+    }
+
+    /// Stops the pumps still running even after a half-close (parking: the
+    /// new process is told which directions ended).
+    fn force(&self) {
         self.set.store(true, Ordering::Release);
         self.notify.notify_waiters();
     }
@@ -126,8 +135,9 @@ enum PumpEnd {
 }
 
 /// Moves bytes both ways between `socks` (client, upstream) until both
-/// directions end, `cancel` fires, or `promote` says to stop. `early` is
-/// sent to the upstream first. `gates[i]` must complete before the pump that
+/// directions end, `cancel` fires, or `promote` (or a `park` request) says
+/// to stop. `early` is sent to the upstream first. `gates[i]` must complete
+/// before the pump that
 /// writes to `socks[i]` starts (the kernel path waits there until its own
 /// queue towards that socket has drained).
 /// On [`RelayEnd::Closed`] the caller drops the sockets; a failed direction
@@ -136,11 +146,11 @@ pub async fn relay(
     socks: &mut [TcpStream; 2],
     early: Vec<u8>,
     counters: &Counters,
-    limits: Option<&Limits>,
     cancel: &CancellationToken,
-    promote: Option<Promote>,
     gates: [impl Future<Output = io::Result<()>>; 2],
+    opts: RelayOptions<'_>,
 ) -> RelayEnd {
+    let RelayOptions { limits, promote, park, ended } = opts;
     let [client, upstream] = &*socks;
     let stop = Stop::default();
     let started = Instant::now();
@@ -158,22 +168,40 @@ pub async fn relay(
     };
     let [gate_client, gate_upstream] = gates;
     let up = async {
+        if ended[0] {
+            return Ok(PumpEnd::Eof);
+        }
         gate_upstream.await?;
         opened.fetch_add(1, Ordering::Relaxed);
         let dir = Direction { count: &counters.tx, last_ns: &counters.last_ns, limit: limits.map(|l| &*l.up) };
         pump(client, upstream, early, dir, &stop, &check).await
     };
     let down = async {
+        if ended[1] {
+            return Ok(PumpEnd::Eof);
+        }
         gate_client.await?;
         opened.fetch_add(1, Ordering::Relaxed);
         let dir = Direction { count: &counters.rx, last_ns: &counters.last_ns, limit: limits.map(|l| &*l.down) };
         pump(upstream, client, Vec::new(), dir, &stop, &check).await
     };
-    tokio::pin!(up, down);
+    let parked = async {
+        match park {
+            Some(p) => p.wait().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(up, down, parked);
     let (mut up_end, mut down_end) = (None, None);
+    let mut park_asked = false;
     while up_end.is_none() || down_end.is_none() {
         let (result, slot) = tokio::select! {
             _ = cancel.cancelled() => return RelayEnd::Closed,
+            _ = &mut parked, if !park_asked => {
+                park_asked = true;
+                stop.force();
+                continue;
+            }
             r = &mut up, if up_end.is_none() => (r, &mut up_end),
             r = &mut down, if down_end.is_none() => (r, &mut down_end),
         };
@@ -189,9 +217,27 @@ pub async fn relay(
         }
     }
     match (up_end, down_end) {
-        (Some(PumpEnd::Stopped), Some(PumpEnd::Stopped)) => RelayEnd::Stopped,
+        (Some(PumpEnd::Stopped), Some(PumpEnd::Stopped)) => RelayEnd::Stopped { ended: [false; 2] },
+        (Some(PumpEnd::Eof), Some(PumpEnd::Eof)) => RelayEnd::Closed,
+        (Some(up), Some(down)) if park_asked => {
+            RelayEnd::Stopped { ended: [matches!(up, PumpEnd::Eof), matches!(down, PumpEnd::Eof)] }
+        }
         _ => RelayEnd::Closed,
     }
+}
+
+/// What else [`relay`] may do besides moving bytes.
+#[derive(Clone, Copy, Default)]
+pub struct RelayOptions<'a> {
+    /// Pacing of a rate-limited user.
+    pub limits: Option<&'a Limits>,
+    /// When to stop and hand the sockets back (the kernel path's promotion).
+    pub promote: Option<Promote>,
+    /// Where an upgrade asks the relay to stop (see `datapath::park`).
+    pub park: Option<&'a Park>,
+    /// Directions that already ended with a half-close (client to upstream,
+    /// upstream to client): a tunnel resumed after parking.
+    pub ended: [bool; 2],
 }
 
 /// Paces traffic to a rate; one per user and direction, shared by that
@@ -234,15 +280,65 @@ pub struct Limits {
 impl UserspaceRelay {
     /// Like [`DataPath::attach`], with each direction paced by `limits`.
     pub fn attach_limited(&self, pair: Pair, cancel: CancellationToken, limits: Option<Limits>) -> io::Result<Tunnel> {
-        let counters = Arc::new(Counters::new());
-        let c = counters.clone();
+        self.spawn([pair.client, pair.upstream], pair.client_early, Counters::new(), cancel, limits, [false; 2])
+    }
+
+    /// Like [`DataPath::resume`], with each direction paced by `limits`.
+    pub fn resume_limited(
+        &self,
+        socks: [std::net::TcpStream; 2],
+        state: ParkedState,
+        cancel: CancellationToken,
+        limits: Option<Limits>,
+    ) -> io::Result<Tunnel> {
+        let ParkedState::Userspace { tx, rx, last_ns, ended } = state else {
+            return Err(io::Error::other("a spliced tunnel needs the kernel data path"));
+        };
+        let socks = to_tokio(socks)?;
+        let counters = Counters { tx: AtomicU64::new(tx), rx: AtomicU64::new(rx), last_ns: AtomicU64::new(last_ns) };
+        self.spawn(socks, Vec::new(), counters, cancel, limits, ended)
+    }
+
+    fn spawn(
+        &self,
+        mut socks: [TcpStream; 2],
+        early: Vec<u8>,
+        counters: Counters,
+        cancel: CancellationToken,
+        limits: Option<Limits>,
+        ended: [bool; 2],
+    ) -> io::Result<Tunnel> {
+        let counters = Arc::new(counters);
+        let park = Arc::new(Park::default());
+        let (c, p) = (counters.clone(), park.clone());
         let done = tokio::spawn(async move {
-            let mut socks = [pair.client, pair.upstream];
             let open = || async { Ok(()) };
-            relay(&mut socks, pair.client_early, &c, limits.as_ref(), &cancel, None, [open(), open()]).await;
-            // Dropping the sockets closes both.
+            let opts = RelayOptions { limits: limits.as_ref(), park: Some(&p), ended, ..Default::default() };
+            if let RelayEnd::Stopped { ended } = relay(&mut socks, early, &c, &cancel, [open(), open()], opts).await {
+                park_relayed(&p, socks, c.snapshot(), ended);
+            }
+            // Otherwise dropping the sockets closes both.
         });
-        Ok(Tunnel { stats: counters, done })
+        Ok(Tunnel { stats: counters, done, park })
+    }
+}
+
+/// Sockets that left the reactor (parked by another process), back into it.
+pub fn to_tokio(socks: [std::net::TcpStream; 2]) -> io::Result<[TcpStream; 2]> {
+    let [client, upstream] = socks;
+    client.set_nonblocking(true)?;
+    upstream.set_nonblocking(true)?;
+    Ok([TcpStream::from_std(client)?, TcpStream::from_std(upstream)?])
+}
+
+/// Leaves a relayed tunnel that stopped for parking in its `park`, with
+/// its counters so far.
+pub fn park_relayed(park: &Park, socks: [TcpStream; 2], stats: FlowStats, ended: [bool; 2]) {
+    let state = ParkedState::Userspace { tx: stats.tx, rx: stats.rx, last_ns: stats.last_activity_ns, ended };
+    let [client, upstream] = socks;
+    match (client.into_std(), upstream.into_std()) {
+        (Ok(c), Ok(u)) => park.put(Parked { socks: [c, u], state }),
+        (Err(e), _) | (_, Err(e)) => tracing::warn!("cannot park a relayed tunnel: {e}"),
     }
 }
 
@@ -253,6 +349,15 @@ impl DataPath for UserspaceRelay {
 
     fn attach(&self, pair: Pair, cancel: CancellationToken) -> io::Result<Tunnel> {
         self.attach_limited(pair, cancel, None)
+    }
+
+    fn resume(
+        &self,
+        socks: [std::net::TcpStream; 2],
+        state: ParkedState,
+        cancel: CancellationToken,
+    ) -> io::Result<Tunnel> {
+        self.resume_limited(socks, state, cancel, None)
     }
 }
 

@@ -13,7 +13,7 @@ use super::registry::Slot;
 use super::shared::Shared;
 use super::{socks4, socks5};
 use crate::datapath::userspace::UserspaceRelay;
-use crate::datapath::Pair;
+use crate::datapath::{Pair, Tunnel};
 use crate::protocol::socks4::Reply;
 
 /// Refuses a client over the limit at once: a SOCKS4 91 without reading, then close.
@@ -55,13 +55,34 @@ pub async fn serve(server: Arc<Shared>, mut client: TcpStream, peer: SocketAddr,
         }
     };
     entry.set_tunnel(est.kind, dst, tunnel.stats.clone());
+    entry.set_park(tunnel.park.clone());
     tracing::debug!(src = %peer, %dst, kind = est.kind.as_str(), path, "tunnel up");
+    run_to_end(&server, slot, tunnel).await;
+}
+
+/// A tunnel taken over from another process (an upgrade): listed in `slot`
+/// like one of ours, until it ends.
+pub async fn adopted(server: Arc<Shared>, slot: Slot, tunnel: Tunnel) {
+    slot.entry.set_park(tunnel.park.clone());
+    run_to_end(&server, slot, tunnel).await;
+}
+
+/// Waits for the tunnel to end (or park), then counts it and leaves the list.
+async fn run_to_end(server: &Shared, slot: Slot, tunnel: Tunnel) {
+    let entry = slot.entry.clone();
     let _ = tunnel.done.await;
+    if tunnel.park.requested() {
+        // Handed over to a new process, which counts it from now on.
+        return;
+    }
     let row = entry.row();
+    let peer = entry.src;
+    let dst = row.dst_address.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let kind = row.kind;
     server.metrics.tunnel_closed(row.tx, row.rx);
     // Debug, not info: one line per tunnel was a write(2) per connection and
     // about a tenth of the connection rate; metrics count tunnels and bytes.
-    tracing::debug!(src = %peer, %dst, kind = est.kind.as_str(), user = row.user.as_deref().unwrap_or("-"), tx = row.tx, rx = row.rx, "tunnel closed");
+    tracing::debug!(src = %peer, %dst, kind = kind.as_str(), user = row.user.as_deref().unwrap_or("-"), tx = row.tx, rx = row.rx, "tunnel closed");
     drop(slot);
 }
 

@@ -51,6 +51,10 @@ pub struct Server {
     prefilter: Mutex<Option<Prefilter>>,
 }
 
+/// A SOCKS listening socket as handed between processes: its address, the
+/// device it is bound to (`vrf`), and the socket.
+pub type SocksListener = (SocketAddr, Option<String>, OwnedFd);
+
 struct ActiveListener {
     addr: SocketAddr,
     /// The device it is bound to (`vrf`); `None` for `vrf=main`.
@@ -257,13 +261,7 @@ impl Server {
             match listener {
                 Some((Listen { addr, device }, std_listener)) => {
                     let socket = std_listener.try_clone().ok().map(OwnedFd::from);
-                    let server = self.clone();
-                    let task = tokio::spawn(async move {
-                        match TcpListener::from_std(std_listener) {
-                            Ok(l) => server.accept_loop(l).await,
-                            Err(e) => tracing::error!(%addr, error = %e, "cannot register the listener"),
-                        }
-                    });
+                    let task = self.spawn_accept(std_listener, addr);
                     let vrf = device.as_deref().unwrap_or(crate::config::VRF_MAIN);
                     tracing::info!(%addr, vrf, "accepting SOCKS clients");
                     *slot = Some(ActiveListener { addr, device, socket, task });
@@ -276,6 +274,98 @@ impl Server {
     /// Stops accepting new clients (shutdown).
     pub fn stop_listening(&self) {
         *self.listener.lock().unwrap() = None;
+    }
+
+    /// The listening sockets (SOCKS, metrics), each as its address, device
+    /// and a second descriptor, to hand to a new process (an upgrade).
+    pub fn listeners(&self) -> (Option<SocksListener>, Option<(SocketAddr, OwnedFd)>) {
+        let dup = |l: &ActiveListener| l.socket.as_ref().and_then(|s| s.try_clone().ok());
+        let socks = self.listener.lock().unwrap();
+        let socks = socks.as_ref().and_then(|l| Some((l.addr, l.device.clone(), dup(l)?)));
+        let metrics = self.metrics_listener.lock().unwrap();
+        let metrics = metrics.as_ref().and_then(|l| Some((l.addr, dup(l)?)));
+        (socks, metrics)
+    }
+
+    /// Stops (`false`) or restarts (`true`) the SOCKS accept loop, keeping the
+    /// listening socket: an upgrade pauses it while a new process takes over,
+    /// and restarts it when the new process fails.
+    pub fn set_accepting(self: &Arc<Self>, on: bool) {
+        let mut slot = self.listener.lock().unwrap();
+        let Some(l) = slot.as_mut() else { return };
+        l.task.abort();
+        if on {
+            if let Some(fd) = l.socket.as_ref().and_then(|s| s.try_clone().ok()) {
+                l.task = self.spawn_accept(std::net::TcpListener::from(fd), l.addr);
+            }
+        }
+    }
+
+    /// Takes over listening sockets another process handed over (an
+    /// upgrade); a later `prepare` for the same address keeps them.
+    pub fn adopt_listeners(
+        self: &Arc<Self>,
+        socks: Option<SocksListener>,
+        metrics: Option<(SocketAddr, OwnedFd)>,
+        accept: bool,
+    ) {
+        if let Some((addr, device, fd)) = socks {
+            let socket = fd.try_clone().ok();
+            let listener = std::net::TcpListener::from(fd);
+            let _ = listener.set_nonblocking(true);
+            let task = if accept { self.spawn_accept(listener, addr) } else { tokio::spawn(async {}) };
+            *self.listener.lock().unwrap() = Some(ActiveListener { addr, device, socket, task });
+        }
+        if let Some((addr, fd)) = metrics {
+            let socket = fd.try_clone().ok();
+            let listener = std::net::TcpListener::from(fd);
+            let _ = listener.set_nonblocking(true);
+            let server = self.clone();
+            let task = tokio::spawn(async move {
+                if let Ok(l) = TcpListener::from_std(listener) {
+                    metrics::serve(l, server).await;
+                }
+            });
+            *self.metrics_listener.lock().unwrap() = Some(ActiveListener { addr, device: None, socket, task });
+        }
+    }
+
+    fn spawn_accept(self: &Arc<Self>, listener: std::net::TcpListener, addr: SocketAddr) -> JoinHandle<()> {
+        let server = self.clone();
+        tokio::spawn(async move {
+            match TcpListener::from_std(listener) {
+                Ok(l) => server.accept_loop(l).await,
+                Err(e) => tracing::error!(%addr, error = %e, "cannot register the listener"),
+            }
+        })
+    }
+
+    /// The kernel data path, when loaded.
+    pub fn kernel(&self) -> Option<Arc<KernelDataPath>> {
+        self.kernel.lock().unwrap().clone()
+    }
+
+    /// Takes over the kernel data path another process handed over (an
+    /// upgrade) and makes it the one new tunnels use under `mode`.
+    pub fn adopt_kernel(&self, lock: OwnedFd, mode: DataPathMode) -> io::Result<()> {
+        let k = Arc::new(KernelDataPath::adopt(&self.pin_dir, lock)?);
+        *self.kernel.lock().unwrap() = Some(k);
+        let dp = select_datapath(mode, &self.pin_dir, &self.kernel)?;
+        self.shared.set_datapath(dp);
+        Ok(())
+    }
+
+    /// Makes new tunnels use the data path `mode` selects (loading the
+    /// kernel path if needed).
+    pub fn use_data_path(&self, mode: DataPathMode) -> io::Result<()> {
+        let dp = select_datapath(mode, &self.pin_dir, &self.kernel)?;
+        self.shared.set_datapath(dp);
+        Ok(())
+    }
+
+    /// The data path new tunnels use.
+    pub fn datapath(&self) -> SharedDataPath {
+        self.shared.datapath()
     }
 
     /// Detaches and unloads the XDP prefilter and removes its pins (shutdown).

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::datapath::park::Park;
 use crate::datapath::{monotonic_ns, DataPathKind, FlowSource};
 
 /// The `type` column: what the connection is doing.
@@ -45,6 +46,8 @@ struct Progress {
     dst: Option<SocketAddr>,
     kind: Option<ConnType>,
     flow: Option<Arc<dyn FlowSource>>,
+    /// Where an upgrade parks the tunnel (TCP tunnels; not UDP associations).
+    park: Option<Arc<Park>>,
 }
 
 /// One client connection.
@@ -74,6 +77,22 @@ impl Entry {
         p.kind = Some(kind);
         p.dst = Some(dst);
         p.flow = Some(flow);
+    }
+
+    /// Where an upgrade can park this connection's tunnel.
+    pub fn set_park(&self, park: Arc<Park>) {
+        self.progress.lock().unwrap().park = Some(park);
+    }
+
+    /// The tunnel's parking place, once it has one.
+    pub fn park(&self) -> Option<Arc<Park>> {
+        self.progress.lock().unwrap().park.clone()
+    }
+
+    /// Records the SOCKS5 user without a claim (a tunnel taken over from
+    /// another process, whose claim was made there).
+    pub fn set_user(&self, user: Option<String>) {
+        self.progress.lock().unwrap().user = user;
     }
 
     pub fn user(&self) -> Option<String> {
@@ -154,6 +173,37 @@ impl Registry {
         });
         entries.insert(id, entry.clone());
         Some(Slot { registry: self.clone(), id, entry })
+    }
+
+    /// Lists a connection taken over from another process under the number
+    /// it had there (so the list keeps its order), whatever the limit.
+    pub fn adopt(self: &Arc<Self>, id: u64, src: SocketAddr) -> Slot {
+        let mut entries = self.entries.lock().unwrap();
+        let entry = Arc::new(Entry {
+            src,
+            cancel: self.root.child_token(),
+            handshake_activity_ns: AtomicU64::new(0),
+            progress: Mutex::new(Progress::default()),
+        });
+        entries.insert(id, entry.clone());
+        self.next_id.fetch_max(id + 1, Ordering::Relaxed);
+        Slot { registry: self.clone(), id, entry }
+    }
+
+    /// New connections are numbered from `id` on (after an upgrade: above
+    /// every connection the old process may still hand over).
+    pub fn number_from(&self, id: u64) {
+        self.next_id.fetch_max(id, Ordering::Relaxed);
+    }
+
+    /// The next number a connection gets.
+    pub fn next_number(&self) -> u64 {
+        self.next_id.load(Ordering::Relaxed)
+    }
+
+    /// Every connection with its number, in order.
+    pub fn numbered(&self) -> Vec<(u64, Arc<Entry>)> {
+        self.entries.lock().unwrap().iter().map(|(id, e)| (*id, e.clone())).collect()
     }
 
     /// Records that `entry` belongs to `user`; with `only_one`, refuses when

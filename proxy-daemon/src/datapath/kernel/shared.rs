@@ -38,6 +38,8 @@ pub(super) struct Shared {
     /// The hangup watcher shared by all tunnels, and its dispatcher task.
     pub(super) hangups: Arc<hangup::Hangups>,
     pub(super) hangup_task: JoinHandle<()>,
+    /// The verdict's attachment to `SPLICE` (taken when handed over).
+    pub(super) verdict_link: Mutex<Option<aya::programs::sk_skb::SkSkbLinkId>>,
 }
 
 impl Drop for Shared {
@@ -177,6 +179,25 @@ impl KernelFlow {
 
     pub(super) fn counts(&self) -> std::sync::MutexGuard<'_, KernelCounts> {
         self.kernel.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A tunnel taken over from another process: what was counted before,
+    /// and (`spliced`) whether its pair is in the maps, its `FLOWS` entries
+    /// counting the current epoch.
+    pub(super) fn resumed(&self, user: [u64; 3], kernel_done: [u64; 2], spliced: bool) {
+        self.user.tx.store(user[0], Ordering::Relaxed);
+        self.user.rx.store(user[1], Ordering::Relaxed);
+        self.user.last_ns.store(user[2], Ordering::Relaxed);
+        let mut counts = self.counts();
+        counts.done = kernel_done;
+        counts.in_maps = spliced;
+        drop(counts);
+        self.spliced.store(spliced, Ordering::Relaxed);
+    }
+
+    /// What the verdict counted in the epochs that ended (client, upstream side).
+    pub(super) fn done_epochs(&self) -> [u64; 2] {
+        self.counts().done
     }
 
     /// An epoch begins: the pair entered the maps with fresh `FLOWS` entries.

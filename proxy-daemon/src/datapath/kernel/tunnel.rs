@@ -79,8 +79,9 @@ use tracing::{debug, warn};
 use super::hangup::{EV_LOW, EV_OVER};
 use super::shared::{KernelFlow, Shared};
 use crate::bpf::error_line;
-use crate::datapath::monotonic_ns;
-use crate::datapath::userspace::{relay, Promote, RelayEnd};
+use crate::datapath::park::{Park, Parked, ParkedState};
+use crate::datapath::userspace::{park_relayed, relay, Promote, RelayEnd, RelayOptions};
+use crate::datapath::{monotonic_ns, FlowSource};
 use crate::sys::{self, EV_ERR, EV_HUP, EV_RDHUP};
 
 /// Index of the client socket in the per-tunnel arrays.
@@ -155,84 +156,128 @@ enum End {
     Failed(io::Error),
     /// A peer fell behind: the tunnel braked and moves to the relay.
     Demote,
+    /// An upgrade asked the tunnel to park (it stays in the maps), with the
+    /// FINs received and write halves shut so far.
+    Parked { fin: [bool; 2], shut: [bool; 2] },
 }
 
-/// The tunnel task: owns the pair until both sockets are closed.
+/// Where a tunnel task starts.
+pub(super) enum Start {
+    /// A new pair from the handshake, with the client's early bytes.
+    Fresh { client: TcpStream, upstream: TcpStream, early: Vec<u8> },
+    /// A relayed tunnel another process parked, with the directions that
+    /// had ended (a half-closed tunnel stays on the relay).
+    Relayed { socks: [TcpStream; 2], ended: [bool; 2] },
+    /// A spliced tunnel another process parked (still in the maps): its
+    /// sockets, cookies, the bytes written to each before the splice, and
+    /// the FINs received and write halves shut so far.
+    Spliced { socks: [StdTcpStream; 2], cookies: [u64; 2], written_before: [u64; 2], fin: [bool; 2], shut: [bool; 2] },
+}
+
+/// The tunnel task: owns the pair until both sockets are closed, or until
+/// it parks (an upgrade; see `datapath::park`).
 pub(super) async fn run(
     shared: Arc<Shared>,
     flow: Arc<KernelFlow>,
-    client: TcpStream,
-    upstream: TcpStream,
-    early: Vec<u8>,
+    start: Start,
     cancel: CancellationToken,
     policy: Policy,
+    park: Arc<Park>,
 ) {
     let id = flow.client;
-    let mut socks = [client, upstream];
-    let mut early = Some(early);
+    let (mut socks, mut early, mut resumed) = match start {
+        Start::Fresh { client, upstream, early } => (Some([client, upstream]), Some(early), None),
+        Start::Relayed { socks, ended } if ended.contains(&true) => {
+            return relay_to_end(&flow, socks, &cancel, &park, ended).await;
+        }
+        Start::Relayed { socks, .. } => (Some(socks), None, None),
+        Start::Spliced { socks, cookies, written_before, fin, shut } => {
+            (None, None, Some((Spliced { socks, cookies, written_before }, fin, shut)))
+        }
+    };
     // The last epoch's pair while its bytes drain towards the relay's writers.
     let mut demoted: Option<(Spliced, u64)> = None;
     let mut rule = (policy == Policy::Auto).then_some(PROMOTE);
     loop {
-        if let Some(rule) = rule {
-            let early = early.take().unwrap_or_default();
-            let end = match &demoted {
-                Some((sp, _)) => {
-                    let gates = [drain_gate(&shared, sp, UPSTREAM, CLIENT), drain_gate(&shared, sp, CLIENT, UPSTREAM)];
-                    relay(&mut socks, early, &flow.user, None, &cancel, Some(rule), gates).await
+        let mut closing = None;
+        let spliced = match resumed.take() {
+            Some((sp, fin, shut)) => {
+                closing = Some((fin, shut));
+                sp
+            }
+            None => {
+                let Some(mut pair) = socks.take() else { return };
+                if let Some(rule) = rule {
+                    let early = early.take().unwrap_or_default();
+                    let opts = RelayOptions { promote: Some(rule), park: Some(&park), ..Default::default() };
+                    let end = match &demoted {
+                        Some((sp, _)) => {
+                            let gates =
+                                [drain_gate(&shared, sp, UPSTREAM, CLIENT), drain_gate(&shared, sp, CLIENT, UPSTREAM)];
+                            relay(&mut pair, early, &flow.user, &cancel, gates, opts).await
+                        }
+                        None => relay(&mut pair, early, &flow.user, &cancel, open_gates(), opts).await,
+                    };
+                    if let Some((sp, held)) = demoted.take() {
+                        shared.grace_budget.fetch_add(held, Ordering::AcqRel);
+                        // Closed, or both gates opened: every byte of the epoch left the psocks.
+                        flow.freeze();
+                        shared.maps.leave(sp.cookies);
+                    }
+                    let ended = match end {
+                        RelayEnd::Closed => return,
+                        RelayEnd::Stopped { ended } => ended,
+                    };
+                    if park.requested() {
+                        return park_relayed(&park, pair, flow.snapshot(), ended);
+                    }
+                    shared.promotions.fetch_add(1, Ordering::Relaxed);
+                    debug!(tunnel = id, "bulk: promoting into the sockhash");
                 }
-                None => relay(&mut socks, early, &flow.user, None, &cancel, Some(rule), open_gates()).await,
-            };
-            if let Some((sp, held)) = demoted.take() {
-                shared.grace_budget.fetch_add(held, Ordering::AcqRel);
-                // Closed, or both gates opened: every byte of the epoch left the psocks.
-                flow.freeze();
-                shared.maps.leave(sp.cookies);
-            }
-            if let RelayEnd::Closed = end {
-                return;
-            }
-            shared.promotions.fetch_add(1, Ordering::Relaxed);
-            debug!(tunnel = id, "bulk: promoting into the sockhash");
-        }
-        let [client, upstream] = &mut socks;
-        // After the relay there is nothing to hand over: it stopped with both
-        // receive queues drained, and what arrived since are whole skbs.
-        let from_relay = rule.is_some();
-        let handed_over = if from_relay {
-            Ok(false)
-        } else {
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return,
-                // Boxed so its buffers' state does not stay in the long-lived task.
-                done = Box::pin(hand_over(&flow, client, upstream, early.take().unwrap_or_default())) => done,
-            }
-        };
-        match handed_over {
-            Ok(false) => {}
-            Ok(true) => {
-                debug!(tunnel = id, "cannot splice (a side closed, or never went quiet); relaying in userspace");
-                return relay_to_end(&flow, socks, &cancel).await;
-            }
-            Err(e) => {
-                // A side failed (typically reset): the other one gets a RST
-                // too, as on the relay and while spliced, not a clean FIN.
-                debug!(tunnel = id, "handing over queued bytes: {e}; resetting both sides");
-                for sock in &socks {
-                    let _ = sys::set_linger_zero(sock);
+                let [client, upstream] = &mut pair;
+                // After the relay there is nothing to hand over: it stopped with both
+                // receive queues drained, and what arrived since are whole skbs.
+                let from_relay = rule.is_some();
+                let handed_over = if from_relay {
+                    Ok(false)
+                } else {
+                    tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => return,
+                        // Boxed so its buffers' state does not stay in the long-lived task.
+                        done = Box::pin(hand_over(&flow, client, upstream, early.take().unwrap_or_default())) => done,
+                    }
+                };
+                match handed_over {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        debug!(
+                            tunnel = id,
+                            "cannot splice (a side closed, or never went quiet); relaying in userspace"
+                        );
+                        return relay_to_end(&flow, pair, &cancel, &park, [false; 2]).await;
+                    }
+                    Err(e) => {
+                        // A side failed (typically reset): the other one gets a RST
+                        // too, as on the relay and while spliced, not a clean FIN.
+                        debug!(tunnel = id, "handing over queued bytes: {e}; resetting both sides");
+                        for sock in &pair {
+                            let _ = sys::set_linger_zero(sock);
+                        }
+                        return;
+                    }
                 }
-                return;
+                let Some(spliced) = enter(&shared, &flow, pair, &cancel, &park).await else {
+                    return;
+                };
+                spliced
             }
-        }
-        let Some(spliced) = enter(&shared, &flow, socks, &cancel).await else {
-            return;
         };
         // Grace bytes the directions hold from the daemon's budget (past their
         // window, no room yet): given back when the peer has room again, or
         // once a demoted tunnel's psocks have drained (or it ended).
         let mut grace = Grace { shared: &shared, held: [0; 2] };
-        let end = watch(&shared, &spliced, &mut grace, &cancel).await;
+        let end = watch(&shared, &spliced, &mut grace, &cancel, &park, closing).await;
         if let End::Demote = end {
             shared.demotions.fetch_add(1, Ordering::Relaxed);
             debug!(tunnel = id, "a peer fell behind: demoting to the relay");
@@ -248,7 +293,7 @@ pub(super) async fn run(
             let view = to_tokio(std_socks).and_then(|s| Ok((Spliced::view(&s, cookies, written_before)?, s)));
             match view {
                 Ok((view, tokio_socks)) => {
-                    socks = tokio_socks;
+                    socks = Some(tokio_socks);
                     demoted = Some((view, grace.into_held()));
                 }
                 Err(e) => {
@@ -263,6 +308,24 @@ pub(super) async fn run(
             rule = Some(if policy == Policy::Auto { STAY } else { REPROMOTE });
             continue;
         }
+        if let End::Parked { fin, shut } = end {
+            // The pair stays in the maps; the new process watches it.
+            drop(grace);
+            debug!(tunnel = id, "parked while spliced");
+            let (kernel_done, user) = (flow.done_epochs(), flow.user.snapshot());
+            let Spliced { socks, cookies, written_before } = spliced;
+            let state = ParkedState::Kernel {
+                cookies,
+                written_before,
+                kernel_done,
+                user_tx: user.tx,
+                user_rx: user.rx,
+                last_ns: flow.snapshot().last_activity_ns,
+                fin,
+                shut,
+            };
+            return park.put(Parked { socks, state });
+        }
         flow.freeze();
         shared.maps.leave(spliced.cookies);
         match end {
@@ -275,7 +338,7 @@ pub(super) async fn run(
                 }
             }
             End::Failed(e) => warn!(tunnel = id, "closing tunnel: {e}"),
-            End::Demote => unreachable!("handled above"),
+            End::Demote | End::Parked { .. } => unreachable!("handled above"),
         }
         // Dropping `spliced` closes both sockets.
         return;
@@ -289,6 +352,7 @@ async fn enter(
     flow: &KernelFlow,
     socks: [TcpStream; 2],
     cancel: &CancellationToken,
+    park: &Park,
 ) -> Option<Spliced> {
     let id = flow.client;
     // Leave tokio's reactor: from now on the kernel moves the bytes.
@@ -311,14 +375,14 @@ async fn enter(
         }
         Err(SpliceError::Nothing(e, socks)) => {
             debug!(tunnel = id, "cannot splice ({e}); relaying in userspace");
-            relay_std(flow, socks, cancel).await;
+            relay_std(flow, socks, cancel, park).await;
             None
         }
         Err(SpliceError::Half(e, spliced)) => {
             debug!(tunnel = id, "cannot splice the client side ({e}); relaying in userspace");
             flow.enter_maps();
             unsplice_half(shared, flow, &spliced, cancel).await;
-            relay_std(flow, spliced.socks, cancel).await;
+            relay_std(flow, spliced.socks, cancel, park).await;
             None
         }
     }
@@ -353,15 +417,25 @@ fn drain_gate<'a>(shared: &'a Shared, sp: &'a Spliced, from: usize, to: usize) -
     })
 }
 
-/// Relays `socks` until the tunnel ends; the sockets close on return.
-async fn relay_to_end(flow: &KernelFlow, mut socks: [TcpStream; 2], cancel: &CancellationToken) {
-    relay(&mut socks, Vec::new(), &flow.user, None, cancel, None, open_gates()).await;
+/// Relays `socks` until the tunnel ends (the sockets close on return) or
+/// parks; `ended`: directions that already ended (a resumed tunnel).
+async fn relay_to_end(
+    flow: &KernelFlow,
+    mut socks: [TcpStream; 2],
+    cancel: &CancellationToken,
+    park: &Park,
+    ended: [bool; 2],
+) {
+    let opts = RelayOptions { park: Some(park), ended, ..Default::default() };
+    if let RelayEnd::Stopped { ended } = relay(&mut socks, Vec::new(), &flow.user, cancel, open_gates(), opts).await {
+        park_relayed(park, socks, flow.snapshot(), ended);
+    }
 }
 
 /// Relays sockets that already left tokio's reactor.
-async fn relay_std(flow: &KernelFlow, socks: [StdTcpStream; 2], cancel: &CancellationToken) {
+async fn relay_std(flow: &KernelFlow, socks: [StdTcpStream; 2], cancel: &CancellationToken, park: &Park) {
     match to_tokio(socks) {
-        Ok(socks) => relay_to_end(flow, socks, cancel).await,
+        Ok(socks) => relay_to_end(flow, socks, cancel, park, [false; 2]).await,
         Err(e) => warn!(tunnel = flow.client, "cannot relay: {e}"),
     }
 }
@@ -553,7 +627,14 @@ async fn unsplice_half(shared: &Shared, flow: &KernelFlow, sp: &Spliced, cancel:
 
 /// Waits for FIN/RST on both sockets, keeps each direction's window
 /// following its peer, and closes each direction without loss.
-async fn watch(shared: &Shared, sp: &Spliced, grace: &mut Grace<'_>, cancel: &CancellationToken) -> End {
+async fn watch(
+    shared: &Shared,
+    sp: &Spliced,
+    grace: &mut Grace<'_>,
+    cancel: &CancellationToken,
+    park: &Park,
+    closing: Option<([bool; 2], [bool; 2])>,
+) -> End {
     let registration = match shared.hangups.register(&sp.socks, sp.cookies) {
         Ok(r) => r,
         Err(e) => return End::Failed(e),
@@ -567,6 +648,13 @@ async fn watch(shared: &Shared, sp: &Spliced, grace: &mut Grace<'_>, cancel: &Ca
     let mut recheck: [Option<(Instant, Duration)>; 2] = [None; 2];
     // Set while the tunnel brakes before its demotion.
     let mut brake: Option<Brake> = None;
+    // A tunnel taken over from another process (`closing`: its FINs and
+    // shut write halves so far) may have asked for more already: both
+    // directions' windows are looked at once at the start.
+    if let Some((f, s)) = closing {
+        (fin, shut) = (f, s);
+        recheck = [Some((Instant::now(), DRAIN_POLL_MIN)); 2];
+    }
     let mut delay = DRAIN_POLL_MIN;
     loop {
         let now = Instant::now();
@@ -653,9 +741,12 @@ async fn watch(shared: &Shared, sp: &Spliced, grace: &mut Grace<'_>, cancel: &Ca
         let draining = (0..2).any(|from| fin[from] && !shut[1 - from]);
         let braking = brake.as_ref().map(|_| now + BRAKE_POLL);
         let next_check = recheck.iter().flatten().map(|&(at, _)| at).chain(braking).min();
+        // A braking tunnel parks once it is on the relay.
+        let parkable = brake.is_none();
         tokio::select! {
             biased;
             _ = cancel.cancelled() => return End::Cancelled,
+            _ = park.wait(), if parkable => return End::Parked { fin, shut },
             _ = waiter.notify.notified() => {}
             _ = tokio::time::sleep(delay), if draining => delay = (delay * 2).min(DRAIN_POLL_MAX),
             _ = tokio::time::sleep_until(next_check.unwrap_or(now)), if next_check.is_some() => {}
