@@ -271,7 +271,6 @@ async fn adopt(
         Ok(p) => server.commit(config.clone(), p),
         Err(e) => tracing::error!("after the upgrade: {e}"),
     }
-    server.set_accepting(true);
     let _ = proxyd::sdnotify::notify(&format!("MAINPID={}", std::process::id()));
     tracing::info!(tunnels, data_path = %server.datapath_kind(), "upgrade: took over {tunnels} tunnel(s)");
     Ok((server, control))

@@ -11,14 +11,15 @@
 //! 2. new -> old `ready` (its configuration loaded, its data path able to
 //!    carry the old one's tunnels) or `failed {reason}`. Until here the old
 //!    process changed nothing: on any failure it goes on serving.
-//! 3. old: stops accepting, parks every tunnel (`datapath::park`: relayed
-//!    ones stop between chunks, spliced ones stay in the maps) and sends each
-//!    as `tunnel {...}` with its two sockets; then it detaches its verdict and
-//!    XDP program and sends `done` with the pin dir's lock.
+//! 3. old: parks every tunnel (`datapath::park`: relayed ones stop between
+//!    chunks, spliced ones stay in the maps) and sends each as `tunnel {...}`
+//!    with its two sockets, accepting new clients meanwhile (they park too);
+//!    once all are sent it stops accepting, sends the last ones, detaches
+//!    its verdict and XDP program and sends `done` with the pin dir's lock.
 //! 4. new: takes the kernel data path over (same pinned maps, its own
-//!    verdict), resumes every tunnel under its old number, starts accepting
-//!    and serving the control socket, and answers `adopted {tunnels}`. The
-//!    old process then answers its `upgrade` command and exits.
+//!    verdict), starts accepting, resumes every tunnel under its old number,
+//!    serves the control socket, and answers `adopted {tunnels}`. The old
+//!    process then answers its `upgrade` command and exits.
 
 use std::io;
 use std::net::SocketAddr;
@@ -184,7 +185,13 @@ pub async fn hand_over(h: Handover<'_>, binary: Option<PathBuf>) -> Result<Strin
             Err(e) => format!("the new proxyd: {e}"),
         }),
     };
-    if let Err(reason) = outcome {
+    if let Err(mut reason) = outcome {
+        // A process that left says more by how it exited.
+        if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_millis(500), child.wait()).await {
+            if !reason.contains("exited") {
+                reason = format!("the new proxyd exited ({status}): {reason}");
+            }
+        }
         let _ = child.start_kill();
         let _ = child.wait().await;
         tracing::warn!("upgrade to {} failed: {reason}; serving on", binary.display());
@@ -193,7 +200,6 @@ pub async fn hand_over(h: Handover<'_>, binary: Option<PathBuf>) -> Result<Strin
 
     // 3: stop, park and send.
     tracing::info!(new_pid = pid, "upgrade: the new proxyd is ready; handing over");
-    h.server.set_accepting(false);
     let sent = match send_tunnels(&h, &channel).await {
         Ok(n) => n,
         Err(e) => {
@@ -266,6 +272,10 @@ async fn send_tunnels(h: &Handover<'_>, channel: &Channel) -> io::Result<usize> 
     // parked tunnel's task ends and its row leaves the list, but the sockets
     // wait in the park until they are sent.
     let mut pending = std::collections::BTreeMap::new();
+    // This process accepts new clients until everything else is parked:
+    // they park too (after their handshake), and the listen queue is the
+    // only gap new clients see.
+    let mut accepting = true;
     loop {
         let mut handshakes = 0;
         let listed = registry.numbered();
@@ -310,7 +320,16 @@ async fn send_tunnels(h: &Handover<'_>, channel: &Channel) -> io::Result<usize> 
         for n in ended {
             pending.remove(&n);
         }
+        if pending.is_empty() && handshakes == 0 && accepting {
+            // Everything so far is sent: stop accepting (the new process
+            // starts as soon as it has the kernel path), then one more pass
+            // for what was accepted meanwhile.
+            h.server.set_accepting(false);
+            accepting = false;
+            continue;
+        }
         if (pending.is_empty() && handshakes == 0) || tokio::time::Instant::now() >= deadline {
+            h.server.set_accepting(false);
             if !pending.is_empty() || handshakes > 0 {
                 tracing::warn!(
                     "upgrade: {} tunnel(s) did not park and {handshakes} handshake(s) did not finish in time; they stay here",
@@ -439,6 +458,8 @@ impl Offered {
             // The old process ran no kernel path: load one as the mode says.
             None => server.use_data_path(mode).map_err(|e| e.to_string())?,
         }
+        // New clients first: the tunnels below are parked, not waiting on us.
+        server.set_accepting(true);
         let datapath = server.datapath();
         let mut resumed = 0;
         for (record, socks) in tunnels {

@@ -246,7 +246,7 @@ fn vrf_binds_the_listener_and_every_outgoing_socket() {
         assert!(d.cmd("ip socks print").contains("\nvrf: pv\n"), "[{dp}] print");
         let json: serde_json::Value = serde_json::from_str(d.cmd("--json ip socks print").trim()).unwrap();
         assert_eq!(json["vrf"], "pv", "[{dp}] --json print");
-        assert!(d.cmd("export").contains(" vrf=pv "), "[{dp}] export");
+        assert!(d.export("verbose").contains(" vrf=pv "), "[{dp}] export");
         assert!(std::fs::read_to_string(&d.state).unwrap().contains(" vrf=pv "), "[{dp}] state file");
 
         // The listener is in the "VRF": bound to pv, so a client on loopback
@@ -307,7 +307,7 @@ fn vrf_binds_the_listener_and_every_outgoing_socket() {
         assert!(!listening.contains('%'), "[{dp}] listener still bound after vrf=main:\n{listening}");
         let mut c = connect_in(&net.p, loopback).unwrap();
         assert_eq!(connect_dest(&mut c).code, socks::REJECTED, "[{dp}] a new dial is still bound after vrf=main");
-        assert!(d.cmd("export").contains(" vrf=main "), "[{dp}] export after vrf=main");
+        assert!(d.export("verbose").contains(" vrf=main "), "[{dp}] export after vrf=main");
     }
 }
 
@@ -328,7 +328,7 @@ fn unknown_vrf_is_refused_and_changes_nothing() {
             (
                 d.cmd("ip socks print"),
                 d.cmd("--json ip socks print"),
-                d.cmd("export"),
+                d.export("verbose"),
                 std::fs::read_to_string(&d.state).unwrap(),
             )
         };

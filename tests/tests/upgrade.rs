@@ -1,0 +1,272 @@
+//! `proxyd upgrade`: a new process takes over every socket and tunnel while
+//! bytes flow (idle tunnels, bulk transfers on the relay and spliced, a
+//! client opening a tunnel every 10 ms), and a failing new binary leaves the
+//! old process serving everything.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use proxyd_tests::daemon::proxyd_bin;
+use proxyd_tests::{data_paths, listen_local, socks, wait_until, Daemon};
+
+/// Idle tunnels held across the upgrade.
+const IDLE: usize = 2000;
+/// Bulk transfers in flight during the upgrade, and the bytes of each.
+const BULK: usize = 8;
+const BULK_BYTES: u64 = 256 << 20;
+
+/// Byte `i` of transfer `seed`'s stream (xorshift per 8-byte word), so the
+/// reader checks what arrived without holding what was sent.
+fn fill(seed: u64, pos: u64, buf: &mut [u8]) {
+    for (k, b) in buf.iter_mut().enumerate() {
+        let i = pos + k as u64;
+        let mut x = (i / 8).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        x ^= x >> 29;
+        x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x ^= x >> 32;
+        *b = (x >> ((i % 8) * 8)) as u8;
+    }
+}
+
+/// The proxyd process serving `control`, other than `not` (the new one
+/// after an upgrade), from /proc.
+fn proxyd_serving(control: &Path, not: u32) -> Option<u32> {
+    let needle = control.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        (pid != not && cmdline.contains(&needle) && cmdline.contains(" run")).then_some(pid)
+    })
+}
+
+/// Stops a process that is not our child (SIGTERM, then waits for it).
+fn stop_pid(pid: u32) {
+    let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+    let gone = wait_until(Duration::from_secs(15), || !Path::new(&format!("/proc/{pid}")).exists());
+    assert!(gone, "proxyd {pid} did not stop");
+}
+
+/// The new process, stopped at the end of a test even when it fails.
+struct Adopter(Option<u32>);
+
+impl Drop for Adopter {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.take() {
+            stop_pid(pid);
+        }
+    }
+}
+
+/// One bulk transfer: a writer and a reader thread; the reader checks every
+/// byte and notes the longest pause between two reads.
+struct Bulk {
+    writer: thread::JoinHandle<()>,
+    reader: thread::JoinHandle<(u64, bool, Duration)>,
+}
+
+fn bulk(c: TcpStream, u: TcpStream, seed: u64, upload: bool, stop_gap_after: Arc<AtomicBool>) -> Bulk {
+    let (mut from, mut to) = if upload { (c, u) } else { (u, c) };
+    let writer = thread::spawn(move || {
+        let mut buf = vec![0u8; 256 << 10];
+        let mut pos = 0;
+        while pos < BULK_BYTES {
+            let n = buf.len().min((BULK_BYTES - pos) as usize);
+            fill(seed, pos, &mut buf[..n]);
+            from.write_all(&buf[..n]).expect("bulk write");
+            pos += n as u64;
+        }
+        let _ = from.shutdown(std::net::Shutdown::Write);
+    });
+    let reader = thread::spawn(move || {
+        to.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = vec![0u8; 256 << 10];
+        let mut want = vec![0u8; 256 << 10];
+        let (mut got, mut intact, mut gap) = (0u64, true, Duration::ZERO);
+        let mut last = Instant::now();
+        loop {
+            let n = match to.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let now = Instant::now();
+            if !stop_gap_after.load(Ordering::Relaxed) {
+                gap = gap.max(now - last);
+            }
+            last = now;
+            fill(seed, got, &mut want[..n]);
+            intact &= buf[..n] == want[..n];
+            got += n as u64;
+        }
+        (got, intact, gap)
+    });
+    Bulk { writer, reader }
+}
+
+/// During `proxyd upgrade`: the PID changes; every idle tunnel still
+/// echoes both ways; every bulk transfer arrives whole; a tunnel opened every
+/// 10 ms is never refused; the connections list keeps every tunnel under its
+/// number with counters going on from where they were.
+#[test]
+fn upgrade_keeps_every_tunnel() {
+    for dp in data_paths() {
+        let mut d = Daemon::start(dp);
+        let proxy = d.enable(&["max-connections=5000"]);
+        let (l, dst) = listen_local();
+        let old_pid = d.pid();
+
+        let mut idle: Vec<(TcpStream, TcpStream)> = (0..IDLE).map(|_| socks::tunnel(proxy, &l, dst)).collect();
+        for (i, (c, u)) in idle.iter_mut().enumerate().step_by(97) {
+            c.write_all(&[i as u8]).unwrap();
+            let mut b = [0u8];
+            u.read_exact(&mut b).unwrap();
+        }
+        let done_gap = Arc::new(AtomicBool::new(false));
+        let bulks: Vec<Bulk> = (0..BULK)
+            .map(|i| {
+                let (c, u) = socks::tunnel(proxy, &l, dst);
+                bulk(c, u, i as u64 + 1, i % 2 == 0, done_gap.clone())
+            })
+            .collect();
+        // New tunnels every 10 ms, to a second destination, through the upgrade.
+        let (l2, dst2) = listen_local();
+        let l2 = Arc::new(l2);
+        let stop = Arc::new(AtomicBool::new(false));
+        let probes = {
+            let (stop, l2) = (stop.clone(), l2.clone());
+            thread::spawn(move || {
+                let (mut n, mut refused, mut slowest) = (0, Vec::new(), Duration::ZERO);
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    match std::panic::catch_unwind(|| socks::tunnel(proxy, &l2, dst2)) {
+                        Ok((mut c, mut u)) => {
+                            c.write_all(b"p").unwrap();
+                            let mut b = [0u8];
+                            u.read_exact(&mut b).unwrap();
+                        }
+                        Err(_) => refused.push(n),
+                    }
+                    slowest = slowest.max(t.elapsed());
+                    n += 1;
+                    thread::sleep(Duration::from_millis(10));
+                }
+                (n, refused, slowest)
+            })
+        };
+        thread::sleep(Duration::from_millis(300));
+        // The idle tunnels (the bulk ones end, the probes come and go).
+        let idle_srcs: std::collections::HashSet<String> =
+            idle.iter().map(|(c, _)| c.local_addr().unwrap().to_string()).collect();
+        let ours = |list: Vec<proxyd_tests::daemon::Conn>| {
+            list.into_iter().filter(|r| idle_srcs.contains(&r.src)).collect::<Vec<_>>()
+        };
+        let before = ours(d.cli.connections());
+        assert_eq!(before.len(), IDLE, "[{dp}] idle tunnels listed before the upgrade");
+        let started = Instant::now();
+        let out = d.cli(&["upgrade"]);
+        let took = started.elapsed();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "[{dp}] upgrade failed: {text}\n{}", d.log());
+        let st = d.wait_exit(Duration::from_secs(10)).unwrap_or_else(|| panic!("[{dp}] the old proxyd did not exit"));
+        assert!(st.success(), "[{dp}] the old proxyd exited {st}");
+        let new_pid = proxyd_serving(&d.cli.control, old_pid).unwrap_or_else(|| panic!("[{dp}] no new proxyd"));
+        let _adopter = Adopter(Some(new_pid));
+        assert_ne!(new_pid, old_pid);
+        eprintln!("[{dp}] upgrade: {} in {took:?}", text.trim());
+
+        // Every idle tunnel, both ways.
+        for (i, (c, u)) in idle.iter_mut().enumerate() {
+            let tag = (i as u32).to_be_bytes();
+            c.write_all(&tag).unwrap();
+            let mut b = [0u8; 4];
+            u.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            u.read_exact(&mut b).unwrap_or_else(|e| panic!("[{dp}] idle tunnel {i} after the upgrade: {e}"));
+            assert_eq!(b, tag);
+            u.write_all(&tag).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.read_exact(&mut b).unwrap_or_else(|e| panic!("[{dp}] idle tunnel {i} back: {e}"));
+            assert_eq!(b, tag);
+        }
+        // The list: the same tunnels under the same numbers, counters going on.
+        let after = ours(d.cli.connections());
+        for row in &before {
+            let now = after.iter().find(|r| r.src == row.src);
+            let now = now.unwrap_or_else(|| panic!("[{dp}] {} left the connections list", row.src));
+            assert!(now.tx >= row.tx && now.rx >= row.rx, "[{dp}] counters went back: {row:?} -> {now:?}");
+            assert_eq!(now.kind, row.kind, "[{dp}]");
+        }
+        let order = |list: &[proxyd_tests::daemon::Conn]| {
+            list.iter().filter(|r| before.iter().any(|b| b.src == r.src)).map(|r| r.src.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(order(&after), order(&before), "[{dp}] the connections list changed its order");
+        done_gap.store(true, Ordering::Relaxed);
+        for (i, b) in bulks.into_iter().enumerate() {
+            b.writer.join().unwrap();
+            let (got, intact, gap) = b.reader.join().unwrap();
+            assert_eq!(got, BULK_BYTES, "[{dp}] bulk transfer {i} lost bytes");
+            assert!(intact, "[{dp}] bulk transfer {i} arrived altered");
+            eprintln!(
+                "[{dp}] bulk transfer {i} ({}): longest pause {gap:?}",
+                if i % 2 == 0 { "upload" } else { "download" }
+            );
+        }
+        stop.store(true, Ordering::Relaxed);
+        let (n, refused, slowest) = probes.join().unwrap();
+        eprintln!("[{dp}] {n} new tunnels during the test, slowest {slowest:?}");
+        assert!(refused.is_empty(), "[{dp}] new tunnels refused: {refused:?}");
+        assert!(slowest < Duration::from_secs(2), "[{dp}] a new tunnel waited {slowest:?}");
+        drop(idle);
+    }
+}
+
+/// A new binary that exits at once, or that cannot take the tunnels over,
+/// leaves the old process serving every tunnel; the command exits 1 with
+/// the reason.
+#[test]
+fn a_failed_upgrade_leaves_the_old_process_serving() {
+    for dp in data_paths() {
+        let mut d = Daemon::start(dp);
+        let proxy = d.enable(&[]);
+        let (l, dst) = listen_local();
+        let mut tunnels: Vec<_> = (0..20).map(|_| socks::tunnel(proxy, &l, dst)).collect();
+        let pid = d.pid();
+        let wrapper = d.dir.join("proxyd-userspace.sh");
+        // The same proxyd with `--data-path userspace` in place of the one it
+        // is given: it cannot carry spliced tunnels on.
+        let script = format!(
+            "#!/bin/sh\nseen=\nfor a; do shift; if [ \"$prev\" = --data-path ]; then a=userspace; seen=1; fi; set -- \"$@\" \"$a\"; prev=$a; done\n[ -n \"$seen\" ] || set -- \"$@\" --data-path userspace\nexec '{}' \"$@\"\n",
+            proxyd_bin().display()
+        );
+        std::fs::write(&wrapper, script).unwrap();
+        std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let mut cases = vec![("/bin/false".to_string(), "exited")];
+        if dp != "userspace" {
+            cases.push((wrapper.display().to_string(), "cannot adopt"));
+        }
+        for (binary, why) in cases {
+            let out = d.cli(&["upgrade", &format!("binary={binary}")]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "[{dp}] upgrade to {binary}: {err}");
+            assert!(err.contains(why) && err.contains("serves on"), "[{dp}] upgrade to {binary}: {err}");
+            assert!(d.wait_exit(Duration::from_millis(200)).is_none(), "[{dp}] the old proxyd exited");
+            assert_eq!(d.pid(), pid);
+            for (i, (c, u)) in tunnels.iter_mut().enumerate() {
+                c.write_all(b"still").unwrap();
+                let mut b = [0u8; 5];
+                u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                u.read_exact(&mut b).unwrap_or_else(|e| panic!("[{dp}] tunnel {i} after a failed upgrade: {e}"));
+            }
+            // New clients and commands are served as before.
+            let (mut c, mut u) = socks::tunnel(proxy, &l, dst);
+            c.write_all(b"n").unwrap();
+            let mut b = [0u8];
+            u.read_exact(&mut b).unwrap();
+            assert_eq!(d.cli.connections().len(), tunnels.len() + 1, "[{dp}]");
+        }
+    }
+}
