@@ -104,20 +104,20 @@ impl Pins {
         Ok(Pins { dir: dir.to_path_buf(), files: Vec::new(), remove_parent, _lock: lock })
     }
 
-    /// Takes over the pin dir of a process that hands over its BPF state (an
-    /// upgrade): its lock (the open file the old process locked) and the
-    /// pins named `names` as they are; nothing is removed.
-    pub fn adopt(dir: &Path, lock: std::os::fd::OwnedFd, names: &[&str]) -> Self {
-        let files = names
-            .iter()
-            .map(|n| dir.join(n))
-            .filter(|p| p.exists())
-            .map(|p| {
-                let id = MapInfo::from_pin(&p).map(|info| info.id()).ok();
-                (p, id)
-            })
-            .collect();
-        Pins { dir: dir.to_path_buf(), files, remove_parent: false, _lock: std::fs::File::from(lock) }
+    /// Joins the pin dir of a process that hands over its BPF state (an
+    /// upgrade): its lock (the open file the old process locked); nothing is
+    /// removed, and nothing is this process's to remove until
+    /// [`Pins::take_over`].
+    pub fn adopt(dir: &Path, lock: std::os::fd::OwnedFd) -> Self {
+        Pins { dir: dir.to_path_buf(), files: Vec::new(), remove_parent: false, _lock: std::fs::File::from(lock) }
+    }
+
+    /// The pins named `names` are this process's now (removed at its exit).
+    pub fn take_over(&mut self, names: &[&str]) {
+        for path in names.iter().map(|n| self.dir.join(n)).filter(|p| p.exists()) {
+            let id = MapInfo::from_pin(&path).map(|info| info.id()).ok();
+            self.files.push((path, id));
+        }
     }
 
     /// A descriptor of the pin dir's lock, to hand to a new process.

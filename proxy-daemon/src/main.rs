@@ -234,18 +234,23 @@ async fn adopt(
     mode: DataPathMode,
     args: &RunArgs,
 ) -> anyhow::Result<(Arc<Server>, tokio::net::UnixListener)> {
-    let offered = proxyd::upgrade::receive_offer(fd).await.map_err(anyhow::Error::msg).context("upgrade")?;
+    let mut offered = proxyd::upgrade::receive_offer(fd).await.map_err(anyhow::Error::msg).context("upgrade")?;
     tracing::info!("proxyd {} taking over from the running proxyd", env!("CARGO_PKG_VERSION"));
-    // Until the old process detaches its BPF programs: no kernel path and no
-    // XDP prefilter here, and no accepting (the old one still does).
+    // Until the old process detaches its BPF programs: this binary's kernel
+    // path is loaded on its maps but not attached, no XDP prefilter here,
+    // and no accepting (the old one still does).
+    let lock = offered.kernel.take();
     let ready = (|| {
-        if offered.kernel && mode == DataPathMode::Userspace {
+        if lock.is_some() && mode == DataPathMode::Userspace {
             return Err(
                 "the running proxyd splices tunnels in the kernel; this one runs data-path=userspace".to_string()
             );
         }
         let server = Server::new(config.clone(), DataPathMode::Userspace, args.bpf_pin_dir.clone())
             .map_err(|e| e.to_string())?;
+        if let Some(lock) = lock {
+            server.adopt_kernel(lock).map_err(|e| format!("cannot load the kernel data path: {e}"))?;
+        }
         Ok(server)
     })();
     let server = match ready {

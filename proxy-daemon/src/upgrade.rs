@@ -64,7 +64,8 @@ enum Message {
         pid: u32,
     },
     /// Descriptors: the SOCKS listener (when `socks` is set), the metrics
-    /// listener (when `metrics` is set), the control socket, in this order.
+    /// listener (when `metrics` is set), the control socket, and the BPF pin
+    /// dir's lock (when `kernel`), in this order.
     Offer {
         version: u32,
         socks: Option<(SocketAddr, Option<String>)>,
@@ -81,10 +82,8 @@ enum Message {
     },
     /// Descriptors: the client socket, then the upstream socket.
     Tunnel(TunnelRecord),
-    /// Descriptors: the BPF pin dir's lock, when `kernel`.
-    Done {
-        kernel: bool,
-    },
+    /// Everything was sent; the old process detached its BPF programs.
+    Done,
     Adopted {
         tunnels: usize,
     },
@@ -239,6 +238,10 @@ async fn offer(h: &Handover<'_>, channel: &Channel) -> Result<(), String> {
         (other, _) => return Err(format!("unexpected {other:?}")),
     }
     let (socks, metrics) = h.server.listeners();
+    let lock = match h.server.kernel() {
+        Some(k) => Some(k.pin_lock().map_err(|e| format!("the BPF pin dir's lock: {e}"))?),
+        None => None,
+    };
     let mut fds: Vec<BorrowedFd<'_>> = Vec::new();
     if let Some((_, _, fd)) = &socks {
         fds.push(fd.as_fd());
@@ -247,12 +250,15 @@ async fn offer(h: &Handover<'_>, channel: &Channel) -> Result<(), String> {
         fds.push(fd.as_fd());
     }
     fds.push(h.control);
+    if let Some(lock) = &lock {
+        fds.push(lock.as_fd());
+    }
     let msg = Message::Offer {
         version: VERSION,
         socks: socks.as_ref().map(|(a, d, _)| (*a, d.clone())),
         metrics: metrics.as_ref().map(|(a, _)| *a),
         next_number: h.server.shared.registry.next_number(),
-        kernel: h.server.kernel().is_some(),
+        kernel: lock.is_some(),
     };
     channel.send(&msg, &fds).await.map_err(|e| e.to_string())?;
     match channel.recv().await.map_err(|e| e.to_string())? {
@@ -342,12 +348,10 @@ async fn send_tunnels(h: &Handover<'_>, channel: &Channel) -> io::Result<usize> 
     }
     // The new process loads its own XDP program and verdict on the same pins.
     h.server.stop_prefilter();
-    let lock = match h.server.kernel() {
-        Some(k) => Some(k.hand_over()?),
-        None => None,
-    };
-    let fds: Vec<BorrowedFd<'_>> = lock.iter().map(|l| l.as_fd()).collect();
-    channel.send(&Message::Done { kernel: lock.is_some() }, &fds).await?;
+    if let Some(k) = h.server.kernel() {
+        k.hand_over()?;
+    }
+    channel.send(&Message::Done, &[]).await?;
     Ok(sent.len())
 }
 
@@ -372,7 +376,8 @@ pub struct Offered {
     pub metrics: Option<(SocketAddr, OwnedFd)>,
     pub control: OwnedFd,
     pub next_number: u64,
-    pub kernel: bool,
+    /// The BPF pin dir's lock, when the old process runs the kernel path.
+    pub kernel: Option<OwnedFd>,
 }
 
 /// Step 1 on the new side: says hello and takes the offer.
@@ -402,6 +407,10 @@ pub async fn receive_offer(fd: OwnedFd) -> Result<Offered, String> {
         None => None,
     };
     let control = next("control")?;
+    let kernel = match kernel {
+        true => Some(next("BPF pin dir lock")?),
+        false => None,
+    };
     Ok(Offered { channel, socks, metrics, control, next_number, kernel })
 }
 
@@ -422,20 +431,32 @@ impl Offered {
     /// tunnel under its number. Returns how many it took over.
     pub async fn adopt(self, server: &Arc<Server>, mode: DataPathMode) -> Result<usize, String> {
         server.shared.registry.number_from(self.next_number);
-        let mut tunnels = Vec::new();
-        let lock = loop {
+        // On the relay alone, a tunnel resumes as it arrives; with the kernel
+        // path, once this process's verdict is attached (a promotion needs it).
+        let at_once = mode == DataPathMode::Userspace;
+        let (mut waiting, mut resumed) = (Vec::new(), 0);
+        loop {
             let (msg, fds) = self.channel.recv().await.map_err(|e| e.to_string())?;
             match msg {
                 Message::Tunnel(record) => {
                     let [client, upstream]: [OwnedFd; 2] =
                         fds.try_into().map_err(|_| "a tunnel arrived without its two sockets".to_string())?;
-                    tunnels.push((record, [std::net::TcpStream::from(client), std::net::TcpStream::from(upstream)]));
+                    let socks = [std::net::TcpStream::from(client), std::net::TcpStream::from(upstream)];
+                    if at_once {
+                        resumed += usize::from(resume(server, record, socks));
+                    } else {
+                        waiting.push((record, socks));
+                    }
                 }
-                Message::Done { kernel } => break if kernel { fds.into_iter().next() } else { None },
+                Message::Done => break,
                 other => return Err(format!("unexpected {other:?}")),
             }
-        };
-        let result = self.resume(server, mode, lock, tunnels);
+        }
+        let result = take_over(server, mode).map(|()| {
+            // New clients first: the tunnels below are parked, not waiting on us.
+            server.set_accepting(true);
+            resumed + waiting.into_iter().map(|(r, s)| usize::from(resume(server, r, s))).sum::<usize>()
+        });
         let reply = match &result {
             Ok(n) => Message::Adopted { tunnels: *n },
             Err(reason) => Message::Failed { reason: reason.clone() },
@@ -443,53 +464,46 @@ impl Offered {
         let _ = self.channel.send(&reply, &[]).await;
         result
     }
+}
 
-    fn resume(
-        &self,
-        server: &Arc<Server>,
-        mode: DataPathMode,
-        lock: Option<OwnedFd>,
-        tunnels: Vec<(TunnelRecord, [std::net::TcpStream; 2])>,
-    ) -> Result<usize, String> {
-        match lock {
-            Some(lock) => {
-                server.adopt_kernel(lock, mode).map_err(|e| format!("taking over the kernel data path: {e}"))?
-            }
-            // The old process ran no kernel path: load one as the mode says.
-            None => server.use_data_path(mode).map_err(|e| e.to_string())?,
+/// The old process let go: this process's verdict attaches to the maps (when
+/// it loaded the kernel path at `ready`), and new tunnels take the data path
+/// `mode` selects.
+fn take_over(server: &Arc<Server>, mode: DataPathMode) -> Result<(), String> {
+    if let Some(k) = server.kernel() {
+        k.take_over().map_err(|e| format!("taking over the kernel data path: {e}"))?;
+    }
+    server.use_data_path(mode).map_err(|e| e.to_string())
+}
+
+/// Lists a parked tunnel under its number and resumes it on the data path
+/// in use (a rate-limited user's on the relay). False when it cannot.
+fn resume(server: &Arc<Server>, record: TunnelRecord, socks: [std::net::TcpStream; 2]) -> bool {
+    let slot = server.shared.registry.adopt(record.number, record.src);
+    let kind = match record.kind.as_str() {
+        "in" => ConnType::In,
+        _ => ConnType::Out,
+    };
+    slot.entry.set_user(record.user.clone());
+    let cancel = slot.entry.cancel.clone();
+    let limits = record.user.as_deref().and_then(|name| {
+        let config = server.config();
+        let user = config.users.iter().find(|u| u.name == name)?;
+        user.rate_limit.map(|bps| server.shared.user_limits(name, bps))
+    });
+    let tunnel = match limits {
+        Some(l) => crate::datapath::userspace::UserspaceRelay.resume_limited(socks, record.state, cancel, Some(l)),
+        None => server.datapath().resume(socks, record.state, cancel),
+    };
+    match tunnel {
+        Ok(t) => {
+            slot.entry.set_tunnel(kind, record.dst, t.stats.clone());
+            server.shared.tasks.spawn(conn::adopted(server.shared.clone(), slot, t));
+            true
         }
-        // New clients first: the tunnels below are parked, not waiting on us.
-        server.set_accepting(true);
-        let datapath = server.datapath();
-        let mut resumed = 0;
-        for (record, socks) in tunnels {
-            let slot = server.shared.registry.adopt(record.number, record.src);
-            let kind = match record.kind.as_str() {
-                "in" => ConnType::In,
-                _ => ConnType::Out,
-            };
-            slot.entry.set_user(record.user.clone());
-            let cancel = slot.entry.cancel.clone();
-            let limits = record.user.as_deref().and_then(|name| {
-                let config = server.config();
-                let user = config.users.iter().find(|u| u.name == name)?;
-                user.rate_limit.map(|bps| server.shared.user_limits(name, bps))
-            });
-            let tunnel = match limits {
-                Some(l) => {
-                    crate::datapath::userspace::UserspaceRelay.resume_limited(socks, record.state, cancel, Some(l))
-                }
-                None => datapath.resume(socks, record.state, cancel),
-            };
-            match tunnel {
-                Ok(t) => {
-                    slot.entry.set_tunnel(kind, record.dst, t.stats.clone());
-                    server.shared.tasks.spawn(conn::adopted(server.shared.clone(), slot, t));
-                    resumed += 1;
-                }
-                Err(e) => tracing::warn!(src = %record.src, "cannot take over a tunnel: {e}"),
-            }
+        Err(e) => {
+            tracing::warn!(src = %record.src, "cannot take over a tunnel: {e}");
+            false
         }
-        Ok(resumed)
     }
 }

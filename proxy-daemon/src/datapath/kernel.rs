@@ -96,12 +96,31 @@ impl KernelDataPath {
         Self::load_inner(pin_dir, max_tunnels, None)
     }
 
-    /// Takes over the kernel data path another proxyd handed over (an
-    /// upgrade): the same pinned maps, so the tunnels it spliced go on, and
-    /// this binary's verdict attached to them (the old one detached first).
-    /// `lock` is the pin dir's lock, held on by the new process.
+    /// Loads this binary's programs on the maps another proxyd pinned (an
+    /// upgrade), so the tunnels it spliced go on, without attaching the
+    /// verdict yet: the old process's is still attached. `lock` is the pin
+    /// dir's lock, which the new process holds on. [`Self::take_over`]
+    /// finishes once the old process detached.
     pub fn adopt(pin_dir: &Path, lock: std::os::fd::OwnedFd) -> Result<Self, io::Error> {
         Self::load_inner(pin_dir, DEFAULT_MAX_TUNNELS, Some(lock))
+    }
+
+    /// Attaches this process's verdict to `SPLICE` (the old process's was
+    /// detached) and makes the pins this process's.
+    pub fn take_over(&self) -> io::Result<()> {
+        let mut ebpf = self.shared._ebpf.lock().unwrap();
+        let program: &mut SkSkb = ebpf
+            .program_mut(VERDICT_PROG)
+            .ok_or_else(|| missing("program", VERDICT_PROG))?
+            .try_into()
+            .map_err(|e| error_line(&format!("BPF program {VERDICT_PROG}"), &e))?;
+        let link = program
+            .attach(self.shared.maps.splice.fd())
+            .map_err(|e| error_line(&format!("attaching {VERDICT_PROG} to {SPLICE_MAP}"), &e))?;
+        *self.shared.verdict_link.lock().unwrap() = Some(link);
+        self.pins.lock().unwrap().take_over(&PINNED_MAPS);
+        info!(pin_dir = %self.pin_dir.display(), "kernel data path taken over: sk_skb verdict attached to sockhash {SPLICE_MAP}");
+        Ok(())
     }
 
     fn load_inner(pin_dir: &Path, max_tunnels: u32, adopt: Option<std::os::fd::OwnedFd>) -> Result<Self, io::Error> {
@@ -113,7 +132,7 @@ impl KernelDataPath {
         }
         let adopting = adopt.is_some();
         let mut pins = match adopt {
-            Some(lock) => Pins::adopt(pin_dir, lock, &PINNED_MAPS),
+            Some(lock) => Pins::adopt(pin_dir, lock),
             None => Pins::prepare(pin_dir, &PINNED_MAPS, false)?,
         };
         let sockets = max_tunnels.clamp(1, u32::MAX / 2) * 2;
@@ -161,14 +180,22 @@ impl KernelDataPath {
             .try_into()
             .map_err(|e| error_line(&format!("BPF program {VERDICT_PROG}"), &e))?;
         program.load().map_err(|e| error_line(&format!("loading BPF program {VERDICT_PROG}"), &e))?;
-        let link = program
-            .attach(maps.splice.fd())
-            .map_err(|e| error_line(&format!("attaching {VERDICT_PROG} to {SPLICE_MAP}"), &e))?;
+        let link = match adopting {
+            // Attached by `take_over`, once the old process let go.
+            true => None,
+            false => Some(
+                program
+                    .attach(maps.splice.fd())
+                    .map_err(|e| error_line(&format!("attaching {VERDICT_PROG} to {SPLICE_MAP}"), &e))?,
+            ),
+        };
 
         let log_task = logger.and_then(spawn_log_poller);
         let (hangups, hangup_task) = hangup::Hangups::start(ring)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot start the hangup watcher: {e}")))?;
-        info!(pin_dir = %pin_dir.display(), "kernel data path loaded: sk_skb verdict attached to sockhash {SPLICE_MAP}");
+        if !adopting {
+            info!(pin_dir = %pin_dir.display(), "kernel data path loaded: sk_skb verdict attached to sockhash {SPLICE_MAP}");
+        }
         Ok(KernelDataPath {
             shared: Arc::new(Shared {
                 maps,
@@ -179,7 +206,7 @@ impl KernelDataPath {
                 demotions: AtomicU64::new(0),
                 hangups,
                 hangup_task,
-                verdict_link: Mutex::new(Some(link)),
+                verdict_link: Mutex::new(link),
             }),
             pins: Mutex::new(pins),
             pin_dir: pin_dir.to_path_buf(),
@@ -193,8 +220,7 @@ impl KernelDataPath {
     /// on) and leaves the pins in place. Returns the pin dir's lock for the
     /// new process. Call it once no tunnel of this process can enter the
     /// maps any more.
-    pub fn hand_over(&self) -> io::Result<std::os::fd::OwnedFd> {
-        let lock = self.pins.lock().unwrap().lock()?;
+    pub fn hand_over(&self) -> io::Result<()> {
         if let Some(link) = self.shared.verdict_link.lock().unwrap().take() {
             let mut ebpf = self.shared._ebpf.lock().unwrap();
             let program: &mut SkSkb = ebpf
@@ -205,7 +231,12 @@ impl KernelDataPath {
             program.detach(link).map_err(|e| error_line(&format!("detaching {VERDICT_PROG}"), &e))?;
         }
         self.pins.lock().unwrap().keep();
-        Ok(lock)
+        Ok(())
+    }
+
+    /// A descriptor of the pin dir's lock, for a new process (an upgrade).
+    pub fn pin_lock(&self) -> io::Result<std::os::fd::OwnedFd> {
+        self.pins.lock().unwrap().lock()
     }
 
     /// This data path under `policy`, as the server's [`DataPath`]; both

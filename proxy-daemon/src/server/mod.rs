@@ -345,13 +345,11 @@ impl Server {
         self.kernel.lock().unwrap().clone()
     }
 
-    /// Takes over the kernel data path another process handed over (an
-    /// upgrade) and makes it the one new tunnels use under `mode`.
-    pub fn adopt_kernel(&self, lock: OwnedFd, mode: DataPathMode) -> io::Result<()> {
+    /// Loads the kernel data path another process runs on the maps it
+    /// pinned (an upgrade), not attached yet (see [`KernelDataPath::adopt`]).
+    pub fn adopt_kernel(&self, lock: OwnedFd) -> io::Result<()> {
         let k = Arc::new(KernelDataPath::adopt(&self.pin_dir, lock)?);
         *self.kernel.lock().unwrap() = Some(k);
-        let dp = select_datapath(mode, &self.pin_dir, &self.kernel)?;
-        self.shared.set_datapath(dp);
         Ok(())
     }
 
