@@ -764,6 +764,7 @@ fn scale(r: &mut SysResult, mut proxy: Option<Proxy>, ctx: &Ctx, cfg: &Cfg) {
     r.push("tunnels_ok", ok as f64);
     dline +=
         &format!(" {ok} of {} answered one byte each afterwards ({:.2} s)", streams.len(), t.elapsed().as_secs_f64());
+    let failed = err.is_some();
     if let Some(e) = err {
         r.note("tunnels_ok", e);
     } else if ok < max {
@@ -778,6 +779,24 @@ fn scale(r: &mut SysResult, mut proxy: Option<Proxy>, ctx: &Ctx, cfg: &Cfg) {
                 (m1 as f64 - m0 as f64) / (n1 - n0) as f64
             );
             r.diag_json.insert("pss_slope_kib".into(), pss_slope.into());
+        }
+    }
+    // `proxyd upgrade` with every tunnel open: how long the hand-over takes,
+    // and whether every tunnel still answers afterwards.
+    if let Some(p) = proxy.as_mut().filter(|p| p.control.is_some() && !failed) {
+        match p.upgrade() {
+            Ok(took) => {
+                std::thread::sleep(Duration::from_millis(200));
+                let ok = load::verify_tunnels(&mut streams);
+                r.push("upgrade_secs", took.as_secs_f64());
+                r.push("upgrade_ok", ok as f64);
+                dline += &format!(
+                    "; `proxyd upgrade` with {} tunnels took {:.2} s, {ok} answered after it",
+                    streams.len(),
+                    took.as_secs_f64()
+                );
+            }
+            Err(e) => r.note("upgrade_secs", format!("{e:#}")),
         }
     }
     r.diag.push(dline);

@@ -21,6 +21,10 @@ pub struct Proxy {
     pub path_check: String,
     /// Whether the load generator speaks SOCKS5 to it (else SOCKS4).
     pub socks5: bool,
+    /// proxyd's binary and control socket (for `proxyd upgrade`).
+    pub control: Option<(PathBuf, PathBuf)>,
+    /// After an upgrade: the new process (not this bench's child).
+    pub adopted: Option<i32>,
 }
 
 fn die_with_parent(cmd: &mut Command) {
@@ -89,6 +93,29 @@ fn proxyd_cli(bin: &Path, control: &Path, args: &[&str]) -> Result<String> {
 }
 
 impl Proxy {
+    /// `proxyd upgrade`: a new process takes everything over; from then on
+    /// this handle follows it (its PID, and stopping it). Returns the time
+    /// the command took.
+    pub fn upgrade(&mut self) -> Result<Duration> {
+        let Some((bin, control)) = self.control.clone() else { bail!("not a proxyd") };
+        let t = Instant::now();
+        proxyd_cli(&bin, &control, &["upgrade"])?;
+        let took = t.elapsed();
+        let _ = self.child.wait();
+        let needle = control.to_string_lossy().into_owned();
+        let old = self.pid;
+        let new = fs::read_dir("/proc")?.flatten().find_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = fs::read(e.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (pid != old && cmdline.contains(&needle) && cmdline.contains(" run")).then_some(pid)
+        });
+        let new = new.context("no proxyd after the upgrade")?;
+        self.adopted = Some(new);
+        self.pid = new;
+        Ok(took)
+    }
+
     /// Starts `proxyd run --data-path <path>` and enables it on a free port.
     /// Fails (with the reason) when it cannot start or runs another path.
     pub fn proxyd(bin: &Path, work: &Path, logs: &Path, path: &str, socks5: bool) -> Result<Proxy> {
@@ -121,6 +148,8 @@ impl Proxy {
             pin_dir: Some(pin_dir),
             path_check: String::new(),
             socks5,
+            control: Some((bin.to_path_buf(), control.clone())),
+            adopted: None,
         };
         let r = (|| -> Result<()> {
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -207,6 +236,8 @@ impl Proxy {
             pin_dir: None,
             path_check: String::new(),
             socks5: false,
+            control: None,
+            adopted: None,
         };
         if let Err(e) = wait_port(&mut p.child, p.addr, &log) {
             p.stop();
@@ -245,6 +276,8 @@ impl Proxy {
             pin_dir: None,
             path_check: String::new(),
             socks5: true,
+            control: None,
+            adopted: None,
         };
         if let Err(e) = wait_port(&mut p.child, p.addr, &log) {
             p.stop();
@@ -262,10 +295,19 @@ impl Proxy {
         unsafe { libc::kill(self.pid, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            if self.child.try_wait().ok().flatten().is_some() {
+            let gone = match self.adopted {
+                // Not our child: gone when /proc says so.
+                Some(pid) => !Path::new(&format!("/proc/{pid}")).exists(),
+                None => self.child.try_wait().ok().flatten().is_some(),
+            };
+            if gone {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Some(pid) = self.adopted.take() {
+            // SAFETY: the process this bench's proxyd handed over to.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         let _ = self.child.kill();
         let _ = self.child.wait();

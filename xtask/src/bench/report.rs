@@ -103,6 +103,13 @@ fn metric_defs(cfg: &Cfg) -> Vec<(String, String, &'static str, bool)> {
     }
     v.push(("rss_slope_kib".into(), "memory per tunnel".into(), "KiB", false));
     v.push(("tunnels_ok".into(), format!("of {} tunnels answering", cfg.tunnels.last().unwrap_or(&0)), "", true));
+    v.push((
+        "upgrade_secs".into(),
+        format!("`proxyd upgrade` with {} tunnels", cfg.tunnels.last().unwrap_or(&0)),
+        "s",
+        false,
+    ));
+    v.push(("upgrade_ok".into(), "of them answering after it".into(), "", true));
     v.push(("slow_client_mib".into(), "client stops reading: TCP mem per tunnel".into(), "MiB", false));
     v.push(("slow_client_growth_mib".into(), "its growth".into(), "MiB", false));
     v.push(("slow_dest_mib".into(), "destination stops reading: TCP mem per tunnel".into(), "MiB", false));
