@@ -22,6 +22,12 @@
 //! One loaded object serves both policies: [`KernelDataPath::with_policy`]
 //! gives `data-path=auto` (relay first, promote bulk tunnels) and
 //! `data-path=kernel` (splice at once) without loading a second copy.
+//!
+//! An upgrade hands the whole path to a new process (docs/upgrade.md): the
+//! old one detaches its verdict and keeps the pins ([`KernelDataPath::hand_over`]),
+//! the new one loads its programs on the pinned maps ([`KernelDataPath::adopt`])
+//! and attaches its verdict ([`KernelDataPath::take_over`]); sockets already
+//! in `SPLICE` keep the program they were linked with, so their bytes go on.
 
 mod hangup;
 mod shared;
@@ -109,12 +115,7 @@ impl KernelDataPath {
     /// detached) and makes the pins this process's.
     pub fn take_over(&self) -> io::Result<()> {
         let mut ebpf = self.shared._ebpf.lock().unwrap();
-        let program: &mut SkSkb = ebpf
-            .program_mut(VERDICT_PROG)
-            .ok_or_else(|| missing("program", VERDICT_PROG))?
-            .try_into()
-            .map_err(|e| error_line(&format!("BPF program {VERDICT_PROG}"), &e))?;
-        let link = program
+        let link = verdict(&mut ebpf)?
             .attach(self.shared.maps.splice.fd())
             .map_err(|e| error_line(&format!("attaching {VERDICT_PROG} to {SPLICE_MAP}"), &e))?;
         *self.shared.verdict_link.lock().unwrap() = Some(link);
@@ -174,11 +175,7 @@ impl KernelDataPath {
         };
         let ring = RingBuf::try_from(take(EVENTS_MAP)?).map_err(|e| convert(EVENTS_MAP, e))?;
 
-        let program: &mut SkSkb = ebpf
-            .program_mut(VERDICT_PROG)
-            .ok_or_else(|| missing("program", VERDICT_PROG))?
-            .try_into()
-            .map_err(|e| error_line(&format!("BPF program {VERDICT_PROG}"), &e))?;
+        let program = verdict(&mut ebpf)?;
         program.load().map_err(|e| error_line(&format!("loading BPF program {VERDICT_PROG}"), &e))?;
         let link = match adopting {
             // Attached by `take_over`, once the old process let go.
@@ -217,18 +214,12 @@ impl KernelDataPath {
     /// Hands the kernel data path over to a new process (an upgrade):
     /// detaches this process's verdict from `SPLICE` (the sockets already in
     /// it keep running the program they were linked with, so their bytes go
-    /// on) and leaves the pins in place. Returns the pin dir's lock for the
-    /// new process. Call it once no tunnel of this process can enter the
-    /// maps any more.
+    /// on) and leaves the pins in place. Call it once no tunnel of this
+    /// process can enter the maps any more.
     pub fn hand_over(&self) -> io::Result<()> {
         if let Some(link) = self.shared.verdict_link.lock().unwrap().take() {
             let mut ebpf = self.shared._ebpf.lock().unwrap();
-            let program: &mut SkSkb = ebpf
-                .program_mut(VERDICT_PROG)
-                .ok_or_else(|| missing("program", VERDICT_PROG))?
-                .try_into()
-                .map_err(|e| error_line(&format!("BPF program {VERDICT_PROG}"), &e))?;
-            program.detach(link).map_err(|e| error_line(&format!("detaching {VERDICT_PROG}"), &e))?;
+            verdict(&mut ebpf)?.detach(link).map_err(|e| error_line(&format!("detaching {VERDICT_PROG}"), &e))?;
         }
         self.pins.lock().unwrap().keep();
         Ok(())
@@ -254,6 +245,14 @@ impl KernelDataPath {
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }
+}
+
+/// The verdict program of the loaded object.
+fn verdict(ebpf: &mut aya::Ebpf) -> io::Result<&mut SkSkb> {
+    ebpf.program_mut(VERDICT_PROG)
+        .ok_or_else(|| missing("program", VERDICT_PROG))?
+        .try_into()
+        .map_err(|e| error_line(&format!("BPF program {VERDICT_PROG}"), &e))
 }
 
 /// The kernel data path under one policy.

@@ -58,6 +58,13 @@
 //! `EPOLLRDHUP`/`EPOLLHUP`/`EPOLLERR` and carries the verdict's events, so
 //! userspace is not woken for every skb the kernel moves.
 //!
+//! Parking (an upgrade, `datapath::park`). On the relay the tunnel parks
+//! like any relayed one; while spliced it stops watching and leaves the pair
+//! in the maps with its FIN/shut state; the new process's task watches it
+//! from there (`Start::Spliced`), first looking at both windows, since the
+//! verdict may have asked for more meanwhile. A braking tunnel parks once on
+//! the relay.
+//!
 //! If the pair cannot enter the maps (a side already closed its write half,
 //! so the socket is no longer `ESTABLISHED`; or the maps are full) the tunnel
 //! stays on the relay, with the same counters.
