@@ -431,10 +431,11 @@ impl Offered {
     /// tunnel under its number. Returns how many it took over.
     pub async fn adopt(self, server: &Arc<Server>, mode: DataPathMode) -> Result<usize, String> {
         server.shared.registry.number_from(self.next_number);
-        // On the relay alone, a tunnel resumes as it arrives; with the kernel
-        // path, once this process's verdict is attached (a promotion needs it).
-        let at_once = mode == DataPathMode::Userspace;
-        let (mut waiting, mut resumed) = (Vec::new(), 0);
+        // Each tunnel resumes as it arrives, on the data path the mode selects
+        // (with the kernel path loaded at `ready`: its verdict attaches at
+        // `done`, and until then no tunnel enters the maps).
+        server.use_data_path(mode).map_err(|e| e.to_string())?;
+        let mut resumed = 0;
         loop {
             let (msg, fds) = self.channel.recv().await.map_err(|e| e.to_string())?;
             match msg {
@@ -442,20 +443,15 @@ impl Offered {
                     let [client, upstream]: [OwnedFd; 2] =
                         fds.try_into().map_err(|_| "a tunnel arrived without its two sockets".to_string())?;
                     let socks = [std::net::TcpStream::from(client), std::net::TcpStream::from(upstream)];
-                    if at_once {
-                        resumed += usize::from(resume(server, record, socks));
-                    } else {
-                        waiting.push((record, socks));
-                    }
+                    resumed += usize::from(resume(server, record, socks));
                 }
                 Message::Done => break,
                 other => return Err(format!("unexpected {other:?}")),
             }
         }
-        let result = take_over(server, mode).map(|()| {
-            // New clients first: the tunnels below are parked, not waiting on us.
+        let result = take_over(server).map(|()| {
             server.set_accepting(true);
-            resumed + waiting.into_iter().map(|(r, s)| usize::from(resume(server, r, s))).sum::<usize>()
+            resumed
         });
         let reply = match &result {
             Ok(n) => Message::Adopted { tunnels: *n },
@@ -467,13 +463,12 @@ impl Offered {
 }
 
 /// The old process let go: this process's verdict attaches to the maps (when
-/// it loaded the kernel path at `ready`), and new tunnels take the data path
-/// `mode` selects.
-fn take_over(server: &Arc<Server>, mode: DataPathMode) -> Result<(), String> {
-    if let Some(k) = server.kernel() {
-        k.take_over().map_err(|e| format!("taking over the kernel data path: {e}"))?;
+/// it loaded the kernel path at `ready`).
+fn take_over(server: &Arc<Server>) -> Result<(), String> {
+    match server.kernel() {
+        Some(k) => k.take_over().map_err(|e| format!("taking over the kernel data path: {e}")),
+        None => Ok(()),
     }
-    server.use_data_path(mode).map_err(|e| e.to_string())
 }
 
 /// Lists a parked tunnel under its number and resumes it on the data path

@@ -39,7 +39,7 @@ use shared::{KernelFlow, Maps, Shared};
 
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aya::maps::{HashMap as BpfHashMap, MapInfo, RingBuf, SockHash};
@@ -119,6 +119,7 @@ impl KernelDataPath {
             .attach(self.shared.maps.splice.fd())
             .map_err(|e| error_line(&format!("attaching {VERDICT_PROG} to {SPLICE_MAP}"), &e))?;
         *self.shared.verdict_link.lock().unwrap() = Some(link);
+        self.shared.attached.store(true, Ordering::Release);
         self.pins.lock().unwrap().take_over(&PINNED_MAPS);
         info!(pin_dir = %self.pin_dir.display(), "kernel data path taken over: sk_skb verdict attached to sockhash {SPLICE_MAP}");
         Ok(())
@@ -203,6 +204,7 @@ impl KernelDataPath {
                 demotions: AtomicU64::new(0),
                 hangups,
                 hangup_task,
+                attached: AtomicBool::new(link.is_some()),
                 verdict_link: Mutex::new(link),
             }),
             pins: Mutex::new(pins),
@@ -217,6 +219,7 @@ impl KernelDataPath {
     /// on) and leaves the pins in place. Call it once no tunnel of this
     /// process can enter the maps any more.
     pub fn hand_over(&self) -> io::Result<()> {
+        self.shared.attached.store(false, Ordering::Release);
         if let Some(link) = self.shared.verdict_link.lock().unwrap().take() {
             let mut ebpf = self.shared._ebpf.lock().unwrap();
             verdict(&mut ebpf)?.detach(link).map_err(|e| error_line(&format!("detaching {VERDICT_PROG}"), &e))?;

@@ -40,6 +40,9 @@ pub(super) struct Shared {
     pub(super) hangup_task: JoinHandle<()>,
     /// The verdict's attachment to `SPLICE` (taken when handed over).
     pub(super) verdict_link: Mutex<Option<aya::programs::sk_skb::SkSkbLinkId>>,
+    /// Whether this process's verdict is attached: until then (an upgrade's
+    /// new process, before the old one let go) no tunnel enters the maps.
+    pub(super) attached: AtomicBool,
 }
 
 impl Drop for Shared {

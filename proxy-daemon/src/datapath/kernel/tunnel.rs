@@ -204,7 +204,10 @@ pub(super) async fn run(
     };
     // The last epoch's pair while its bytes drain towards the relay's writers.
     let mut demoted: Option<(Spliced, u64)> = None;
-    let mut rule = (policy == Policy::Auto).then_some(PROMOTE);
+    // A tunnel taken over while this process's verdict is not attached yet
+    // relays until it is (then `kernel` splices it at the next promotion).
+    let waits = !shared.attached.load(Ordering::Acquire) && socks.is_some();
+    let mut rule = (policy == Policy::Auto || waits).then_some(PROMOTE);
     loop {
         let mut closing = None;
         let spliced = match resumed.take() {
@@ -237,6 +240,12 @@ pub(super) async fn run(
                     };
                     if park.requested() {
                         return park_relayed(&park, pair, flow.snapshot(), ended);
+                    }
+                    if !shared.attached.load(Ordering::Acquire) {
+                        // No verdict to splice with yet: relay on (another
+                        // promotion period).
+                        socks = Some(pair);
+                        continue;
                     }
                     shared.promotions.fetch_add(1, Ordering::Relaxed);
                     debug!(tunnel = id, "bulk: promoting into the sockhash");
