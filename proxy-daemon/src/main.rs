@@ -69,6 +69,14 @@ struct RunArgs {
     /// How long open tunnels may go on after SIGTERM/SIGINT before they are closed.
     #[arg(long, default_value = "10s", value_parser = parse_time)]
     shutdown_grace: Duration,
+    /// Declarative mode: the configuration is this RouterOS script (e.g. a
+    /// mounted ConfigMap), applied at start and whenever it changes; changes
+    /// through the control socket are refused and no state file is written.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// With --config: close open tunnels that a new version's access list denies.
+    #[arg(long, requires = "config")]
+    config_enforce: bool,
 }
 
 fn parse_time(s: &str) -> Result<Duration, String> {
@@ -158,7 +166,12 @@ fn run(control_path: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     if handover.is_none() {
         control::ensure_not_running(&control_path).context("cannot start")?;
     }
-    let config = store::load(&args.state).context("cannot start: the state file is broken")?;
+    let config = match &args.config {
+        Some(file) => proxyd::control::declarative::load(file)
+            .map_err(anyhow::Error::msg)
+            .context("cannot start: the --config file is broken")?,
+        None => store::load(&args.state).context("cannot start: the state file is broken")?,
+    };
     proxyd::server::raise_nofile_limit(config.settings.max_connections);
     // Mounting bpffs needs CAP_SYS_ADMIN, which is about to go.
     proxyd::bpf::mount_if_missing();
@@ -188,7 +201,15 @@ fn run(control_path: PathBuf, args: RunArgs) -> anyhow::Result<()> {
             tracing::warn!("the access list allows any client to any destination: this is an open proxy");
         }
         let socket = std::os::fd::AsFd::as_fd(&listener).try_clone_to_owned().ok();
-        let controller = Arc::new(Controller::new(server.clone(), args.state.clone(), socket));
+        let mut controller = Controller::new(server.clone(), args.state.clone(), socket);
+        if let Some(file) = &args.config {
+            controller = controller.declarative(file.clone());
+        }
+        let controller = Arc::new(controller);
+        if let Some(file) = &args.config {
+            tracing::info!(config = %file.display(), "declarative: the configuration is this file, applied when it changes");
+            tokio::spawn(control::declarative::watch(controller.clone(), file.clone(), args.config_enforce));
+        }
         tokio::spawn(control::serve(listener, controller.clone()));
         tokio::spawn(server.clone().reap_idle_forever());
         tracing::info!(control = %control_path.display(), "ready");

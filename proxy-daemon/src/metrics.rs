@@ -82,6 +82,8 @@ pub struct Metrics {
     handshake_buckets: [AtomicU64; HANDSHAKE_BUCKETS.len()],
     handshake_count: AtomicU64,
     handshake_sum_ns: AtomicU64,
+    /// New versions of the `--config` file that were refused.
+    config_reload_errors: AtomicU64,
 }
 
 impl Metrics {
@@ -104,6 +106,11 @@ impl Metrics {
         }
         self.handshake_count.fetch_add(1, Ordering::Relaxed);
         self.handshake_sum_ns.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// A new version of the `--config` file was refused.
+    pub fn config_reload_failed(&self) {
+        self.config_reload_errors.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A tunnel ended having moved these bytes.
@@ -168,6 +175,12 @@ impl Metrics {
                 .iter()
                 .map(|(p, n)| (format!("{{path=\"{p}\"}}"), n.to_string()))
                 .collect(),
+        );
+        metric(
+            "proxyd_config_reload_errors_total",
+            "counter",
+            "New versions of the --config file that were refused (the running configuration stayed).",
+            vec![(String::new(), load(&self.config_reload_errors))],
         );
         let mut hist: Vec<(String, String)> = HANDSHAKE_BUCKETS
             .iter()

@@ -8,6 +8,7 @@
 //! answer `{"exit":0,"stdout":"...","stderr":"..."}`.
 
 pub mod client;
+pub mod declarative;
 pub mod print;
 
 use std::io;
@@ -73,6 +74,9 @@ pub struct Controller {
     stop: tokio_util::sync::CancellationToken,
     /// Set when an upgrade handed everything over: the process exits.
     pub upgraded: tokio_util::sync::CancellationToken,
+    /// `proxyd run --config FILE`: the configuration lives in that file;
+    /// changes through the control socket are refused, nothing is saved.
+    declarative: Option<PathBuf>,
 }
 
 impl Controller {
@@ -84,7 +88,39 @@ impl Controller {
             socket,
             stop: Default::default(),
             upgraded: Default::default(),
+            declarative: None,
         }
+    }
+
+    /// The configuration lives in `file` (`proxyd run --config FILE`).
+    pub fn declarative(mut self, file: PathBuf) -> Self {
+        self.declarative = Some(file);
+        self
+    }
+
+    /// Makes `config` (a new version of the `--config` file) current as one
+    /// change; with `enforce`, closes open tunnels its access list denies.
+    pub async fn apply_declarative(&self, config: crate::config::Config, enforce: bool) -> Response {
+        let _one_at_a_time = self.changes.lock().await;
+        let current = self.server.config();
+        let response = self.commit_config(&current, config);
+        if response.exit == 0 && enforce {
+            let config = self.server.config();
+            for row in self.server.shared.registry.rows() {
+                let Some(dst) = row.dst_address else { continue };
+                let request = crate::config::AccessRequest { src: row.src_address, dst, dst_name: None };
+                if config.access.decide(&request).action == crate::config::Action::Deny {
+                    self.server.shared.registry.cancel_where(row.src_address);
+                }
+            }
+        }
+        response
+    }
+
+    /// A new version of the `--config` file was refused: logged, counted.
+    pub fn reload_failed(&self, why: &str) {
+        tracing::error!("configuration not reloaded, the running one stays: {why}");
+        self.server.shared.metrics.config_reload_failed();
     }
 
     /// Runs one command given as words, as typed after `proxyd`.
@@ -182,6 +218,22 @@ impl Controller {
                 };
                 let rows: Vec<_> = rows.into_iter().map(|(_, r)| r).collect();
                 out(text, serde_json::to_value(&rows).unwrap())
+            }
+            Command::Import { .. }
+            | Command::Add(..)
+            | Command::Set(..)
+            | Command::Remove(..)
+            | Command::Enable(..)
+            | Command::Disable(..)
+            | Command::Move(..)
+            | Command::SettingsSet(..)
+                if self.declarative.is_some() =>
+            {
+                let file = self.declarative.as_ref().map(|f| f.display().to_string()).unwrap_or_default();
+                Response::err(
+                    1,
+                    format!("the configuration lives in {file} (proxyd run --config): change it there; it is applied when the file changes"),
+                )
             }
             Command::Import { file, verbose } => self.import(file, *verbose).await,
             Command::Upgrade { binary } => self.upgrade(binary.clone()).await,
@@ -290,9 +342,11 @@ impl Controller {
             Ok(p) => p,
             Err(e) => return Response::err(1, e),
         };
-        if let Err(e) = store::save(&self.state_path, &new) {
-            tracing::error!("{e}");
-            return Response::err(1, format!("not saved, nothing changed: {e}"));
+        if self.declarative.is_none() {
+            if let Err(e) = store::save(&self.state_path, &new) {
+                tracing::error!("{e}");
+                return Response::err(1, format!("not saved, nothing changed: {e}"));
+            }
         }
         let mut stderr = String::new();
         if new.settings.enabled && !current.settings.enabled && new.access.is_open() {

@@ -265,6 +265,14 @@ impl Registry {
         Ok(())
     }
 
+    /// Closes the connections from `src` (`--config-enforce`).
+    pub fn cancel_where(&self, src: SocketAddr) {
+        for e in self.snapshot().iter().filter(|e| e.src == src) {
+            tracing::info!(%src, "closing a connection the new access list denies");
+            e.cancel.cancel();
+        }
+    }
+
     /// Closes every connection, and any admitted from now on (shutdown after
     /// the grace period).
     pub fn cancel_all(&self) {
