@@ -153,6 +153,22 @@ fn setup() -> Result<()> {
         exec(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     }
 
+    // The Kubernetes schemas the manifests are checked against (PyPI only).
+    let has_validator = succeeds(Command::new("python3").args(["-c", "import kubernetes_validate"]));
+    if has_validator {
+        eprintln!("setup: kubernetes-validate present");
+    } else {
+        eprintln!("setup: installing kubernetes-validate (pip)");
+        exec(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--root-user-action=ignore",
+            "kubernetes-validate",
+        ]))?;
+    }
+
     // bpf-linker, built against the nightly toolchain's own libLLVM.
     let linker_ok = succeeds(Command::new("bpf-linker").arg("--version").env_remove("LD_LIBRARY_PATH"));
     if linker_ok {
@@ -271,6 +287,7 @@ fn test(args: &[String]) -> Result<()> {
     setup()?;
     if args.is_empty() {
         lint().context("the lint step failed (run `cargo xtask lint`)")?;
+        validate_manifests()?;
     }
     build(false)?;
     let bin = root().join("target/debug/proxyd");
@@ -294,6 +311,19 @@ fn test(args: &[String]) -> Result<()> {
         check_smoke_report(&root().join("target/bench/smoke/results.json"))?;
     }
     Ok(())
+}
+
+/// The Kubernetes manifests against the API's schemas (strict: no unknown fields).
+fn validate_manifests() -> Result<()> {
+    let dir = root().join("packaging/kubernetes");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    eprintln!("test: validating {} Kubernetes manifests", files.len());
+    exec(Command::new("python3").args(["-m", "kubernetes_validate", "--strict", "--quiet"]).args(&files))
+        .context("the Kubernetes manifests do not validate")
 }
 
 /// The smoke run must have measured every system (the kernel path only where

@@ -82,3 +82,28 @@ pub async fn watch(controller: Arc<Controller>, path: PathBuf, enforce: bool) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The ConfigMap in packaging/kubernetes holds a script this parser
+    /// takes whole (the fleet's nodes would refuse it otherwise).
+    #[test]
+    fn the_kubernetes_configmap_loads() {
+        let yaml = include_str!("../../../packaging/kubernetes/configmap.yaml");
+        let start = yaml.find("config.rsc: |\n").expect("the ConfigMap has config.rsc") + "config.rsc: |\n".len();
+        let script: String = yaml[start..]
+            .lines()
+            .take_while(|l| l.starts_with("    ") || l.is_empty())
+            .map(|l| format!("{}\n", l.trim_start()))
+            .collect();
+        let dir = std::env::temp_dir().join(format!("proxyd-configmap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("config.rsc");
+        std::fs::write(&file, &script).unwrap();
+        let config = super::load(&file).unwrap_or_else(|e| panic!("{e}\n{script}"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(config.settings.enabled && config.settings.port == 1080, "{script}");
+        assert_eq!(config.access.rules.len(), 2, "{script}");
+        assert!(config.settings.metrics_address.is_some(), "the probes and the scrape need metrics-address");
+    }
+}
