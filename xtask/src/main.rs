@@ -66,6 +66,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "systemd",
     "python3-prometheus-client",
     "groff-base",
+    "nftables",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
