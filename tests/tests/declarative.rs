@@ -114,3 +114,38 @@ fn the_config_file_is_applied_when_it_changes() {
     drop(d);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With `--config-enforce`, a new version of the file closes the open
+/// tunnels its access list denies; the others stay.
+#[test]
+fn config_enforce_closes_what_the_new_list_denies() {
+    let (port, mport) = (free_port(), free_port());
+    let proxy: SocketAddr = ([127, 0, 0, 1], port).into();
+    let (l, dst) = listen_local();
+    let (l2, dst2) = listen_local();
+    let dir = std::env::temp_dir().join(format!("proxyd-enforce-{}-{port}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("config.rsc");
+    std::fs::write(&file, script(port, mport, "add action=allow\n")).unwrap();
+    let args = vec!["--config".into(), file.display().to_string(), "--config-enforce".into()];
+    let d = Daemon::start_with("userspace", Options { args, ..Options::default() });
+    assert!(wait_until(Duration::from_secs(5), || tcp_connect(proxy).is_ok()), "not listening:\n{}", d.log());
+    let (mut denied_c, mut denied_u) = socks::tunnel(proxy, &l, dst);
+    let (mut kept_c, mut kept_u) = socks::tunnel(proxy, &l2, dst2);
+    // Deny the first destination's port only.
+    std::fs::write(&file, script(port, mport, &format!("add dst-port={} action=deny\nadd action=allow\n", dst.port())))
+        .unwrap();
+    assert!(
+        socks::closed_within(&mut denied_c, Duration::from_secs(3)),
+        "the tunnel the new list denies is still open:\n{}",
+        d.log()
+    );
+    let _ = denied_u.write_all(b"x");
+    kept_c.write_all(b"still").unwrap();
+    let mut b = [0u8; 5];
+    kept_u.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"still");
+    drop(d);
+    let _ = std::fs::remove_dir_all(&dir);
+}
