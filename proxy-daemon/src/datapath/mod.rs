@@ -6,8 +6,10 @@
 //! at once (`kernel`) or once a tunnel proves to be bulk (`auto`), and hands
 //! a tunnel back to the same relay when a peer falls behind.
 //! The server hands over a connected [`Pair`] and gets back a [`Tunnel`]: a
-//! live view of the flow's counters and a future that ends with the tunnel.
-//! Nothing outside the data path touches the sockets after `attach`.
+//! live view of the flow's counters, a future that ends with the tunnel, and
+//! its [`park::Park`], where an upgrade stops it to hand it to a new process
+//! (which takes it on with [`DataPath::resume`]). Nothing outside the data
+//! path touches the sockets after `attach`.
 
 pub mod kernel;
 pub mod park;
