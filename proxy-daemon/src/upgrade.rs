@@ -14,8 +14,9 @@
 //! 3. old: parks every tunnel (`datapath::park`: relayed ones stop between
 //!    chunks, spliced ones stay in the maps) and sends each as `tunnel {...}`
 //!    with its two sockets, accepting new clients meanwhile (they park too);
-//!    once all are sent it stops accepting, sends the last ones, detaches
-//!    its verdict and XDP program and sends `done` with the pin dir's lock.
+//!    once all are sent and the new process has resumed them (`sync`,
+//!    `synced`), it stops accepting, sends the last ones, detaches its
+//!    verdict and XDP program and sends `done`.
 //! 4. new: takes the kernel data path over (same pinned maps, its own
 //!    verdict), starts accepting, resumes every tunnel under its old number,
 //!    serves the control socket, and answers `adopted {tunnels}`. The old
@@ -82,6 +83,11 @@ enum Message {
     },
     /// Descriptors: the client socket, then the upstream socket.
     Tunnel(TunnelRecord),
+    /// Asks the new process to answer `synced` once it has resumed every
+    /// tunnel sent before: the old one stops accepting only then, so new
+    /// clients do not wait behind a backlog of tunnels to resume.
+    Sync,
+    Synced,
     /// Everything was sent; the old process detached its BPF programs.
     Done,
     Adopted {
@@ -327,9 +333,14 @@ async fn send_tunnels(h: &Handover<'_>, channel: &Channel) -> io::Result<usize> 
             pending.remove(&n);
         }
         if pending.is_empty() && handshakes == 0 && accepting {
-            // Everything so far is sent: stop accepting (the new process
-            // starts as soon as it has the kernel path), then one more pass
-            // for what was accepted meanwhile.
+            // Everything so far is sent: once the new process has resumed it
+            // all, stop accepting (the new process starts as soon as it has
+            // the kernel path), then one more pass for what came meanwhile.
+            channel.send(&Message::Sync, &[]).await?;
+            match channel.recv().await? {
+                (Message::Synced, _) => {}
+                (other, _) => return Err(io::Error::other(format!("unexpected {other:?}"))),
+            }
             h.server.set_accepting(false);
             accepting = false;
             continue;
@@ -445,6 +456,7 @@ impl Offered {
                     let socks = [std::net::TcpStream::from(client), std::net::TcpStream::from(upstream)];
                     resumed += usize::from(resume(server, record, socks));
                 }
+                Message::Sync => self.channel.send(&Message::Synced, &[]).await.map_err(|e| e.to_string())?,
                 Message::Done => break,
                 other => return Err(format!("unexpected {other:?}")),
             }
