@@ -214,7 +214,6 @@ pub async fn hand_over(h: Handover<'_>, binary: Option<PathBuf>) -> Result<Strin
             return Err(format!("upgrade failed while handing over ({e}); tunnels not yet sent stay here"));
         }
     };
-    h.stop_control.cancel();
     let done = async {
         match channel.recv().await {
             Ok((Message::Adopted { tunnels }, _)) => Ok(tunnels),
@@ -223,13 +222,29 @@ pub async fn hand_over(h: Handover<'_>, binary: Option<PathBuf>) -> Result<Strin
             Err(e) => Err(e.to_string()),
         }
     };
-    match tokio::time::timeout(ADOPT_DEADLINE, done).await {
+    let failed = match tokio::time::timeout(ADOPT_DEADLINE, done).await {
         Ok(Ok(adopted)) => {
-            Ok(format!("upgraded: pid {} -> {pid}, {adopted} of {sent} tunnels taken over", std::process::id()))
+            h.stop_control.cancel();
+            return Ok(format!(
+                "upgraded: pid {} -> {pid}, {adopted} of {sent} tunnels taken over",
+                std::process::id()
+            ));
         }
-        Ok(Err(reason)) => Err(format!("the new proxyd (pid {pid}) failed to adopt: {reason}")),
-        Err(_) => Err(format!("the new proxyd (pid {pid}) did not adopt within {ADOPT_DEADLINE:?}")),
+        Ok(Err(reason)) => format!("the new proxyd (pid {pid}) failed to take over: {reason}"),
+        Err(_) => format!("the new proxyd (pid {pid}) did not take over within {ADOPT_DEADLINE:?}"),
+    };
+    // After `done` the tunnels already sent went with the new process. What
+    // can be given back is: accepting, and the verdict for new tunnels.
+    let _ = child.start_kill();
+    if let Some(k) = h.server.kernel() {
+        if let Err(e) = k.take_over() {
+            tracing::warn!("after the failed upgrade, the verdict could not be attached again: {e}");
+        }
     }
+    h.server.set_accepting(true);
+    Err(format!(
+        "upgrade failed after the hand-over, this proxyd accepts again (the tunnels it sent are lost): {failed}"
+    ))
 }
 
 /// Steps 1 and 2, on the old side.
