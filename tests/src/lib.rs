@@ -320,3 +320,20 @@ impl Drop for ConnPoller {
         }
     }
 }
+
+/// Runs `f` on a thread that has entered network namespace `ns`: sockets it
+/// makes (and processes it starts) belong to that namespace.
+pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("open netns");
+                // SAFETY: setns on a namespace fd we hold; it changes only this thread.
+                let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    })
+}

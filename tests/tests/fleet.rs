@@ -8,12 +8,12 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use proxyd_tests::in_ns;
 use proxyd_tests::{find_program, require_root, skip_or_fail, text, wait_until, Daemon, Options};
 
 const VIP: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 231, 9, 9), 1080);
@@ -26,23 +26,6 @@ fn run(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
     assert!(out.status.success(), "{cmd} {} failed: {}", args.join(" "), text(&out.stderr));
     text(&out.stdout)
-}
-
-/// Runs `f` on a thread inside network namespace `ns` (sockets it makes and
-/// processes it starts belong there).
-fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("open netns");
-                // SAFETY: setns on a namespace fd we hold; it changes only this thread.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .unwrap_or_else(|e| std::panic::resume_unwind(e))
-    })
 }
 
 /// The namespaces: `lb` (a bridge to the nodes, a veth to the clients, the

@@ -20,12 +20,12 @@
 //! Root-gated (skipped without root, failed when `CI` is set), except
 //! `unknown_vrf_is_refused_and_changes_nothing`, which runs anywhere.
 
+use proxyd_tests::in_ns;
 use proxyd_tests::{
     data_paths, find_program, free_port, is_root, skip_or_fail, socks, tcp_connect, text, wait_until, Daemon,
 };
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -108,23 +108,6 @@ impl Drop for Net {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
     }
-}
-
-/// Runs `f` on a thread that has entered network namespace `ns`: sockets it
-/// makes (and processes it starts) belong to that namespace.
-fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("open netns");
-                // SAFETY: setns on a namespace fd we hold; it changes only this thread.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .unwrap_or_else(|e| std::panic::resume_unwind(e))
-    })
 }
 
 /// TCP and UDP echo servers on the destination (port 7 in `V`); the TCP one

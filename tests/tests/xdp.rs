@@ -21,10 +21,10 @@
 //! tunnel outlives a deny of its source); the property test covers IPv6 and
 //! IPv4-mapped sources.
 
+use proxyd_tests::in_ns;
 use proxyd_tests::{data_paths, find_program, is_root, skip_or_fail, socks, text, Daemon, Options};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -144,23 +144,6 @@ impl Drop for Net {
         }
         let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
-}
-
-/// Runs `f` on a thread that has entered network namespace `ns`: sockets it
-/// makes (and processes it starts) belong to that namespace.
-fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("open netns");
-                // SAFETY: setns on a namespace fd we hold; it changes only this thread.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .unwrap_or_else(|e| std::panic::resume_unwind(e))
-    })
 }
 
 /// Connects to the proxy from client host `ns`.

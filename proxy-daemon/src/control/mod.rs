@@ -219,16 +219,7 @@ impl Controller {
                 let rows: Vec<_> = rows.into_iter().map(|(_, r)| r).collect();
                 out(text, serde_json::to_value(&rows).unwrap())
             }
-            Command::Import { .. }
-            | Command::Add(..)
-            | Command::Set(..)
-            | Command::Remove(..)
-            | Command::Enable(..)
-            | Command::Disable(..)
-            | Command::Move(..)
-            | Command::SettingsSet(..)
-                if self.declarative.is_some() =>
-            {
+            cmd if self.declarative.is_some() && (cmd.is_change() || matches!(cmd, Command::Import { .. })) => {
                 let file = self.declarative.as_ref().map(|f| f.display().to_string()).unwrap_or_default();
                 Response::err(
                     1,
