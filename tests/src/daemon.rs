@@ -82,6 +82,8 @@ pub struct Conn {
     pub rx: u64,
     /// `unknown`, `out` or `in`.
     pub kind: String,
+    /// What moves its bytes now (`kernel` or `userspace`); empty during the handshake.
+    pub path: String,
 }
 
 /// Parses the JSON array printed by `--json ip socks connections print`.
@@ -101,7 +103,8 @@ pub fn parse_connections(json: &str) -> Vec<Conn> {
                 o.get(k).and_then(|x| x.as_u64()).unwrap_or_else(|| panic!("connection row lacks number {k:?}: {o}"))
             };
             let dst = if o.get("dst-address").is_some_and(|x| x.is_null()) { String::new() } else { s("dst-address") };
-            Conn { src: s("src-address"), dst, tx: n("tx"), rx: n("rx"), kind: s("type") }
+            let path = o.get("path").and_then(|x| x.as_str()).unwrap_or_default().to_string();
+            Conn { src: s("src-address"), dst, tx: n("tx"), rx: n("rx"), kind: s("type"), path }
         })
         .collect()
 }

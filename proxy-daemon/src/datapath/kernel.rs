@@ -20,7 +20,7 @@
 //! loss (see there).
 //!
 //! One loaded object serves both policies: [`KernelDataPath::with_policy`]
-//! gives `data-path=auto` (relay first, promote bulk tunnels) and
+//! gives `data-path=auto` (relay first, promote interactive tunnels) and
 //! `data-path=kernel` (splice at once) without loading a second copy.
 //!
 //! An upgrade hands the whole path to a new process (docs/upgrade.md): the

@@ -1,10 +1,12 @@
 //! The data path: what moves a tunnel's bytes once the handshake is done.
 //!
-//! One trait, two implementations. [`userspace::UserspaceRelay`] copies bytes
-//! through the daemon and works everywhere; [`kernel::KernelDataPath`] puts the
-//! socket pair into a BPF sockhash and lets an `sk_skb` program splice them,
-//! at once (`kernel`) or once a tunnel proves to be bulk (`auto`), and hands
-//! a tunnel back to the same relay when a peer falls behind.
+//! One trait, two implementations. [`userspace::UserspaceRelay`] moves bytes
+//! through the daemon (copying small messages, handing bulk on with
+//! `splice(2)` through a [`pipe`]) and works everywhere;
+//! [`kernel::KernelDataPath`] puts the socket pair into a BPF sockhash and
+//! lets an `sk_skb` program splice them, at once (`kernel`) or once a tunnel
+//! proves to be interactive rather than bulk (`auto`), and hands a tunnel
+//! back to the same relay when a peer falls behind.
 //! The server hands over a connected [`Pair`] and gets back a [`Tunnel`]: a
 //! live view of the flow's counters, a future that ends with the tunnel, and
 //! its [`park::Park`], where an upgrade stops it to hand it to a new process
@@ -13,6 +15,7 @@
 
 pub mod kernel;
 pub mod park;
+pub mod pipe;
 pub mod udp;
 pub mod userspace;
 

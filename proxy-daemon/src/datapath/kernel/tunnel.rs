@@ -1,11 +1,12 @@
 //! One tunnel's life on the kernel data path: relayed at first (under
-//! `auto`), promoted into the maps once it proves to be bulk, spliced with a
+//! `auto`), promoted into the maps once it proves to be interactive (bulk
+//! stays on the relay's `splice(2)` lane, which serves it better), spliced with a
 //! window that follows the peer, demoted back to the relay when a peer falls
 //! behind, and closed without loss.
 //!
 //! Promotion. Under [`Policy::Auto`] the tunnel starts on the userspace relay
-//! ([`relay`]); once it has moved [`PROMOTE`]'s bytes the relay stops between
-//! chunks and hands the sockets back. [`Policy::Always`] splices at once. The
+//! ([`relay`]); once [`PROMOTE`] fires (50 ms of traffic with no bulk) the
+//! relay stops between chunks and hands the sockets back. [`Policy::Always`] splices at once. The
 //! hand-over then moves, in userspace, whatever must precede the spliced
 //! stream (the client's early bytes, bytes already queued) and the pair
 //! enters the maps.
@@ -110,12 +111,14 @@ const QUIET: Duration = Duration::from_millis(10);
 /// How often a braking tunnel looks at its counters and its peer's room.
 const BRAKE_POLL: Duration = Duration::from_millis(2);
 
-/// When `auto` promotes a relayed tunnel: once it has moved 2 MiB (bulk), or
-/// once it has lived 50 ms and moves a byte (interactive: the splice halves
-/// the latency). Short request/response tunnels (most connections) end
-/// before either and never pay for entering and leaving the maps; see
-/// docs/kernel-data-path.md for the measurements behind the numbers.
-pub(super) const PROMOTE: Promote = Promote { bytes: 2 << 20, age: Some(Duration::from_millis(50)) };
+/// When `auto` promotes a relayed tunnel: once it has lived 50 ms and moves
+/// a byte while neither direction is moving bulk (interactive: the splice
+/// halves the latency). Bulk stays on the relay, whose `splice(2)` lane moves
+/// it faster and with less CPU than the sockhash, paced by TCP itself; short
+/// request/response tunnels (most connections) end before 50 ms and never
+/// pay for entering and leaving the maps. See docs/kernel-data-path.md for
+/// the measurements behind this.
+pub(super) const PROMOTE: Promote = Promote { bytes: u64::MAX, age: Some(Duration::from_millis(50)) };
 /// When a demoted tunnel goes back into the maps: its peer kept up with the
 /// relay for this much more.
 pub(super) const REPROMOTE: Promote = Promote { bytes: 16 << 20, age: None };
@@ -125,7 +128,7 @@ const STAY: Promote = Promote { bytes: u64::MAX, age: None };
 /// When a tunnel enters the sockhash.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Policy {
-    /// `data-path=auto`: start on the relay, promote once bulk.
+    /// `data-path=auto`: start on the relay, promote once interactive.
     Auto,
     /// `data-path=kernel`: splice at once.
     Always,
@@ -248,7 +251,7 @@ pub(super) async fn run(
                         continue;
                     }
                     shared.promotions.fetch_add(1, Ordering::Relaxed);
-                    debug!(tunnel = id, "bulk: promoting into the sockhash");
+                    debug!(tunnel = id, "promoting into the sockhash");
                 }
                 let [client, upstream] = &mut pair;
                 // After the relay there is nothing to hand over: it stopped with both
