@@ -489,10 +489,13 @@ async fn copy_burst(
     check: &(dyn Fn() + Sync),
     unyielded: &mut usize,
 ) -> io::Result<Burst> {
-    let mut buf = vec![0u8; chunk];
+    // Read into uninitialised capacity: zeroing 64 KiB per burst was 2% of the
+    // daemon's time in the connection-rate run (one byte each way).
+    let mut buf = Vec::with_capacity(chunk);
     let mut moved = 0;
     loop {
-        let n = match reader.try_read(&mut buf) {
+        buf.clear();
+        let n = match reader.try_read_buf(&mut buf) {
             Ok(0) => return Ok(Burst::End),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained { moved }),
