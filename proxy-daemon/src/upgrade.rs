@@ -51,6 +51,8 @@ const START_DEADLINE: Duration = Duration::from_secs(20);
 /// How long the old process waits for its tunnels to park (handshakes
 /// finish first; they take at most 10 s).
 const PARK_DEADLINE: Duration = Duration::from_secs(15);
+/// Tunnels sent between two looks for newly parked ones.
+const SEND_BATCH: usize = 64;
 /// How long the new process may take to adopt what it was sent.
 const ADOPT_DEADLINE: Duration = Duration::from_secs(30);
 /// Largest message (a tunnel's state is a few hundred bytes).
@@ -299,6 +301,8 @@ async fn send_tunnels(h: &Handover<'_>, channel: &Channel) -> io::Result<usize> 
     // parked tunnel's task ends and its row leaves the list, but the sockets
     // wait in the park until they are sent.
     let mut pending = std::collections::BTreeMap::new();
+    // Parked, not sent yet: (last activity, number, entry, what it parked).
+    let mut ready = Vec::new();
     // This process accepts new clients until everything else is parked:
     // they park too (after their handshake), and the listen queue is the
     // only gap new clients see.
@@ -323,16 +327,31 @@ async fn send_tunnels(h: &Handover<'_>, channel: &Channel) -> io::Result<usize> 
         }
         let mut ended = Vec::new();
         for (number, (entry, park)) in &pending {
-            let Some(parked) = park.take() else {
-                if !listed.iter().any(|(n, _)| n == number) {
-                    // Ended before it parked (closed by its peers).
+            match park.take() {
+                Some(parked) => {
+                    let last_ns = entry.row().last_activity_ns;
+                    ready.push((last_ns, *number, entry.clone(), parked));
+                    // Counted as sent from here: it leaves with the next batches.
+                    sent.insert(*number);
                     ended.push(*number);
                 }
-                continue;
-            };
+                // Ended before it parked (closed by its peers).
+                None if !listed.iter().any(|(n, _)| n == number) => ended.push(*number),
+                None => {}
+            }
+        }
+        for n in ended {
+            pending.remove(&n);
+        }
+        // The most recently active first, a batch at a time, looking again for
+        // newly parked ones in between: a busy tunnel (and a client accepted
+        // just now) waits for a few idle ones at most, not for all of them.
+        ready.sort_unstable_by_key(|(last_ns, number, ..)| (std::cmp::Reverse(*last_ns), *number));
+        let batch: Vec<_> = ready.drain(..ready.len().min(SEND_BATCH)).collect();
+        for (_, number, entry, parked) in batch {
             let row = entry.row();
             let record = TunnelRecord {
-                number: *number,
+                number,
                 src: entry.src,
                 dst: row.dst_address.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
                 kind: row.kind.as_str().to_owned(),
@@ -341,11 +360,9 @@ async fn send_tunnels(h: &Handover<'_>, channel: &Channel) -> io::Result<usize> 
             };
             let fds = [parked.socks[0].as_fd(), parked.socks[1].as_fd()];
             channel.send(&Message::Tunnel(record), &fds).await?;
-            sent.insert(*number);
-            ended.push(*number);
         }
-        for n in ended {
-            pending.remove(&n);
+        if !ready.is_empty() {
+            continue;
         }
         if pending.is_empty() && handshakes == 0 && accepting {
             // Everything so far is sent: once the new process has resumed it
@@ -357,6 +374,10 @@ async fn send_tunnels(h: &Handover<'_>, channel: &Channel) -> io::Result<usize> 
                 (other, _) => return Err(io::Error::other(format!("unexpected {other:?}"))),
             }
             h.server.set_accepting(false);
+            tracing::info!(
+                tunnels = sent.len(),
+                "upgrade: the new proxyd has resumed every tunnel; not accepting here any more"
+            );
             accepting = false;
             continue;
         }
@@ -378,6 +399,7 @@ async fn send_tunnels(h: &Handover<'_>, channel: &Channel) -> io::Result<usize> 
         k.hand_over()?;
     }
     channel.send(&Message::Done, &[]).await?;
+    tracing::info!(tunnels = sent.len(), "upgrade: everything handed over");
     Ok(sent.len())
 }
 
@@ -478,6 +500,7 @@ impl Offered {
         }
         let result = take_over(server).map(|()| {
             server.set_accepting(true);
+            tracing::info!(tunnels = resumed, "upgrade: took over; accepting");
             resumed
         });
         let reply = match &result {
