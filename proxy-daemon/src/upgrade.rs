@@ -524,6 +524,9 @@ fn take_over(server: &Arc<Server>) -> Result<(), String> {
 /// Lists a parked tunnel under its number and resumes it on the data path
 /// in use (a rate-limited user's on the relay). False when it cannot.
 fn resume(server: &Arc<Server>, record: TunnelRecord, socks: [std::net::TcpStream; 2]) -> bool {
+    // On a shard, like the tunnels this process accepts: its sockets, tasks
+    // and timers are registered with the runtime entered here.
+    let _shard = server.shard().map(|h| h.enter());
     let slot = server.shared.registry.adopt(record.number, record.src);
     let kind = match record.kind.as_str() {
         "in" => ConnType::In,

@@ -7,6 +7,7 @@
 pub mod conn;
 pub mod dial;
 pub mod registry;
+pub mod shards;
 pub mod shared;
 pub mod socks4;
 pub mod socks5;
@@ -19,7 +20,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
 
 use crate::config::{Config, DataPathMode, Settings};
 use crate::datapath::kernel::{KernelDataPath, Policy};
@@ -28,6 +28,7 @@ use crate::datapath::{DataPathKind, SharedDataPath};
 use crate::metrics::{self, Metrics, RefusalReason, Snapshot};
 use crate::xdp::{self, Prefilter};
 use registry::ConnType;
+use shards::{Shards, Spawned};
 use shared::Shared;
 
 /// How often the idle reaper looks at the connections.
@@ -49,6 +50,8 @@ pub struct Server {
     metrics_listener: Mutex<Option<ActiveListener>>,
     /// The XDP prefilter, loaded while `xdp-interfaces` is not empty.
     prefilter: Mutex<Option<Prefilter>>,
+    /// The runtimes connections run on.
+    shards: Shards,
 }
 
 /// A SOCKS listening socket as handed between processes: its address, the
@@ -62,13 +65,8 @@ struct ActiveListener {
     /// A second descriptor of the listening socket (its accept loop owns
     /// the first), for handing its port over to a new listener.
     socket: Option<OwnedFd>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for ActiveListener {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    /// What accepts on it (stopped when this is dropped).
+    task: Spawned,
 }
 
 /// What [`Server::prepare`] got ready for a configuration change.
@@ -122,6 +120,7 @@ impl Server {
             pin_dir,
             metrics_listener: Mutex::new(None),
             prefilter: Mutex::new(None),
+            shards: Shards::default(),
         }))
     }
 
@@ -244,12 +243,12 @@ impl Server {
             if let Some((addr, std_listener)) = metrics {
                 let socket = std_listener.try_clone().ok().map(OwnedFd::from);
                 let server = self.clone();
-                let task = tokio::spawn(async move {
+                let task = Spawned::here(tokio::spawn(async move {
                     match TcpListener::from_std(std_listener) {
                         Ok(l) => metrics::serve(l, server).await,
                         Err(e) => tracing::error!(%addr, error = %e, "cannot register the metrics listener"),
                     }
-                });
+                }));
                 tracing::info!(%addr, "serving Prometheus metrics at http://{addr}/metrics");
                 *slot = Some(ActiveListener { addr, device: None, socket, task });
             }
@@ -313,7 +312,7 @@ impl Server {
             let socket = fd.try_clone().ok();
             let listener = std::net::TcpListener::from(fd);
             let _ = listener.set_nonblocking(true);
-            let task = if accept { self.spawn_accept(listener, addr) } else { tokio::spawn(async {}) };
+            let task = if accept { self.spawn_accept(listener, addr) } else { Spawned::default() };
             *self.listener.lock().unwrap() = Some(ActiveListener { addr, device, socket, task });
         }
         if let Some((addr, fd)) = metrics {
@@ -321,23 +320,33 @@ impl Server {
             let listener = std::net::TcpListener::from(fd);
             let _ = listener.set_nonblocking(true);
             let server = self.clone();
-            let task = tokio::spawn(async move {
+            let task = Spawned::here(tokio::spawn(async move {
                 if let Ok(l) = TcpListener::from_std(listener) {
                     metrics::serve(l, server).await;
                 }
-            });
+            }));
             *self.metrics_listener.lock().unwrap() = Some(ActiveListener { addr, device: None, socket, task });
         }
     }
 
-    fn spawn_accept(self: &Arc<Self>, listener: std::net::TcpListener, addr: SocketAddr) -> JoinHandle<()> {
-        let server = self.clone();
-        tokio::spawn(async move {
-            match TcpListener::from_std(listener) {
-                Ok(l) => server.accept_loop(l).await,
-                Err(e) => tracing::error!(%addr, error = %e, "cannot register the listener"),
+    /// An accept loop on every shard, each on its own descriptor of `listener`.
+    fn spawn_accept(self: &Arc<Self>, listener: std::net::TcpListener, addr: SocketAddr) -> Spawned {
+        self.shards.spawn_each(|_| {
+            let server = self.clone();
+            let listener = listener.try_clone();
+            async move {
+                match listener.and_then(TcpListener::from_std) {
+                    Ok(l) => server.accept_loop(l).await,
+                    Err(e) => tracing::error!(%addr, error = %e, "cannot register the listener"),
+                }
             }
         })
+    }
+
+    /// The runtime for a tunnel that did not arrive through an accept (one
+    /// taken over from another process): the shards in turn.
+    pub fn shard(&self) -> Option<&tokio::runtime::Handle> {
+        self.shards.next()
     }
 
     /// The kernel data path, when loaded.
