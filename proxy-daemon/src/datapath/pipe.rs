@@ -42,7 +42,8 @@ struct Pool {
     spare: Mutex<Vec<Pipe>>,
     /// Pipes in existence, leased or spare.
     open: AtomicUsize,
-    /// The most that may exist: an eighth of the descriptor limit, in pipes.
+    /// The most that may exist: a sixteenth of the descriptor limit (two
+    /// descriptors each, so an eighth of the descriptors).
     cap: usize,
 }
 
