@@ -5,9 +5,8 @@ use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// How long a CLI command may take before the test gives up on it.
 const CLI_TIMEOUT: Duration = Duration::from_secs(15);
@@ -140,8 +139,6 @@ pub struct Options {
     pub nofile_soft: Option<u64>,
 }
 
-static COUNTER: AtomicU64 = AtomicU64::new(0);
-
 impl Daemon {
     /// Starts a daemon on `data_path` in a fresh temp dir and waits for its control socket.
     pub fn start(data_path: &str) -> Daemon {
@@ -150,9 +147,7 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with extra arguments, environment or a lower open-files limit.
     pub fn start_with(data_path: &str, options: Options) -> Daemon {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
-        let tag = format!("{}-{n}-{nanos:x}", std::process::id());
+        let tag = crate::unique_tag();
         let dir = std::env::temp_dir().join(format!("proxyd-test-{tag}"));
         std::fs::create_dir_all(&dir).expect("create temp dir");
         let pin_dir = (data_path != "userspace").then(|| PathBuf::from(format!("/sys/fs/bpf/proxyd-test-{tag}")));

@@ -7,11 +7,10 @@
 //! namespaces the test makes.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{SocketAddr, SocketAddrV4, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use proxyd_tests::in_ns;
 use proxyd_tests::{find_program, require_root, skip_or_fail, text, wait_until, Daemon, Options};
@@ -19,8 +18,6 @@ use proxyd_tests::{find_program, require_root, skip_or_fail, text, wait_until, D
 const VIP: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 231, 9, 9), 1080);
 const NODES: [&str; 3] = ["10.231.2.11", "10.231.2.12", "10.231.2.13"];
 const CLIENTS: usize = 300;
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 fn run(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
@@ -39,9 +36,7 @@ struct Fleet {
 
 impl Fleet {
     fn new() -> Fleet {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
-        let tag = format!("{}-{n}-{nanos:x}", std::process::id());
+        let tag = proxyd_tests::unique_tag();
         let f = Fleet {
             lb: format!("proxyd-fleet-{tag}-lb"),
             cl: format!("proxyd-fleet-{tag}-cl"),
@@ -169,24 +164,7 @@ fn three_nodes_one_config_behind_one_address() {
         })
         .collect();
     // The destination: an echo server on the load balancer's bridge address.
-    let echo = in_ns(&fleet.lb, || TcpListener::bind("10.231.2.1:0").unwrap());
-    let dst = match echo.local_addr().unwrap() {
-        SocketAddr::V4(a) => a,
-        _ => unreachable!(),
-    };
-    std::thread::spawn(move || {
-        for c in echo.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut c = c;
-                let mut buf = [0u8; 512];
-                while let Ok(n) = c.read(&mut buf) {
-                    if n == 0 || c.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    let dst = proxyd_tests::echo_in(&fleet.lb, "10.231.2.1:0");
     let ready = in_ns(&fleet.cl, || wait_until(Duration::from_secs(10), || connect(dst).0 == 90));
     assert!(ready, "no node answers through {VIP}:\n{}", daemons[0].log());
 

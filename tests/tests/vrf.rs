@@ -27,9 +27,8 @@ use proxyd_tests::{
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// The proxy's address on `pv`, and its SOCKS port.
 const PROXY_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
@@ -67,8 +66,6 @@ fn ss(ns: &str, args: &[&str]) -> String {
     text(&out.stdout)
 }
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
 /// Namespaces `P` (the proxy) and `V` (the far side of the "VRF"), joined by
 /// the veth pair `pv`/`vp`; deleted on drop, also when the test panics.
 struct Net {
@@ -78,9 +75,7 @@ struct Net {
 
 impl Net {
     fn new() -> Net {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
-        let tag = format!("{}-{n}-{nanos:x}", std::process::id());
+        let tag = proxyd_tests::unique_tag();
         let net = Net { p: format!("proxyd-vrf-{tag}-p"), v: format!("proxyd-vrf-{tag}-v") };
         // From here on, drop removes whatever was made.
         for ns in [&net.p, &net.v] {

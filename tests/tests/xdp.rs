@@ -27,8 +27,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 const PROXY: &str = "10.200.1.1:1080";
 /// The proxy's IPv6 address on `sva` (`listen-address=::` takes both).
@@ -56,8 +55,6 @@ fn prerequisites(test: &str) -> bool {
     true
 }
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
 /// Runs `ip ARGS`, panicking with its output on failure.
 fn ip(args: &[&str]) -> String {
     let out = Command::new("ip").args(args).output().expect("run ip");
@@ -77,9 +74,7 @@ struct Net {
 
 impl Net {
     fn new() -> Net {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
-        let tag = format!("{}-{n}-{nanos:x}", std::process::id());
+        let tag = proxyd_tests::unique_tag();
         let net = Net {
             s: format!("proxyd-xdp-{tag}-s"),
             a: format!("proxyd-xdp-{tag}-a"),
@@ -164,25 +159,7 @@ fn connect_to(ns: &str, addr: &str, timeout: Duration) -> std::io::Result<TcpStr
 
 /// An echo server on 127.0.0.1 in the server namespace (the destination).
 fn echo_server(net: &Net) -> SocketAddrV4 {
-    let l = in_ns(&net.s, || TcpListener::bind("127.0.0.1:0").expect("bind echo"));
-    let addr = match l.local_addr().unwrap() {
-        SocketAddr::V4(a) => a,
-        _ => unreachable!(),
-    };
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut s = s;
-                let mut buf = [0u8; 16384];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
+    proxyd_tests::echo_in(&net.s, "127.0.0.1:0")
 }
 
 /// `proxyd_connections_accepted_total` from the metrics endpoint.

@@ -331,7 +331,7 @@ impl Server {
 
     /// An accept loop on every shard, each on its own descriptor of `listener`.
     fn spawn_accept(self: &Arc<Self>, listener: std::net::TcpListener, addr: SocketAddr) -> Spawned {
-        self.shards.spawn_each(|_| {
+        self.shards.spawn_each(|| {
             let server = self.clone();
             let listener = listener.try_clone();
             async move {

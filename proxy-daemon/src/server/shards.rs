@@ -44,18 +44,18 @@ impl Shards {
         (!handles.is_empty()).then(|| &handles[self.next.fetch_add(1, Ordering::Relaxed) % handles.len()])
     }
 
-    /// Runs `make(i)`'s future on every shard; aborted together on drop.
+    /// Runs a future `make` makes on every shard; aborted together on drop.
     pub fn spawn_each<F, Fut>(&self, mut make: F) -> Spawned
     where
-        F: FnMut(usize) -> Fut,
+        F: FnMut() -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let handles = self.handles();
         if handles.is_empty() {
             // No shard thread: the caller's runtime serves alone.
-            return Spawned(vec![tokio::spawn(make(0))]);
+            return Spawned(vec![tokio::spawn(make())]);
         }
-        Spawned(handles.iter().enumerate().map(|(i, h)| h.spawn(make(i))).collect())
+        Spawned(handles.iter().map(|h| h.spawn(make())).collect())
     }
 }
 
