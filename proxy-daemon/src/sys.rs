@@ -93,6 +93,22 @@ pub fn outq(sock: &impl AsFd) -> io::Result<u32> {
     Ok(n.max(0) as u32)
 }
 
+/// `recv(2)` into `buf`'s spare capacity (nothing is zeroed first); returns
+/// the bytes read, which now extend `buf` (0: end of stream).
+pub fn recv_spare(sock: &impl AsFd, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: recv writes at most `spare.len()` bytes into `spare`, memory
+    // `buf` owns and does not read while uninitialised.
+    let n = unsafe { libc::recv(sock.as_fd().as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: recv initialised the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
 /// Sets an `int` socket option.
 pub fn setsockopt_int(sock: &impl AsFd, level: i32, name: i32, value: i32) -> io::Result<()> {
     // SAFETY: the option value is a valid c_int of the length passed.
