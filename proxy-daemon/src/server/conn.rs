@@ -26,8 +26,8 @@ pub fn refuse(stream: TcpStream) {
 
 /// Serves one admitted client until its tunnel ends.
 pub async fn serve(server: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, slot: Slot) {
+    // TCP_NODELAY came with the accept: the listener has it (server::bind).
     let entry = slot.entry.clone();
-    let _ = client.set_nodelay(true);
     let established = tokio::select! {
         _ = entry.cancel.cancelled() => return,
         // Boxed: the handshake's state is freed when it ends instead of
@@ -35,7 +35,7 @@ pub async fn serve(server: Arc<Shared>, mut client: TcpStream, peer: SocketAddr,
         r = Box::pin(handshake(&server, &mut client, peer, &slot)) => r,
     };
     let Some(est) = established else { return };
-    let dst = est.upstream.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let dst = est.dst;
     let pair = Pair { client, upstream: est.upstream, client_early: est.early };
     let (path, tunnel) = match est.limits {
         Some(limits) => (

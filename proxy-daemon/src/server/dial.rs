@@ -32,6 +32,8 @@ pub const READ_CHUNK: usize = 1024;
 pub struct Established {
     pub kind: ConnType,
     pub upstream: TcpStream,
+    /// The far side's address (known from the dial or the BIND's accept).
+    pub dst: SocketAddr,
     /// Client bytes read past the request (the start of its stream).
     pub early: Vec<u8>,
     /// Pacing for a rate-limited user; such tunnels use the userspace relay.
@@ -134,14 +136,15 @@ pub async fn resolve(host: &str, port: u16, v4_only: bool) -> Result<Vec<SocketA
 
 /// Connects to the first of `candidates` that the access list allows and
 /// that answers, within [`DIAL_TIMEOUT`] in all, through the `vrf` in
-/// `config`. Records the destination in the row.
+/// `config`. Records the destination in the row; returns the connection and
+/// the address it reached.
 pub async fn connect(
     config: &Config,
     src: SocketAddr,
     candidates: &[SocketAddr],
     name: Option<&str>,
     entry: &Entry,
-) -> Result<TcpStream, Failure> {
+) -> Result<(TcpStream, SocketAddr), Failure> {
     let deadline = tokio::time::Instant::now() + DIAL_TIMEOUT;
     let mut last = None;
     for &dst in candidates {
@@ -156,7 +159,7 @@ pub async fn connect(
         match attempt {
             Ok(upstream) => {
                 let _ = upstream.set_nodelay(true);
-                return Ok(upstream);
+                return Ok((upstream, dst));
             }
             Err(source) => last = Some(Failure::Dial { dst, source }),
         }

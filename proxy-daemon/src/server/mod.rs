@@ -312,6 +312,8 @@ impl Server {
             let socket = fd.try_clone().ok();
             let listener = std::net::TcpListener::from(fd);
             let _ = listener.set_nonblocking(true);
+            // A listener from a release that set TCP_NODELAY per connection.
+            let _ = accepted_without_delay(&listener);
             let task = if accept { self.spawn_accept(listener, addr) } else { Spawned::default() };
             *self.listener.lock().unwrap() = Some(ActiveListener { addr, device, socket, task });
         }
@@ -503,7 +505,17 @@ fn bind(addr: SocketAddr, device: Option<&str>, replacing: Option<&OwnedFd>) -> 
     if replacing.is_some() {
         setsockopt(&listener, ReusePort, &false)?;
     }
-    listener.into_std()
+    let listener = listener.into_std()?;
+    accepted_without_delay(&listener)?;
+    Ok(listener)
+}
+
+/// Sets `TCP_NODELAY` on a listening socket: Linux copies it into every
+/// socket accepted from it, which saves a `setsockopt` per connection (the
+/// relay writes each message as it comes; Nagle would hold small replies
+/// back behind the client's delayed ACK).
+fn accepted_without_delay(listener: &std::net::TcpListener) -> io::Result<()> {
+    nix::sys::socket::setsockopt(listener, nix::sys::socket::sockopt::TcpNoDelay, &true).map_err(io::Error::from)
 }
 
 /// Picks the data path for `mode`, loading the kernel path into `kernel`

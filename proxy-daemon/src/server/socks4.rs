@@ -63,10 +63,10 @@ async fn run(
 
     match request.command {
         Command::Connect => {
-            let upstream = dial::connect(config, peer, &candidates, name, entry).await?;
+            let (upstream, dst) = dial::connect(config, peer, &candidates, name, entry).await?;
             client.write_all(&Reply::granted(v4(upstream.local_addr()?)).encode()).await?;
             entry.touch();
-            Ok(Established { kind: ConnType::Out, upstream, early, limits: None })
+            Ok(Established { kind: ConnType::Out, upstream, dst, early, limits: None })
         }
         Command::Bind => {
             let dst = candidates[0];
@@ -81,7 +81,7 @@ async fn run(
             let (upstream, peer_addr) = await_peer(listener, client, dst.ip()).await?;
             client.write_all(&Reply::granted(v4(peer_addr)).encode()).await?;
             entry.touch();
-            Ok(Established { kind: ConnType::In, upstream, early: Vec::new(), limits: None })
+            Ok(Established { kind: ConnType::In, upstream, dst: peer_addr, early: Vec::new(), limits: None })
         }
     }
 }

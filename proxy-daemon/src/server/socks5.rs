@@ -167,10 +167,10 @@ async fn run(
     let early = std::mem::take(&mut buf);
     match request.command {
         Command::Connect => {
-            let upstream = dial::connect(config, peer, &candidates, dst_name, entry).await?;
+            let (upstream, dst) = dial::connect(config, peer, &candidates, dst_name, entry).await?;
             client.write_all(&socks5::encode_reply(ReplyCode::Succeeded, upstream.local_addr()?)).await?;
             entry.touch();
-            Ok(Some(Established { kind: ConnType::Out, upstream, early, limits }))
+            Ok(Some(Established { kind: ConnType::Out, upstream, dst, early, limits }))
         }
         Command::Bind => {
             entry.set_destination(dst);
@@ -184,7 +184,7 @@ async fn run(
             let (upstream, peer_addr) = await_peer(listener, client, dst.ip()).await?;
             client.write_all(&socks5::encode_reply(ReplyCode::Succeeded, peer_addr)).await?;
             entry.touch();
-            Ok(Some(Established { kind: ConnType::In, upstream, early: Vec::new(), limits }))
+            Ok(Some(Established { kind: ConnType::In, upstream, dst: peer_addr, early: Vec::new(), limits }))
         }
         Command::UdpAssociate => {
             udp_associate(config, client, peer, dst, entry).await?;
