@@ -430,7 +430,7 @@ async fn pump(
             tokio::select! {
                 biased;
                 _ = stop.wait() => return Ok(PumpEnd::Stopped),
-                ready = reader.readable() => ready?,
+                ready = readable(reader) => ready?,
             }
         }
         // No stop inside a burst: a pump stops only with the reader's queue
@@ -438,7 +438,7 @@ async fn pump(
         // left: the kernel path hands its verdict whole skbs.
         let burst = match bulk.then(pipe::lease).flatten() {
             Some(mut pipe) => {
-                let burst = splice_burst(reader, writer, &mut pipe, &dir, check, &mut unyielded).await?;
+                let burst = Box::pin(splice_burst(reader, writer, &mut pipe, &dir, check, &mut unyielded)).await?;
                 if let Burst::Drained { moved } = burst {
                     // Nothing at all: a wake-up with nothing to read, or the
                     // copy that went bulk had just emptied the queue.
@@ -449,7 +449,7 @@ async fn pump(
             }
             None => {
                 let may_splice = !bulk && dir.limit.is_none();
-                copy_burst(reader, writer, chunk, may_splice, &dir, check, &mut unyielded).await?
+                Box::pin(copy_burst(reader, writer, chunk, may_splice, &dir, check, &mut unyielded)).await?
             }
         };
         waiting = true;
@@ -572,7 +572,7 @@ async fn splice_burst(
             match writer.try_io(Interest::WRITABLE, || pipe.drain(writer)) {
                 Ok(0) => break,
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => writer.writable().await?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => writable(writer).await?,
                 Err(e) => return Err(e),
             }
         }
@@ -603,12 +603,26 @@ async fn moved_chunk(dir: &Direction<'_>, n: usize, check: &(dyn Fn() + Sync), u
     }
 }
 
+/// Waits until `sock` is readable. tokio's `TcpStream::readable` future
+/// carries its own waiter (152 bytes, held by every idle tunnel's task);
+/// this one leaves the waker in the socket's one reader slot, which is
+/// enough here: each socket of a relay has one pump reading from it and one
+/// writing to it.
+async fn readable(sock: &TcpStream) -> io::Result<()> {
+    std::future::poll_fn(|cx| sock.poll_read_ready(cx)).await
+}
+
+/// Waits until `sock` has room, in its one writer slot (see [`readable`]).
+async fn writable(sock: &TcpStream) -> io::Result<()> {
+    std::future::poll_fn(|cx| sock.poll_write_ready(cx)).await
+}
+
 /// Writes all of `buf`, waiting for room as needed.
 async fn write_all(writer: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
         match writer.try_write(buf) {
             Ok(n) => buf = &buf[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => writer.writable().await?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => writable(writer).await?,
             Err(e) => return Err(e),
         }
     }
