@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proxyd::datapath::kernel::{KernelDataPath, Policy};
-use proxyd::datapath::{DataPathKind, Pair, SharedDataPath, Tunnel};
+use proxyd::datapath::{DataPathKind, FlowSource, Pair, SharedDataPath, Tunnel};
 use proxyd_tests::{kernel_under_test, pattern};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -67,7 +67,18 @@ struct Harness {
     client: TcpStream,
     /// The destination's end (`dest_outer`).
     dest: TcpStream,
-    tunnel: Tunnel,
+    tunnel: Running,
+}
+
+/// A tunnel whose future runs on a task of its own (the daemon runs it on
+/// the connection's task), with its counters.
+struct Running {
+    stats: Arc<dyn FlowSource>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+fn spawn(tunnel: Tunnel) -> Running {
+    Running { stats: tunnel.stats, done: tokio::spawn(tunnel.run) }
 }
 
 /// Builds `client_outer <-> client_inner` and `upstream_inner <-> dest_outer`
@@ -90,12 +101,12 @@ async fn connect() -> (TcpStream, TcpStream, Pair) {
 /// A tunnel on `dp`, as [`connect`] builds it.
 async fn harness(dp: &SharedDataPath) -> Harness {
     let (client, dest, pair) = connect().await;
-    let tunnel = dp.attach(pair, CancellationToken::new()).expect("attach");
+    let tunnel = spawn(dp.attach(pair, CancellationToken::new()).expect("attach"));
     Harness { client, dest, tunnel }
 }
 
 /// Waits until the tunnel's bytes move on `kind`.
-async fn wait_path(tunnel: &Tunnel, kind: DataPathKind, what: &str) {
+async fn wait_path(tunnel: &Running, kind: DataPathKind, what: &str) {
     let waited = tokio::time::timeout(STEP, async {
         while tunnel.stats.path() != kind {
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -142,7 +153,7 @@ async fn send_and_close(w: &mut TcpStream, r: &mut TcpStream, data: &[u8], what:
 }
 
 /// Waits for the tunnel to end, then checks its final counters.
-async fn finish(tunnel: &mut Tunnel, tx: u64, rx: u64, what: &str) {
+async fn finish(tunnel: &mut Running, tx: u64, rx: u64, what: &str) {
     tokio::time::timeout(STEP, &mut tunnel.done)
         .await
         .unwrap_or_else(|_| panic!("{what}: the tunnel did not end"))
@@ -317,7 +328,7 @@ async fn a_reset_before_the_splice_crosses_the_tunnel() {
             reset(resetting);
             // Let the RST land on the inner socket before the data path takes the pair.
             tokio::time::sleep(Duration::from_millis(20)).await;
-            let mut tunnel = dp.attach(pair, CancellationToken::new()).expect("attach");
+            let mut tunnel = spawn(dp.attach(pair, CancellationToken::new()).expect("attach"));
             expect_reset(&mut other, &what).await;
             finish(&mut tunnel, 0, 0, &what).await;
         }

@@ -7,10 +7,11 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use proxyd::datapath::userspace::UserspaceRelay;
-use proxyd::datapath::{DataPath, Pair, Tunnel};
+use proxyd::datapath::{DataPath, FlowSource, Pair, Tunnel};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -87,7 +88,18 @@ const STEP: Duration = Duration::from_secs(10);
 struct Harness {
     client: TcpStream,
     dest: TcpStream,
-    tunnel: Tunnel,
+    tunnel: Running,
+}
+
+/// A tunnel whose future runs on a task of its own (the daemon runs it on
+/// the connection's task), with its counters.
+struct Running {
+    stats: Arc<dyn FlowSource>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+fn spawn(tunnel: Tunnel) -> Running {
+    Running { stats: tunnel.stats, done: tokio::spawn(tunnel.run) }
 }
 
 /// `client_outer <-> [client_inner | upstream_inner] <-> dest_outer` on
@@ -98,7 +110,7 @@ async fn harness(relay: &UserspaceRelay, front: &TcpListener, back: &TcpListener
     let (upstream_inner, accepted) = tokio::join!(TcpStream::connect(back.local_addr().unwrap()), back.accept());
     let (upstream_inner, (dest, _)) = (upstream_inner.unwrap(), accepted.unwrap());
     let pair = Pair { client: client_inner, upstream: upstream_inner, client_early: Vec::new() };
-    let tunnel = relay.attach(pair, CancellationToken::new()).expect("attach");
+    let tunnel = spawn(relay.attach(pair, CancellationToken::new()).expect("attach"));
     Harness { client, dest, tunnel }
 }
 

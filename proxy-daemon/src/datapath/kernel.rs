@@ -273,7 +273,7 @@ impl DataPath for WithPolicy {
         let Pair { client, upstream, client_early } = pair;
         let cookies = [sys::socket_cookie(&client)?, sys::socket_cookie(&upstream)?];
         let start = tunnel::Start::Fresh { client, upstream, early: client_early };
-        Ok(self.spawn(cookies, start, cancel, None))
+        Ok(self.tunnel(cookies, start, cancel, None))
     }
 
     fn resume(
@@ -313,15 +313,15 @@ impl DataPath for WithPolicy {
             }
         };
         let spliced = matches!(start, tunnel::Start::Spliced { .. });
-        Ok(self.spawn(cookies, start, cancel, Some((user, kernel_done, spliced))))
+        Ok(self.tunnel(cookies, start, cancel, Some((user, kernel_done, spliced))))
     }
 }
 
 impl WithPolicy {
-    /// Starts a tunnel task; `resumed`: the counters (user tx, rx, last
-    /// activity; the verdict's earlier epochs) and whether it is spliced,
-    /// of a tunnel taken over from another process.
-    fn spawn(
+    /// The tunnel, its future not started yet; `resumed`: the counters
+    /// (user tx, rx, last activity; the verdict's earlier epochs) and whether
+    /// it is spliced, of a tunnel taken over from another process.
+    fn tunnel(
         &self,
         cookies: [u64; 2],
         start: tunnel::Start,
@@ -334,15 +334,9 @@ impl WithPolicy {
             flow.resumed(user, kernel_done, spliced);
         }
         let park = Arc::new(Park::default());
-        let done = tokio::spawn(tunnel::run(
-            Arc::clone(shared),
-            Arc::clone(&flow),
-            start,
-            cancel,
-            self.policy,
-            Arc::clone(&park),
-        ));
-        Tunnel { stats: flow, done, park }
+        let run =
+            Box::pin(tunnel::run(Arc::clone(shared), Arc::clone(&flow), start, cancel, self.policy, Arc::clone(&park)));
+        Tunnel { stats: flow, run, park }
     }
 }
 

@@ -8,8 +8,8 @@
 //! proves to be interactive rather than bulk (`auto`), and hands a tunnel
 //! back to the same relay when a peer falls behind.
 //! The server hands over a connected [`Pair`] and gets back a [`Tunnel`]: a
-//! live view of the flow's counters, a future that ends with the tunnel, and
-//! its [`park::Park`], where an upgrade stops it to hand it to a new process
+//! live view of the flow's counters, the future that runs the tunnel (the
+//! caller's task awaits it: one task per connection), and its [`park::Park`], where an upgrade stops it to hand it to a new process
 //! (which takes it on with [`DataPath::resume`]). Nothing outside the data
 //! path touches the sockets after `attach`.
 
@@ -20,12 +20,13 @@ pub mod udp;
 pub mod userspace;
 
 use std::fmt;
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use park::{Park, ParkedState};
 use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// A connected client and its destination, ready to be spliced.
@@ -65,9 +66,12 @@ pub trait FlowSource: Send + Sync {
 pub struct Tunnel {
     /// Live counters.
     pub stats: Arc<dyn FlowSource>,
-    /// Ends when both directions are closed and both sockets are released,
-    /// or when the tunnel parked (an upgrade).
-    pub done: JoinHandle<()>,
+    /// Moves the bytes; ends when both directions are closed and both
+    /// sockets are released, or when the tunnel parked (an upgrade). The
+    /// connection's own task runs it: a second task per tunnel would cost a
+    /// task header (cache-line aligned), a join handle and a wake-up at the
+    /// end.
+    pub run: Pin<Box<dyn Future<Output = ()> + Send>>,
     /// Where an upgrade asks the tunnel to park.
     pub park: Arc<Park>,
 }

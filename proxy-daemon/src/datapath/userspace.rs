@@ -297,7 +297,7 @@ pub struct Limits {
 impl UserspaceRelay {
     /// Like [`DataPath::attach`], with each direction paced by `limits`.
     pub fn attach_limited(&self, pair: Pair, cancel: CancellationToken, limits: Option<Limits>) -> io::Result<Tunnel> {
-        self.spawn([pair.client, pair.upstream], pair.client_early, Counters::new(), cancel, limits, [false; 2])
+        self.tunnel([pair.client, pair.upstream], pair.client_early, Counters::new(), cancel, limits, [false; 2])
     }
 
     /// Like [`DataPath::resume`], with each direction paced by `limits`.
@@ -313,10 +313,11 @@ impl UserspaceRelay {
         };
         let socks = to_tokio(socks)?;
         let counters = Counters { tx: AtomicU64::new(tx), rx: AtomicU64::new(rx), last_ns: AtomicU64::new(last_ns) };
-        self.spawn(socks, Vec::new(), counters, cancel, limits, ended)
+        self.tunnel(socks, Vec::new(), counters, cancel, limits, ended)
     }
 
-    fn spawn(
+    /// The tunnel, its future not started yet.
+    fn tunnel(
         &self,
         mut socks: [TcpStream; 2],
         early: Vec<u8>,
@@ -328,7 +329,7 @@ impl UserspaceRelay {
         let counters = Arc::new(counters);
         let park = Arc::new(Park::default());
         let (c, p) = (counters.clone(), park.clone());
-        let done = tokio::spawn(async move {
+        let run = Box::pin(async move {
             let open = || async { Ok(()) };
             let opts = RelayOptions { limits: limits.as_ref(), park: Some(&p), ended, ..Default::default() };
             if let RelayEnd::Stopped { ended } = relay(&mut socks, early, &c, &cancel, [open(), open()], opts).await {
@@ -336,7 +337,7 @@ impl UserspaceRelay {
             }
             // Otherwise dropping the sockets closes both.
         });
-        Ok(Tunnel { stats: counters, done, park })
+        Ok(Tunnel { stats: counters, run, park })
     }
 }
 

@@ -70,8 +70,9 @@ pub async fn adopted(server: Arc<Shared>, slot: Slot, tunnel: Tunnel) {
 /// Waits for the tunnel to end (or park), then counts it and leaves the list.
 async fn run_to_end(server: &Shared, slot: Slot, tunnel: Tunnel) {
     let entry = slot.entry.clone();
-    let _ = tunnel.done.await;
-    if tunnel.park.requested() {
+    let Tunnel { run, park, .. } = tunnel;
+    run.await;
+    if park.requested() {
         // Handed over to a new process, which counts it from now on.
         return;
     }

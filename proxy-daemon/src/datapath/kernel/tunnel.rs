@@ -184,8 +184,8 @@ pub(super) enum Start {
     Spliced { socks: [StdTcpStream; 2], cookies: [u64; 2], written_before: [u64; 2], fin: [bool; 2], shut: [bool; 2] },
 }
 
-/// The tunnel task: owns the pair until both sockets are closed, or until
-/// it parks (an upgrade; see `datapath::park`).
+/// A tunnel's life (its connection's task runs it): owns the pair until both
+/// sockets are closed, or until it parks (an upgrade; see `datapath::park`).
 pub(super) async fn run(
     shared: Arc<Shared>,
     flow: Arc<KernelFlow>,
