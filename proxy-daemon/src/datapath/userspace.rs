@@ -147,99 +147,103 @@ enum PumpEnd {
 /// queue towards that socket has drained).
 /// On [`RelayEnd::Closed`] the caller drops the sockets; a failed direction
 /// has already set both to reset on close.
-pub async fn relay(
-    socks: &mut [TcpStream; 2],
+#[allow(clippy::manual_async_fn, reason = "an `async fn` stores its arguments twice (rustc #62958)")]
+pub fn relay<'a, G: Future<Output = io::Result<()>> + 'a>(
+    socks: &'a mut [TcpStream; 2],
     early: Vec<u8>,
-    counters: &Counters,
-    cancel: &CancellationToken,
-    gates: [impl Future<Output = io::Result<()>>; 2],
-    opts: RelayOptions<'_>,
-) -> RelayEnd {
-    let RelayOptions { limits, promote, park, ended } = opts;
-    let [client, upstream] = &*socks;
-    let stop = Stop::default();
-    let started = Instant::now();
-    let moved_before = counters.tx.load(Ordering::Relaxed) + counters.rx.load(Ordering::Relaxed);
-    // Promotion waits until both directions run: a gate that has not opened
-    // means bytes of the kernel path are still on their way to that writer.
-    let opened = AtomicU8::new(0);
-    let bulk = [AtomicBool::new(false), AtomicBool::new(false)];
-    let check = || {
-        if let Some(p) = promote.filter(|_| opened.load(Ordering::Relaxed) == 2) {
-            let moved = counters.tx.load(Ordering::Relaxed) + counters.rx.load(Ordering::Relaxed) - moved_before;
-            let interactive = !bulk.iter().any(|b| b.load(Ordering::Relaxed));
-            if moved >= p.bytes || (interactive && p.age.is_some_and(|age| started.elapsed() >= age)) {
-                stop.request();
-            }
-        }
-    };
-    let [gate_client, gate_upstream] = gates;
-    let up = async {
-        if ended[0] {
-            return Ok(PumpEnd::Eof);
-        }
-        gate_upstream.await?;
-        opened.fetch_add(1, Ordering::Relaxed);
-        let dir = Direction {
-            count: &counters.tx,
-            last_ns: &counters.last_ns,
-            limit: limits.map(|l| &*l.up),
-            bulk: &bulk[0],
-        };
-        pump(client, upstream, early, dir, &stop, &check).await
-    };
-    let down = async {
-        if ended[1] {
-            return Ok(PumpEnd::Eof);
-        }
-        gate_client.await?;
-        opened.fetch_add(1, Ordering::Relaxed);
-        let dir = Direction {
-            count: &counters.rx,
-            last_ns: &counters.last_ns,
-            limit: limits.map(|l| &*l.down),
-            bulk: &bulk[1],
-        };
-        pump(upstream, client, Vec::new(), dir, &stop, &check).await
-    };
-    let parked = async {
-        match park {
-            Some(p) => p.wait().await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(up, down, parked);
-    let (mut up_end, mut down_end) = (None, None);
-    let mut park_asked = false;
-    while up_end.is_none() || down_end.is_none() {
-        let (result, slot) = tokio::select! {
-            _ = cancel.cancelled() => return RelayEnd::Closed,
-            _ = &mut parked, if !park_asked => {
-                park_asked = true;
-                stop.force();
-                continue;
-            }
-            r = &mut up, if up_end.is_none() => (r, &mut up_end),
-            r = &mut down, if down_end.is_none() => (r, &mut down_end),
-        };
-        match result {
-            Ok(end) => *slot = Some(end),
-            Err(e) => {
-                tracing::debug!(error = %e, "relay direction failed; resetting both sides");
-                for sock in [client, upstream] {
-                    let _ = crate::sys::set_linger_zero(sock);
+    counters: &'a Counters,
+    cancel: &'a CancellationToken,
+    gates: [G; 2],
+    opts: RelayOptions<'a>,
+) -> impl Future<Output = RelayEnd> + 'a {
+    // An async block for the reason `pump` gives.
+    async move {
+        let RelayOptions { limits, promote, park, ended } = opts;
+        let [client, upstream] = &*socks;
+        let stop = Stop::default();
+        let started = Instant::now();
+        let moved_before = counters.tx.load(Ordering::Relaxed) + counters.rx.load(Ordering::Relaxed);
+        // Promotion waits until both directions run: a gate that has not opened
+        // means bytes of the kernel path are still on their way to that writer.
+        let opened = AtomicU8::new(0);
+        let bulk = [AtomicBool::new(false), AtomicBool::new(false)];
+        let check = || {
+            if let Some(p) = promote.filter(|_| opened.load(Ordering::Relaxed) == 2) {
+                let moved = counters.tx.load(Ordering::Relaxed) + counters.rx.load(Ordering::Relaxed) - moved_before;
+                let interactive = !bulk.iter().any(|b| b.load(Ordering::Relaxed));
+                if moved >= p.bytes || (interactive && p.age.is_some_and(|age| started.elapsed() >= age)) {
+                    stop.request();
                 }
-                return RelayEnd::Closed;
+            }
+        };
+        let [gate_client, gate_upstream] = gates;
+        let up = async {
+            if ended[0] {
+                return Ok(PumpEnd::Eof);
+            }
+            gate_upstream.await?;
+            opened.fetch_add(1, Ordering::Relaxed);
+            let dir = Direction {
+                count: &counters.tx,
+                last_ns: &counters.last_ns,
+                limit: limits.map(|l| &*l.up),
+                bulk: &bulk[0],
+            };
+            pump(client, upstream, early, dir, &stop, &check).await
+        };
+        let down = async {
+            if ended[1] {
+                return Ok(PumpEnd::Eof);
+            }
+            gate_client.await?;
+            opened.fetch_add(1, Ordering::Relaxed);
+            let dir = Direction {
+                count: &counters.rx,
+                last_ns: &counters.last_ns,
+                limit: limits.map(|l| &*l.down),
+                bulk: &bulk[1],
+            };
+            pump(upstream, client, Vec::new(), dir, &stop, &check).await
+        };
+        let parked = async {
+            match park {
+                Some(p) => p.wait().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(up, down, parked);
+        let (mut up_end, mut down_end) = (None, None);
+        let mut park_asked = false;
+        while up_end.is_none() || down_end.is_none() {
+            let (result, slot) = tokio::select! {
+                _ = cancel.cancelled() => return RelayEnd::Closed,
+                _ = &mut parked, if !park_asked => {
+                    park_asked = true;
+                    stop.force();
+                    continue;
+                }
+                r = &mut up, if up_end.is_none() => (r, &mut up_end),
+                r = &mut down, if down_end.is_none() => (r, &mut down_end),
+            };
+            match result {
+                Ok(end) => *slot = Some(end),
+                Err(e) => {
+                    tracing::debug!(error = %e, "relay direction failed; resetting both sides");
+                    for sock in [client, upstream] {
+                        let _ = crate::sys::set_linger_zero(sock);
+                    }
+                    return RelayEnd::Closed;
+                }
             }
         }
-    }
-    match (up_end, down_end) {
-        (Some(PumpEnd::Stopped), Some(PumpEnd::Stopped)) => RelayEnd::Stopped { ended: [false; 2] },
-        (Some(PumpEnd::Eof), Some(PumpEnd::Eof)) => RelayEnd::Closed,
-        (Some(up), Some(down)) if park_asked => {
-            RelayEnd::Stopped { ended: [matches!(up, PumpEnd::Eof), matches!(down, PumpEnd::Eof)] }
+        match (up_end, down_end) {
+            (Some(PumpEnd::Stopped), Some(PumpEnd::Stopped)) => RelayEnd::Stopped { ended: [false; 2] },
+            (Some(PumpEnd::Eof), Some(PumpEnd::Eof)) => RelayEnd::Closed,
+            (Some(up), Some(down)) if park_asked => {
+                RelayEnd::Stopped { ended: [matches!(up, PumpEnd::Eof), matches!(down, PumpEnd::Eof)] }
+            }
+            _ => RelayEnd::Closed,
         }
-        _ => RelayEnd::Closed,
     }
 }
 
@@ -409,70 +413,76 @@ enum Burst {
 /// byte for the machine), until a burst moves less than `SMALL_BURST`.
 /// Interactive traffic (small messages) never leases a pipe, so it pays no
 /// extra system calls.
-async fn pump(
-    reader: &TcpStream,
-    writer: &TcpStream,
+#[allow(clippy::manual_async_fn, reason = "an `async fn` stores its arguments twice (rustc #62958)")]
+fn pump<'a>(
+    reader: &'a TcpStream,
+    writer: &'a TcpStream,
     early: Vec<u8>,
-    dir: Direction<'_>,
-    stop: &Stop,
-    check: &(dyn Fn() + Sync),
-) -> io::Result<PumpEnd> {
-    let chunk = dir.limit.map_or(CHUNK, RateLimit::chunk);
-    let mut unyielded = 0usize;
-    if !early.is_empty() {
-        write_all(writer, &early).await?;
-        dir.count.fetch_add(early.len() as u64, Ordering::Relaxed);
-        dir.last_ns.store(monotonic_ns(), Ordering::Relaxed);
-    }
-    let mut bulk = false;
-    let mut waiting = true;
-    loop {
-        if waiting {
-            tokio::select! {
-                biased;
-                _ = stop.wait() => return Ok(PumpEnd::Stopped),
-                ready = readable(reader) => ready?,
-            }
+    dir: Direction<'a>,
+    stop: &'a Stop,
+    check: &'a (dyn Fn() + Sync),
+) -> impl Future<Output = io::Result<PumpEnd>> + 'a {
+    // An async block rather than an `async fn`, which would keep a second
+    // copy of each argument in the future (rustc #62958): every idle tunnel
+    // holds two pumps.
+    async move {
+        let chunk = dir.limit.map_or(CHUNK, RateLimit::chunk);
+        let mut unyielded = 0usize;
+        if !early.is_empty() {
+            write_all(writer, &early).await?;
+            dir.count.fetch_add(early.len() as u64, Ordering::Relaxed);
+            dir.last_ns.store(monotonic_ns(), Ordering::Relaxed);
         }
-        // No stop inside a burst: a pump stops only with the reader's queue
-        // drained (above, or at end of stream), so that no partly read skb is
-        // left: the kernel path hands its verdict whole skbs.
-        let burst = match bulk.then(pipe::lease).flatten() {
-            Some(mut pipe) => {
-                let burst = Box::pin(splice_burst(reader, writer, &mut pipe, &dir, check, &mut unyielded)).await?;
-                if let Burst::Drained { moved } = burst {
-                    // Nothing at all: a wake-up with nothing to read, or the
-                    // copy that went bulk had just emptied the queue.
-                    bulk = moved == 0 || moved >= SMALL_BURST;
-                    dir.bulk.store(bulk, Ordering::Relaxed);
+        let mut bulk = false;
+        let mut waiting = true;
+        loop {
+            if waiting {
+                tokio::select! {
+                    biased;
+                    _ = stop.wait() => return Ok(PumpEnd::Stopped),
+                    ready = readable(reader) => ready?,
                 }
-                burst
             }
-            None => {
-                let may_splice = !bulk && dir.limit.is_none();
-                Box::pin(copy_burst(reader, writer, chunk, may_splice, &dir, check, &mut unyielded)).await?
-            }
-        };
-        waiting = true;
-        match burst {
-            Burst::Drained { .. } => {}
-            Burst::Full => {
-                bulk = true;
-                dir.bulk.store(true, Ordering::Relaxed);
-                waiting = false;
-            }
-            Burst::End if stop.requested() => {
-                // End of stream stays readable: whoever reads next sees it again.
-                return Ok(PumpEnd::Stopped);
-            }
-            Burst::End => {
-                stop.eof.store(true, Ordering::Release);
-                // ENOTCONN: the write half was already shut (a tunnel
-                // demoted after the kernel path passed this FIN on).
-                return match nix::sys::socket::shutdown(writer.as_raw_fd(), nix::sys::socket::Shutdown::Write) {
-                    Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(PumpEnd::Eof),
-                    Err(e) => Err(e.into()),
-                };
+            // No stop inside a burst: a pump stops only with the reader's queue
+            // drained (above, or at end of stream), so that no partly read skb is
+            // left: the kernel path hands its verdict whole skbs.
+            let burst = match bulk.then(pipe::lease).flatten() {
+                Some(mut pipe) => {
+                    let burst = Box::pin(splice_burst(reader, writer, &mut pipe, &dir, check, &mut unyielded)).await?;
+                    if let Burst::Drained { moved } = burst {
+                        // Nothing at all: a wake-up with nothing to read, or the
+                        // copy that went bulk had just emptied the queue.
+                        bulk = moved == 0 || moved >= SMALL_BURST;
+                        dir.bulk.store(bulk, Ordering::Relaxed);
+                    }
+                    burst
+                }
+                None => {
+                    let may_splice = !bulk && dir.limit.is_none();
+                    Box::pin(copy_burst(reader, writer, chunk, may_splice, &dir, check, &mut unyielded)).await?
+                }
+            };
+            waiting = true;
+            match burst {
+                Burst::Drained { .. } => {}
+                Burst::Full => {
+                    bulk = true;
+                    dir.bulk.store(true, Ordering::Relaxed);
+                    waiting = false;
+                }
+                Burst::End if stop.requested() => {
+                    // End of stream stays readable: whoever reads next sees it again.
+                    return Ok(PumpEnd::Stopped);
+                }
+                Burst::End => {
+                    stop.eof.store(true, Ordering::Release);
+                    // ENOTCONN: the write half was already shut (a tunnel
+                    // demoted after the kernel path passed this FIN on).
+                    return match nix::sys::socket::shutdown(writer.as_raw_fd(), nix::sys::socket::Shutdown::Write) {
+                        Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(PumpEnd::Eof),
+                        Err(e) => Err(e.into()),
+                    };
+                }
             }
         }
     }

@@ -3,6 +3,7 @@
 //! [`super::socks5`]) set up the far side, then hand the pair to the data
 //! path and wait for the tunnel to end.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -25,16 +26,29 @@ pub fn refuse(stream: TcpStream) {
 }
 
 /// Serves one admitted client until its tunnel ends.
-pub async fn serve(server: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, slot: Slot) {
+#[allow(clippy::manual_async_fn, reason = "an `async fn` stores its arguments twice (rustc #62958)")]
+pub fn serve(server: Arc<Shared>, client: TcpStream, peer: SocketAddr, slot: Slot) -> impl Future<Output = ()> {
+    // An async block, not an `async fn` (which keeps a second copy of each
+    // argument in the future, rustc #62958), and the set-up boxed: its state
+    // is freed when the tunnel starts, so a connection's task holds little
+    // more than its tunnel for the tunnel's whole life.
+    async move {
+        let Some(tunnel) = Box::pin(set_up(&server, client, peer, &slot)).await else { return };
+        run_to_end(&server, slot, tunnel).await;
+    }
+}
+
+/// Runs the handshake and hands the pair to the data path; `None` when no
+/// tunnel came of it (refused, failed, cancelled, or a UDP association that
+/// has ended).
+async fn set_up(server: &Shared, mut client: TcpStream, peer: SocketAddr, slot: &Slot) -> Option<Tunnel> {
     // TCP_NODELAY came with the accept: the listener has it (server::bind).
-    let entry = slot.entry.clone();
+    let entry = &slot.entry;
     let established = tokio::select! {
-        _ = entry.cancel.cancelled() => return,
-        // Boxed: the handshake's state is freed when it ends instead of
-        // staying inside every long-lived connection task.
-        r = Box::pin(handshake(&server, &mut client, peer, &slot)) => r,
+        _ = entry.cancel.cancelled() => return None,
+        r = handshake(server, &mut client, peer, slot) => r,
     };
-    let Some(est) = established else { return };
+    let est = established?;
     let dst = est.dst;
     let pair = Pair { client, upstream: est.upstream, client_early: est.early };
     let (path, tunnel) = match est.limits {
@@ -51,40 +65,45 @@ pub async fn serve(server: Arc<Shared>, mut client: TcpStream, peer: SocketAddr,
         Ok(t) => t,
         Err(e) => {
             tracing::warn!(src = %peer, %dst, "cannot attach the tunnel to the {path} data path: {e}");
-            return;
+            return None;
         }
     };
     entry.set_tunnel(est.kind, dst, tunnel.stats.clone());
     entry.set_park(tunnel.park.clone());
     tracing::debug!(src = %peer, %dst, kind = est.kind.as_str(), path, "tunnel up");
-    run_to_end(&server, slot, tunnel).await;
+    Some(tunnel)
 }
 
 /// A tunnel taken over from another process (an upgrade): listed in `slot`
 /// like one of ours, until it ends.
-pub async fn adopted(server: Arc<Shared>, slot: Slot, tunnel: Tunnel) {
-    slot.entry.set_park(tunnel.park.clone());
-    run_to_end(&server, slot, tunnel).await;
+#[allow(clippy::manual_async_fn, reason = "an `async fn` stores its arguments twice (rustc #62958)")]
+pub fn adopted(server: Arc<Shared>, slot: Slot, tunnel: Tunnel) -> impl Future<Output = ()> {
+    async move {
+        slot.entry.set_park(tunnel.park.clone());
+        run_to_end(&server, slot, tunnel).await;
+    }
 }
 
 /// Waits for the tunnel to end (or park), then counts it and leaves the list.
-async fn run_to_end(server: &Shared, slot: Slot, tunnel: Tunnel) {
-    let entry = slot.entry.clone();
-    let Tunnel { run, park, .. } = tunnel;
-    run.await;
-    if park.requested() {
-        // Handed over to a new process, which counts it from now on.
-        return;
+#[allow(clippy::manual_async_fn, reason = "an `async fn` stores its arguments twice (rustc #62958)")]
+fn run_to_end(server: &Shared, slot: Slot, tunnel: Tunnel) -> impl Future<Output = ()> + '_ {
+    async move {
+        let Tunnel { run, park, .. } = tunnel;
+        run.await;
+        if park.requested() {
+            // Handed over to a new process, which counts it from now on.
+            return;
+        }
+        let row = slot.entry.row();
+        let peer = slot.entry.src;
+        let dst = row.dst_address.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let kind = row.kind;
+        server.metrics.tunnel_closed(row.tx, row.rx);
+        // Debug, not info: one line per tunnel was a write(2) per connection and
+        // about a tenth of the connection rate; metrics count tunnels and bytes.
+        tracing::debug!(src = %peer, %dst, kind = kind.as_str(), user = row.user.as_deref().unwrap_or("-"), tx = row.tx, rx = row.rx, "tunnel closed");
+        drop(slot);
     }
-    let row = entry.row();
-    let peer = entry.src;
-    let dst = row.dst_address.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let kind = row.kind;
-    server.metrics.tunnel_closed(row.tx, row.rx);
-    // Debug, not info: one line per tunnel was a write(2) per connection and
-    // about a tenth of the connection rate; metrics count tunnels and bytes.
-    tracing::debug!(src = %peer, %dst, kind = kind.as_str(), user = row.user.as_deref().unwrap_or("-"), tx = row.tx, rx = row.rx, "tunnel closed");
-    drop(slot);
 }
 
 /// Reads the first bytes, runs the protocol they announce, and counts the outcome.

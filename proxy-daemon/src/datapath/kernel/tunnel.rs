@@ -186,181 +186,190 @@ pub(super) enum Start {
 
 /// A tunnel's life (its connection's task runs it): owns the pair until both
 /// sockets are closed, or until it parks (an upgrade; see `datapath::park`).
-pub(super) async fn run(
+#[allow(clippy::manual_async_fn, reason = "an `async fn` stores its arguments twice (rustc #62958)")]
+pub(super) fn run(
     shared: Arc<Shared>,
     flow: Arc<KernelFlow>,
     start: Start,
     cancel: CancellationToken,
     policy: Policy,
     park: Arc<Park>,
-) {
-    let id = flow.client;
-    let (mut socks, mut early, mut resumed) = match start {
-        Start::Fresh { client, upstream, early } => (Some([client, upstream]), Some(early), None),
-        Start::Relayed { socks, ended } if ended.contains(&true) => {
-            return relay_to_end(&flow, socks, &cancel, &park, ended).await;
-        }
-        Start::Relayed { socks, .. } => (Some(socks), None, None),
-        Start::Spliced { socks, cookies, written_before, fin, shut } => {
-            (None, None, Some((Spliced { socks, cookies, written_before }, fin, shut)))
-        }
-    };
-    // The last epoch's pair while its bytes drain towards the relay's writers.
-    let mut demoted: Option<(Spliced, u64)> = None;
-    // A tunnel taken over while this process's verdict is not attached yet
-    // relays until it is (then `kernel` splices it at the next promotion).
-    let waits = !shared.attached.load(Ordering::Acquire) && socks.is_some();
-    let mut rule = (policy == Policy::Auto || waits).then_some(PROMOTE);
-    loop {
-        let mut closing = None;
-        let spliced = match resumed.take() {
-            Some((sp, fin, shut)) => {
-                closing = Some((fin, shut));
-                sp
+) -> impl std::future::Future<Output = ()> {
+    // An async block, not an `async fn`: that would keep a second copy of
+    // each argument in the future (rustc #62958), which every tunnel holds.
+    async move {
+        let id = flow.client;
+        let (mut socks, mut early, mut resumed) = match start {
+            Start::Fresh { client, upstream, early } => (Some([client, upstream]), Some(early), None),
+            Start::Relayed { socks, ended } if ended.contains(&true) => {
+                // Boxed, like every path a tunnel rarely takes: the future's size
+                // is its largest state's, held by every tunnel for its whole life.
+                return Box::pin(relay_to_end(&flow, socks, &cancel, &park, ended)).await;
             }
-            None => {
-                let Some(mut pair) = socks.take() else { return };
-                if let Some(rule) = rule {
-                    let early = early.take().unwrap_or_default();
-                    let opts = RelayOptions { promote: Some(rule), park: Some(&park), ..Default::default() };
-                    let end = match &demoted {
-                        Some((sp, _)) => {
-                            let gates =
-                                [drain_gate(&shared, sp, UPSTREAM, CLIENT), drain_gate(&shared, sp, CLIENT, UPSTREAM)];
-                            relay(&mut pair, early, &flow.user, &cancel, gates, opts).await
-                        }
-                        None => relay(&mut pair, early, &flow.user, &cancel, open_gates(), opts).await,
-                    };
-                    if let Some((sp, held)) = demoted.take() {
-                        shared.grace_budget.fetch_add(held, Ordering::AcqRel);
-                        // Closed, or both gates opened: every byte of the epoch left the psocks.
-                        flow.freeze();
-                        shared.maps.leave(sp.cookies);
-                    }
-                    let ended = match end {
-                        RelayEnd::Closed => return,
-                        RelayEnd::Stopped { ended } => ended,
-                    };
-                    if park.requested() {
-                        return park_relayed(&park, pair, flow.snapshot(), ended);
-                    }
-                    if !shared.attached.load(Ordering::Acquire) {
-                        // No verdict to splice with yet: relay on (another
-                        // promotion period).
-                        socks = Some(pair);
-                        continue;
-                    }
-                    shared.promotions.fetch_add(1, Ordering::Relaxed);
-                    debug!(tunnel = id, "promoting into the sockhash");
-                }
-                let [client, upstream] = &mut pair;
-                // After the relay there is nothing to hand over: it stopped with both
-                // receive queues drained, and what arrived since are whole skbs.
-                let from_relay = rule.is_some();
-                let handed_over = if from_relay {
-                    Ok(false)
-                } else {
-                    tokio::select! {
-                        biased;
-                        _ = cancel.cancelled() => return,
-                        // Boxed so its buffers' state does not stay in the long-lived task.
-                        done = Box::pin(hand_over(&flow, client, upstream, early.take().unwrap_or_default())) => done,
-                    }
-                };
-                match handed_over {
-                    Ok(false) => {}
-                    Ok(true) => {
-                        debug!(
-                            tunnel = id,
-                            "cannot splice (a side closed, or never went quiet); relaying in userspace"
-                        );
-                        return relay_to_end(&flow, pair, &cancel, &park, [false; 2]).await;
-                    }
-                    Err(e) => {
-                        // A side failed (typically reset): the other one gets a RST
-                        // too, as on the relay and while spliced, not a clean FIN.
-                        debug!(tunnel = id, "handing over queued bytes: {e}; resetting both sides");
-                        for sock in &pair {
-                            let _ = sys::set_linger_zero(sock);
-                        }
-                        return;
-                    }
-                }
-                let Some(spliced) = enter(&shared, &flow, pair, &cancel, &park).await else {
-                    return;
-                };
-                spliced
+            Start::Relayed { socks, .. } => (Some(socks), None, None),
+            Start::Spliced { socks, cookies, written_before, fin, shut } => {
+                (None, None, Some((Spliced { socks, cookies, written_before }, fin, shut)))
             }
         };
-        // Grace bytes the directions hold from the daemon's budget (past their
-        // window, no room yet): given back when the peer has room again, or
-        // once a demoted tunnel's psocks have drained (or it ended).
-        let mut grace = Grace { shared: &shared, held: [0; 2] };
-        let end = watch(&shared, &spliced, &mut grace, &cancel, &park, closing).await;
-        if let End::Demote = end {
-            shared.demotions.fetch_add(1, Ordering::Relaxed);
-            debug!(tunnel = id, "a peer fell behind: demoting to the relay");
-            // The verdict stops; TCP_INFO takes each socket's lock, so a
-            // verdict run still in progress finishes first.
-            for (cookie, sock) in spliced.cookies.iter().zip(&spliced.socks) {
-                shared.maps.splice_out(*cookie);
-                let _ = sys::tcp_info(sock);
-                set_receive_buffer(sock, shared.queue_cap / 4);
-            }
-            flow.spliced.store(false, Ordering::Relaxed);
-            let Spliced { socks: std_socks, cookies, written_before } = spliced;
-            let view = to_tokio(std_socks).and_then(|s| Ok((Spliced::view(&s, cookies, written_before)?, s)));
-            match view {
-                Ok((view, tokio_socks)) => {
-                    socks = Some(tokio_socks);
-                    demoted = Some((view, grace.into_held()));
+        // The last epoch's pair while its bytes drain towards the relay's writers.
+        let mut demoted: Option<(Spliced, u64)> = None;
+        // A tunnel taken over while this process's verdict is not attached yet
+        // relays until it is (then `kernel` splices it at the next promotion).
+        let waits = !shared.attached.load(Ordering::Acquire) && socks.is_some();
+        let mut rule = (policy == Policy::Auto || waits).then_some(PROMOTE);
+        loop {
+            let mut closing = None;
+            let spliced = match resumed.take() {
+                Some((sp, fin, shut)) => {
+                    closing = Some((fin, shut));
+                    sp
                 }
-                Err(e) => {
-                    flow.freeze();
-                    shared.maps.leave(cookies);
-                    return warn!(tunnel = id, "cannot relay: {e}");
+                None => {
+                    let Some(mut pair) = socks.take() else { return };
+                    if let Some(rule) = rule {
+                        let early = early.take().unwrap_or_default();
+                        let opts = RelayOptions { promote: Some(rule), park: Some(&park), ..Default::default() };
+                        let end = match &demoted {
+                            Some((sp, _)) => {
+                                let gates = [
+                                    drain_gate(&shared, sp, UPSTREAM, CLIENT),
+                                    drain_gate(&shared, sp, CLIENT, UPSTREAM),
+                                ];
+                                relay(&mut pair, early, &flow.user, &cancel, gates, opts).await
+                            }
+                            None => relay(&mut pair, early, &flow.user, &cancel, open_gates(), opts).await,
+                        };
+                        if let Some((sp, held)) = demoted.take() {
+                            shared.grace_budget.fetch_add(held, Ordering::AcqRel);
+                            // Closed, or both gates opened: every byte of the epoch left the psocks.
+                            flow.freeze();
+                            shared.maps.leave(sp.cookies);
+                        }
+                        let ended = match end {
+                            RelayEnd::Closed => return,
+                            RelayEnd::Stopped { ended } => ended,
+                        };
+                        if park.requested() {
+                            return park_relayed(&park, pair, flow.snapshot(), ended);
+                        }
+                        if !shared.attached.load(Ordering::Acquire) {
+                            // No verdict to splice with yet: relay on (another
+                            // promotion period).
+                            socks = Some(pair);
+                            continue;
+                        }
+                        shared.promotions.fetch_add(1, Ordering::Relaxed);
+                        debug!(tunnel = id, "promoting into the sockhash");
+                    }
+                    let [client, upstream] = &mut pair;
+                    // After the relay there is nothing to hand over: it stopped with both
+                    // receive queues drained, and what arrived since are whole skbs.
+                    let from_relay = rule.is_some();
+                    let handed_over = if from_relay {
+                        Ok(false)
+                    } else {
+                        tokio::select! {
+                            biased;
+                            _ = cancel.cancelled() => return,
+                            // Boxed so its buffers' state does not stay in the long-lived task.
+                            done = Box::pin(hand_over(&flow, client, upstream, early.take().unwrap_or_default())) => done,
+                        }
+                    };
+                    match handed_over {
+                        Ok(false) => {}
+                        Ok(true) => {
+                            debug!(
+                                tunnel = id,
+                                "cannot splice (a side closed, or never went quiet); relaying in userspace"
+                            );
+                            return Box::pin(relay_to_end(&flow, pair, &cancel, &park, [false; 2])).await;
+                        }
+                        Err(e) => {
+                            // A side failed (typically reset): the other one gets a RST
+                            // too, as on the relay and while spliced, not a clean FIN.
+                            debug!(tunnel = id, "handing over queued bytes: {e}; resetting both sides");
+                            for sock in &pair {
+                                let _ = sys::set_linger_zero(sock);
+                            }
+                            return;
+                        }
+                    }
+                    let Some(spliced) = Box::pin(enter(&shared, &flow, pair, &cancel, &park)).await else {
+                        return;
+                    };
+                    spliced
                 }
-            }
-            // `auto` leaves a tunnel whose peer fell behind on the relay, where
-            // TCP paces the sender without stalls; `kernel` splices it again
-            // once the peer keeps up.
-            rule = Some(if policy == Policy::Auto { STAY } else { REPROMOTE });
-            continue;
-        }
-        if let End::Parked { fin, shut } = end {
-            // The pair stays in the maps; the new process watches it.
-            drop(grace);
-            debug!(tunnel = id, "parked while spliced");
-            let (kernel_done, user) = (flow.done_epochs(), flow.user.snapshot());
-            let Spliced { socks, cookies, written_before } = spliced;
-            let state = ParkedState::Kernel {
-                cookies,
-                written_before,
-                kernel_done,
-                user_tx: user.tx,
-                user_rx: user.rx,
-                last_ns: flow.snapshot().last_activity_ns,
-                fin,
-                shut,
             };
-            return park.put(Parked { socks, state });
-        }
-        flow.freeze();
-        shared.maps.leave(spliced.cookies);
-        match end {
-            End::Clean => debug!(tunnel = id, "closed by both sides"),
-            End::Cancelled => debug!(tunnel = id, "cancelled"),
-            End::Reset(side) => {
-                debug!(tunnel = id, "{} side reset; resetting the other", side_name(side));
-                if let Err(e) = sys::set_linger_zero(&spliced.socks[1 - side]) {
-                    debug!(tunnel = id, "SO_LINGER: {e}");
+            // Grace bytes the directions hold from the daemon's budget (past their
+            // window, no room yet): given back when the peer has room again, or
+            // once a demoted tunnel's psocks have drained (or it ended).
+            let mut grace = Grace { shared: &shared, held: [0; 2] };
+            let end = watch(&shared, &spliced, &mut grace, &cancel, &park, closing).await;
+            if let End::Demote = end {
+                shared.demotions.fetch_add(1, Ordering::Relaxed);
+                debug!(tunnel = id, "a peer fell behind: demoting to the relay");
+                // The verdict stops; TCP_INFO takes each socket's lock, so a
+                // verdict run still in progress finishes first.
+                for (cookie, sock) in spliced.cookies.iter().zip(&spliced.socks) {
+                    shared.maps.splice_out(*cookie);
+                    let _ = sys::tcp_info(sock);
+                    set_receive_buffer(sock, shared.queue_cap / 4);
                 }
+                flow.spliced.store(false, Ordering::Relaxed);
+                let Spliced { socks: std_socks, cookies, written_before } = spliced;
+                let view = to_tokio(std_socks).and_then(|s| Ok((Spliced::view(&s, cookies, written_before)?, s)));
+                match view {
+                    Ok((view, tokio_socks)) => {
+                        socks = Some(tokio_socks);
+                        demoted = Some((view, grace.into_held()));
+                    }
+                    Err(e) => {
+                        flow.freeze();
+                        shared.maps.leave(cookies);
+                        return warn!(tunnel = id, "cannot relay: {e}");
+                    }
+                }
+                // `auto` leaves a tunnel whose peer fell behind on the relay, where
+                // TCP paces the sender without stalls; `kernel` splices it again
+                // once the peer keeps up.
+                rule = Some(if policy == Policy::Auto { STAY } else { REPROMOTE });
+                continue;
             }
-            End::Failed(e) => warn!(tunnel = id, "closing tunnel: {e}"),
-            End::Demote | End::Parked { .. } => unreachable!("handled above"),
+            if let End::Parked { fin, shut } = end {
+                // The pair stays in the maps; the new process watches it.
+                drop(grace);
+                debug!(tunnel = id, "parked while spliced");
+                let (kernel_done, user) = (flow.done_epochs(), flow.user.snapshot());
+                let Spliced { socks, cookies, written_before } = spliced;
+                let state = ParkedState::Kernel {
+                    cookies,
+                    written_before,
+                    kernel_done,
+                    user_tx: user.tx,
+                    user_rx: user.rx,
+                    last_ns: flow.snapshot().last_activity_ns,
+                    fin,
+                    shut,
+                };
+                return park.put(Parked { socks, state });
+            }
+            flow.freeze();
+            shared.maps.leave(spliced.cookies);
+            match end {
+                End::Clean => debug!(tunnel = id, "closed by both sides"),
+                End::Cancelled => debug!(tunnel = id, "cancelled"),
+                End::Reset(side) => {
+                    debug!(tunnel = id, "{} side reset; resetting the other", side_name(side));
+                    if let Err(e) = sys::set_linger_zero(&spliced.socks[1 - side]) {
+                        debug!(tunnel = id, "SO_LINGER: {e}");
+                    }
+                }
+                End::Failed(e) => warn!(tunnel = id, "closing tunnel: {e}"),
+                End::Demote | End::Parked { .. } => unreachable!("handled above"),
+            }
+            // Dropping `spliced` closes both sockets.
+            return;
         }
-        // Dropping `spliced` closes both sockets.
-        return;
     }
 }
 
