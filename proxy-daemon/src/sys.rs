@@ -1,8 +1,9 @@
 //! The raw Linux calls proxyd makes that neither std, tokio nor nix wrap
-//! safely: socket cookies, `TCP_INFO`, `SIOCOUTQ`, socket options by number,
-//! `SO_LINGER` 0, a private epoll set (and handing fds to tokio's reactor),
-//! map element commands that need no `&mut` (so the maps are shared by all
-//! tunnel tasks without a lock), and the console's SIGINT flag.
+//! safely: socket cookies, `TCP_INFO`, `SIOCOUTQ`, `recv` into uninitialised
+//! capacity, socket options by number, `SO_LINGER` 0, a private epoll set
+//! (and handing fds to tokio's reactor), map element commands that need no
+//! `&mut` (so the maps are shared by all tunnels without a lock), and the
+//! console's SIGINT flag.
 //!
 //! With `privileges` (capabilities), this is the only module allowed
 //! `unsafe` (the crate root denies it elsewhere). Every `unsafe` block has

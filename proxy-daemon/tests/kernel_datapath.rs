@@ -16,14 +16,17 @@
 //! everywhere in the suite: root and `CI`, or `PROXYD_TEST_KERNEL=1`; in CI
 //! a missing prerequisite fails instead (`proxyd_tests::kernel_under_test`).
 
+mod common;
+
 use std::io::ErrorKind;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{spawn, Running};
 use proxyd::datapath::kernel::{KernelDataPath, Policy};
-use proxyd::datapath::{DataPathKind, FlowSource, Pair, SharedDataPath, Tunnel};
+use proxyd::datapath::{DataPathKind, Pair, SharedDataPath};
 use proxyd_tests::{kernel_under_test, pattern};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -68,17 +71,6 @@ struct Harness {
     /// The destination's end (`dest_outer`).
     dest: TcpStream,
     tunnel: Running,
-}
-
-/// A tunnel whose future runs on a task of its own (the daemon runs it on
-/// the connection's task), with its counters.
-struct Running {
-    stats: Arc<dyn FlowSource>,
-    done: tokio::task::JoinHandle<()>,
-}
-
-fn spawn(tunnel: Tunnel) -> Running {
-    Running { stats: tunnel.stats, done: tokio::spawn(tunnel.run) }
 }
 
 /// Builds `client_outer <-> client_inner` and `upstream_inner <-> dest_outer`

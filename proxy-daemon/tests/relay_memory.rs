@@ -5,13 +5,15 @@
 //! allocator, so this file holds this one test and nothing else allocates
 //! meanwhile. Needs no privilege.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
+use common::{spawn, Running};
 use proxyd::datapath::userspace::UserspaceRelay;
-use proxyd::datapath::{DataPath, FlowSource, Pair, Tunnel};
+use proxyd::datapath::{DataPath, Pair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -89,17 +91,6 @@ struct Harness {
     client: TcpStream,
     dest: TcpStream,
     tunnel: Running,
-}
-
-/// A tunnel whose future runs on a task of its own (the daemon runs it on
-/// the connection's task), with its counters.
-struct Running {
-    stats: Arc<dyn FlowSource>,
-    done: tokio::task::JoinHandle<()>,
-}
-
-fn spawn(tunnel: Tunnel) -> Running {
-    Running { stats: tunnel.stats, done: tokio::spawn(tunnel.run) }
 }
 
 /// `client_outer <-> [client_inner | upstream_inner] <-> dest_outer` on

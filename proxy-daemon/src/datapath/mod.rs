@@ -9,7 +9,8 @@
 //! back to the same relay when a peer falls behind.
 //! The server hands over a connected [`Pair`] and gets back a [`Tunnel`]: a
 //! live view of the flow's counters, the future that runs the tunnel (the
-//! caller's task awaits it: one task per connection), and its [`park::Park`], where an upgrade stops it to hand it to a new process
+//! caller's task awaits it: one task per connection), and its
+//! [`park::Park`], where an upgrade stops it to hand it to a new process
 //! (which takes it on with [`DataPath::resume`]). Nothing outside the data
 //! path touches the sockets after `attach`.
 

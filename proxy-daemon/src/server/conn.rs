@@ -1,7 +1,7 @@
 //! One client connection: admission has happened; read the first byte to
 //! tell SOCKS4 from SOCKS5, let that protocol's handshake ([`super::socks4`],
 //! [`super::socks5`]) set up the far side, then hand the pair to the data
-//! path and wait for the tunnel to end.
+//! path and run the tunnel it returns to its end, on this connection's task.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -28,10 +28,9 @@ pub fn refuse(stream: TcpStream) {
 /// Serves one admitted client until its tunnel ends.
 #[allow(clippy::manual_async_fn, reason = "an `async fn` stores its arguments twice (rustc #62958)")]
 pub fn serve(server: Arc<Shared>, client: TcpStream, peer: SocketAddr, slot: Slot) -> impl Future<Output = ()> {
-    // An async block, not an `async fn` (which keeps a second copy of each
-    // argument in the future, rustc #62958), and the set-up boxed: its state
-    // is freed when the tunnel starts, so a connection's task holds little
-    // more than its tunnel for the tunnel's whole life.
+    // The set-up is boxed: its state (the handshake's buffers and timers) is
+    // freed when the tunnel starts, so for the tunnel's whole life the task
+    // holds little more than the tunnel.
     async move {
         let Some(tunnel) = Box::pin(set_up(&server, client, peer, &slot)).await else { return };
         run_to_end(&server, slot, tunnel).await;
