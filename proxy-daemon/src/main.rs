@@ -227,7 +227,8 @@ fn run(control_path: PathBuf, args: RunArgs) -> anyhow::Result<()> {
         }
         proxyd::sdnotify::notify_stopping();
         tracing::info!("shutting down: no new clients; {} open connection(s) get {:?}", server.shared.registry.len(), args.shutdown_grace);
-        server.stop_listening();
+        // Bounded: a shard that does not answer must not hold the exit up.
+        let _ = tokio::time::timeout(CLOSE_DEADLINE, server.stop_listening()).await;
         let _ = std::fs::remove_file(&control_path);
         // Every connection task (each ends after its tunnel) is tracked:
         // wait for them all, up to the grace, then cancel the rest and wait

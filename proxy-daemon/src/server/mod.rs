@@ -270,9 +270,15 @@ impl Server {
         }
     }
 
-    /// Stops accepting new clients (shutdown).
-    pub fn stop_listening(&self) {
-        *self.listener.lock().unwrap() = None;
+    /// Stops accepting new clients (shutdown) and waits until every accept
+    /// loop is gone: each holds the server, and so the kernel path, whose
+    /// pins are removed only when it is dropped. An abort alone is carried
+    /// out by the shard's thread later, possibly after the process exited.
+    pub async fn stop_listening(&self) {
+        let listener = self.listener.lock().unwrap().take();
+        if let Some(l) = listener {
+            l.task.stop().await;
+        }
     }
 
     /// The listening sockets (SOCKS, metrics), each as its address, device

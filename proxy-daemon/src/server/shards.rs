@@ -99,6 +99,18 @@ impl Spawned {
             t.abort();
         }
     }
+
+    /// Stops the tasks and waits until they are gone (their futures
+    /// dropped, with everything they hold).
+    pub async fn stop(mut self) {
+        let tasks = std::mem::take(&mut self.0);
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
 }
 
 impl Drop for Spawned {
