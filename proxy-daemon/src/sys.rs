@@ -94,13 +94,15 @@ pub fn outq(sock: &impl AsFd) -> io::Result<u32> {
     Ok(n.max(0) as u32)
 }
 
-/// `recv(2)` into `buf`'s spare capacity (nothing is zeroed first); returns
-/// the bytes read, which now extend `buf` (0: end of stream).
-pub fn recv_spare(sock: &impl AsFd, buf: &mut Vec<u8>) -> io::Result<usize> {
+/// `recv(2)` of at most `max` bytes into `buf`'s spare capacity (nothing is
+/// zeroed first); returns the bytes read, which now extend `buf` (0: end of
+/// stream).
+pub fn recv_spare(sock: &impl AsFd, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
     let spare = buf.spare_capacity_mut();
-    // SAFETY: recv writes at most `spare.len()` bytes into `spare`, memory
-    // `buf` owns and does not read while uninitialised.
-    let n = unsafe { libc::recv(sock.as_fd().as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), 0) };
+    let len = spare.len().min(max);
+    // SAFETY: recv writes at most `len` bytes into `spare`, memory `buf` owns
+    // and does not read while uninitialised.
+    let n = unsafe { libc::recv(sock.as_fd().as_raw_fd(), spare.as_mut_ptr().cast(), len, 0) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }

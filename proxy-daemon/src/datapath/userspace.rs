@@ -14,6 +14,7 @@
 //! [`Promote`] rule decides when): each pump stops only between chunks, after
 //! its last read was written in full, so nothing is held in the daemon.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -177,34 +178,21 @@ pub fn relay<'a, G: Future<Output = io::Result<()>> + 'a>(
             }
         };
         let [gate_client, gate_upstream] = gates;
-        let up = async {
-            if ended[0] {
-                return Ok(PumpEnd::Eof);
-            }
-            gate_upstream.await?;
-            opened.fetch_add(1, Ordering::Relaxed);
-            let dir = Direction {
-                count: &counters.tx,
-                last_ns: &counters.last_ns,
-                limit: limits.map(|l| &*l.up),
-                bulk: &bulk[0],
-            };
-            pump(client, upstream, early, dir, &stop, &check).await
+        let up = Direction {
+            count: &counters.tx,
+            last_ns: &counters.last_ns,
+            limit: limits.map(|l| &*l.up),
+            bulk: &bulk[0],
         };
-        let down = async {
-            if ended[1] {
-                return Ok(PumpEnd::Eof);
-            }
-            gate_client.await?;
-            opened.fetch_add(1, Ordering::Relaxed);
-            let dir = Direction {
-                count: &counters.rx,
-                last_ns: &counters.last_ns,
-                limit: limits.map(|l| &*l.down),
-                bulk: &bulk[1],
-            };
-            pump(upstream, client, Vec::new(), dir, &stop, &check).await
+        let up = gated_pump((!ended[0]).then_some(gate_upstream), &opened, client, upstream, early, up, &stop, &check);
+        let down = Direction {
+            count: &counters.rx,
+            last_ns: &counters.last_ns,
+            limit: limits.map(|l| &*l.down),
+            bulk: &bulk[1],
         };
+        let down =
+            gated_pump((!ended[1]).then_some(gate_client), &opened, upstream, client, Vec::new(), down, &stop, &check);
         let parked = async {
             match park {
                 Some(p) => p.wait().await,
@@ -244,6 +232,28 @@ pub fn relay<'a, G: Future<Output = io::Result<()>> + 'a>(
             }
             _ => RelayEnd::Closed,
         }
+    }
+}
+
+/// One direction of [`relay`]: none when it had ended (`gate` is `None`);
+/// otherwise it waits for its `gate`, counts itself `opened`, and pumps.
+#[allow(clippy::manual_async_fn, reason = "an `async fn` stores its arguments twice (rustc #62958)")]
+#[allow(clippy::too_many_arguments, reason = "the pump's own arguments, and its gate")]
+fn gated_pump<'a, G: Future<Output = io::Result<()>> + 'a>(
+    gate: Option<G>,
+    opened: &'a AtomicU8,
+    reader: &'a TcpStream,
+    writer: &'a TcpStream,
+    early: Vec<u8>,
+    dir: Direction<'a>,
+    stop: &'a Stop,
+    check: &'a (dyn Fn() + Sync),
+) -> impl Future<Output = io::Result<PumpEnd>> + 'a {
+    async move {
+        let Some(gate) = gate else { return Ok(PumpEnd::Eof) };
+        gate.await?;
+        opened.fetch_add(1, Ordering::Relaxed);
+        pump(reader, writer, early, dir, stop, check).await
     }
 }
 
@@ -405,8 +415,8 @@ enum Burst {
 /// Copies one direction until end of stream (then half-closes the writer)
 /// or until `stop` (only between bursts). `check` runs after every chunk.
 ///
-/// A direction copies through a buffer allocated for the burst, until a read
-/// fills the whole buffer (the reader holds more than a chunk: bulk); from
+/// A direction copies through its thread's buffer (`SCRATCH`), until a read
+/// fills a whole chunk (the reader holds more than a chunk: bulk); from
 /// then on its bursts go through a leased pipe with `splice(2)`, which hands
 /// the socket's pages on without copying them through the daemon (measured,
 /// one flow: 16.5-19.6 Gbit/s against 11-13 copying, a third less CPU per
@@ -488,9 +498,29 @@ fn pump<'a>(
     }
 }
 
-/// Copies what `reader` holds to `writer` through a buffer that lives for
-/// this burst only (an idle direction holds none). With `may_splice`, stops
-/// at the first read that fills the buffer.
+thread_local! {
+    /// The buffer copy bursts read into on this thread: lent to one read and
+    /// its write at a time, never across an await. A buffer per burst was a
+    /// 64 KiB `malloc` and `free` per message (glibc consolidates its free
+    /// lists on every free that large).
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(CHUNK));
+}
+
+/// What one read, and the write that follows it at once, did.
+enum Step {
+    /// The reader is at end of stream.
+    End,
+    /// Nothing to read.
+    Empty,
+    /// `n` bytes read (`drained`: the reader's queue is empty now); `rest`:
+    /// those the writer had no room for (or, paced, all of them).
+    Read { n: usize, drained: bool, rest: Option<Vec<u8>> },
+}
+
+/// Copies what `reader` holds to `writer` through the thread's scratch buffer
+/// (an idle direction holds no buffer; bytes the writer cannot take at once
+/// are kept in one of their own). With `may_splice`, stops at the first read
+/// that fills a chunk.
 async fn copy_burst(
     reader: &TcpStream,
     writer: &TcpStream,
@@ -500,49 +530,69 @@ async fn copy_burst(
     check: &(dyn Fn() + Sync),
     unyielded: &mut usize,
 ) -> io::Result<Burst> {
-    // Read into uninitialised capacity: zeroing 64 KiB per burst was 2% of the
-    // daemon's time in the connection-rate run (one byte each way).
-    let mut buf = Vec::with_capacity(chunk);
     let mut moved = 0;
-    let mut drained = false;
-    while !drained {
-        buf.clear();
-        let n = match read_some(reader, &mut buf) {
-            Ok((0, _)) => return Ok(Burst::End),
-            Ok((n, emptied)) => {
-                drained = emptied;
-                n
+    loop {
+        let step = SCRATCH.with_borrow_mut(|buf| {
+            // Read into uninitialised capacity: zeroing 64 KiB per read was 2%
+            // of the daemon's time in the connection-rate run.
+            buf.clear();
+            let (n, drained) = match read_some(reader, buf, chunk) {
+                Ok((0, _)) => return Ok(Step::End),
+                Ok(read) => read,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Empty),
+                Err(e) => return Err(e),
+            };
+            // A paced direction writes only when its pacer says.
+            let written = match dir.limit {
+                Some(_) => 0,
+                None => match writer.try_write(&buf[..n]) {
+                    Ok(w) => w,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(e) => return Err(e),
+                },
+            };
+            Ok(Step::Read { n, drained, rest: (written < n).then(|| buf[written..n].to_vec()) })
+        })?;
+        let (n, drained) = match step {
+            Step::End => return Ok(Burst::End),
+            Step::Empty => break,
+            Step::Read { n, drained, rest } => {
+                dir.last_ns.store(monotonic_ns(), Ordering::Relaxed);
+                if let Some(rest) = rest {
+                    if let Some(wait) = dir.limit.map(|l| l.reserve(n)).filter(|w| !w.is_zero()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                    write_all(writer, &rest).await?;
+                }
+                (n, drained)
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) => return Err(e),
         };
-        dir.last_ns.store(monotonic_ns(), Ordering::Relaxed);
-        if let Some(wait) = dir.limit.map(|l| l.reserve(n)).filter(|w| !w.is_zero()) {
-            tokio::time::sleep(wait).await;
-        }
-        write_all(writer, &buf[..n]).await?;
         moved += n as u64;
         moved_chunk(dir, n, check, unyielded).await;
         if may_splice && n == chunk {
             return Ok(Burst::Full);
         }
+        if drained {
+            break;
+        }
     }
     Ok(Burst::Drained { moved })
 }
 
-/// Reads what `reader` holds into `buf`'s spare capacity; also says whether
-/// the read emptied the socket's queue. A read that leaves room did (TCP
-/// hands over everything queued, up to the size asked for), and then tokio
-/// is told the socket is not readable any more, as its own `poll_read` does:
-/// the next burst waits for epoll instead of paying a `read` that returns
-/// `EAGAIN`, one system call less per message of interactive traffic. An end
-/// of stream is never lost that way: tokio keeps a hang-up's readiness.
-fn read_some(reader: &TcpStream, buf: &mut Vec<u8>) -> io::Result<(usize, bool)> {
-    let room = buf.capacity() - buf.len();
+/// Reads at most `max` bytes of what `reader` holds into `buf`'s spare
+/// capacity; also says whether the read emptied the socket's queue. A read
+/// that leaves room did (TCP hands over everything queued, up to the size
+/// asked for), and then tokio is told the socket is not readable any more,
+/// as its own `poll_read` does: the next burst waits for epoll instead of
+/// paying a `read` that returns `EAGAIN`, one system call less per message
+/// of interactive traffic. An end of stream is never lost that way: tokio
+/// keeps a hang-up's readiness.
+fn read_some(reader: &TcpStream, buf: &mut Vec<u8>, max: usize) -> io::Result<(usize, bool)> {
+    let room = (buf.capacity() - buf.len()).min(max);
     let mut emptied = 0;
     // try_io clears the readiness it saw before the read when the closure
     // says WouldBlock; an event that arrives after it stays.
-    let read = reader.try_io(Interest::READABLE, || match crate::sys::recv_spare(reader, buf)? {
+    let read = reader.try_io(Interest::READABLE, || match crate::sys::recv_spare(reader, buf, max)? {
         n if n > 0 && n < room => {
             emptied = n;
             Err(io::ErrorKind::WouldBlock.into())
