@@ -63,7 +63,9 @@ impl Shards {
 fn start(i: usize) -> Option<Handle> {
     let (tx, rx) = std::sync::mpsc::channel();
     let spawned = std::thread::Builder::new().name(format!("proxyd-shard-{i}")).spawn(move || {
-        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        // Sockets and timers only: no signal or process driver, which would
+        // check for exited children at every wake-up of the shard.
+        match tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build() {
             Ok(rt) => {
                 let _ = tx.send(Some(rt.handle().clone()));
                 rt.block_on(std::future::pending::<()>());
