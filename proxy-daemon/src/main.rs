@@ -282,9 +282,10 @@ async fn adopt(
             anyhow::bail!("upgrade refused: {reason}");
         }
     };
-    let socks = offered.socks.as_ref().map(|(a, d, fd)| (*a, d.clone(), fd.try_clone()));
+    let socks =
+        offered.socks.as_ref().map(|(a, d, fds)| (*a, d.clone(), fds.iter().map(|fd| fd.try_clone()).collect()));
     let metrics = offered.metrics.as_ref().map(|(a, fd)| (*a, fd.try_clone()));
-    let socks = socks.map(|(a, d, fd)| fd.map(|fd| (a, d, fd))).transpose()?;
+    let socks = socks.map(|(a, d, fds): (_, _, std::io::Result<Vec<_>>)| fds.map(|fds| (a, d, fds))).transpose()?;
     let metrics = metrics.map(|(a, fd)| fd.map(|fd| (a, fd))).transpose()?;
     server.adopt_listeners(socks, metrics, false);
     let control = std::os::unix::net::UnixListener::from(offered.control.try_clone()?);

@@ -112,6 +112,13 @@ pub fn recv_spare(sock: &impl AsFd, buf: &mut Vec<u8>, max: usize) -> io::Result
     Ok(n)
 }
 
+/// The core the calling thread runs on now (`sched_getcpu(3)`).
+pub fn current_cpu() -> Option<i32> {
+    // SAFETY: no arguments; returns a CPU number or -1.
+    let cpu = unsafe { libc::sched_getcpu() };
+    (cpu >= 0).then_some(cpu)
+}
+
 /// Sets an `int` socket option.
 pub fn setsockopt_int(sock: &impl AsFd, level: i32, name: i32, value: i32) -> io::Result<()> {
     // SAFETY: the option value is a valid c_int of the length passed.
@@ -361,7 +368,9 @@ pub fn send_with_fds(sock: &impl AsFd, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> 
 /// carries, which the caller then owns. `Ok((0, []))` is the peer's close.
 pub fn recv_with_fds(sock: &impl AsFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
-    let mut space = nix::cmsg_space!([i32; 16]);
+    // SCM_MAX_FD: the most one message can carry (a listener group's sockets
+    // ride with the offer).
+    let mut space = nix::cmsg_space!([i32; 253]);
     let mut iov = [std::io::IoSliceMut::new(buf)];
     let msg = recvmsg::<UnixAddr>(sock.as_fd().as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
     if msg.flags.contains(MsgFlags::MSG_TRUNC) || msg.flags.contains(MsgFlags::MSG_CTRUNC) {

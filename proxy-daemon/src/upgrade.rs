@@ -67,11 +67,16 @@ enum Message {
         pid: u32,
     },
     /// Descriptors: the SOCKS listener (when `socks` is set), the metrics
-    /// listener (when `metrics` is set), the control socket, and the BPF pin
-    /// dir's lock (when `kernel`), in this order.
+    /// listener (when `metrics` is set), the control socket, the BPF pin
+    /// dir's lock (when `kernel`), and the SOCKS listener group's other
+    /// sockets (`socks_group`), in this order.
     Offer {
         version: u32,
         socks: Option<(SocketAddr, Option<String>)>,
+        /// The SOCKS listener group's sockets after the first, sent last: a
+        /// release without groups reads none (and closes them).
+        #[serde(default)]
+        socks_group: usize,
         metrics: Option<SocketAddr>,
         /// New connections are numbered from here on.
         next_number: u64,
@@ -266,7 +271,11 @@ async fn offer(h: &Handover<'_>, channel: &Channel) -> Result<(), String> {
         None => None,
     };
     let mut fds: Vec<BorrowedFd<'_>> = Vec::new();
-    if let Some((_, _, fd)) = &socks {
+    let (first, group) = match &socks {
+        Some((_, _, group)) => group.split_first().map_or((None, &[][..]), |(f, g)| (Some(f), g)),
+        None => (None, &[][..]),
+    };
+    if let Some(fd) = first {
         fds.push(fd.as_fd());
     }
     if let Some((_, fd)) = &metrics {
@@ -276,9 +285,11 @@ async fn offer(h: &Handover<'_>, channel: &Channel) -> Result<(), String> {
     if let Some(lock) = &lock {
         fds.push(lock.as_fd());
     }
+    fds.extend(group.iter().map(|fd| fd.as_fd()));
     let msg = Message::Offer {
         version: VERSION,
         socks: socks.as_ref().map(|(a, d, _)| (*a, d.clone())),
+        socks_group: group.len(),
         metrics: metrics.as_ref().map(|(a, _)| *a),
         next_number: h.server.shared.registry.next_number(),
         kernel: lock.is_some(),
@@ -436,7 +447,7 @@ pub async fn receive_offer(fd: OwnedFd) -> Result<Offered, String> {
         .await
         .map_err(|e| e.to_string())?;
     let (msg, fds) = channel.recv().await.map_err(|e| e.to_string())?;
-    let Message::Offer { version, socks, metrics, next_number, kernel } = msg else {
+    let Message::Offer { version, socks, socks_group, metrics, next_number, kernel } = msg else {
         return Err(format!("the running proxyd refused: {msg:?}"));
     };
     if version != VERSION {
@@ -447,7 +458,7 @@ pub async fn receive_offer(fd: OwnedFd) -> Result<Offered, String> {
     let mut fds = fds.into_iter();
     let mut next = |what: &str| fds.next().ok_or_else(|| format!("the offer lacks the {what} socket"));
     let socks = match socks {
-        Some((addr, device)) => Some((addr, device, next("SOCKS")?)),
+        Some((addr, device)) => Some((addr, device, vec![next("SOCKS")?])),
         None => None,
     };
     let metrics = match metrics {
@@ -459,6 +470,13 @@ pub async fn receive_offer(fd: OwnedFd) -> Result<Offered, String> {
         true => Some(next("BPF pin dir lock")?),
         false => None,
     };
+    let mut socks = socks;
+    for _ in 0..socks_group {
+        let fd = next("SOCKS group")?;
+        if let Some((_, _, group)) = &mut socks {
+            group.push(fd);
+        }
+    }
     Ok(Offered { channel, socks, metrics, control, next_number, kernel })
 }
 

@@ -45,6 +45,30 @@ fn proxyd_serving(control: &Path, not: u32) -> Option<u32> {
     })
 }
 
+/// The inodes of the sockets listening on TCP `port` (IPv4, /proc/net/tcp).
+fn listening_on(port: u16) -> Vec<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let mut inodes: Vec<u64> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+            (local_port == port && *f.get(3)? == "0A").then(|| f.get(9)?.parse().ok()).flatten()
+        })
+        .collect();
+    inodes.sort_unstable();
+    inodes
+}
+
+/// Whether process `pid` holds socket `inode`.
+fn holds(pid: u32, inode: u64) -> bool {
+    let want = format!("socket:[{inode}]");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == want)))
+        .unwrap_or(false)
+}
+
 /// Stops a process that is not our child (SIGTERM, then waits for it).
 fn stop_pid(pid: u32) {
     let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
@@ -125,6 +149,11 @@ fn upgrade_keeps_every_tunnel() {
         let proxy = d.enable(&["max-connections=5000"]);
         let (l, dst) = listen_local();
         let old_pid = d.pid();
+        // One listening socket per shard (a SO_REUSEPORT group, one shard per core).
+        let group = listening_on(proxy.port());
+        let cores = thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(group.len(), cores, "[{dp}] listening sockets on the port (one per core)");
+        assert!(group.iter().all(|&i| holds(old_pid, i)), "[{dp}] the group is the daemon's");
 
         let mut idle: Vec<(TcpStream, TcpStream)> = (0..IDLE).map(|_| socks::tunnel(proxy, &l, dst)).collect();
         for (i, (c, u)) in idle.iter_mut().enumerate().step_by(97) {
@@ -202,6 +231,10 @@ fn upgrade_keeps_every_tunnel() {
         let new_pid = proxyd_serving(&d.cli.control, old_pid).unwrap_or_else(|| panic!("[{dp}] no new proxyd"));
         let _adopter = Adopter(Some(new_pid));
         assert_ne!(new_pid, old_pid);
+        // The same sockets, all taken over: none was closed (its queued clients
+        // reset) or bound anew.
+        assert_eq!(listening_on(proxy.port()), group, "[{dp}] the listening sockets after the upgrade");
+        assert!(group.iter().all(|&i| holds(new_pid, i)), "[{dp}] the new proxyd holds the whole group");
         eprintln!("[{dp}] upgrade: {} in {took:?}", text.trim());
 
         // Every idle tunnel, both ways.
@@ -305,4 +338,25 @@ fn a_failed_upgrade_leaves_the_old_process_serving() {
             assert_eq!(d.cli.connections().len(), tunnels.len() + 1, "[{dp}]");
         }
     }
+}
+
+/// Every listening socket of the port has `SO_REUSEPORT` (the group), yet a
+/// second daemon cannot join the port: its bind is refused with the reason,
+/// on the same address and on the wildcard one.
+#[test]
+fn a_second_daemon_cannot_take_the_port() {
+    let mut first = Daemon::start("userspace");
+    let proxy = first.enable(&[]);
+    let mut second = Daemon::start("userspace");
+    for listen in ["127.0.0.1", "0.0.0.0"] {
+        let refused = second.try_enable(listen, proxy.port(), &[], &[]);
+        let reason = refused.expect_err("a second daemon bound the first one's port");
+        assert!(reason.contains("cannot listen") && reason.contains("in use"), "the reason: {reason}");
+    }
+    let (l, dst) = listen_local();
+    let (mut c, mut u) = socks::tunnel(proxy, &l, dst);
+    c.write_all(b"x").unwrap();
+    let mut b = [0u8];
+    u.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"x", "the first daemon still serves");
 }

@@ -54,17 +54,18 @@ pub struct Server {
     shards: Shards,
 }
 
-/// A SOCKS listening socket as handed between processes: its address, the
-/// device it is bound to (`vrf`), and the socket.
-pub type SocksListener = (SocketAddr, Option<String>, OwnedFd);
+/// The SOCKS listening sockets as handed between processes: their address,
+/// the device they are bound to (`vrf`), and the sockets (one per shard, a
+/// `SO_REUSEPORT` group; see [`Server::spawn_accept`]).
+pub type SocksListener = (SocketAddr, Option<String>, Vec<OwnedFd>);
 
 struct ActiveListener {
     addr: SocketAddr,
     /// The device it is bound to (`vrf`); `None` for `vrf=main`.
     device: Option<String>,
-    /// A second descriptor of the listening socket (its accept loop owns
-    /// the first), for handing its port over to a new listener.
-    socket: Option<OwnedFd>,
+    /// A second descriptor of each listening socket (its accept loop owns
+    /// the first), for handing its port over to a new listener or process.
+    sockets: Vec<OwnedFd>,
     /// What accepts on it (stopped when this is dropped).
     task: Spawned,
 }
@@ -169,7 +170,7 @@ impl Server {
                     // The same port with another address or vrf: the new
                     // listener is bound while the old one still listens.
                     let old_socket = current.as_ref().filter(|l| l.addr.port() == listen.addr.port());
-                    let l = bind(listen.addr, listen.device.as_deref(), old_socket.and_then(|l| l.socket.as_ref()))?;
+                    let l = bind(listen.addr, listen.device.as_deref(), old_socket.and_then(|l| l.sockets.first()))?;
                     Some((listen, l))
                 }
                 None => None,
@@ -241,7 +242,7 @@ impl Server {
             let mut slot = self.metrics_listener.lock().unwrap();
             *slot = None;
             if let Some((addr, std_listener)) = metrics {
-                let socket = std_listener.try_clone().ok().map(OwnedFd::from);
+                let sockets = std_listener.try_clone().ok().map(OwnedFd::from).into_iter().collect();
                 let server = self.clone();
                 let task = Spawned::here(tokio::spawn(async move {
                     match TcpListener::from_std(std_listener) {
@@ -250,7 +251,7 @@ impl Server {
                     }
                 }));
                 tracing::info!(%addr, "serving Prometheus metrics at http://{addr}/metrics");
-                *slot = Some(ActiveListener { addr, device: None, socket, task });
+                *slot = Some(ActiveListener { addr, device: None, sockets, task });
             }
         }
         if let Some(listener) = prepared.listener {
@@ -259,11 +260,10 @@ impl Server {
             *slot = None;
             match listener {
                 Some((Listen { addr, device }, std_listener)) => {
-                    let socket = std_listener.try_clone().ok().map(OwnedFd::from);
-                    let task = self.spawn_accept(std_listener, addr);
+                    let (task, sockets) = self.spawn_accept(vec![std_listener], addr, device.as_deref());
                     let vrf = device.as_deref().unwrap_or(crate::config::VRF_MAIN);
                     tracing::info!(%addr, vrf, "accepting SOCKS clients");
-                    *slot = Some(ActiveListener { addr, device, socket, task });
+                    *slot = Some(ActiveListener { addr, device, sockets, task });
                 }
                 None => tracing::info!("SOCKS server disabled: not accepting new clients"),
             }
@@ -284,11 +284,11 @@ impl Server {
     /// The listening sockets (SOCKS, metrics), each as its address, device
     /// and a second descriptor, to hand to a new process (an upgrade).
     pub fn listeners(&self) -> (Option<SocksListener>, Option<(SocketAddr, OwnedFd)>) {
-        let dup = |l: &ActiveListener| l.socket.as_ref().and_then(|s| s.try_clone().ok());
+        let dups = |l: &ActiveListener| l.sockets.iter().filter_map(|s| s.try_clone().ok()).collect::<Vec<_>>();
         let socks = self.listener.lock().unwrap();
-        let socks = socks.as_ref().and_then(|l| Some((l.addr, l.device.clone(), dup(l)?)));
+        let socks = socks.as_ref().map(|l| (l.addr, l.device.clone(), dups(l))).filter(|(_, _, fds)| !fds.is_empty());
         let metrics = self.metrics_listener.lock().unwrap();
-        let metrics = metrics.as_ref().and_then(|l| Some((l.addr, dup(l)?)));
+        let metrics = metrics.as_ref().and_then(|l| Some((l.addr, dups(l).into_iter().next()?)));
         (socks, metrics)
     }
 
@@ -300,9 +300,8 @@ impl Server {
         let Some(l) = slot.as_mut() else { return };
         l.task.abort();
         if on {
-            if let Some(fd) = l.socket.as_ref().and_then(|s| s.try_clone().ok()) {
-                l.task = self.spawn_accept(std::net::TcpListener::from(fd), l.addr);
-            }
+            let group = l.sockets.iter().filter_map(|s| s.try_clone().ok()).map(std::net::TcpListener::from).collect();
+            (l.task, l.sockets) = self.spawn_accept(group, l.addr, l.device.as_deref());
         }
     }
 
@@ -314,17 +313,22 @@ impl Server {
         metrics: Option<(SocketAddr, OwnedFd)>,
         accept: bool,
     ) {
-        if let Some((addr, device, fd)) = socks {
-            let socket = fd.try_clone().ok();
-            let listener = std::net::TcpListener::from(fd);
-            let _ = listener.set_nonblocking(true);
-            // A listener from a release that set TCP_NODELAY per connection.
-            let _ = accepted_without_delay(&listener);
-            let task = if accept { self.spawn_accept(listener, addr) } else { Spawned::default() };
-            *self.listener.lock().unwrap() = Some(ActiveListener { addr, device, socket, task });
+        if let Some((addr, device, fds)) = socks {
+            let group: Vec<_> = fds.into_iter().map(std::net::TcpListener::from).collect();
+            for l in &group {
+                let _ = l.set_nonblocking(true);
+                // A listener from a release that set TCP_NODELAY per connection.
+                let _ = accepted_without_delay(l);
+            }
+            let (task, sockets) = if accept {
+                self.spawn_accept(group, addr, device.as_deref())
+            } else {
+                (Spawned::default(), group.into_iter().map(OwnedFd::from).collect())
+            };
+            *self.listener.lock().unwrap() = Some(ActiveListener { addr, device, sockets, task });
         }
         if let Some((addr, fd)) = metrics {
-            let socket = fd.try_clone().ok();
+            let sockets = fd.try_clone().ok().into_iter().collect();
             let listener = std::net::TcpListener::from(fd);
             let _ = listener.set_nonblocking(true);
             let server = self.clone();
@@ -333,22 +337,47 @@ impl Server {
                     metrics::serve(l, server).await;
                 }
             }));
-            *self.metrics_listener.lock().unwrap() = Some(ActiveListener { addr, device: None, socket, task });
+            *self.metrics_listener.lock().unwrap() = Some(ActiveListener { addr, device: None, sockets, task });
         }
     }
 
-    /// An accept loop on every shard, each on its own descriptor of `listener`.
-    fn spawn_accept(self: &Arc<Self>, listener: std::net::TcpListener, addr: SocketAddr) -> Spawned {
-        self.shards.spawn_each(|| {
-            let server = self.clone();
-            let listener = listener.try_clone();
-            async move {
-                match listener.and_then(TcpListener::from_std) {
-                    Ok(l) => server.accept_loop(l).await,
-                    Err(e) => tracing::error!(%addr, error = %e, "cannot register the listener"),
+    /// An accept loop on every shard, each on a listening socket of its own:
+    /// `group`'s sockets, and for shards beyond them new sockets that join
+    /// the group (`SO_REUSEPORT`, same address and device). The kernel then
+    /// hands each new connection to one socket, and so wakes one shard;
+    /// `accept_loop` steers it to the shard on the core that took the SYN.
+    /// A socket that cannot join (the group's first one lacks `SO_REUSEPORT`:
+    /// taken over from a release without groups) leaves its shard sharing
+    /// the first socket; every socket of the group has a loop. Returns the
+    /// loops and a second descriptor of each socket.
+    fn spawn_accept(
+        self: &Arc<Self>,
+        mut group: Vec<std::net::TcpListener>,
+        addr: SocketAddr,
+        device: Option<&str>,
+    ) -> (Spawned, Vec<OwnedFd>) {
+        while !group.is_empty() && group.len() < self.shards.handles().len().min(MAX_GROUP) {
+            match listen(addr, device) {
+                Ok(l) => group.push(l),
+                Err(e) => {
+                    tracing::debug!(%addr, error = %e, "cannot add a listening socket: shards share one");
+                    break;
                 }
             }
-        })
+        }
+        let sockets = group.iter().filter_map(|l| l.try_clone().ok()).map(OwnedFd::from).collect();
+        let task = self.shards.spawn_spread(group.len(), |i| {
+            let server = self.clone();
+            let listener = group.get(i % group.len().max(1)).map(std::net::TcpListener::try_clone);
+            async move {
+                match listener.map(|l| l.and_then(TcpListener::from_std)) {
+                    Some(Ok(l)) => server.accept_loop(l).await,
+                    Some(Err(e)) => tracing::error!(%addr, error = %e, "cannot register the listener"),
+                    None => {}
+                }
+            }
+        });
+        (task, sockets)
     }
 
     /// The runtime for a tunnel that did not arrive through an accept (one
@@ -402,7 +431,20 @@ impl Server {
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
         let mut backoff = Duration::from_millis(5);
+        let mut steered_to = None;
         loop {
+            // The kernel gives a new connection to the group's socket whose
+            // SO_INCOMING_CPU is the core that took its SYN (Linux 6.2+), else
+            // one by hash: this socket claims the core its shard runs on now,
+            // so a connection is served where its packets are, and its first
+            // wake-up finds the shard's thread there (docs/decisions.md).
+            let cpu = crate::sys::current_cpu();
+            if cpu != steered_to {
+                if let Some(cpu) = cpu {
+                    let _ = crate::sys::setsockopt_int(&listener, libc::SOL_SOCKET, libc::SO_INCOMING_CPU, cpu);
+                }
+                steered_to = cpu;
+            }
             match listener.accept().await {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(5);
@@ -469,6 +511,11 @@ pub fn raise_nofile_limit(max_connections: u32) {
     }
 }
 
+/// Most sockets in a SOCKS listener group (more shards share them): the
+/// hand-over's offer carries them all in one message, which holds at most
+/// 253 descriptors.
+const MAX_GROUP: usize = 128;
+
 /// Where the SOCKS listener listens: an address, and the `vrf` device.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Listen {
@@ -476,44 +523,54 @@ struct Listen {
     device: Option<String>,
 }
 
-/// Binds a listening socket with `SO_REUSEADDR` (restarts do not wait for
-/// TIME_WAIT), to `device` when one is given (`vrf`).
+/// Binds the first listening socket of a group (see [`Server::spawn_accept`]).
 ///
+/// Every socket of a group has `SO_REUSEPORT`, which would let a second
+/// proxyd (which sets it too) join the port and take a share of its
+/// clients. So a fresh port is first bound by a socket without it, which
+/// fails while anything listens there. (Another program that sets it and
+/// runs as the daemon's user could still join; that user can reach into the
+/// daemon anyway.)
 /// `replacing` is the listener this one replaces on the same port (another
-/// address or vrf). Both listen until the change is committed (the old one
-/// is closed only then, so a refused change leaves it as it was), which the
-/// kernel allows only while both sockets have `SO_REUSEPORT`: it is set for
-/// the bind and the listen and cleared right after. A socket without
-/// `SO_REUSEPORT` (a second proxyd, anything else) still cannot bind the
-/// port. One that sets it and runs as the daemon's user can join the port
-/// after such a change, as the kernel keeps the port's reuseport state;
-/// that user can reach into the daemon anyway.
+/// address or vrf): both listen until the change is committed (the old one is
+/// closed only then, so a refused change leaves it as it was), which the
+/// kernel allows only while both sockets have `SO_REUSEPORT` (set here on an
+/// old one taken over from a release without groups).
 fn bind(addr: SocketAddr, device: Option<&str>, replacing: Option<&OwnedFd>) -> io::Result<std::net::TcpListener> {
-    use nix::sys::socket::{setsockopt, sockopt::ReusePort};
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
+    match replacing {
+        Some(old) => nix::sys::socket::setsockopt(old, nix::sys::socket::sockopt::ReusePort, &true)?,
+        None => {
+            let probe = new_socket(addr)?;
+            probe.set_reuseaddr(true)?;
+            crate::vrf::bind(&probe, device)?;
+            probe.bind(addr).map_err(|e| cannot_listen(addr, e))?;
+        }
+    }
+    listen(addr, device)
+}
+
+/// A listening socket of a group: `SO_REUSEADDR` (restarts do not wait for
+/// TIME_WAIT) and `SO_REUSEPORT`, bound to `device` when one is given (`vrf`).
+fn listen(addr: SocketAddr, device: Option<&str>) -> io::Result<std::net::TcpListener> {
+    let socket = new_socket(addr)?;
     socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
     crate::vrf::bind(&socket, device)?;
-    if let Some(old) = replacing {
-        setsockopt(old, ReusePort, &true)?;
-        socket.set_reuseport(true)?;
-    }
-    let bound = socket
-        .bind(addr)
-        .and_then(|()| socket.listen(BACKLOG))
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")));
-    if let Some(old) = replacing {
-        let _ = setsockopt(old, ReusePort, &false);
-    }
-    let listener = bound?;
-    if replacing.is_some() {
-        setsockopt(&listener, ReusePort, &false)?;
-    }
+    let listener = socket.bind(addr).and_then(|()| socket.listen(BACKLOG)).map_err(|e| cannot_listen(addr, e))?;
     let listener = listener.into_std()?;
     accepted_without_delay(&listener)?;
     Ok(listener)
+}
+
+fn new_socket(addr: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
+    match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+}
+
+fn cannot_listen(addr: SocketAddr, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
 }
 
 /// Sets `TCP_NODELAY` on a listening socket: Linux copies it into every

@@ -1,17 +1,18 @@
 //! Where connections run: one single-threaded tokio runtime per core (a
-//! shard), each accepting on its own registration of the listening socket
-//! and running the connections it accepted from handshake to close.
+//! shard), each accepting on a listening socket of its own (a `SO_REUSEPORT`
+//! group; see `Server::spawn_accept`) and running the connections it
+//! accepted from handshake to close.
 //!
 //! A connection's tasks, sockets and timers stay on the thread that accepted
 //! it, so a request/response round trip wakes one thread and never hands a
 //! task to another. Measured in the bench's connection-rate runs against the
 //! multi-threaded runtime (alternating, one session): +9-15% connections/s at
 //! 1, 16 and 64 clients, over SOCKS4 and SOCKS5, and 12% less proxy CPU per
-//! connection. Each new connection wakes every shard waiting in `accept`
-//! (tokio registers the listener without `EPOLLEXCLUSIVE`); the one that
-//! accepts first serves it, and that wake-up is cheaper than the hand-offs it
-//! replaces. The daemon's own work (control socket, metrics, the kernel
-//! path's watcher, the idle reaper) stays on the main runtime.
+//! connection. The kernel gives each new connection to one socket of the
+//! group, preferring the one whose shard last ran on the core that took the
+//! SYN (`SO_INCOMING_CPU`), and so wakes one shard (docs/decisions.md). The
+//! daemon's own work (control socket, metrics, the kernel path's watcher, the
+//! idle reaper) stays on the main runtime.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -44,18 +45,19 @@ impl Shards {
         (!handles.is_empty()).then(|| &handles[self.next.fetch_add(1, Ordering::Relaxed) % handles.len()])
     }
 
-    /// Runs a future `make` makes on every shard; aborted together on drop.
-    pub fn spawn_each<F, Fut>(&self, mut make: F) -> Spawned
+    /// Runs `count` futures, `make(0..count)`, on the shards in turn (at
+    /// least one on every shard); aborted together on drop.
+    pub fn spawn_spread<F, Fut>(&self, count: usize, mut make: F) -> Spawned
     where
-        F: FnMut() -> Fut,
+        F: FnMut(usize) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let handles = self.handles();
         if handles.is_empty() {
             // No shard thread: the caller's runtime serves alone.
-            return Spawned(vec![tokio::spawn(make())]);
+            return Spawned((0..count.max(1)).map(|i| tokio::spawn(make(i))).collect());
         }
-        Spawned(handles.iter().map(|h| h.spawn(make())).collect())
+        Spawned((0..count.max(handles.len())).map(|i| handles[i % handles.len()].spawn(make(i))).collect())
     }
 }
 
