@@ -178,21 +178,12 @@ pub fn relay<'a, G: Future<Output = io::Result<()>> + 'a>(
             }
         };
         let [gate_client, gate_upstream] = gates;
-        let up = Direction {
-            count: &counters.tx,
-            last_ns: &counters.last_ns,
-            limit: limits.map(|l| &*l.up),
-            bulk: &bulk[0],
-        };
-        let up = gated_pump((!ended[0]).then_some(gate_upstream), &opened, client, upstream, early, up, &stop, &check);
-        let down = Direction {
-            count: &counters.rx,
-            last_ns: &counters.last_ns,
-            limit: limits.map(|l| &*l.down),
-            bulk: &bulk[1],
-        };
-        let down =
-            gated_pump((!ended[1]).then_some(gate_client), &opened, upstream, client, Vec::new(), down, &stop, &check);
+        let direction =
+            |count, limit, bulk| Direction { count, last_ns: &counters.last_ns, limit, bulk, opened: &opened };
+        let up = direction(&counters.tx, limits.map(|l| &*l.up), &bulk[0]);
+        let up = pump((!ended[0]).then_some(gate_upstream), client, upstream, early, up, &stop, &check);
+        let down = direction(&counters.rx, limits.map(|l| &*l.down), &bulk[1]);
+        let down = pump((!ended[1]).then_some(gate_client), upstream, client, Vec::new(), down, &stop, &check);
         let parked = async {
             match park {
                 Some(p) => p.wait().await,
@@ -232,28 +223,6 @@ pub fn relay<'a, G: Future<Output = io::Result<()>> + 'a>(
             }
             _ => RelayEnd::Closed,
         }
-    }
-}
-
-/// One direction of [`relay`]: none when it had ended (`gate` is `None`);
-/// otherwise it waits for its `gate`, counts itself `opened`, and pumps.
-#[allow(clippy::manual_async_fn, reason = "an `async fn` stores its arguments twice (rustc #62958)")]
-#[allow(clippy::too_many_arguments, reason = "the pump's own arguments, and its gate")]
-fn gated_pump<'a, G: Future<Output = io::Result<()>> + 'a>(
-    gate: Option<G>,
-    opened: &'a AtomicU8,
-    reader: &'a TcpStream,
-    writer: &'a TcpStream,
-    early: Vec<u8>,
-    dir: Direction<'a>,
-    stop: &'a Stop,
-    check: &'a (dyn Fn() + Sync),
-) -> impl Future<Output = io::Result<PumpEnd>> + 'a {
-    async move {
-        let Some(gate) = gate else { return Ok(PumpEnd::Eof) };
-        gate.await?;
-        opened.fetch_add(1, Ordering::Relaxed);
-        pump(reader, writer, early, dir, stop, check).await
     }
 }
 
@@ -400,6 +369,8 @@ struct Direction<'a> {
     limit: Option<&'a RateLimit>,
     /// Set while the direction moves in bursts of bulk (spliced, see `pump`).
     bulk: &'a AtomicBool,
+    /// Counts the relay's directions that have started (their gate opened).
+    opened: &'a AtomicU8,
 }
 
 /// How one burst (a readable reader, read until its queue is empty) ended.
@@ -412,8 +383,9 @@ enum Burst {
     End,
 }
 
-/// Copies one direction until end of stream (then half-closes the writer)
-/// or until `stop` (only between bursts). `check` runs after every chunk.
+/// Copies one direction, once its `gate` has opened (none: the direction
+/// had ended), until end of stream (then half-closes the writer) or until
+/// `stop` (only between bursts). `check` runs after every chunk.
 ///
 /// A direction copies through its thread's buffer (`SCRATCH`), until a read
 /// fills a whole chunk (the reader holds more than a chunk: bulk); from
@@ -424,7 +396,8 @@ enum Burst {
 /// Interactive traffic (small messages) never leases a pipe, so it pays no
 /// extra system calls.
 #[allow(clippy::manual_async_fn, reason = "an `async fn` stores its arguments twice (rustc #62958)")]
-fn pump<'a>(
+fn pump<'a, G: Future<Output = io::Result<()>> + 'a>(
+    gate: Option<G>,
     reader: &'a TcpStream,
     writer: &'a TcpStream,
     early: Vec<u8>,
@@ -436,6 +409,9 @@ fn pump<'a>(
     // copy of each argument in the future (rustc #62958): every idle tunnel
     // holds two pumps.
     async move {
+        let Some(gate) = gate else { return Ok(PumpEnd::Eof) };
+        gate.await?;
+        dir.opened.fetch_add(1, Ordering::Relaxed);
         let chunk = dir.limit.map_or(CHUNK, RateLimit::chunk);
         let mut unyielded = 0usize;
         if !early.is_empty() {
