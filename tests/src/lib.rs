@@ -120,10 +120,26 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
     std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| is_exec(p))
 }
 
-/// A TCP port that was free on 127.0.0.1 a moment ago (bind to port 0, read, drop).
+/// A TCP port that was free on every address a moment ago: bound on
+/// 0.0.0.0 with port 0 and without `SO_REUSEADDR` (which std's `bind` sets),
+/// so the kernel skips ports still held by anything, even a client socket
+/// in TIME_WAIT that an earlier test left (those made a later move of the
+/// daemon to `listen-address=0.0.0.0` fail with "Address already in use").
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().unwrap().port()
+    // SAFETY: plain socket syscalls on a descriptor this function owns and closes.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let mut sa: libc::sockaddr_in = std::mem::zeroed();
+        sa.sin_family = libc::AF_INET as libc::sa_family_t;
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let rc = libc::bind(fd, std::ptr::addr_of!(sa).cast(), len);
+        assert_eq!(rc, 0, "bind 0.0.0.0:0: {}", std::io::Error::last_os_error());
+        let mut got_len = len;
+        libc::getsockname(fd, std::ptr::addr_of_mut!(sa).cast(), &mut got_len);
+        libc::close(fd);
+        u16::from_be(sa.sin_port)
+    }
 }
 
 /// `127.0.0.1:port` as a SocketAddrV4.
