@@ -336,8 +336,17 @@ fn check_smoke_report(path: &Path) -> Result<()> {
     for s in systems {
         let name = s["name"].as_str().unwrap_or("?");
         let optional = ["proxyd-kernel", "proxyd-auto", "proxyd-auto-socks5"].contains(&name) && !is_root();
-        if s["available"] != serde_json::Value::Bool(true) && !optional {
-            bail!("bench smoke run: {name} was not measured: {}", s["reason"]);
+        if s["available"] != serde_json::Value::Bool(true) {
+            if !optional {
+                bail!("bench smoke run: {name} was not measured: {}", s["reason"]);
+            }
+            continue;
+        }
+        // Figures every system gets (bulk and memory are not measured on all).
+        for key in ["lat_mean_us", "lat_threaded_mean_us", "pp8_msgs", "conn_c1", "conn_c1_threaded"] {
+            if s["metrics"][key]["median"].is_null() {
+                bail!("bench smoke run: {name} has no {key} figure: {}", s["metrics"][key]["note"]);
+            }
         }
     }
     eprintln!("test: bench smoke run measured {} systems", systems.len());

@@ -9,6 +9,7 @@
 //!   thereby learns how many bytes really arrived end to end, and when.
 //! - anything else: echo. Every byte (the first included) is written back.
 
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 use std::os::fd::{AsRawFd, RawFd};
 
@@ -25,6 +26,9 @@ pub const LISTEN_IPS: [Ipv4Addr; 4] = [
 
 pub struct EchoServer {
     pub addrs: Vec<SocketAddrV4>,
+    /// The same echo from a thread per connection with blocking sockets (how
+    /// many servers are written): one process, listening on its own port.
+    pub threaded: SocketAddrV4,
     pub pids: Vec<i32>,
 }
 
@@ -68,7 +72,25 @@ impl EchoServer {
             pids.push(pid);
         }
         drop(listeners);
-        Ok(EchoServer { addrs, pids })
+        let listener = TcpListener::bind((LISTEN_IPS[0], 0)).context("bind the threaded echo server")?;
+        let threaded = match listener.local_addr()? {
+            std::net::SocketAddr::V4(a) => a,
+            _ => unreachable!(),
+        };
+        // SAFETY: as above: still single-threaded; the child runs its own loop.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            bail!("fork: {}", std::io::Error::last_os_error());
+        }
+        if pid == 0 {
+            unsafe {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            }
+            serve_threaded(listener);
+            unsafe { libc::_exit(0) };
+        }
+        pids.push(pid);
+        Ok(EchoServer { addrs, threaded, pids })
     }
 
     pub fn stop(&mut self) {
@@ -209,6 +231,34 @@ fn serve(listeners: &[RawFd]) {
                 }
             }
         }
+    }
+}
+
+/// The threaded server's loop: a thread per connection with blocking reads
+/// and writes, speaking the same protocol as the epoll workers (echo, or
+/// sink after an `S`) until the peer closes.
+fn serve_threaded(listener: TcpListener) {
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let _ = conn.set_nodelay(true);
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 20];
+            let Ok(mut n @ 1..) = conn.read(&mut buf) else { return };
+            if buf[0] == b'S' {
+                let mut count = n as u64 - 1;
+                while let Ok(n @ 1..) = conn.read(&mut buf) {
+                    count += n as u64;
+                }
+                let _ = conn.write_all(&count.to_le_bytes());
+                return;
+            }
+            while conn.write_all(&buf[..n]).is_ok() {
+                match conn.read(&mut buf) {
+                    Ok(m @ 1..) => n = m,
+                    _ => return,
+                }
+            }
+        });
     }
 }
 

@@ -219,6 +219,56 @@ pub fn latency(t: &Target, dur: Duration) -> io::Result<LatResult> {
     Ok(LatResult { mean, p50: samples[n / 2], p99: samples[(n * 99 / 100).min(n - 1)], n })
 }
 
+/// 64-byte ping-pongs on `tunnels` tunnels at once, one client thread each:
+/// interactive tunnels competing for the cores. Each tunnel first ping-pongs
+/// for 100 ms (long enough for `auto` to settle it on a path); then `window`
+/// runs between the two barriers' passes and `during` is called at its start
+/// and end (CPU snapshots). Returns the messages answered in the window.
+pub fn pingpong(t: &Target, tunnels: usize, dur: Duration, mut during: impl FnMut()) -> io::Result<u64> {
+    let mut streams = Vec::with_capacity(tunnels);
+    for i in 0..tunnels {
+        streams.push(open(t, t.dsts[i % t.dsts.len()], Some(src_ip(900 + i)))?);
+    }
+    let (start, stop) = (Arc::new(Barrier::new(tunnels + 1)), Arc::new(AtomicBool::new(false)));
+    let handles: Vec<_> = streams
+        .into_iter()
+        .map(|mut s| {
+            let (start, stop) = (start.clone(), stop.clone());
+            std::thread::spawn(move || -> io::Result<u64> {
+                let mut msg = [0x61u8; 64];
+                msg[0] = b'p';
+                let mut back = [0u8; 64];
+                let warm = Instant::now();
+                while warm.elapsed() < Duration::from_millis(100) {
+                    s.write_all(&msg)?;
+                    s.read_exact(&mut back)?;
+                }
+                start.wait();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    s.write_all(&msg)?;
+                    s.read_exact(&mut back)?;
+                    n += 1;
+                }
+                if back != msg {
+                    return Err(io::Error::other("echo returned different bytes"));
+                }
+                Ok(n)
+            })
+        })
+        .collect();
+    start.wait();
+    during();
+    std::thread::sleep(dur);
+    stop.store(true, Ordering::Relaxed);
+    during();
+    let mut total = 0;
+    for h in handles {
+        total += h.join().unwrap()?;
+    }
+    Ok(total)
+}
+
 pub struct RateResult {
     pub ok: u64,
     pub errors: u64,

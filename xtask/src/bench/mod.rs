@@ -24,6 +24,9 @@ use anyhow::{Context, Result};
 use load::{Target, Via};
 use procs::Proxy;
 
+/// Tunnels of the many-interactive-tunnels run (`pp8_*`).
+pub const PINGPONG_TUNNELS: usize = 8;
+
 /// Options of `cargo xtask bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -157,6 +160,8 @@ struct Ctx {
     work: PathBuf,
     logs: PathBuf,
     dsts: Vec<std::net::SocketAddrV4>,
+    /// The thread-per-connection echo server (`EchoServer::threaded`).
+    threaded_echo: std::net::SocketAddrV4,
     echo_pids: Vec<i32>,
 }
 
@@ -271,7 +276,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         anyhow::bail!("--tests: unknown measurement {bad:?} (allowed: bulk, latency, slow, mixed, scale, conn)");
     }
     let bin = args.proxyd.clone().unwrap_or_else(|| root.join("target/release/proxyd"));
-    let ctx = Ctx { bin, work: work.clone(), logs, dsts: echo.addrs.clone(), echo_pids: echo.pids.clone() };
+    let ctx = Ctx {
+        bin,
+        work: work.clone(),
+        logs,
+        dsts: echo.addrs.clone(),
+        threaded_echo: echo.threaded,
+        echo_pids: echo.pids.clone(),
+    };
     let mut machine = report::machine_info(&root, &ctx.bin);
     eprintln!("bench: {}", machine.summary());
     if machine.load1 > 0.5 {
@@ -449,7 +461,7 @@ fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
     let n = systems.len();
     let order = |rep: usize| (0..n).map(move |i| (i + rep) % n);
 
-    for (key, flows) in [("bulk1_gbps", 1usize), ("bulk8_gbps", 8)] {
+    for (key, flows) in [("bulk1_gbps", 1usize), ("bulk8_gbps", 8), ("bulk8_threaded_gbps", 8)] {
         if !cfg.runs("bulk") {
             break;
         }
@@ -476,6 +488,33 @@ fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
                 }
                 Err(e) => s.r.note("lat_mean_us", format!("run {}: {e}", rep + 1)),
             }
+            let threaded = Target { dsts: vec![ctx.threaded_echo], ..target.clone() };
+            match load::latency(&threaded, cfg.lat) {
+                Ok(l) => s.r.push("lat_threaded_mean_us", l.mean),
+                Err(e) => s.r.note("lat_threaded_mean_us", format!("run {}: {e}", rep + 1)),
+            }
+        }
+    }
+    // Many interactive tunnels at once: where the splice's fewer copies and
+    // wake-ups show (one tunnel's ping-pong mostly measures where the
+    // threads happen to run).
+    for rep in 0..if cfg.runs("latency") { cfg.repeats } else { 0 } {
+        for i in order(rep) {
+            let s = &mut systems[i];
+            let Some(target) = s.target.clone() else { continue };
+            let pid = s.pid();
+            let mut snaps = Vec::new();
+            match load::pingpong(&target, PINGPONG_TUNNELS, cfg.lat, || snaps.push(snap(ctx, pid))) {
+                Ok(n) if n > 0 => {
+                    let (a, b) = (&snaps[0], &snaps[1]);
+                    let secs = (b.total - a.total) / cores();
+                    s.r.push("pp8_msgs", n as f64 / secs);
+                    s.r.push("pp8_cpu_us", (b.busy - a.busy) * 1e6 / n as f64);
+                }
+                Ok(_) => s.r.note("pp8_msgs", format!("run {}: no message answered", rep + 1)),
+                Err(e) => s.r.note("pp8_msgs", format!("run {}: {e}", rep + 1)),
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
     // Short requests beside bulk flows.
@@ -599,6 +638,20 @@ fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
             }
         }
     }
+    // One client against the thread-per-connection server: at c=1 the rate is
+    // a chain of wake-ups, and where the far end's threads run moves it.
+    for rep in 0..if cfg.runs("conn") { cfg.repeats } else { 0 } {
+        for i in order(rep) {
+            let s = &mut systems[i];
+            let Some(target) = s.target.clone() else { continue };
+            let res = load::connrate(&Target { dsts: vec![ctx.threaded_echo], ..target }, 1, cfg.conn);
+            s.r.push("conn_c1_threaded", res.ok as f64 / res.secs);
+            if let Some(e) = res.first_error {
+                s.r.note("conn_c1_threaded", format!("run {}: {} failed ({e})", rep + 1, res.errors));
+            }
+            std::thread::sleep(Duration::from_millis(if cfg.smoke { 100 } else { 300 }));
+        }
+    }
 
     for s in &mut systems {
         if s.target.is_none() {
@@ -634,8 +687,14 @@ fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
 
 /// One bulk run of one system: throughput, CPU per GiB, and (first repeat)
 /// the proxy's socket buffers mid-run.
+/// One bulk run; a `*_threaded_*` key sends to the thread-per-connection
+/// sink, whose machine CPU per GiB gets a figure of its own.
 fn bulk_once(s: &mut Sys, key: &str, flows: usize, rep: usize, ctx: &Ctx, cfg: &Cfg) {
-    let Some(target) = s.target.clone() else { return };
+    let Some(mut target) = s.target.clone() else { return };
+    let threaded = key.contains("_threaded_");
+    if threaded {
+        target.dsts = vec![ctx.threaded_echo];
+    }
     let pid = s.pid();
     let s0 = snap(ctx, pid);
     let mut sampled = Vec::new();
@@ -652,10 +711,14 @@ fn bulk_once(s: &mut Sys, key: &str, flows: usize, rep: usize, ctx: &Ctx, cfg: &
             s.cpu.entry(key.to_string()).or_default().add(&s0, &s1);
             s.r.push(key, b.gbps());
             let gib = b.bytes as f64 / (1u64 << 30) as f64;
-            if pid.is_some() {
-                s.r.push("cpu_proxy_s_per_gib", (s1.proxy - s0.proxy) / gib);
+            if threaded {
+                s.r.push("cpu_machine_threaded_s_per_gib", (s1.busy - s0.busy) / gib);
+            } else {
+                if pid.is_some() {
+                    s.r.push("cpu_proxy_s_per_gib", (s1.proxy - s0.proxy) / gib);
+                }
+                s.r.push("cpu_machine_s_per_gib", (s1.busy - s0.busy) / gib);
             }
-            s.r.push("cpu_machine_s_per_gib", (s1.busy - s0.busy) / gib);
             if b.mismatches > 0 {
                 s.r.note(key, format!("{} flow(s): sink count differs from bytes sent", b.mismatches));
             }

@@ -7,7 +7,7 @@ use std::process::Command;
 use anyhow::Result;
 use serde_json::{json, Value};
 
-use super::{Cfg, Iperf, SysResult};
+use super::{Cfg, Iperf, SysResult, PINGPONG_TUNNELS};
 
 pub struct Machine {
     pub cores: usize,
@@ -91,13 +91,18 @@ fn metric_defs(cfg: &Cfg) -> Vec<(String, String, &'static str, bool)> {
     let mut v: Vec<(String, String, &'static str, bool)> = vec![
         ("bulk1_gbps".into(), "bulk 1 flow".into(), "Gbit/s", true),
         ("bulk8_gbps".into(), "bulk 8 flows".into(), "Gbit/s", true),
+        ("bulk8_threaded_gbps".into(), "bulk 8 flows, thread-per-connection server".into(), "Gbit/s", true),
         ("lat_mean_us".into(), "latency mean".into(), "µs", false),
         ("lat_p50_us".into(), "latency p50".into(), "µs", false),
         ("lat_p99_us".into(), "latency p99".into(), "µs", false),
+        ("lat_threaded_mean_us".into(), "latency mean, thread-per-connection server".into(), "µs", false),
+        ("pp8_msgs".into(), format!("ping-pong on {PINGPONG_TUNNELS} tunnels"), "msg/s", true),
+        ("pp8_cpu_us".into(), "machine CPU per message".into(), "µs", false),
     ];
     for c in &cfg.concs {
         v.push((format!("conn_c{c}"), format!("connections c={c}"), "/s", true));
     }
+    v.push(("conn_c1_threaded".into(), "connections c=1, thread-per-connection server".into(), "/s", true));
     for (i, n) in cfg.tunnels.iter().enumerate() {
         v.push((format!("rss_{}", i + 1), format!("RSS @{n} tunnels"), "MiB", false));
     }
@@ -118,6 +123,12 @@ fn metric_defs(cfg: &Cfg) -> Vec<(String, String, &'static str, bool)> {
     v.push(("mixed_bulk_gbps".into(), "the 8 flows meanwhile".into(), "Gbit/s", true));
     v.push(("cpu_proxy_s_per_gib".into(), "proxy CPU per GiB".into(), "s", false));
     v.push(("cpu_machine_s_per_gib".into(), "machine CPU per GiB".into(), "s", false));
+    v.push((
+        "cpu_machine_threaded_s_per_gib".into(),
+        "machine CPU per GiB, 8 flows to the thread-per-connection server".into(),
+        "s",
+        false,
+    ));
     v
 }
 
@@ -293,8 +304,10 @@ pub fn write(
     writeln!(
         md,
         "\nHow to read: bulk is an upload into a sink that reports its byte count at end of stream (the clock stops when it arrives), in Gbit/s. \
-         Latency is a 64-byte ping-pong over one established tunnel. Connections per second: SOCKS4 CONNECT + one echoed byte + close, \
-         by 1, 16 or 64 client threads. Memory: VmRSS of the proxy's process tree (Dante forks: the sum over its processes counts shared pages \
+         Latency is a 64-byte ping-pong over one established tunnel (the far end: the epoll echo server, and in its own column an echo server \
+         with a thread per connection and blocking sockets); ping-pong on 8 tunnels is the same on 8 tunnels at once (one client thread each), \
+         in messages answered per second, with the whole machine's CPU per message. Connections per second: SOCKS4 CONNECT + one echoed byte + close, \
+         by 1, 16 or 64 client threads (and by 1 against the thread-per-connection server). Memory: VmRSS of the proxy's process tree (Dante forks: the sum over its processes counts shared pages \
          once per process; the PSS in the diagnostics does not), with that many idle tunnels open; per tunnel is the slope between the \
          first and the last step. CPU per GiB: user+system seconds of the proxy's process tree (proxy) or of the whole machine (machine), \
          over the bulk runs, per GiB relayed. This kernel has no IRQ time accounting: softirq work (where the kernel data path's \
@@ -324,9 +337,17 @@ fn goals(results: &[SysResult], cfg: &Cfg) -> Vec<Goal> {
     let g = |key: &str, r: Option<&SysResult>| r.and_then(|r| r.get(key));
     let mut v = Vec::new();
     // `auto` within 5% of the better forced path on every speed column.
-    let mut columns = vec![("bulk1_gbps", true), ("bulk8_gbps", true), ("lat_mean_us", false)];
+    let mut columns = vec![
+        ("bulk1_gbps", true),
+        ("bulk8_gbps", true),
+        ("bulk8_threaded_gbps", true),
+        ("lat_mean_us", false),
+        ("lat_threaded_mean_us", false),
+        ("pp8_msgs", true),
+    ];
     let conn_keys: Vec<String> = cfg.concs.iter().map(|c| format!("conn_c{c}")).collect();
     columns.extend(conn_keys.iter().map(|k| (k.as_str(), true)));
+    columns.push(("conn_c1_threaded", true));
     for (key, higher) in columns {
         let (x, u, k) = (g(key, auto), g(key, user), g(key, kernel));
         let best = match (u, k) {
