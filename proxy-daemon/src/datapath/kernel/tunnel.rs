@@ -112,9 +112,10 @@ const QUIET: Duration = Duration::from_millis(10);
 const BRAKE_POLL: Duration = Duration::from_millis(2);
 
 /// When `auto` promotes a relayed tunnel: once it has lived 50 ms and moves
-/// a byte while neither direction is moving bulk (interactive: the splice
-/// halves the latency). Bulk stays on the relay, whose `splice(2)` lane moves
-/// it faster and with less CPU than the sockhash, paced by TCP itself; short
+/// a byte while neither direction is moving bulk (interactive: spliced, many
+/// such tunnels answer more messages with less CPU each, and a blocking far
+/// end answers sooner). Bulk stays on the relay, whose `splice(2)` lane moves
+/// it as fast with less stalling than the sockhash, paced by TCP itself; short
 /// request/response tunnels (most connections) end before 50 ms and never
 /// pay for entering and leaving the maps. See docs/kernel-data-path.md for
 /// the measurements behind this.
