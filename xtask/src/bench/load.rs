@@ -221,9 +221,9 @@ pub fn latency(t: &Target, dur: Duration) -> io::Result<LatResult> {
 
 /// 64-byte ping-pongs on `tunnels` tunnels at once, one client thread each:
 /// interactive tunnels competing for the cores. Each tunnel first ping-pongs
-/// for 100 ms (long enough for `auto` to settle it on a path); then `window`
-/// runs between the two barriers' passes and `during` is called at its start
-/// and end (CPU snapshots). Returns the messages answered in the window.
+/// for 100 ms (long enough for `auto` to settle it on a path); then all count
+/// for `dur`, and `during` is called as that window opens and as it closes
+/// (CPU snapshots). Returns the messages answered in the window.
 pub fn pingpong(t: &Target, tunnels: usize, dur: Duration, mut during: impl FnMut()) -> io::Result<u64> {
     let mut streams = Vec::with_capacity(tunnels);
     for i in 0..tunnels {

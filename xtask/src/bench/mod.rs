@@ -560,7 +560,11 @@ fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
         }
         let proxied = s.proxy.is_some();
         let port = s.proxy.as_ref().map_or(0, |p| p.addr.port());
-        for (key, label) in [("bulk1_gbps", "bulk 1 flow"), ("bulk8_gbps", "bulk 8 flows")] {
+        for (key, label) in [
+            ("bulk1_gbps", "bulk 1 flow"),
+            ("bulk8_gbps", "bulk 8 flows"),
+            ("bulk8_threaded_gbps", "bulk 8 flows to the thread-per-connection server"),
+        ] {
             let Some(cpu) = s.cpu.get(key) else { continue };
             let mut line = format!("{label}: {}", cpu.text(proxied));
             let socks = s.socks.get(key).cloned().unwrap_or_default();
@@ -686,9 +690,8 @@ fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
 }
 
 /// One bulk run of one system: throughput, CPU per GiB, and (first repeat)
-/// the proxy's socket buffers mid-run.
-/// One bulk run; a `*_threaded_*` key sends to the thread-per-connection
-/// sink, whose machine CPU per GiB gets a figure of its own.
+/// the proxy's socket buffers mid-run. A `*_threaded_*` key sends to the
+/// thread-per-connection sink, whose machine CPU per GiB is a figure of its own.
 fn bulk_once(s: &mut Sys, key: &str, flows: usize, rep: usize, ctx: &Ctx, cfg: &Cfg) {
     let Some(mut target) = s.target.clone() else { return };
     let threaded = key.contains("_threaded_");
