@@ -14,7 +14,7 @@
 //! [`Promote`] rule decides when): each pump stops only between chunks, after
 //! its last read was written in full, so nothing is held in the daemon.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -33,8 +33,11 @@ use super::{monotonic_ns, DataPath, DataPathKind, FlowSource, FlowStats, Pair, T
 
 /// Bytes copied per system call while a direction is busy.
 const CHUNK: usize = 64 * 1024;
-/// A busy pump yields its worker thread after moving this much (see `moved_chunk`).
+/// A busy pump yields its worker thread after moving this much (see `moved_chunk`)...
 const YIELD_BYTES: usize = 512 * 1024;
+/// ...and, with more than two bulk directions on its thread, splices and
+/// yields in shares of this (see [`share`]).
+const ROUND_BYTES: usize = 2 * 1024 * 1024;
 /// A spliced burst smaller than this sends its direction back to copying.
 const SMALL_BURST: u64 = 16 * 1024;
 
@@ -420,6 +423,7 @@ fn pump<'a, G: Future<Output = io::Result<()>> + 'a>(
             dir.last_ns.store(monotonic_ns(), Ordering::Relaxed);
         }
         let mut bulk = false;
+        let mut mark = BulkMark::default();
         let mut waiting = true;
         loop {
             if waiting {
@@ -439,7 +443,7 @@ fn pump<'a, G: Future<Output = io::Result<()>> + 'a>(
                         // Nothing at all: a wake-up with nothing to read, or the
                         // copy that went bulk had just emptied the queue.
                         bulk = moved == 0 || moved >= SMALL_BURST;
-                        dir.bulk.store(bulk, Ordering::Relaxed);
+                        mark.set(&dir, bulk);
                     }
                     burst
                 }
@@ -453,7 +457,7 @@ fn pump<'a, G: Future<Output = io::Result<()>> + 'a>(
                 Burst::Drained { .. } => {}
                 Burst::Full => {
                     bulk = true;
-                    dir.bulk.store(true, Ordering::Relaxed);
+                    mark.set(&dir, true);
                     waiting = false;
                 }
                 Burst::End if stop.requested() => {
@@ -474,7 +478,41 @@ fn pump<'a, G: Future<Output = io::Result<()>> + 'a>(
     }
 }
 
+/// Counts its pump's direction in [`BULK`] while the direction is bulk.
+/// A pump runs in its tunnel's task on a shard's single-threaded runtime, so
+/// it marks and unmarks on the same thread.
+#[derive(Default)]
+struct BulkMark(bool);
+
+impl BulkMark {
+    fn set(&mut self, dir: &Direction<'_>, on: bool) {
+        dir.bulk.store(on, Ordering::Relaxed);
+        if on != self.0 {
+            self.0 = on;
+            BULK.with(|b| b.set(if on { b.get() + 1 } else { b.get().saturating_sub(1) }));
+        }
+    }
+}
+
+impl Drop for BulkMark {
+    fn drop(&mut self) {
+        if self.0 {
+            BULK.with(|b| b.set(b.get().saturating_sub(1)));
+        }
+    }
+}
+
+/// What a bulk direction moves at a time on this thread: the bulk
+/// directions here together move about [`ROUND_BYTES`] between two looks at
+/// the thread's other sockets (each step of a handshake on the shard waits
+/// for one such round), in shares of at least a `CHUNK`.
+fn share() -> usize {
+    (ROUND_BYTES / BULK.with(Cell::get).max(1)).max(CHUNK)
+}
+
 thread_local! {
+    /// Directions moving bulk on this thread now.
+    static BULK: Cell<usize> = const { Cell::new(0) };
     /// The buffer copy bursts read into on this thread: lent to one read and
     /// its write at a time, never across an await. A buffer per burst was a
     /// 64 KiB `malloc` and `free` per message (glibc consolidates its free
@@ -597,7 +635,7 @@ async fn splice_burst(
     // (never less than a copy's chunk, what the copying relay holds).
     let sndbuf = nix::sys::socket::getsockopt(writer, nix::sys::socket::sockopt::SndBuf)?;
     loop {
-        let room = sndbuf.saturating_sub(crate::sys::outq(writer)? as usize).max(CHUNK);
+        let room = sndbuf.saturating_sub(crate::sys::outq(writer)? as usize).max(CHUNK).min(share());
         let n = match reader.try_io(Interest::READABLE, || pipe.fill(reader, room)) {
             Ok(0) => return Ok(Burst::End),
             Ok(n) => n,
@@ -628,13 +666,15 @@ async fn splice_burst(
 /// every 512 KiB keeps both. Counting small chunks as whole ones (a yield
 /// every 8 messages of a ping-pong) matters too: counting their bytes only
 /// (no yield at all) took the bench's 64-byte ping-pong from a p50 of 35 µs
-/// to 88 µs.
+/// to 88 µs. With more than two bulk directions on the thread, each yields
+/// (and fills its pipe) per [`share`] instead: the mixed run's p99 went from
+/// a median of 8.9-10.9 ms over nine runs to 4.0-6.6, bulk unchanged.
 async fn moved_chunk(dir: &Direction<'_>, n: usize, check: &(dyn Fn() + Sync), unyielded: &mut usize) {
     dir.count.fetch_add(n as u64, Ordering::Relaxed);
     dir.last_ns.store(monotonic_ns(), Ordering::Relaxed);
     check();
     *unyielded += n.max(CHUNK);
-    if *unyielded >= YIELD_BYTES {
+    if *unyielded >= YIELD_BYTES.min(share()) {
         *unyielded = 0;
         tokio::task::yield_now().await;
     }
@@ -678,5 +718,37 @@ mod tests {
         assert!(l.reserve(500_000) < Duration::from_millis(5), "the first burst goes at once");
         let wait = l.reserve(1);
         assert!(wait > Duration::from_millis(490) && wait < Duration::from_millis(510), "{wait:?}");
+    }
+
+    /// Bulk directions on a thread share a round: up to two move whole
+    /// pipes, more move less each (never below a chunk), and a direction
+    /// that stops being bulk, or whose pump is dropped, leaves the count.
+    #[test]
+    fn bulk_directions_share_a_round() {
+        let (count, last_ns, bulk, opened) =
+            (AtomicU64::new(0), AtomicU64::new(0), AtomicBool::new(false), AtomicU8::new(0));
+        let dir = Direction { count: &count, last_ns: &last_ns, limit: None, bulk: &bulk, opened: &opened };
+        assert_eq!(share(), ROUND_BYTES);
+        let mut marks: Vec<BulkMark> = (0..4).map(|_| BulkMark::default()).collect();
+        for m in &mut marks {
+            m.set(&dir, true);
+            m.set(&dir, true);
+        }
+        assert!(bulk.load(Ordering::Relaxed));
+        assert_eq!(share(), ROUND_BYTES / 4);
+        marks[0].set(&dir, false);
+        assert_eq!(share(), ROUND_BYTES / 3);
+        marks.truncate(1);
+        assert_eq!(share(), ROUND_BYTES);
+        let many: Vec<BulkMark> = (0..1000)
+            .map(|_| {
+                let mut m = BulkMark::default();
+                m.set(&dir, true);
+                m
+            })
+            .collect();
+        assert_eq!(share(), CHUNK);
+        drop(many);
+        assert_eq!(share(), ROUND_BYTES);
     }
 }
