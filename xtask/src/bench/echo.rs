@@ -55,21 +55,7 @@ impl EchoServer {
         }
         let mut pids = Vec::new();
         for _ in 0..workers {
-            // SAFETY: the process is single-threaded here (the bench forks
-            // before it starts any thread); the child only runs its own loop
-            // and never returns into the parent's code.
-            let pid = unsafe { libc::fork() };
-            if pid < 0 {
-                bail!("fork: {}", std::io::Error::last_os_error());
-            }
-            if pid == 0 {
-                unsafe {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                }
-                serve(&fds);
-                unsafe { libc::_exit(0) };
-            }
-            pids.push(pid);
+            pids.push(fork_server(|| serve(&fds))?);
         }
         drop(listeners);
         let listener = TcpListener::bind((LISTEN_IPS[0], 0)).context("bind the threaded echo server")?;
@@ -77,19 +63,7 @@ impl EchoServer {
             std::net::SocketAddr::V4(a) => a,
             _ => unreachable!(),
         };
-        // SAFETY: as above: still single-threaded; the child runs its own loop.
-        let pid = unsafe { libc::fork() };
-        if pid < 0 {
-            bail!("fork: {}", std::io::Error::last_os_error());
-        }
-        if pid == 0 {
-            unsafe {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            }
-            serve_threaded(listener);
-            unsafe { libc::_exit(0) };
-        }
-        pids.push(pid);
+        pids.push(fork_server(|| serve_threaded(listener))?);
         Ok(EchoServer { addrs, threaded, pids })
     }
 
@@ -109,6 +83,26 @@ impl Drop for EchoServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Forks a server process that runs `serve` until the bench (its parent)
+/// exits; returns its pid. Only while the bench is still single-threaded.
+fn fork_server(serve: impl FnOnce()) -> Result<i32> {
+    // SAFETY: the process is single-threaded here (the bench forks before it
+    // starts any thread); the child only runs its own loop and never returns
+    // into the parent's code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        bail!("fork: {}", std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        }
+        serve();
+        unsafe { libc::_exit(0) };
+    }
+    Ok(pid)
 }
 
 fn bind_all() -> Result<Vec<TcpListener>> {
