@@ -35,8 +35,8 @@ use super::{monotonic_ns, DataPath, DataPathKind, FlowSource, FlowStats, Pair, T
 const CHUNK: usize = 64 * 1024;
 /// A busy pump yields its worker thread after moving this much (see `moved_chunk`)...
 const YIELD_BYTES: usize = 512 * 1024;
-/// ...and, with more than two bulk directions on its thread, splices and
-/// yields in shares of this (see [`share`]).
+/// ...and, with more than two spliced bursts running on its thread, splices
+/// and yields in shares of this (see [`share`]).
 const ROUND_BYTES: usize = 2 * 1024 * 1024;
 /// A spliced burst smaller than this sends its direction back to copying.
 const SMALL_BURST: u64 = 16 * 1024;
@@ -423,7 +423,6 @@ fn pump<'a, G: Future<Output = io::Result<()>> + 'a>(
             dir.last_ns.store(monotonic_ns(), Ordering::Relaxed);
         }
         let mut bulk = false;
-        let mut mark = BulkMark::default();
         let mut waiting = true;
         loop {
             if waiting {
@@ -443,7 +442,7 @@ fn pump<'a, G: Future<Output = io::Result<()>> + 'a>(
                         // Nothing at all: a wake-up with nothing to read, or the
                         // copy that went bulk had just emptied the queue.
                         bulk = moved == 0 || moved >= SMALL_BURST;
-                        mark.set(&dir, bulk);
+                        dir.bulk.store(bulk, Ordering::Relaxed);
                     }
                     burst
                 }
@@ -457,7 +456,7 @@ fn pump<'a, G: Future<Output = io::Result<()>> + 'a>(
                 Burst::Drained { .. } => {}
                 Burst::Full => {
                     bulk = true;
-                    mark.set(&dir, true);
+                    dir.bulk.store(true, Ordering::Relaxed);
                     waiting = false;
                 }
                 Burst::End if stop.requested() => {
@@ -478,40 +477,36 @@ fn pump<'a, G: Future<Output = io::Result<()>> + 'a>(
     }
 }
 
-/// Counts its pump's direction in [`BULK`] while the direction is bulk.
-/// A pump runs in its tunnel's task on a shard's single-threaded runtime, so
-/// it marks and unmarks on the same thread.
-#[derive(Default)]
-struct BulkMark(bool);
+/// Counts a spliced burst in [`BULK`] while it moves bytes (a direction
+/// waiting for bytes, or for room in a full writer, takes no turns: many
+/// stalled peers do not shrink the others' shares). A pump runs in its
+/// tunnel's task on a shard's single-threaded runtime, so a burst starts and
+/// ends on the same thread.
+struct BulkTurn;
 
-impl BulkMark {
-    fn set(&mut self, dir: &Direction<'_>, on: bool) {
-        dir.bulk.store(on, Ordering::Relaxed);
-        if on != self.0 {
-            self.0 = on;
-            BULK.with(|b| b.set(if on { b.get() + 1 } else { b.get().saturating_sub(1) }));
-        }
+impl BulkTurn {
+    fn enter() -> BulkTurn {
+        BULK.with(|b| b.set(b.get() + 1));
+        BulkTurn
     }
 }
 
-impl Drop for BulkMark {
+impl Drop for BulkTurn {
     fn drop(&mut self) {
-        if self.0 {
-            BULK.with(|b| b.set(b.get().saturating_sub(1)));
-        }
+        BULK.with(|b| b.set(b.get().saturating_sub(1)));
     }
 }
 
-/// What a bulk direction moves at a time on this thread: the bulk
-/// directions here together move about [`ROUND_BYTES`] between two looks at
-/// the thread's other sockets (each step of a handshake on the shard waits
-/// for one such round), in shares of at least a `CHUNK`.
+/// What a spliced burst moves at a time on this thread: the bursts running
+/// here together move about [`ROUND_BYTES`] between two looks at the
+/// thread's other sockets (each step of a handshake on the shard waits for
+/// one such round), in shares of at least a `CHUNK`.
 fn share() -> usize {
     (ROUND_BYTES / BULK.with(Cell::get).max(1)).max(CHUNK)
 }
 
 thread_local! {
-    /// Directions moving bulk on this thread now.
+    /// Spliced bursts running on this thread now (see [`BulkTurn`]).
     static BULK: Cell<usize> = const { Cell::new(0) };
     /// The buffer copy bursts read into on this thread: lent to one read and
     /// its write at a time, never across an await. A buffer per burst was a
@@ -630,6 +625,8 @@ async fn splice_burst(
     unyielded: &mut usize,
 ) -> io::Result<Burst> {
     let mut moved = 0;
+    // Counted in BULK while moving bytes, not while waiting for a full writer.
+    let mut turn = Some(BulkTurn::enter());
     // What the pipe holds while the writer is full sits outside TCP's memory
     // accounting: each fill takes no more than the writer has room for
     // (never less than a copy's chunk, what the copying relay holds).
@@ -647,7 +644,11 @@ async fn splice_burst(
             match writer.try_io(Interest::WRITABLE, || pipe.drain(writer)) {
                 Ok(0) => break,
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => writable(writer).await?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drop(turn.take());
+                    writable(writer).await?;
+                    turn = Some(BulkTurn::enter());
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -666,8 +667,8 @@ async fn splice_burst(
 /// every 512 KiB keeps both. Counting small chunks as whole ones (a yield
 /// every 8 messages of a ping-pong) matters too: counting their bytes only
 /// (no yield at all) took the bench's 64-byte ping-pong from a p50 of 35 µs
-/// to 88 µs. With more than two bulk directions on the thread, each yields
-/// (and fills its pipe) per [`share`] instead: the mixed run's p99 went from
+/// to 88 µs. With more than two spliced bursts running on the thread, each
+/// yields (and fills its pipe) per [`share`] instead: the mixed run's p99 went from
 /// a median of 8.9-10.9 ms over nine runs to 4.0-6.6, bulk unchanged.
 async fn moved_chunk(dir: &Direction<'_>, n: usize, check: &(dyn Fn() + Sync), unyielded: &mut usize) {
     dir.count.fetch_add(n as u64, Ordering::Relaxed);
@@ -720,35 +721,22 @@ mod tests {
         assert!(wait > Duration::from_millis(490) && wait < Duration::from_millis(510), "{wait:?}");
     }
 
-    /// Bulk directions on a thread share a round: up to two move whole
-    /// pipes, more move less each (never below a chunk), and a direction
-    /// that stops being bulk, or whose pump is dropped, leaves the count.
+    /// Bulk bursts on a thread share a round: up to two move whole pipes,
+    /// more move less each (never below a chunk), and a burst that ends
+    /// leaves the count.
     #[test]
-    fn bulk_directions_share_a_round() {
-        let (count, last_ns, bulk, opened) =
-            (AtomicU64::new(0), AtomicU64::new(0), AtomicBool::new(false), AtomicU8::new(0));
-        let dir = Direction { count: &count, last_ns: &last_ns, limit: None, bulk: &bulk, opened: &opened };
+    fn bulk_bursts_share_a_round() {
         assert_eq!(share(), ROUND_BYTES);
-        let mut marks: Vec<BulkMark> = (0..4).map(|_| BulkMark::default()).collect();
-        for m in &mut marks {
-            m.set(&dir, true);
-            m.set(&dir, true);
-        }
-        assert!(bulk.load(Ordering::Relaxed));
+        let mut turns: Vec<BulkTurn> = (0..4).map(|_| BulkTurn::enter()).collect();
         assert_eq!(share(), ROUND_BYTES / 4);
-        marks[0].set(&dir, false);
+        turns.pop();
         assert_eq!(share(), ROUND_BYTES / 3);
-        marks.truncate(1);
-        assert_eq!(share(), ROUND_BYTES);
-        let many: Vec<BulkMark> = (0..1000)
-            .map(|_| {
-                let mut m = BulkMark::default();
-                m.set(&dir, true);
-                m
-            })
-            .collect();
+        let many: Vec<BulkTurn> = (0..1000).map(|_| BulkTurn::enter()).collect();
         assert_eq!(share(), CHUNK);
         drop(many);
+        turns.truncate(1);
         assert_eq!(share(), ROUND_BYTES);
+        drop(turns);
+        assert_eq!(BULK.with(Cell::get), 0);
     }
 }
