@@ -18,7 +18,7 @@ pub mod socks;
 
 pub use daemon::{Cli, Conn, Daemon, Options};
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -210,6 +210,30 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     }
     v.truncate(len);
     v
+}
+
+/// The exposition text of the metrics endpoint at `addr` (`GET /metrics`);
+/// panics unless it answers 200 in Prometheus's text format.
+pub fn scrape(addr: &str) -> String {
+    let mut s = tcp_connect(addr.parse().expect("metrics address")).expect("connect to metrics-address");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let resp = text(&resp);
+    let (head, body) = resp.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body.to_string()
+}
+
+/// The value of the sample `name` (with its labels, e.g. `x_total{a="b"}`) in
+/// exposition text; panics when it is missing.
+pub fn sample(text: &str, name: &str) -> u64 {
+    let prefix = format!("{name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in the metrics:\n{text}"))
 }
 
 /// Connects to 127.0.0.1:port with a 5 s connect timeout and 10 s read/write timeouts.

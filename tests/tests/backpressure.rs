@@ -5,7 +5,8 @@
 //! `data-path` at runtime, to the path in use included, works.
 
 use proxyd_tests::{
-    accept_timeout, data_paths, free_port, kernel_under_test, listen_local, pattern, sha256, socks, wait_until, Daemon,
+    accept_timeout, data_paths, free_port, kernel_under_test, listen_local, pattern, sample, scrape, sha256, socks,
+    wait_until, Daemon,
 };
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -267,15 +268,8 @@ fn interactive_tunnels_cross_promotion_whole() {
         drop((c, u));
         assert!(wait_until(Duration::from_secs(10), || d.cli.connections().is_empty()), "round {round}: rows left");
     }
-    let switches = |kind: &str| -> u64 {
-        let mut s = TcpStream::connect(&metrics).expect("connect to metrics-address");
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
-        let name = format!("proxyd_tunnel_path_switches_total{{switch=\"{kind}\"}} ");
-        let line = body.lines().find_map(|l| l.strip_prefix(&name)).unwrap_or_else(|| panic!("no {name}in {body}"));
-        line.trim().parse().unwrap()
-    };
+    let text = scrape(&metrics);
+    let switches = |kind: &str| sample(&text, &format!("proxyd_tunnel_path_switches_total{{switch=\"{kind}\"}}"));
     let (promoted, demoted) = (switches("promoted"), switches("demoted"));
     eprintln!("promotions {promoted}, demotions {demoted}");
     assert!(promoted >= rounds, "{promoted} promotions in {rounds} rounds");

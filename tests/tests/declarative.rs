@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use proxyd_tests::daemon::Options;
-use proxyd_tests::{free_port, listen_local, socks, tcp_connect, wait_until, Daemon};
+use proxyd_tests::{free_port, listen_local, sample, scrape, socks, tcp_connect, wait_until, Daemon};
 
 /// What a SOCKS4 CONNECT from 127.0.0.1 to `dst` gets: 90 (granted) or 91.
 fn answer(proxy: SocketAddr, dst: std::net::SocketAddrV4) -> u8 {
@@ -27,15 +27,6 @@ fn answer(proxy: SocketAddr, dst: std::net::SocketAddrV4) -> u8 {
         Ok(()) => reply[1],
         Err(_) => 0,
     }
-}
-
-/// The Prometheus text of the metrics endpoint at `addr`.
-fn scrape(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).expect("metrics endpoint");
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
 }
 
 fn script(port: u16, metrics: u16, rules: &str) -> String {
@@ -100,7 +91,8 @@ fn the_config_file_is_applied_when_it_changes() {
         d.log()
     );
     assert_eq!(answer(proxy, dst), 91, "a refused file changed the access list");
-    assert!(scrape(metrics).contains("proxyd_config_reload_errors_total 1"), "{}", scrape(metrics));
+    let text = scrape(&metrics.to_string());
+    assert_eq!(sample(&text, "proxyd_config_reload_errors_total"), 1, "{text}");
 
     // An edit in place is applied too.
     std::fs::write(dir.join("..v2/config.rsc"), script(port, mport, "add action=allow\n")).unwrap();

@@ -6,8 +6,8 @@
 use proxyd_tests::daemon::proxyd_bin;
 use proxyd_tests::socks::{self, Answer, CONNECT, REJECTED};
 use proxyd_tests::{
-    data_paths, free_port, listen_local, require_program, require_python_module, run_with_timeout, tcp_connect, text,
-    wait_until, Daemon,
+    data_paths, free_port, listen_local, require_program, require_python_module, run_with_timeout, scrape, tcp_connect,
+    text, wait_until, Daemon,
 };
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -177,19 +177,6 @@ fn pump(from: &mut TcpStream, to: &mut TcpStream, n: usize) {
     let mut got = vec![0u8; n];
     to.read_exact(&mut got).unwrap();
     assert_eq!(got, data);
-}
-
-/// GET /metrics.
-fn scrape(addr: &str) -> String {
-    let mut s = tcp_connect(addr.parse().unwrap()).expect("connect to metrics-address");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).unwrap();
-    let resp = text(&resp);
-    let (head, body) = resp.split_once("\r\n\r\n").expect("HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
-    body.to_string()
 }
 
 /// Parses exposition text with prometheus_client's parser; returns `name{k="v",...}` -> value.
