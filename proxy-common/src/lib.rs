@@ -52,7 +52,7 @@ pub struct Splice {
 pub struct Event {
     /// Cookie of the receiving socket.
     pub cookie: u64,
-    /// [`EVENT_LOW`] or [`EVENT_OVER`].
+    /// [`EVENT_LOW`], [`EVENT_OVER`] or [`EVENT_BROKEN`].
     pub kind: u64,
 }
 
@@ -60,6 +60,9 @@ pub struct Event {
 pub const EVENT_LOW: u64 = 1;
 /// The socket's redirected bytes passed [`Splice::limit`]: the peer is behind.
 pub const EVENT_OVER: u64 = 2;
+/// The verdict had to drop an skb (it could not cut off a retransmission's
+/// old head): the stream has a gap, so the tunnel must be reset.
+pub const EVENT_BROKEN: u64 = 3;
 
 #[cfg(feature = "user")]
 // SAFETY: `FlowStats` is `#[repr(C)]`, made only of `u64`s (no padding, no
@@ -87,6 +90,15 @@ pub const EVENTS_MAP: &str = "EVENTS";
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 /// Flow map (BTF-typed): socket cookie -> [`FlowStats`].
 pub const FLOWS_MAP: &str = "FLOWS";
+/// Per-CPU array of two `u64`s: skbs whose head the verdict cut off because
+/// the socket had already delivered it (a retransmission overlapping what was
+/// received), and the bytes cut ([`CUT_SKBS`], [`CUT_BYTES`]). Not pinned:
+/// each process counts its own.
+pub const CUTS_MAP: &str = "CUTS";
+/// Index of the skb count in [`CUTS_MAP`].
+pub const CUT_SKBS: u32 = 0;
+/// Index of the byte count in [`CUTS_MAP`].
+pub const CUT_BYTES: u32 = 1;
 /// The `sk_skb` stream verdict program.
 pub const VERDICT_PROG: &str = "proxyd_verdict";
 

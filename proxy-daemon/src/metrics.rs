@@ -61,6 +61,10 @@ pub struct Snapshot {
     /// Tunnels promoted into the kernel splice and demoted back, so far.
     pub promoted: u64,
     pub demoted: u64,
+    /// Retransmitted skbs whose already delivered head the kernel path cut
+    /// off, and the bytes cut.
+    pub retransmit_cut_skbs: u64,
+    pub retransmit_cut_bytes: u64,
     /// The data path new tunnels use.
     pub data_path: DataPathKind,
 }
@@ -168,6 +172,15 @@ impl Metrics {
             vec![("{switch=\"promoted\"}".into(), promoted.to_string()), ("{switch=\"demoted\"}".into(), demoted.to_string())],
         );
         metric(
+            "proxyd_kernel_retransmit_cuts_total",
+            "counter",
+            "Retransmitted segments overlapping bytes a spliced socket had already received, whose old head the kernel path cut off before forwarding: segments and bytes.",
+            vec![
+                ("{unit=\"segments\"}".into(), snap.retransmit_cut_skbs.to_string()),
+                ("{unit=\"bytes\"}".into(), snap.retransmit_cut_bytes.to_string()),
+            ],
+        );
+        metric(
             "proxyd_tunnels_active",
             "gauge",
             "Open tunnels, by what moves their bytes right now.",
@@ -258,6 +271,8 @@ mod tests {
             tunnels_userspace: 1,
             promoted: 4,
             demoted: 1,
+            retransmit_cut_skbs: 2,
+            retransmit_cut_bytes: 3000,
             data_path: DataPathKind::Kernel,
         };
         let text = m.render(&snap);
@@ -271,6 +286,8 @@ mod tests {
             "proxyd_bytes_total{direction=\"tx\"} 105",
             "proxyd_bytes_total{direction=\"rx\"} 2007",
             "proxyd_tunnel_path_switches_total{switch=\"promoted\"} 4",
+            "proxyd_kernel_retransmit_cuts_total{unit=\"segments\"} 2",
+            "proxyd_kernel_retransmit_cuts_total{unit=\"bytes\"} 3000",
             "proxyd_tunnels_active{path=\"kernel\"} 2",
             "proxyd_tunnels_active{path=\"userspace\"} 1",
             "proxyd_handshake_duration_seconds_bucket{le=\"0.0005\"} 0",

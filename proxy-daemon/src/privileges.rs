@@ -6,12 +6,15 @@
 //! - `CAP_BPF`: creating the kernel data path's maps and loading its program
 //!   (at start, and again when `data-path` changes at run time);
 //! - `CAP_NET_ADMIN`: loading a networking (`sk_skb`) program, and
-//!   `SO_SNDBUFFORCE`/`SO_RCVBUFFORCE` on spliced sockets.
+//!   `SO_SNDBUFFORCE`/`SO_RCVBUFFORCE` on spliced sockets;
+//! - `CAP_PERFMON`: the verdict reads the receiving socket's `copied_seq`
+//!   (`bpf_skc_to_tcp_sock`, which the verifier offers only with it) to cut
+//!   retransmitted bytes the socket already delivered (see `proxy-ebpf`).
 //!
-//! Verified on Linux 6.18 (`setpriv --bounding-set -all,+net_bind_service,+bpf,+net_admin`):
+//! Verified on Linux 6.18 (`setpriv --bounding-set -all,+net_bind_service,+bpf,+net_admin,+perfmon`):
 //! the kernel data path loads, pins, splices and updates its maps (sockhash,
-//! peers, flows) at run time with exactly these three. Not needed and dropped:
-//! `CAP_PERFMON` (the programs use no tracing helpers) and `CAP_SYS_ADMIN` (map
+//! peers, flows) at run time with exactly these four. Not needed and dropped:
+//! `CAP_SYS_ADMIN` (map
 //! updates through an fd the daemon holds need no capability; only mounting
 //! bpffs does, so with capabilities dropped the daemon relies on bpffs being
 //! mounted at `/sys/fs/bpf`, as systemd does).
@@ -34,12 +37,18 @@ const CAP_NET_BIND_SERVICE: u32 = 10;
 const CAP_NET_ADMIN: u32 = 12;
 /// `CAP_SETPCAP`: needed to shrink the bounding set.
 const CAP_SETPCAP: u32 = 8;
+/// `CAP_PERFMON`.
+const CAP_PERFMON: u32 = 38;
 /// `CAP_BPF`.
 const CAP_BPF: u32 = 39;
 
 /// The capabilities the daemon keeps while it runs, with their names for the log.
-pub const KEPT: [(u32, &str); 3] =
-    [(CAP_NET_BIND_SERVICE, "cap_net_bind_service"), (CAP_NET_ADMIN, "cap_net_admin"), (CAP_BPF, "cap_bpf")];
+pub const KEPT: [(u32, &str); 4] = [
+    (CAP_NET_BIND_SERVICE, "cap_net_bind_service"),
+    (CAP_NET_ADMIN, "cap_net_admin"),
+    (CAP_PERFMON, "cap_perfmon"),
+    (CAP_BPF, "cap_bpf"),
+];
 
 /// `_LINUX_CAPABILITY_VERSION_3`: 64-bit sets as two 32-bit words.
 const CAPABILITY_VERSION_3: u32 = 0x2008_0522;

@@ -16,6 +16,17 @@
 //! A lookup miss passes the skb up to the socket itself (`SK_PASS`): never
 //! drop data. Only empty skbs (a bare FIN) are dropped.
 //!
+//! Bytes already delivered. The kernel hands the verdict whole skbs and, after a
+//! redirect, advances the socket's `copied_seq` by the skb's whole length; an
+//! skb that starts before `copied_seq` (TCP queues a retransmission that
+//! overlaps received bytes whole, and a stress test found whole delivered skbs
+//! queued again after a promotion) would reach the peer a second time. So
+//! the program cuts off whatever lies before the socket's `copied_seq` first
+//! ([`already_read`]) and drops an skb that held nothing else once it is empty
+//! (the kernel does not move `copied_seq` for an empty one); the offset of that
+//! field in the kernel's `struct tcp_sock` comes from the kernel's BTF
+//! ([`TCP_COPIED_SEQ`]).
+//!
 //! The same object carries the XDP prefilter ([`xdp`]), loaded separately.
 #![no_std]
 #![no_main]
@@ -25,14 +36,16 @@ mod xdp;
 use aya_ebpf::{
     bindings::{sk_action, BPF_F_NO_PREALLOC},
     btf_maps::HashMap,
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skc_to_tcp_sock},
     macros::{btf_map, map, stream_verdict},
-    maps::{RingBuf, SockHash},
+    maps::{PerCpuArray, RingBuf, SockHash},
     programs::SkBuffContext,
     EbpfContext as _,
 };
 use aya_log_ebpf::debug;
-use proxy_common::{Event, FlowStats, Splice, EVENTS_BYTES, EVENT_LOW, EVENT_OVER, MAX_SOCKETS};
+use proxy_common::{
+    Event, FlowStats, Splice, CUT_BYTES, CUT_SKBS, EVENTS_BYTES, EVENT_BROKEN, EVENT_LOW, EVENT_OVER, MAX_SOCKETS,
+};
 
 /// Redirect targets (program-less), keyed by socket cookie.
 #[map(name = "SOCKS")]
@@ -50,9 +63,22 @@ static PEERS: HashMap<u64, Splice, MAX_SOCKETS, { BPF_F_NO_PREALLOC as usize }> 
 #[btf_map(name = "FLOWS")]
 static FLOWS: HashMap<u64, FlowStats, MAX_SOCKETS, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
 
+/// Retransmitted heads cut off (see the module docs): skbs and bytes.
+#[map(name = "CUTS")]
+static CUTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
 /// Events for userspace: a window running low, a window overrun.
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Byte offset of `copied_seq` in the running kernel's `struct tcp_sock`,
+/// set by the loader from `/sys/kernel/btf/vmlinux` (read-only data: the
+/// verifier sees a constant). 0 (never a valid offset) disables the check.
+#[unsafe(no_mangle)]
+static TCP_COPIED_SEQ: u32 = 0;
+
+/// Most bytes one call of `bpf_skb_adjust_room` removes from an `sk_skb`.
+const TRIM_STEP: u32 = 0xfff;
 
 #[stream_verdict]
 pub fn proxyd_verdict(ctx: SkBuffContext) -> u32 {
@@ -73,6 +99,23 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     // SAFETY: the helper only reads the skb's socket; `as_ptr` is this
     // program's own context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let old = already_read(ctx).min(len);
+    if old > 0 {
+        if trim(ctx, old as u32).is_err() {
+            // The skb must go (its head would repeat) and its new bytes with
+            // it: userspace resets the tunnel, so a gap never passes unseen.
+            tell(cookie, EVENT_BROKEN);
+            return Err(sk_action::SK_DROP);
+        }
+        count_cut(old);
+        debug!(ctx, "proxyd: socket {} received {} bytes again, cut off", cookie, old);
+        if old == len {
+            // Nothing new (the socket had delivered all of it): dropped
+            // empty, so the kernel does not move `copied_seq` for it.
+            return Ok(sk_action::SK_DROP);
+        }
+    }
+    let len = len - old;
     // SAFETY: PEERS values are plain integers; userspace replaces whole
     // elements (RCU), so the copy taken here is one consistent version.
     let Some(&splice) = (unsafe { PEERS.get(cookie) }) else {
@@ -104,6 +147,70 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         }
     }
     Ok(sk_action::SK_PASS)
+}
+
+/// How many bytes at the head of this skb the socket has already delivered
+/// (a retransmission that overlaps what was received): `copied_seq` minus
+/// the skb's first sequence number (`TCP_SKB_CB(skb)->seq`, which an
+/// `sk_skb` program reads as `cb[0]`), when positive.
+fn already_read(ctx: &SkBuffContext) -> u64 {
+    // SAFETY: a read of this program's read-only data.
+    let offset = unsafe { core::ptr::read_volatile(&TCP_COPIED_SEQ) };
+    if offset == 0 {
+        return 0;
+    }
+    // SAFETY: `skb` is this program's context; the verifier types `sk` as a
+    // socket pointer that may be null, checked by the helper's own null check.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return 0;
+    }
+    // SAFETY: the helper checks that `sk` is a TCP socket (null otherwise).
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
+    if tp.is_null() {
+        return 0;
+    }
+    // SAFETY: `offset` is a `u32` field of `struct tcp_sock` (from the
+    // kernel's BTF); the verifier checks the access against that BTF.
+    let copied = unsafe { core::ptr::read_volatile(tp.cast::<u8>().add(offset as usize).cast::<u32>()) };
+    let seq = ctx.skb.cb()[0];
+    let ahead = copied.wrapping_sub(seq) as i32;
+    if ahead > 0 {
+        ahead as u64
+    } else {
+        0
+    }
+}
+
+/// Adds one cut of `bytes` to [`CUTS`].
+fn count_cut(bytes: u64) {
+    for (index, add) in [(CUT_SKBS, 1), (CUT_BYTES, bytes)] {
+        if let Some(n) = CUTS.get_ptr_mut(index) {
+            // SAFETY: this CPU's slot, valid for the program run. (A run in
+            // process context preempted by one in softirq could lose an
+            // increment: a statistic, so no atomic.)
+            unsafe { *n += add };
+        }
+    }
+}
+
+/// Removes `bytes` from the head of the skb, `TRIM_STEP` at a time: up to
+/// 80 KiB (an overlap is at most one skb; 64 KiB without BIG TCP), bounded
+/// for the verifier. More fails, and the tunnel is reset.
+fn trim(ctx: &SkBuffContext, mut bytes: u32) -> Result<(), i64> {
+    for _ in 0..20 {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let step = bytes.min(TRIM_STEP);
+        ctx.skb.adjust_room(-(step as i32), 0, 0)?;
+        bytes -= step;
+    }
+    if bytes == 0 {
+        Ok(())
+    } else {
+        Err(-1)
+    }
 }
 
 /// Queues an event for userspace; a full ring loses it, which only delays

@@ -20,7 +20,7 @@
 //! `bpf_xdp_load_bytes`, which fails (and the packet passes) when the bytes
 //! are not all there. The helper also keeps the program free of variable
 //! packet-pointer arithmetic, which the verifier refuses to a loader without
-//! `CAP_PERFMON` (the daemon keeps only `CAP_BPF` and `CAP_NET_ADMIN`).
+//! `CAP_PERFMON` (the prefilter needs only `CAP_BPF` and `CAP_NET_ADMIN`).
 
 use aya_ebpf::{
     bindings::{xdp_action, xdp_md, BPF_F_NO_PREALLOC, BPF_NOEXIST},

@@ -13,8 +13,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 
-/// Capabilities the daemon may keep: net_bind_service (10), net_admin (12), bpf (39).
-const KEPT: u64 = (1 << 10) | (1 << 12) | (1 << 39);
+/// Capabilities the daemon may keep: net_bind_service (10), net_admin (12), perfmon (38), bpf (39).
+const KEPT: u64 = (1 << 10) | (1 << 12) | (1 << 38) | (1 << 39);
 
 /// Runs the proxyd CLI as user `nobody` (uid/gid 65534, no groups, no capabilities).
 fn cli_as_nobody(d: &Daemon, args: &[&str]) -> std::process::Output {

@@ -346,7 +346,7 @@ fn unit_passes_systemd_analyze_verify() {
         "StateDirectory=proxyd",
         "RuntimeDirectory=proxyd",
         "Restart=on-failure",
-        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_BPF CAP_NET_ADMIN",
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_BPF CAP_NET_ADMIN CAP_PERFMON",
     ] {
         assert!(original.lines().any(|l| l == want), "the unit lacks `{want}`");
     }

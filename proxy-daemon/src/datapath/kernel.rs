@@ -9,7 +9,9 @@
 //! - `FLOWS`: cookie -> `FlowStats { bytes, packets, last_ns, passed, asked }`
 //!   of what was received on that socket (BTF, so `bpftool map dump pinned
 //!   DIR/FLOWS` prints the fields by name);
-//! - `EVENTS` (not pinned): a ring of the verdict's requests to userspace.
+//! - `EVENTS` (not pinned): a ring of the verdict's requests to userspace;
+//! - `CUTS` (not pinned): retransmitted bytes the verdict cut off because the
+//!   socket had delivered them already (`proxyd_kernel_retransmit_cuts_total`).
 //!
 //! A tunnel enters the maps in the order `PEERS`, `FLOWS`, `SOCKS` (both
 //! sockets), `SPLICE` (both): by the time a socket's verdict runs, its peer is
@@ -29,6 +31,7 @@
 //! and attaches its verdict ([`KernelDataPath::take_over`]); sockets already
 //! in `SPLICE` keep the program they were linked with, so their bytes go on.
 
+mod btf;
 mod hangup;
 mod shared;
 mod tunnel;
@@ -42,11 +45,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use aya::maps::{HashMap as BpfHashMap, MapInfo, RingBuf, SockHash};
+use aya::maps::{HashMap as BpfHashMap, MapData, MapInfo, PerCpuArray, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::EbpfLoader;
 use aya_log::EbpfLogger;
-use proxy_common::{EVENTS_MAP, FLOWS_MAP, PEERS_MAP, SOCKS_MAP, SPLICE_MAP, VERDICT_PROG};
+use proxy_common::{
+    CUTS_MAP, CUT_BYTES, CUT_SKBS, EVENTS_MAP, FLOWS_MAP, PEERS_MAP, SOCKS_MAP, SPLICE_MAP, VERDICT_PROG,
+};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -67,6 +72,9 @@ const GRACE_BUDGET: u64 = 256 << 20;
 /// Tunnels the maps hold by default (see `proxy_common::MAX_SOCKETS`).
 pub const DEFAULT_MAX_TUNNELS: u32 = (proxy_common::MAX_SOCKETS / 2) as u32;
 
+/// The verdict's read-only global holding `offsetof(struct tcp_sock, copied_seq)`.
+const COPIED_SEQ_GLOBAL: &str = "TCP_COPIED_SEQ";
+
 /// Names of every pin this data path creates in its pin dir (the events
 /// ring too: a new process takes it over in an upgrade).
 const PINNED_MAPS: [&str; 5] = [SOCKS_MAP, SPLICE_MAP, PEERS_MAP, FLOWS_MAP, EVENTS_MAP];
@@ -81,6 +89,8 @@ pub struct KernelDataPath {
     pin_dir: std::path::PathBuf,
     /// Polls the programs' aya-log ring buffer.
     log_task: Option<JoinHandle<()>>,
+    /// What the verdict cut off (see `CUTS` above).
+    cuts: PerCpuArray<MapData, u64>,
 }
 
 impl KernelDataPath {
@@ -139,7 +149,10 @@ impl KernelDataPath {
         };
         let sockets = max_tunnels.clamp(1, u32::MAX / 2) * 2;
         let pin_paths: Vec<std::path::PathBuf> = PINNED_MAPS.iter().map(|n| pin_dir.join(n)).collect();
+        let copied_seq = btf::tcp_copied_seq_offset()
+            .map_err(|e| io::Error::new(e.kind(), format!("finding tcp_sock.copied_seq for the verdict: {e}")))?;
         let mut loader = EbpfLoader::new();
+        loader.override_global(COPIED_SEQ_GLOBAL, &copied_seq, true);
         for (name, path) in PINNED_MAPS.iter().zip(&pin_paths) {
             if adopting {
                 // The maps the old process pinned, and everything in them.
@@ -175,9 +188,15 @@ impl KernelDataPath {
             flows: BpfHashMap::try_from(take(FLOWS_MAP)?).map_err(|e| convert(FLOWS_MAP, e))?,
         };
         let ring = RingBuf::try_from(take(EVENTS_MAP)?).map_err(|e| convert(EVENTS_MAP, e))?;
+        let cuts = PerCpuArray::try_from(take(CUTS_MAP)?).map_err(|e| convert(CUTS_MAP, e))?;
 
         let program = verdict(&mut ebpf)?;
-        program.load().map_err(|e| error_line(&format!("loading BPF program {VERDICT_PROG}"), &e))?;
+        program.load().map_err(|e| {
+            error_line(
+                &format!("loading BPF program {VERDICT_PROG} (needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)"),
+                &e,
+            )
+        })?;
         let link = match adopting {
             // Attached by `take_over`, once the old process let go.
             true => None,
@@ -210,6 +229,7 @@ impl KernelDataPath {
             pins: Mutex::new(pins),
             pin_dir: pin_dir.to_path_buf(),
             log_task,
+            cuts,
         })
     }
 
@@ -242,6 +262,13 @@ impl KernelDataPath {
     /// Tunnels promoted from the relay into the maps, and demoted back, so far.
     pub fn switches(&self) -> (u64, u64) {
         (self.shared.promotions.load(Ordering::Relaxed), self.shared.demotions.load(Ordering::Relaxed))
+    }
+
+    /// Retransmitted skbs whose head the verdict cut off, and the bytes cut,
+    /// so far (this process's program).
+    pub fn retransmit_cuts(&self) -> (u64, u64) {
+        let sum = |index| self.cuts.get(&index, 0).map_or(0, |per_cpu| per_cpu.iter().sum());
+        (sum(CUT_SKBS), sum(CUT_BYTES))
     }
 
     /// The folder holding the pinned maps.

@@ -93,6 +93,8 @@ impl metrics::Source for Server {
         let rows = self.shared.registry.rows();
         let count = |f: &dyn Fn(&registry::Row) -> bool| rows.iter().filter(|r| f(r)).count() as u64;
         let (promoted, demoted) = self.path_switches();
+        let (retransmit_cut_skbs, retransmit_cut_bytes) =
+            self.kernel.lock().unwrap().as_ref().map_or((0, 0), |k| k.retransmit_cuts());
         Snapshot {
             connections: [ConnType::Unknown, ConnType::Out, ConnType::In, ConnType::Udp]
                 .into_iter()
@@ -104,6 +106,8 @@ impl metrics::Source for Server {
             tunnels_userspace: count(&|r| r.path == Some(DataPathKind::Userspace)),
             promoted,
             demoted,
+            retransmit_cut_skbs,
+            retransmit_cut_bytes,
             data_path: self.datapath_kind(),
         }
     }

@@ -6,7 +6,9 @@
 //!
 //! The same dispatcher reads the verdict's event ring (`EVENTS`, registered
 //! in the set under its own token): a socket whose window runs low
-//! ([`EV_LOW`]) or that overran it ([`EV_OVER`]) wakes its tunnel the same way.
+//! ([`EV_LOW`]) or that overran it ([`EV_OVER`]) wakes its tunnel the same way,
+//! and one whose skb the verdict had to drop is reported as an error
+//! (`EV_ERR`: the tunnel is reset rather than left with a gap).
 
 use std::collections::HashMap;
 use std::io;
@@ -16,7 +18,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aya::maps::{MapData, RingBuf};
-use proxy_common::{Event, EVENT_LOW, EVENT_OVER};
+use proxy_common::{Event, EVENT_BROKEN, EVENT_LOW, EVENT_OVER};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -170,6 +172,8 @@ impl Hangups {
                 let bits = match kind {
                     EVENT_LOW => EV_LOW,
                     EVENT_OVER => EV_OVER,
+                    // The verdict dropped an skb: reset, as for a socket error.
+                    EVENT_BROKEN => crate::sys::EV_ERR,
                     _ => continue,
                 };
                 if let Some(&(id, side)) = waiters.by_cookie.get(&cookie) {
