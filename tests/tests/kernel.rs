@@ -244,10 +244,10 @@ fn thousand_transfers_arrive_whole() {
 
 /// Spliced tunnels whose reader stalls now and then (so they brake, demote and are
 /// promoted again, and their senders retransmit) deliver every byte once, in order, with
-/// exact counters. A retransmission that overlaps bytes a spliced socket already
-/// received reaches the verdict whole; before the verdict cut off the old head, about
-/// one run in 20 to 40 of this load delivered a 64 KiB stretch twice
-/// (docs/kernel-data-path.md, Retransmissions).
+/// exact counters. Before the verdict cut off bytes a socket had already delivered,
+/// about one run in 10 to 40 of a heavier form of this load (40 tunnels of 256 MiB)
+/// delivered a 64-130 KB stretch twice right after a promotion
+/// (docs/kernel-data-path.md, "Bytes the socket had already delivered").
 #[test]
 fn stalling_readers_get_every_byte_once() {
     const T: &str = "stalling_readers_get_every_byte_once";
