@@ -2,8 +2,8 @@
 //! safely: socket cookies, `TCP_INFO`, `SIOCOUTQ`, `recv` into uninitialised
 //! capacity, socket options by number, `SO_LINGER` 0, a private epoll set
 //! (and handing fds to tokio's reactor), map element commands that need no
-//! `&mut` (so the maps are shared by all tunnels without a lock), and the
-//! console's SIGINT flag.
+//! `&mut` (so the maps are shared by all tunnels without a lock), the
+//! console's SIGINT flag, and a file read into a mapping of its own.
 //!
 //! With `privileges` (capabilities), this is the only module allowed
 //! `unsafe` (the crate root denies it elsewhere). Every `unsafe` block has
@@ -410,4 +410,62 @@ pub fn async_fd(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: `OwnedFd` owns its descriptor and `as_raw_fd` always returns
     // it; it stays open until the `AsyncFd` drops it.
     Ok(unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }?)
+}
+
+/// A file's contents in an anonymous mapping of their own, unmapped on drop:
+/// a large file read once (the kernel's BTF, 5 MB) leaves nothing behind
+/// on the heap, which glibc would keep.
+pub struct OffHeapFile {
+    ptr: *mut u8,
+    len: usize,
+    filled: usize,
+}
+
+impl OffHeapFile {
+    pub fn read(path: &str) -> io::Result<OffHeapFile> {
+        use std::io::Read;
+        let mut file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len() as usize;
+        if len == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "empty"));
+        }
+        // SAFETY: a fresh private anonymous mapping; checked for failure.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let mut mapped = OffHeapFile { ptr: ptr.cast(), len, filled: 0 };
+        while mapped.filled < len {
+            // SAFETY: the mapping is `len` bytes, writable, and only ours.
+            let rest = unsafe { std::slice::from_raw_parts_mut(mapped.ptr.add(mapped.filled), len - mapped.filled) };
+            match file.read(rest) {
+                Ok(0) => break,
+                Ok(n) => mapped.filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(mapped)
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `filled` bytes of the mapping were written by `read`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.filled) }
+    }
+}
+
+impl Drop for OffHeapFile {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `read`, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
 }

@@ -3,6 +3,10 @@
 //! `copied_seq` at that offset (see `proxy-ebpf`'s docs on bytes already delivered).
 //! A minimal reader of the BTF type section (sans-io: [`member_offset`]
 //! takes the bytes), enough to walk struct members by name.
+//!
+//! The kernel's BTF is about 5 MB. It is read into an anonymous mapping that
+//! is unmapped afterwards, and walked in place: read onto the heap and
+//! indexed, it left the daemon 11 MiB larger for good (glibc keeps freed heap).
 
 use std::io;
 
@@ -13,8 +17,9 @@ const MAGIC: u16 = 0xeb9f;
 
 /// `offsetof(struct tcp_sock, copied_seq)` in the running kernel.
 pub(super) fn tcp_copied_seq_offset() -> io::Result<u32> {
-    let btf = std::fs::read(VMLINUX_BTF).map_err(|e| io::Error::new(e.kind(), format!("{VMLINUX_BTF}: {e}")))?;
-    member_offset(&btf, "tcp_sock", "copied_seq")
+    let btf = crate::sys::OffHeapFile::read(VMLINUX_BTF)
+        .map_err(|e| io::Error::new(e.kind(), format!("{VMLINUX_BTF}: {e}")))?;
+    member_offset(btf.bytes(), "tcp_sock", "copied_seq")
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{VMLINUX_BTF}: {e}")))
 }
 
@@ -22,81 +27,101 @@ pub(super) fn tcp_copied_seq_offset() -> io::Result<u32> {
 /// (native byte order; members of anonymous structs and unions are looked
 /// through).
 pub fn member_offset(btf: &[u8], name: &str, member: &str) -> Result<u32, String> {
-    let types = Types::parse(btf)?;
-    let id = types.structs.iter().find(|s| types.name(s.name) == Some(name)).ok_or(format!("no struct {name}"))?;
-    types.offset_in(id, member, 0).ok_or(format!("struct {name} has no member {member}"))
+    let types = Types::new(btf)?;
+    let mut found = None;
+    types.walk(|_, at| {
+        let hit = types.kind_at(at) == STRUCT && types.name(types.u32_at(at)) == Some(name);
+        if hit {
+            found = Some(at);
+        }
+        !hit
+    })?;
+    let at = found.ok_or(format!("no struct {name}"))?;
+    types.offset_in(at, member, 0, 0).ok_or(format!("struct {name} has no member {member}"))
 }
 
-/// A struct or union: its name and members.
-struct Composite {
-    name: u32,
-    /// (name offset, type id, bit offset)
-    members: Vec<(u32, u32, u32)>,
-}
+/// `BTF_KIND_STRUCT` and `BTF_KIND_UNION`.
+const STRUCT: u32 = 4;
+const UNION: u32 = 5;
 
-/// The parts of a BTF blob this reader needs.
+/// A BTF blob, walked in place (the kernel's holds about 100,000 types).
 struct Types<'a> {
+    btf: &'a [u8],
     strings: &'a [u8],
-    /// Type id -> index into `structs` (composites), for the types that are.
-    composite_of: Vec<Option<usize>>,
-    structs: Vec<Composite>,
+    /// Where the type records start and end in `btf`.
+    records: std::ops::Range<usize>,
 }
 
 impl<'a> Types<'a> {
-    fn parse(btf: &'a [u8]) -> Result<Self, String> {
-        let u32_at = |at: usize| -> Result<u32, String> {
+    fn new(btf: &'a [u8]) -> Result<Self, String> {
+        let word = |at: usize| -> Result<u32, String> {
             btf.get(at..at + 4).map(|b| u32::from_ne_bytes(b.try_into().unwrap())).ok_or("truncated BTF".into())
         };
         if btf.len() < 24 || u16::from_ne_bytes([btf[0], btf[1]]) != MAGIC {
             return Err("not BTF in this machine's byte order".into());
         }
-        let hdr_len = u32_at(4)? as usize;
-        let (type_off, type_len) = (u32_at(8)? as usize, u32_at(12)? as usize);
-        let (str_off, str_len) = (u32_at(16)? as usize, u32_at(20)? as usize);
+        let hdr_len = word(4)? as usize;
+        let (type_off, type_len) = (word(8)? as usize, word(12)? as usize);
+        let (str_off, str_len) = (word(16)? as usize, word(20)? as usize);
         let strings = btf.get(hdr_len + str_off..hdr_len + str_off + str_len).ok_or("truncated BTF strings")?;
-        let (start, end) = (hdr_len + type_off, hdr_len + type_off + type_len);
-        if btf.len() < end {
+        let records = hdr_len + type_off..hdr_len + type_off + type_len;
+        if btf.len() < records.end {
             return Err("truncated BTF types".into());
         }
+        Ok(Types { btf, strings, records })
+    }
+
+    /// Calls `visit(id, offset)` for each type record in order until it
+    /// returns false.
+    fn walk(&self, mut visit: impl FnMut(usize, usize) -> bool) -> Result<(), String> {
+        let mut at = self.records.start;
         // Type ids start at 1 (0 is void).
-        let mut types = Types { strings, composite_of: vec![None], structs: Vec::new() };
-        let mut at = start;
-        while at < end {
-            let (name, info) = (u32_at(at)?, u32_at(at + 4)?);
-            let (kind, vlen) = ((info >> 24) & 0x1f, (info & 0xffff) as usize);
-            let bitfields = info >> 31 == 1;
-            at += 12;
-            let trailing = match kind {
-                // INT, VAR, DECL_TAG
-                1 | 14 | 17 => 4,
-                // ARRAY
-                3 => 12,
-                // STRUCT, UNION
-                4 | 5 => {
-                    let mut members = Vec::with_capacity(vlen);
-                    for i in 0..vlen {
-                        let m = at + i * 12;
-                        let offset = u32_at(m + 8)?;
-                        let bits = if bitfields { offset & 0x00ff_ffff } else { offset };
-                        members.push((u32_at(m)?, u32_at(m + 4)?, bits));
-                    }
-                    types.composite_of.push(Some(types.structs.len()));
-                    types.structs.push(Composite { name, members });
-                    at += vlen * 12;
-                    continue;
-                }
-                // ENUM, FUNC_PROTO
-                6 | 13 => vlen * 8,
-                // DATASEC, ENUM64
-                15 | 19 => vlen * 12,
-                // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG
-                2 | 7..=12 | 16 | 18 => 0,
-                other => return Err(format!("unknown BTF kind {other}")),
-            };
-            types.composite_of.push(None);
-            at += trailing;
+        for id in 1.. {
+            if at >= self.records.end || !visit(id, at) {
+                break;
+            }
+            if at + 12 > self.records.end {
+                return Err("truncated BTF types".into());
+            }
+            let info = self.u32_at(at + 4);
+            let vlen = (info & 0xffff) as usize;
+            at += 12
+                + match (info >> 24) & 0x1f {
+                    // INT, VAR, DECL_TAG
+                    1 | 14 | 17 => 4,
+                    // ARRAY
+                    3 => 12,
+                    // STRUCT, UNION, DATASEC, ENUM64
+                    4 | 5 | 15 | 19 => vlen * 12,
+                    // ENUM, FUNC_PROTO
+                    6 | 13 => vlen * 8,
+                    // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG
+                    2 | 7..=12 | 16 | 18 => 0,
+                    other => return Err(format!("unknown BTF kind {other}")),
+                };
         }
-        Ok(types)
+        Ok(())
+    }
+
+    /// The record of type `id`.
+    fn record(&self, id: usize) -> Option<usize> {
+        let mut found = None;
+        self.walk(|i, at| {
+            if i == id {
+                found = Some(at);
+            }
+            i < id
+        })
+        .ok()?;
+        found
+    }
+
+    fn u32_at(&self, at: usize) -> u32 {
+        self.btf.get(at..at + 4).map_or(0, |b| u32::from_ne_bytes(b.try_into().unwrap()))
+    }
+
+    fn kind_at(&self, at: usize) -> u32 {
+        (self.u32_at(at + 4) >> 24) & 0x1f
     }
 
     fn name(&self, offset: u32) -> Option<&str> {
@@ -105,17 +130,23 @@ impl<'a> Types<'a> {
         std::str::from_utf8(&rest[..end]).ok()
     }
 
-    /// Byte offset of `member` in `c` (plus `base` bits), looking through
-    /// anonymous composite members.
-    fn offset_in(&self, c: &Composite, member: &str, base: u32) -> Option<u32> {
-        for &(name, ty, bits) in &c.members {
+    /// Byte offset of `member` in the composite type recorded at `at` (plus
+    /// `base` bits), looking through anonymous composite members (`depth`
+    /// bounds the walk).
+    fn offset_in(&self, at: usize, member: &str, base: u32, depth: u32) -> Option<u32> {
+        let info = self.u32_at(at + 4);
+        let bitfields = info >> 31 == 1;
+        for i in 0..(info & 0xffff) as usize {
+            let m = at + 12 + i * 12;
+            let (name, ty, offset) = (self.u32_at(m), self.u32_at(m + 4) as usize, self.u32_at(m + 8));
+            let bits = base + if bitfields { offset & 0x00ff_ffff } else { offset };
             if self.name(name) == Some(member) {
-                return Some((base + bits) / 8);
+                return Some(bits / 8);
             }
             let anonymous = self.name(name).is_none_or(str::is_empty);
-            let inner = self.composite_of.get(ty as usize).copied().flatten();
-            if let (true, Some(inner)) = (anonymous, inner) {
-                if let Some(found) = self.offset_in(&self.structs[inner], member, base + bits) {
+            if anonymous && depth < 8 {
+                let inner = self.record(ty).filter(|&r| matches!(self.kind_at(r), STRUCT | UNION));
+                if let Some(found) = inner.and_then(|r| self.offset_in(r, member, bits, depth + 1)) {
                     return Some(found);
                 }
             }
