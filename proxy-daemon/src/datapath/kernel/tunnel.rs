@@ -260,8 +260,8 @@ pub(super) fn run(
                             continue;
                         }
                         shared.promotions.fetch_add(1, Ordering::Relaxed);
-                        let at = flow.snapshot();
-                        debug!(tunnel = id, tx = at.tx, rx = at.rx, "promoting into the sockhash");
+                        // (Fields are evaluated only when the line is logged.)
+                        debug!(tunnel = id, counters = ?flow.snapshot(), "promoting into the sockhash");
                     }
                     let [client, upstream] = &mut pair;
                     // After the relay there is nothing to hand over: it stopped with both
@@ -309,8 +309,7 @@ pub(super) fn run(
             let end = watch(&shared, &spliced, &mut grace, &cancel, &park, closing).await;
             if let End::Demote = end {
                 shared.demotions.fetch_add(1, Ordering::Relaxed);
-                let at = flow.snapshot();
-                debug!(tunnel = id, tx = at.tx, rx = at.rx, "a peer fell behind: demoting to the relay");
+                debug!(tunnel = id, counters = ?flow.snapshot(), "a peer fell behind: demoting to the relay");
                 // The verdict stops; TCP_INFO takes each socket's lock, so a
                 // verdict run still in progress finishes first.
                 for (cookie, sock) in spliced.cookies.iter().zip(&spliced.socks) {
