@@ -92,9 +92,9 @@ impl metrics::Source for Server {
     fn snapshot(&self) -> Snapshot {
         let rows = self.shared.registry.rows();
         let count = |f: &dyn Fn(&registry::Row) -> bool| rows.iter().filter(|r| f(r)).count() as u64;
-        let (promoted, demoted) = self.path_switches();
-        let (retransmit_cut_skbs, retransmit_cut_bytes) =
-            self.kernel.lock().unwrap().as_ref().map_or((0, 0), |k| k.retransmit_cuts());
+        let kernel = self.kernel();
+        let (promoted, demoted) = kernel.as_ref().map_or((0, 0), |k| k.switches());
+        let (retransmit_cut_skbs, retransmit_cut_bytes) = kernel.as_ref().map_or((0, 0), |k| k.retransmit_cuts());
         Snapshot {
             connections: [ConnType::Unknown, ConnType::Out, ConnType::In, ConnType::Udp]
                 .into_iter()
@@ -135,11 +135,6 @@ impl Server {
 
     pub fn datapath_kind(&self) -> DataPathKind {
         self.shared.datapath_kind()
-    }
-
-    /// Tunnels promoted into the kernel splice and demoted back, so far.
-    pub fn path_switches(&self) -> (u64, u64) {
-        self.kernel.lock().unwrap().as_ref().map_or((0, 0), |k| k.switches())
     }
 
     /// The address the listener is bound to, if it is listening.
@@ -370,12 +365,14 @@ impl Server {
             }
         }
         let sockets = group.iter().filter_map(|l| l.try_clone().ok()).map(OwnedFd::from).collect();
+        // Steering picks a socket of a group; shards sharing one socket skip it.
+        let steer = group.len() > 1;
         let task = self.shards.spawn_spread(group.len(), |i| {
             let server = self.clone();
             let listener = group.get(i % group.len().max(1)).map(std::net::TcpListener::try_clone);
             async move {
                 match listener.map(|l| l.and_then(TcpListener::from_std)) {
-                    Some(Ok(l)) => server.accept_loop(l).await,
+                    Some(Ok(l)) => server.accept_loop(l, steer).await,
                     Some(Err(e)) => tracing::error!(%addr, error = %e, "cannot register the listener"),
                     None => {}
                 }
@@ -433,7 +430,9 @@ impl Server {
         self.prefilter.lock().unwrap().as_ref().map(|p| p.drops_by_rule())
     }
 
-    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+    /// Accepts on `listener` until aborted; with `steer`, the listener is one
+    /// of a `SO_REUSEPORT` group and claims the core its shard runs on.
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, steer: bool) {
         let mut backoff = Duration::from_millis(5);
         let mut steered_to = None;
         loop {
@@ -442,7 +441,7 @@ impl Server {
             // one by hash: this socket claims the core its shard runs on now,
             // so a connection is served where its packets are, and its first
             // wake-up finds the shard's thread there (docs/decisions.md).
-            let cpu = crate::sys::current_cpu();
+            let cpu = if steer { crate::sys::current_cpu() } else { None };
             if cpu != steered_to {
                 if let Some(cpu) = cpu {
                     let _ = crate::sys::setsockopt_int(&listener, libc::SOL_SOCKET, libc::SO_INCOMING_CPU, cpu);
