@@ -200,6 +200,36 @@ print(json.dumps(out))
     v.as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_f64().unwrap())).collect()
 }
 
+/// A new `metrics-address` on the same port (127.0.0.1:P to 0.0.0.0:P, as an operator
+/// opens the endpoint to a scrape network) moves the endpoint instead of failing with
+/// "address in use", and back again; the SOCKS port stays out of reach.
+#[test]
+fn metrics_address_moves_on_the_same_port() {
+    let mut d = Daemon::start("userspace");
+    let proxy = d.enable(&[]);
+    let port = free_port();
+    let (local, other) = (format!("127.0.0.1:{port}"), format!("127.0.0.2:{port}"));
+    let answers = |addr: &str| wait_until(Duration::from_secs(5), || TcpStream::connect(addr).is_ok());
+    d.cmd(&format!("ip socks set metrics-address={local}"));
+    assert!(answers(&local), "nothing listens on metrics-address={local}");
+    assert!(TcpStream::connect(&other).is_err(), "{other} answers while metrics-address={local}");
+
+    d.cmd(&format!("ip socks set metrics-address=0.0.0.0:{port}"));
+    assert!(answers(&other), "{other} does not answer after `set metrics-address=0.0.0.0:{port}`");
+    assert!(scrape(&other).contains("proxyd_connections_accepted_total"), "scrape through {other}");
+
+    d.cmd(&format!("ip socks set metrics-address={local}"));
+    let gone = wait_until(Duration::from_secs(3), || TcpStream::connect(&other).is_err());
+    assert!(gone, "{other} still answers after the move back to {local}");
+    assert!(scrape(&local).contains("proxyd_connections_accepted_total"), "scrape through {local}");
+    assert!(std::net::TcpListener::bind(&local).is_err(), "another socket could bind {local} after the moves");
+
+    let out = d.cli(&["ip", "socks", "set", &format!("metrics-address=127.0.0.1:{}", proxy.port())]);
+    assert!(!out.status.success(), "metrics-address on the SOCKS port was accepted");
+    assert!(text(&out.stderr).contains("metrics-address"), "the error names the property: {}", text(&out.stderr));
+    assert!(scrape(&local).contains("proxyd_connections_accepted_total"), "the refused change moved the endpoint");
+}
+
 /// After 3 tunnels with known byte counts and 2 requests the access list denies, a real
 /// Prometheus parser reads accepted +5, refused{access} +2, bytes tx/rx exact, 3 handshakes.
 #[test]

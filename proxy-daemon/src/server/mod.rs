@@ -176,20 +176,23 @@ impl Server {
             });
         }
         drop(current);
-        let have_metrics = self.metrics_listener.lock().unwrap().as_ref().map(|l| l.addr);
-        if new.metrics_address != have_metrics {
+        let current = self.metrics_listener.lock().unwrap();
+        if new.metrics_address != current.as_ref().map(|l| l.addr) {
             p.metrics = Some(match new.metrics_address {
                 Some(addr) => {
-                    // Not in the vrf: the metrics endpoint is management, not the SOCKS service.
-                    Some((
-                        addr,
-                        bind(addr, None, None)
-                            .map_err(|e| io::Error::new(e.kind(), format!("metrics-address: {e}")))?,
-                    ))
+                    // Not in the vrf: the metrics endpoint is management, not the
+                    // SOCKS service. On the same port (127.0.0.1:9100 to
+                    // 0.0.0.0:9100) the new socket joins the old one's port, as
+                    // the SOCKS listener does.
+                    let old_socket = current.as_ref().filter(|l| l.addr.port() == addr.port());
+                    let l = bind(addr, None, old_socket.and_then(|l| l.sockets.first()))
+                        .map_err(|e| io::Error::new(e.kind(), format!("metrics-address: {e}")))?;
+                    Some((addr, l))
                 }
                 None => None,
             });
         }
+        drop(current);
         if !new.xdp_interfaces.is_empty() {
             let current = self.prefilter.lock().unwrap();
             p.xdp = Some(match &*current {
@@ -241,16 +244,8 @@ impl Server {
             let mut slot = self.metrics_listener.lock().unwrap();
             *slot = None;
             if let Some((addr, std_listener)) = metrics {
-                let sockets = std_listener.try_clone().ok().map(OwnedFd::from).into_iter().collect();
-                let server = self.clone();
-                let task = Spawned::here(tokio::spawn(async move {
-                    match TcpListener::from_std(std_listener) {
-                        Ok(l) => metrics::serve(l, server).await,
-                        Err(e) => tracing::error!(%addr, error = %e, "cannot register the metrics listener"),
-                    }
-                }));
                 tracing::info!(%addr, "serving Prometheus metrics at http://{addr}/metrics");
-                *slot = Some(ActiveListener { addr, device: None, sockets, task });
+                *slot = Some(self.serve_metrics(addr, std_listener));
             }
         }
         if let Some(listener) = prepared.listener {
@@ -327,17 +322,24 @@ impl Server {
             *self.listener.lock().unwrap() = Some(ActiveListener { addr, device, sockets, task });
         }
         if let Some((addr, fd)) = metrics {
-            let sockets = fd.try_clone().ok().into_iter().collect();
             let listener = std::net::TcpListener::from(fd);
             let _ = listener.set_nonblocking(true);
-            let server = self.clone();
-            let task = Spawned::here(tokio::spawn(async move {
-                if let Ok(l) = TcpListener::from_std(listener) {
-                    metrics::serve(l, server).await;
-                }
-            }));
-            *self.metrics_listener.lock().unwrap() = Some(ActiveListener { addr, device: None, sockets, task });
+            *self.metrics_listener.lock().unwrap() = Some(self.serve_metrics(addr, listener));
         }
+    }
+
+    /// Serves the metrics endpoint on `listener` (bound to `addr`) until
+    /// the returned listener is dropped.
+    fn serve_metrics(self: &Arc<Self>, addr: SocketAddr, listener: std::net::TcpListener) -> ActiveListener {
+        let sockets = listener.try_clone().ok().map(OwnedFd::from).into_iter().collect();
+        let server = self.clone();
+        let task = Spawned::here(tokio::spawn(async move {
+            match TcpListener::from_std(listener) {
+                Ok(l) => metrics::serve(l, server).await,
+                Err(e) => tracing::error!(%addr, error = %e, "cannot register the metrics listener"),
+            }
+        }));
+        ActiveListener { addr, device: None, sockets, task }
     }
 
     /// An accept loop on every shard, each on a listening socket of its own:
