@@ -7,7 +7,10 @@
 //! - `procs`: the proxies as child processes; /proc and `ss` readings.
 //! - `report`: target/bench/results.{md,json,svg}.
 //!
-//! Every run is bounded in time; each figure is the median of the repeats.
+//! Every run is bounded in time; each figure is the median of the repeats
+//! (five by default: with three, `auto` and the forced relay, which run the
+//! same code for bulk flows and short connections, still differed by up to
+//! 15% within one run on this shared machine).
 
 mod echo;
 mod load;
@@ -33,7 +36,7 @@ pub struct BenchArgs {
     /// A few seconds' run of every measurement, to check that the bench works.
     #[arg(long)]
     pub smoke: bool,
-    /// Repeats of every measurement (the figure is their median). Default 3 (smoke: 1).
+    /// Repeats of every measurement (the figure is their median). Default 5 (smoke: 1).
     #[arg(long)]
     pub repeats: Option<usize>,
     /// Seconds per bulk run (latency and connection-rate runs take half). Default 2.
@@ -251,7 +254,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let secs = args.seconds.unwrap_or(if args.smoke { 0.3 } else { 2.0 });
     let cfg = Cfg {
         smoke: args.smoke,
-        repeats: args.repeats.unwrap_or(if args.smoke { 1 } else { 3 }).max(1),
+        repeats: args.repeats.unwrap_or(if args.smoke { 1 } else { 5 }).max(1),
         bulk: Duration::from_secs_f64(secs),
         lat: Duration::from_secs_f64(secs / 2.0),
         conn: Duration::from_secs_f64(secs / 2.0),
