@@ -147,6 +147,44 @@ fn max_connections_refuses_the_next_client_at_once() {
     }
 }
 
+/// Over max-connections, a client whose first bytes are already queued when the daemon
+/// accepts is refused in its own protocol: a SOCKS5 greeting gets "no acceptable
+/// method" (05 FF), a SOCKS4 request 91; both end with a FIN, not a reset (which could
+/// destroy the reply unread). The daemon is stopped (SIGSTOP) while the two connect
+/// and send, so their bytes are queued before it accepts.
+#[test]
+fn over_the_limit_refusal_speaks_the_clients_protocol() {
+    let mut d = Daemon::start("userspace");
+    let proxy = d.enable(&["max-connections=1", "version=5"]);
+    let (_l, dst) = listen_local();
+    let _held = tcp_connect(proxy).unwrap();
+    assert!(wait_until(Duration::from_secs(3), || d.cli.connections().len() == 1), "the first connection is listed");
+    let pid = d.pid() as i32;
+    // SAFETY: kill(2) on the test's own child process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let sent = (|| -> std::io::Result<(TcpStream, TcpStream)> {
+        let mut c5 = tcp_connect(proxy)?;
+        c5.write_all(&[5, 1, 0])?;
+        let mut c4 = tcp_connect(proxy)?;
+        c4.write_all(&socks::request(socks::CONNECT, dst, b"u"))?;
+        Ok((c5, c4))
+    })();
+    std::thread::sleep(Duration::from_millis(100));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let (mut c5, mut c4) = sent.expect("connect and send while the daemon is stopped");
+    for (s, want, what) in
+        [(&mut c5, vec![5u8, 0xff], "SOCKS5 greeting"), (&mut c4, vec![0, 91, 0, 0, 0, 0, 0, 0], "SOCKS4 request")]
+    {
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut got = Vec::new();
+        match s.read_to_end(&mut got) {
+            Ok(_) => assert_eq!(got, want, "{what} over the limit got {got:?}"),
+            Err(e) => panic!("{what} over the limit: {e} after {got:?} (want {want:?} and a FIN)"),
+        }
+    }
+}
+
 /// Settings apply without a restart: a new port rebinds (the old one stops accepting),
 /// `enabled=no` stops accepting, and open tunnels keep working through both.
 #[test]

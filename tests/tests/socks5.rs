@@ -443,6 +443,14 @@ fn wrong_password_is_refused_and_logged_without_it() {
                     wait_until(Duration::from_secs(5), || d.log()[log_start..].lines().any(|l| l.contains(user)));
                 assert!(named, "[{dp}] no log line names the failed user {user}:\n{}", d.log());
             }
+            // A name with a line break cannot forge a log line: it is logged escaped.
+            let mut s = tcp_connect(proxy).unwrap();
+            assert_eq!(greet(&mut s, &[2]), Some([5, 2]), "[{dp}] method reply");
+            assert!(matches!(login(&mut s, "eve\nFORGED-LINE", WRONG_PW), Some([1, x]) if x != 0));
+            let escaped = wait_until(Duration::from_secs(5), || d.log()[log_start..].contains("eve\\nFORGED-LINE"));
+            assert!(escaped, "[{dp}] the user name with a line break is not logged escaped:\n{}", d.log());
+            let forged = d.log()[log_start..].lines().any(|l| l.starts_with("FORGED-LINE"));
+            assert!(!forged, "[{dp}] a client's user name started a log line:\n{}", d.log());
             if require_program(test, "curl").is_some() {
                 let (code, _, err) = curl(
                     &[
@@ -608,6 +616,9 @@ fn udp_relay_ignores_third_addresses_and_dies_with_tcp() {
             // Wrapped for the client's own address.
             t.send_to(&udp_wrap(client.local_addr().unwrap(), b"spoof2"), relay).unwrap();
         }
+        // The client itself, to the unspecified address (which reaches this host).
+        let nowhere = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), echo.addr.port());
+        client.send_to(&udp_wrap(nowhere, b"to 0.0.0.0"), relay).unwrap();
         std::thread::sleep(Duration::from_millis(500));
         client.set_read_timeout(Some(Duration::from_millis(700))).unwrap();
         if let Some((got, from)) = recv(&client) {
@@ -621,7 +632,7 @@ fn udp_relay_ignores_third_addresses_and_dies_with_tcp() {
         assert_eq!(
             echo.received(),
             echo_before,
-            "[{dp}] the relay forwarded a third address's datagram to the echo server"
+            "[{dp}] the relay forwarded a third address's datagram, or one for 0.0.0.0, to the echo server"
         );
 
         // The association still serves its client.
@@ -647,6 +658,80 @@ fn udp_relay_ignores_third_addresses_and_dies_with_tcp() {
 // ---------------------------------------------------------------------------------
 // Done when 3: version, auth-method, only-one, rate-limit.
 // ---------------------------------------------------------------------------------
+
+/// Malformed SOCKS5 requests get exactly one reply with the RFC 1928 code (07 unknown
+/// command, 08 unknown address type, 01 otherwise) and a close; an empty method list gets
+/// 05 FF. Nothing reaches the destination, and a good client is served after them.
+#[test]
+fn malformed_requests_get_one_reply_and_a_close() {
+    let http = HttpServer::start(b"after the bad ones".to_vec());
+    let mut d = Daemon::start("userspace");
+    let proxy = d.enable(&["version=5"]);
+    let port = http.addr.port().to_be_bytes();
+    let reply = |code: u8| vec![5, code, 0, 1, 0, 0, 0, 0, 0, 0];
+    let cases: Vec<(&str, Vec<u8>, Vec<u8>)> = vec![
+        ("unknown command 9", [&[5, 9, 0, 1, 127, 0, 0, 1][..], &port].concat(), reply(7)),
+        ("unknown address type 5", [&[5, 1, 0, 5, 127, 0, 0, 1][..], &port].concat(), reply(8)),
+        ("empty domain", [&[5, 1, 0, 3, 0][..], &port].concat(), reply(1)),
+        ("reserved byte 1", [&[5, 1, 1, 1, 127, 0, 0, 1][..], &port].concat(), reply(1)),
+        ("line break in the domain", [&[5, 1, 0, 3, 3, b'a', b'\n', b'b'][..], &port].concat(), reply(1)),
+    ];
+    for (what, req, want) in cases {
+        let mut s = tcp_connect(proxy).unwrap();
+        assert_eq!(greet(&mut s, &[0]), Some([5, 0]), "{what}: greeting");
+        s.write_all(&req).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = Vec::new();
+        let end = s.read_to_end(&mut got);
+        assert!(end.is_ok(), "{what}: no close within 5 s ({end:?}) after {got:?}");
+        assert_eq!(got, want, "{what}: want one reply and a close");
+    }
+    let mut s = tcp_connect(proxy).unwrap();
+    s.write_all(&[5, 0]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert_eq!(got, [5, 0xff], "a greeting with no methods");
+    assert_eq!(http.accepted(), 0, "a malformed request reached the destination");
+    let dst = Dst::Ip(SocketAddr::V4(http.addr));
+    assert_eq!(http_get(connect(proxy, None, &dst)), b"after the bad ones");
+}
+
+/// The access list judges the address a request really reaches: `::ffff:127.0.0.1` is
+/// 127.0.0.1 (a rule denying 127.0.0.0/8 refuses it, and the connections list shows
+/// 127.0.0.1), and the unspecified address (`0.0.0.0`, `::`), which Linux connects to
+/// this host, is refused whatever the rules (REP 02; SOCKS4 gets 91).
+#[test]
+fn access_list_judges_the_address_reached() {
+    let http = HttpServer::start(b"local service".to_vec());
+    let mut d = Daemon::start("userspace");
+    let proxy = d.enable(&["version=5"]);
+    let port = http.addr.port();
+    let mapped: SocketAddr = format!("[::ffff:127.0.0.1]:{port}").parse().unwrap();
+    let unspecified = [format!("0.0.0.0:{port}"), format!("[::]:{port}")];
+    for a in &unspecified {
+        let a: SocketAddr = a.parse().unwrap();
+        assert_eq!(connect_reply(proxy, &Dst::Ip(a)), 2, "CONNECT {a} without rules");
+    }
+    let mut s4 = tcp_connect(proxy).unwrap();
+    s4.write_all(&socks4::request(socks4::CONNECT, format!("0.0.0.0:{port}").parse().unwrap(), b"u")).unwrap();
+    match socks4::answer(&mut s4, Duration::from_secs(5)) {
+        socks4::Answer::Reply(r) => assert_eq!(r.code, socks4::REJECTED, "SOCKS4 CONNECT 0.0.0.0: {r:?}"),
+        other => panic!("SOCKS4 CONNECT 0.0.0.0: {other:?}"),
+    }
+    d.cmd("ip socks access add dst-address=127.0.0.0/8 action=deny");
+    assert_eq!(connect_reply(proxy, &Dst::Ip(mapped)), 2, "CONNECT {mapped} with 127.0.0.0/8 denied");
+    assert_eq!(http.accepted(), 0, "a refused request reached the local service");
+
+    d.cmd("ip socks access remove 0");
+    let s = connect(proxy, None, &Dst::Ip(mapped));
+    let rows = d.cli.connections();
+    assert!(
+        rows.iter().any(|r| r.dst == format!("127.0.0.1:{port}")),
+        "the tunnel to {mapped} is not listed as 127.0.0.1:{port}: {rows:?}"
+    );
+    assert_eq!(http_get(s), b"local service");
+}
 
 /// version=4 answers a SOCKS5 greeting with 0xFF or a close (curl --socks5 fails) and
 /// still serves SOCKS4; version=5 serves both.

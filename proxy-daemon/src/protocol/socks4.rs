@@ -71,7 +71,7 @@ pub enum ParseError {
     HostnameTooLong,
     #[error("SOCKS4a request without a hostname")]
     EmptyHostname,
-    #[error("SOCKS4a hostname is not valid UTF-8 text")]
+    #[error("SOCKS4a hostname is not valid text (UTF-8 without control characters)")]
     HostnameEncoding,
 }
 
@@ -113,8 +113,7 @@ pub fn parse_request(buf: &[u8]) -> Result<(Request, usize), ParseError> {
         if host_len == 0 {
             return Err(ParseError::EmptyHostname);
         }
-        let host =
-            std::str::from_utf8(&buf[used..used + host_len]).map_err(|_| ParseError::HostnameEncoding)?.to_owned();
+        let host = super::hostname(&buf[used..used + host_len]).ok_or(ParseError::HostnameEncoding)?.to_owned();
         used += after_host;
         Destination::Name { host, port }
     } else {
@@ -258,10 +257,12 @@ mod tests {
         assert!(MAX_REQUEST_LEN >= max.len());
     }
 
-    /// A hostname that is not UTF-8 is refused.
+    /// A hostname that is not UTF-8, or holds a control character, is refused.
     #[test]
     fn hostname_encoding() {
         let msg = b"\x04\x01\x00\x50\x00\x00\x00\x01\x00\xff\xfe\x00";
+        assert_eq!(parse_request(msg), Err(ParseError::HostnameEncoding));
+        let msg = b"\x04\x01\x00\x50\x00\x00\x00\x01\x00a\nb\x00";
         assert_eq!(parse_request(msg), Err(ParseError::HostnameEncoding));
     }
 

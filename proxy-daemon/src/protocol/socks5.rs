@@ -83,7 +83,7 @@ pub enum ParseError {
     AddressType(u8),
     #[error("empty domain name")]
     EmptyDomain,
-    #[error("domain name is not valid text")]
+    #[error("domain name is not valid text (UTF-8 without control characters)")]
     DomainEncoding,
     #[error("fragmented UDP datagrams are not supported")]
     Fragment,
@@ -179,7 +179,7 @@ fn parse_address(buf: &[u8]) -> Result<(Address, usize), ParseError> {
             if addr.is_empty() {
                 return Err(ParseError::EmptyDomain);
             }
-            let host = std::str::from_utf8(addr).map_err(|_| ParseError::DomainEncoding)?;
+            let host = super::hostname(addr).ok_or(ParseError::DomainEncoding)?;
             Address::Domain { host: host.to_owned(), port }
         }
     };
@@ -336,6 +336,8 @@ mod tests {
         assert_eq!(parse_request(b"\x05\x01\x01"), Err(ParseError::Reserved(1)));
         assert_eq!(parse_request(b"\x05\x01\x00\x03\x00\x00\x50"), Err(ParseError::EmptyDomain));
         assert_eq!(parse_request(b"\x05\x01\x00\x03\x02\xff\xfe\x00\x50"), Err(ParseError::DomainEncoding));
+        assert_eq!(parse_request(b"\x05\x01\x00\x03\x03a\nb\x00\x50"), Err(ParseError::DomainEncoding));
+        assert_eq!(parse_request(b"\x05\x01\x00\x03\x03a\x00b\x00\x50"), Err(ParseError::DomainEncoding));
     }
 
     /// Replies and UDP headers encode and decode symmetrically.

@@ -17,11 +17,27 @@ use crate::datapath::userspace::UserspaceRelay;
 use crate::datapath::{Pair, Tunnel};
 use crate::protocol::socks4::Reply;
 
-/// Refuses a client over the limit at once: a SOCKS4 91 without reading, then close.
+/// Refuses a client over the limit at once, in its own protocol as far as
+/// what it already sent tells (a SOCKS5 greeting gets "no acceptable
+/// method", anything else, or nothing yet, a SOCKS4 91), then closes.
 pub fn refuse(stream: TcpStream) {
-    // The client may not have sent its request yet; a best-effort reply is
-    // all it gets. try_write never blocks, so the accept loop is not delayed.
-    let _ = stream.try_write(&Reply::rejected().encode());
+    // Only what is already queued is read (never waited for: the accept loop
+    // is not delayed); reading it also keeps the close from becoming a reset,
+    // which could destroy the reply before the client reads it.
+    let mut queued = [0u8; 1024];
+    let first = match stream.try_read(&mut queued) {
+        Ok(n) if n > 0 => Some(queued[0]),
+        _ => None,
+    };
+    for _ in 0..16 {
+        if !matches!(stream.try_read(&mut queued), Ok(n) if n > 0) {
+            break;
+        }
+    }
+    let _ = match first {
+        Some(5) => stream.try_write(&[5, crate::protocol::socks5::METHOD_UNACCEPTABLE]),
+        _ => stream.try_write(&Reply::rejected().encode()),
+    };
     drop(stream);
 }
 

@@ -55,6 +55,8 @@ pub enum Failure {
     Resolve(String),
     #[error("denied by access rule {0}")]
     Denied(String),
+    #[error("{0} is not a destination: the unspecified address reaches this host")]
+    Unspecified(SocketAddr),
     #[error("cannot connect to {dst}: {source}")]
     Dial { dst: SocketAddr, source: io::Error },
     #[error("BIND: {0}")]
@@ -66,7 +68,7 @@ pub enum Failure {
 /// How the metrics count a failure.
 pub fn refusal_reason(f: &Failure) -> RefusalReason {
     match f {
-        Failure::Denied(_) => RefusalReason::Access,
+        Failure::Denied(_) | Failure::Unspecified(_) => RefusalReason::Access,
         Failure::Refused(_) => RefusalReason::Auth,
         Failure::Resolve(_) | Failure::Dial { .. } => RefusalReason::Dial,
         _ => RefusalReason::Handshake,
@@ -95,8 +97,22 @@ pub async fn read_more(client: &mut TcpStream, buf: &mut Vec<u8>, entry: &Entry)
     }
 }
 
-/// Asks the access list; a deny is a [`Failure::Denied`] naming the rule.
+/// The address a destination really names: an IPv4-mapped IPv6 address
+/// (`::ffff:127.0.0.1`) is its IPv4 address, for the access list, the
+/// connections list and the dial alike.
+pub fn canonical(dst: SocketAddr) -> SocketAddr {
+    SocketAddr::new(dst.ip().to_canonical(), dst.port())
+}
+
+/// Asks the access list about `dst` in its [`canonical`] form; a deny is a
+/// [`Failure::Denied`] naming the rule. The unspecified address (`0.0.0.0`,
+/// `::`), which Linux connects to this host, is never a destination, whatever
+/// the rules say: a rule that denies 127.0.0.0/8 would not match it.
 pub fn check_access(config: &Config, src: SocketAddr, dst: SocketAddr, dst_name: Option<&str>) -> Result<(), Failure> {
+    let dst = canonical(dst);
+    if dst.ip().is_unspecified() {
+        return Err(Failure::Unspecified(dst));
+    }
     let decision = config.access.decide(&AccessRequest { src, dst, dst_name });
     match decision.action {
         Action::Allow => Ok(()),
@@ -148,6 +164,7 @@ pub async fn connect(
     let deadline = tokio::time::Instant::now() + DIAL_TIMEOUT;
     let mut last = None;
     for &dst in candidates {
+        let dst = canonical(dst);
         entry.set_destination(dst);
         if let Err(e) = check_access(config, src, dst, name) {
             last = Some(e);

@@ -52,7 +52,7 @@ fn unspecified() -> SocketAddr {
 
 fn reply_code(e: &Failure) -> ReplyCode {
     match e {
-        Failure::Denied(_) | Failure::Refused(_) => ReplyCode::NotAllowed,
+        Failure::Denied(_) | Failure::Unspecified(_) | Failure::Refused(_) => ReplyCode::NotAllowed,
         Failure::Resolve(_) => ReplyCode::HostUnreachable,
         Failure::Dial { source, .. } => ReplyCode::from_io(source),
         Failure::Deadline => ReplyCode::TtlExpired,
@@ -96,9 +96,12 @@ async fn run(
     requested: &mut bool,
 ) -> Result<Option<Established>, Failure> {
     // Method selection.
-    let methods = read_message(client, &mut buf, entry, socks5::parse_greeting)
-        .await?
-        .map_err(|e| Failure::Malformed(e.to_string()))?;
+    let methods = match read_message(client, &mut buf, entry, socks5::parse_greeting).await? {
+        Ok(methods) => methods,
+        // An empty list offers nothing acceptable: RFC 1928's 0xFF below.
+        Err(ParseError::NoMethods) => Vec::new(),
+        Err(e) => return Err(Failure::Malformed(e.to_string())),
+    };
     let password = config.settings.auth_method == AuthMethod::Password;
     let want = if password { socks5::METHOD_PASSWORD } else { socks5::METHOD_NONE };
     let someone_can_log_in = !password || config.users.iter().any(|u| !u.disabled);
@@ -131,7 +134,8 @@ async fn run(
         };
         let Some(user) = user.filter(|_| verified) else {
             client.write_all(&socks5::encode_auth_status(false)).await?;
-            tracing::warn!(src = %peer, user = %creds.username, "SOCKS5 login failed: unknown user or wrong password");
+            // Quoted and escaped: the name is the client's, and may hold a line break.
+            tracing::warn!(src = %peer, user = ?creds.username, "SOCKS5 login failed: unknown user or wrong password");
             return Err(Failure::Refused("authentication failed".into()));
         };
         if !server.registry.claim_user(entry, &user.name, user.only_one) {
@@ -142,16 +146,16 @@ async fn run(
         limits = user.rate_limit.map(|bps| server.user_limits(&user.name, bps));
     }
 
-    // The request.
-    let request = read_message(client, &mut buf, entry, socks5::parse_request).await?;
-    *requested = true;
-    let request = match request {
+    // The request. One that cannot be parsed gets its own reply code here;
+    // from then on a failure owes the client the reply `handshake` sends.
+    let request = match read_message(client, &mut buf, entry, socks5::parse_request).await? {
         Ok(r) => r,
         Err(e) => {
             client.write_all(&socks5::encode_reply(e.reply(), unspecified())).await?;
             return Err(Failure::Malformed(e.to_string()));
         }
     };
+    *requested = true;
     let (candidates, dst_name) = match &request.destination {
         Address::Ip(a) => (vec![*a], None),
         Address::Domain { port, .. } if request.command == Command::UdpAssociate => {
