@@ -51,6 +51,34 @@ fn good_client_served(proxy: SocketAddr, echo: SocketAddrV4, after: &str) {
     assert_eq!(&b, b"still alive");
 }
 
+/// A refused request whose client sent more than the daemon read (a 20 KiB user id with
+/// no end, a request followed by bytes) gets its 91 and then a FIN, not a reset: closing
+/// with unread bytes makes the kernel reset the connection, which can destroy the reply
+/// before the client reads it.
+#[test]
+fn refusal_ends_in_a_fin_not_a_reset() {
+    let mut d = Daemon::start("userspace");
+    let proxy = d.enable(&[]);
+    let (echo, count) = echo_server();
+    d.cli_ok(&["ip", "socks", "access", "add", &format!("dst-port={}", echo.port()), "action=deny"]);
+    let mut long = socks::request(CONNECT, echo, b"");
+    long.pop();
+    long.extend(std::iter::repeat_n(b'u', 20 * 1024));
+    let mut denied = socks::request(CONNECT, echo, b"u");
+    denied.extend(std::iter::repeat_n(b'x', 8 * 1024));
+    for (what, bytes) in [("a 20 KiB user id", long), ("a denied request and 8 KiB after it", denied)] {
+        let mut c = tcp_connect(proxy).unwrap();
+        c.write_all(&bytes).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = Vec::new();
+        match c.read_to_end(&mut got) {
+            Ok(_) => assert_eq!(got, [0, 91, 0, 0, 0, 0, 0, 0], "{what}: want 91 and a FIN"),
+            Err(e) => panic!("{what}: {e} after {got:?} (want 91 and a FIN)"),
+        }
+    }
+    assert_eq!(count.load(Ordering::SeqCst), 0, "a refused request reached the destination");
+}
+
 /// Table of malformed SOCKS4/4a requests: each gets reply 91 or a close, never 90 and
 /// never silence; none reaches the destination; a good client is served after each.
 #[test]

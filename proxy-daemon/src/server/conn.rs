@@ -21,24 +21,28 @@ use crate::protocol::socks4::Reply;
 /// what it already sent tells (a SOCKS5 greeting gets "no acceptable
 /// method", anything else, or nothing yet, a SOCKS4 91), then closes.
 pub fn refuse(stream: TcpStream) {
-    // Only what is already queued is read (never waited for: the accept loop
-    // is not delayed); reading it also keeps the close from becoming a reset,
-    // which could destroy the reply before the client reads it.
-    let mut queued = [0u8; 1024];
-    let first = match stream.try_read(&mut queued) {
-        Ok(n) if n > 0 => Some(queued[0]),
-        _ => None,
-    };
-    for _ in 0..16 {
-        if !matches!(stream.try_read(&mut queued), Ok(n) if n > 0) {
-            break;
-        }
-    }
+    // Only what is already queued is read, never waited for: the accept loop
+    // is not delayed.
+    let mut first = [0u8; 1];
+    let first = matches!(stream.try_read(&mut first), Ok(1)).then_some(first[0]);
     let _ = match first {
         Some(5) => stream.try_write(&[5, crate::protocol::socks5::METHOD_UNACCEPTABLE]),
         _ => stream.try_write(&Reply::rejected().encode()),
     };
-    drop(stream);
+    close_after_reply(stream);
+}
+
+/// Closes a client the daemon has answered for the last time, after reading
+/// what it had already sent (at most 64 KiB, never waiting): closing with
+/// unread bytes makes the kernel send a reset, which can destroy the reply
+/// before the client reads it.
+fn close_after_reply(stream: TcpStream) {
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        if !matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {
+            break;
+        }
+    }
 }
 
 /// Serves one admitted client until its tunnel ends.
@@ -63,7 +67,10 @@ async fn set_up(server: &Shared, mut client: TcpStream, peer: SocketAddr, slot: 
         _ = entry.cancel.cancelled() => return None,
         r = handshake(server, &mut client, peer, slot) => r,
     };
-    let est = established?;
+    let Some(est) = established else {
+        close_after_reply(client);
+        return None;
+    };
     let dst = est.dst;
     let pair = Pair { client, upstream: est.upstream, client_early: est.early };
     let (path, tunnel) = match est.limits {
