@@ -23,7 +23,7 @@ use rustyline::history::DefaultHistory;
 use rustyline::validate::Validator;
 use rustyline::{CompletionType, Config, Editor, Helper};
 
-use crate::config::command::{parse, split_line, Command, Menu};
+use crate::config::command::{continued, parse, split_line, Command, Menu};
 use crate::config::schema;
 use crate::control::client;
 use crate::sys::{self, SIGINT_SEEN};
@@ -62,18 +62,37 @@ pub fn run(socket: &Path, json: bool) -> i32 {
     println!("proxyd {} console: Tab completes, `?` shows the menu's help, `quit` leaves.", env!("CARGO_PKG_VERSION"));
     let who = format!("{}@{}", user_name(), host_name());
     let mut status = 0;
+    // The start of a command whose line ended in `\` (RouterOS continuation),
+    // run only once a line ends it.
+    let mut pending = String::new();
     loop {
-        let prompt = prompt(&who, menu.get());
+        let prompt = if pending.is_empty() { prompt(&who, menu.get()) } else { "\\... ".to_string() };
         let line = match editor.readline(&prompt) {
             Ok(line) => line,
-            Err(ReadlineError::Interrupted) => continue,
-            Err(ReadlineError::Eof) => break,
+            Err(ReadlineError::Interrupted) => {
+                pending.clear();
+                continue;
+            }
+            Err(ReadlineError::Eof) => {
+                if !pending.is_empty() {
+                    eprintln!("the input ended in a continued line (a trailing `\\`): not run");
+                    status = 1;
+                }
+                break;
+            }
             Err(e) => {
                 eprintln!("proxyd console: {e}");
                 status = 1;
                 break;
             }
         };
+        let trimmed = line.trim();
+        if let Some(body) = continued(trimmed) {
+            pending.push_str(body);
+            pending.push(' ');
+            continue;
+        }
+        let line = std::mem::take(&mut pending) + trimmed;
         let trimmed = line.trim();
         if trimmed.is_empty() {
             continue;

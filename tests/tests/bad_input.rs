@@ -265,6 +265,18 @@ fn bad_cli_values_are_refused() {
             (&["ip", "socks", "access", "add", "src-port=0-70000"], "src-port"),
             (&["ip", "socks", "access", "set", "0", "dst-port=9-1"], "dst-port"),
             (&["ip", "socks", "access", "set", "0", "action=maybe"], "action"),
+            // A stored hash that makes every login attempt cost seconds of a core.
+            (
+                &[
+                    "ip",
+                    "socks",
+                    "users",
+                    "add",
+                    "name=slow",
+                    "password-hash=$pbkdf2-sha256$i=200000000,l=32$c2FsdHNhbHRzYWx0$Ul9bpYOEsn4X0dy8U5k7dx3xQ5f5Fv3nhUq2kIYrZSE",
+                ],
+                "password-hash",
+            ),
         ];
         let mut failures = Vec::new();
         for (args, prop) in cases {

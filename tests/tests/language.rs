@@ -196,3 +196,44 @@ fn a_bad_script_line_changes_nothing() {
     assert!(err.contains("nothing-here.rsc"), "{err}");
     assert!(Path::new(&d.dir).join("config.rsc").exists());
 }
+
+/// The manual's continued line (`... dst-port=21 \` then `\... action=...`) means one
+/// command everywhere an operator pastes it: typed after `proxyd` in a shell (which
+/// turns `\...` into `...`), piped into `proxyd console` (which must not run the first
+/// half on its own: that added an allow rule where deny was typed), and in an imported
+/// script. A script or console input that ends in a continued line is refused, naming
+/// the line, and changes nothing.
+#[test]
+fn continued_lines_are_one_command_everywhere() {
+    let d = Daemon::start("userspace");
+    ok(&d, "ip socks access add src-address=192.168.0.2 dst-port=21 \\\n\\... action=allow");
+    let console = format!(
+        "printf '%s\\n' '/ip socks access' 'add src-address=10.7.7.7 dst-port=21 \\' '\\... action=deny' | '{}' --control '{}' console",
+        proxyd_bin().display(),
+        d.cli.control.display()
+    );
+    let out = run_with_timeout(Command::new("sh").args(["-c", &console]), Duration::from_secs(20));
+    assert!(out.status.success(), "console: {}", text(&out.stderr));
+    std::fs::write(d.dir.join("cont.rsc"), "/ip socks access\nadd src-address=10.8.8.8 \\\n    action=deny\n").unwrap();
+    ok(&d, "import file=cont.rsc");
+    assert_eq!(
+        ok(&d, "ip socks access print"),
+        "Flags: X - disabled\n0 src-address=192.168.0.2 dst-port=21 action=allow\n\
+         1 src-address=10.7.7.7 dst-port=21 action=deny\n2 src-address=10.8.8.8 action=deny\n"
+    );
+
+    let before = body(&ok(&d, "export verbose"));
+    std::fs::write(d.dir.join("cut.rsc"), "/ip socks\nset port=19331 \\\n").unwrap();
+    let (code, out, err) = typed(&d, "import file=cut.rsc");
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("cut.rsc:2:") && err.contains("continued line"), "{err}");
+    let console = format!(
+        "printf '%s\\n' '/ip socks access' 'add src-address=10.9.9.9 \\' | '{}' --control '{}' console",
+        proxyd_bin().display(),
+        d.cli.control.display()
+    );
+    let out = run_with_timeout(Command::new("sh").args(["-c", &console]), Duration::from_secs(20));
+    assert!(!out.status.success(), "console input cut short exited 0");
+    assert!(text(&out.stderr).contains("continued line"), "{}", text(&out.stderr));
+    assert_eq!(body(&ok(&d, "export verbose")), before, "a command cut short changed the configuration");
+}

@@ -7,7 +7,7 @@
 pub use super::render::{quote, ExportOptions};
 pub use super::schema::Menu;
 use super::select::{join_words, Expr};
-use super::users::{parse_rate, PasswordHash, User};
+use super::users::{parse_rate, PasswordHash, User, ROUNDS_ACCEPTED};
 use super::{
     parse_prefix, AccessRule, Action, AuthMethod, Config, DataPathMode, DstMatch, PortRange, Settings,
     IDLE_TIMEOUT_RANGE, MAX_CONNECTIONS_RANGE,
@@ -177,6 +177,12 @@ fn invalid(property: &str, value: &str, allowed: impl Into<String>) -> CommandEr
     CommandError::InvalidValue { property: property.into(), value: value.into(), allowed: allowed.into() }
 }
 
+/// The body of a line that continues on the next one (RouterOS: a trailing
+/// `\`), without the mark; `None` for a line that ends a command.
+pub fn continued(line: &str) -> Option<&str> {
+    line.trim_end().strip_suffix('\\')
+}
+
 /// Splits one script line into words: whitespace separates, `"..."` quotes
 /// (with `\"`, `\\`, `\n`, `\t` escapes), `#` at the start of a word begins a
 /// comment. A trailing `\` is a continuation and is dropped by the caller.
@@ -257,8 +263,9 @@ pub fn parse(at: Menu, words: &[String]) -> Result<(Menu, Command), CommandError
         menu = Menu::Socks;
     }
     let args = &words[idx..];
-    // RouterOS continuation marks, when a manual line is pasted as it stands.
-    let args: Vec<&str> = args.iter().map(String::as_str).filter(|a| *a != "\\" && *a != "\\...").collect();
+    // RouterOS continuation marks, when a manual line is pasted as it stands
+    // (a shell makes `\...` of the next line `...`).
+    let args: Vec<&str> = args.iter().map(String::as_str).filter(|a| !matches!(*a, "\\" | "\\..." | "...")).collect();
     let command = match (menu, cmd) {
         (_, "export") => Command::Export(menu, export_options(menu, &args)?),
         (Menu::Root, "import") => import_args(&args)?,
@@ -643,8 +650,10 @@ impl Item for User {
             ("password", Some(_)) => return Err(invalid(prop, "(hidden)", "a password of at most 255 bytes")),
             ("password" | "password-hash", None) => self.password = PasswordHash::default(),
             ("password-hash", Some(v)) => {
-                self.password =
-                    PasswordHash::parse(v).ok_or_else(|| invalid(prop, v, "a hash as `export` prints it"))?
+                self.password = PasswordHash::parse(v).ok_or_else(|| {
+                    let (lo, hi) = (ROUNDS_ACCEPTED.start(), ROUNDS_ACCEPTED.end());
+                    invalid(prop, v, format!("a hash as `export` prints it, of {lo} to {hi} PBKDF2 rounds"))
+                })?
             }
             ("only-one", v) => self.only_one = v.map(|v| yes_no(prop, v)).transpose()?.unwrap_or(false),
             ("rate-limit", None) => self.rate_limit = None,
@@ -1009,6 +1018,11 @@ mod tests {
         // A manual line pasted with its continuation marks.
         assert_eq!(
             parse(Menu::Access, &w("add src-address=192.168.0.2 dst-port=21 \\ \\... action=allow")).unwrap().1,
+            parse(Menu::Access, &w("add src-address=192.168.0.2 dst-port=21 action=allow")).unwrap().1
+        );
+        // The same pasted after the program name in a shell, which makes `\...` `...`.
+        assert_eq!(
+            parse(Menu::Access, &w("add src-address=192.168.0.2 dst-port=21 ... action=allow")).unwrap().1,
             parse(Menu::Access, &w("add src-address=192.168.0.2 dst-port=21 action=allow")).unwrap().1
         );
     }

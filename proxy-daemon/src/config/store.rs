@@ -7,7 +7,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use super::command::{apply, parse, split_line, Command, CommandError, ExportOptions, Menu};
+use super::command::{apply, continued, parse, split_line, Command, CommandError, ExportOptions, Menu};
 use super::{render, Config};
 
 #[derive(Debug, thiserror::Error)]
@@ -59,18 +59,21 @@ pub fn run_script(
     let mut menu = Menu::Root;
     let mut pending: Vec<String> = Vec::new();
     let mut first_line = 0;
+    // The last line, when it said that more follows.
+    let mut dangling = None;
     for (i, raw) in text.lines().enumerate() {
         let line_no = i + 1;
         let err = |source| StoreError::Parse { path: path.into(), line: line_no, source };
         if pending.is_empty() {
             first_line = line_no;
         }
-        let (body, continued) = match raw.trim_end().strip_suffix('\\') {
+        let (body, continues) = match continued(raw) {
             Some(b) => (b, true),
             None => (raw, false),
         };
         pending.extend(split_line(body).map_err(err)?);
-        if continued || pending.is_empty() {
+        dangling = continues.then_some(line_no);
+        if continues || pending.is_empty() {
             continue;
         }
         let words = std::mem::take(&mut pending);
@@ -92,6 +95,12 @@ pub fn run_script(
                 return Err(StoreError::NotAChange { path: path.into(), line: first_line, text: words.join(" ") });
             }
         }
+    }
+    if let Some(line) = dangling {
+        // A command cut short: running what came before the `\` would apply
+        // something other than what was written.
+        let source = CommandError::Usage("the script ends in a continued line (a trailing `\\`)".into());
+        return Err(StoreError::Parse { path: path.into(), line, source });
     }
     Ok(config)
 }
@@ -185,6 +194,13 @@ mod tests {
     }
 
     /// Continuation lines join, as in RouterOS scripts.
+    #[test]
+    fn a_script_ending_in_a_continued_line_is_refused() {
+        let e = parse_script("/ip socks\nset port=19330\nset port=19331 \\\n", Path::new("c")).unwrap_err();
+        assert!(e.to_string().starts_with("c:3: "), "{e}");
+        assert!(e.to_string().contains("continued line"), "{e}");
+    }
+
     #[test]
     fn continuation_lines() {
         let c = parse_script(

@@ -12,6 +12,10 @@ use sha2::Sha256;
 
 /// PBKDF2 rounds for new hashes (a few milliseconds per check on one core).
 const ROUNDS: u32 = 10_000;
+/// Rounds a stored hash may ask for: fewer is a hash cheap to brute-force,
+/// more lets anyone who knows a user name make every login attempt cost
+/// seconds of a core (one check at 200 million rounds took 26 s here).
+pub const ROUNDS_ACCEPTED: std::ops::RangeInclusive<u32> = 1_000..=2_000_000;
 const SALT_LEN: usize = 16;
 const HASH_LEN: usize = 32;
 
@@ -66,10 +70,11 @@ impl PasswordHash {
                 phc.algorithm == Algorithm::Pbkdf2Sha256.ident()
                     && phc.salt.is_some()
                     && phc.hash.is_some_and(|h| h.len() == HASH_LEN)
-                    && Params::try_from(&phc).is_ok_and(|p| p.rounds > 0)
+                    && Params::try_from(&phc).is_ok_and(|p| ROUNDS_ACCEPTED.contains(&p.rounds))
             }),
-            None => legacy(stored)
-                .is_some_and(|(rounds, salt, hash)| rounds > 0 && !salt.is_empty() && hash.len() == HASH_LEN),
+            None => legacy(stored).is_some_and(|(rounds, salt, hash)| {
+                ROUNDS_ACCEPTED.contains(&rounds) && !salt.is_empty() && hash.len() == HASH_LEN
+            }),
         };
         valid.then(|| PasswordHash(stored.to_owned()))
     }
@@ -184,6 +189,20 @@ mod tests {
             "$pbkdf2-sha256$i=1000,l=32$c2FsdHNhbHQ$AAAA",
         ] {
             assert_eq!(PasswordHash::parse(bad), None, "{bad}");
+        }
+        // Rounds outside ROUNDS_ACCEPTED, in both forms.
+        let good = PasswordHash::new(b"pw");
+        let rounds = |r: u32| good.as_str().replace("i=10000", &format!("i={r}"));
+        assert!(PasswordHash::parse(&rounds(1_000)).is_some());
+        assert!(PasswordHash::parse(&rounds(2_000_000)).is_some());
+        for bad in [rounds(999), rounds(2_000_001), rounds(200_000_000)] {
+            assert_eq!(PasswordHash::parse(&bad), None, "{bad}");
+        }
+        for bad in [
+            format!("pbkdf2-sha256$1${}${}", "00".repeat(16), "00".repeat(32)),
+            format!("pbkdf2-sha256$4000000000${}${}", "00".repeat(16), "00".repeat(32)),
+        ] {
+            assert_eq!(PasswordHash::parse(&bad), None, "{bad}");
         }
     }
 

@@ -128,7 +128,11 @@ async fn run(
             Some(u) => {
                 let hash = u.password.clone();
                 let password = creds.password.clone();
-                tokio::task::spawn_blocking(move || hash.verify(&password)).await.unwrap_or(false)
+                // The handshake's deadline covers the check too (its rounds are
+                // bounded when the hash is stored; a blocking pool that is busy
+                // with a burst of logins waits here, not forever).
+                let check = tokio::task::spawn_blocking(move || hash.verify(&password));
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, check).await.map_err(|_| Failure::Deadline)?.unwrap_or(false)
             }
             None => false,
         };
