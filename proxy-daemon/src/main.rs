@@ -66,7 +66,7 @@ struct RunArgs {
     /// Data path for tunnels; overrides the saved `data-path` setting for this run.
     #[arg(long, value_parser = ["auto", "kernel", "userspace"])]
     data_path: Option<String>,
-    /// How long open tunnels may go on after SIGTERM/SIGINT before they are closed.
+    /// How long open tunnels may go on after SIGTERM/SIGINT/SIGHUP before they are closed.
     #[arg(long, default_value = "10s", value_parser = parse_time)]
     shutdown_grace: Duration,
     /// Declarative mode: the configuration is this RouterOS script (e.g. a
@@ -304,13 +304,18 @@ async fn adopt(
     Ok((server, control))
 }
 
+/// SIGTERM, SIGINT, or SIGHUP (the terminal of a foreground `proxyd run`
+/// closed: by default it killed the daemon at once, dropping its tunnels and
+/// leaving the control socket behind).
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("signal handler");
     let mut int = signal(SignalKind::interrupt()).expect("signal handler");
+    let mut hup = signal(SignalKind::hangup()).expect("signal handler");
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+        _ = hup.recv() => {}
     }
 }
 

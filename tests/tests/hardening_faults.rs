@@ -397,6 +397,35 @@ fn kill_9_during_transfers_then_restart() {
     }
 }
 
+/// SIGHUP (a foreground `proxyd run` whose terminal closed) is a clean stop like
+/// SIGTERM: new clients are refused, the open tunnel keeps working until it ends, the
+/// daemon exits 0 and removes its control socket (the signal's default killed it at
+/// once, dropping the tunnel and leaving the socket).
+#[test]
+fn sighup_is_a_clean_stop() {
+    let mut d = Daemon::start("userspace");
+    let proxy = d.enable(&[]);
+    let (l, dst) = listen_local();
+    let (mut c, mut u) = socks::tunnel(proxy, &l, dst);
+    d.signal(libc::SIGHUP);
+    let refused = wait_until(
+        Duration::from_millis(500),
+        || matches!(TcpStream::connect(proxy), Err(e) if e.kind() == ErrorKind::ConnectionRefused),
+    );
+    assert!(refused, "still accepting 500 ms after SIGHUP");
+    c.write_all(b"still here").unwrap();
+    let mut b = [0u8; 10];
+    u.read_exact(&mut b).expect("the tunnel works after SIGHUP");
+    drop(c);
+    assert!(socks::closed_within(&mut u, Duration::from_secs(2)));
+    drop(u);
+    let st = d
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("still running after its tunnel ended\n{}", d.log()));
+    assert!(st.success(), "exit status {st} after SIGHUP\n{}", d.log());
+    assert!(!d.cli.control.exists(), "the control socket {} is left behind", d.cli.control.display());
+}
+
 /// SIGTERM with 100 open tunnels: new clients are refused at once (within
 /// 500 ms), the open tunnels keep working, and the daemon exits 0 as soon as
 /// the last one ends; tunnels still open when `--shutdown-grace 2s` runs out
