@@ -277,6 +277,20 @@ fn bad_cli_values_are_refused() {
                 ],
                 "password-hash",
             ),
+            // A password next to a hash (one would silently win), a property given twice.
+            (
+                &[
+                    "ip",
+                    "socks",
+                    "users",
+                    "add",
+                    "name=x",
+                    "password=typed",
+                    "password-hash=$pbkdf2-sha256$i=10000,l=32$c2FsdHNhbHRzYWx0$Ul9bpYOEsn4X0dy8U5k7dx3xQ5f5Fv3nhUq2kIYrZSE",
+                ],
+                "password-hash",
+            ),
+            (&["ip", "socks", "access", "add", "dst-port=21", "dst-port=22"], "dst-port"),
         ];
         let mut failures = Vec::new();
         for (args, prop) in cases {

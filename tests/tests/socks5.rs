@@ -731,6 +731,12 @@ fn access_list_judges_the_address_reached() {
         "the tunnel to {mapped} is not listed as 127.0.0.1:{port}: {rows:?}"
     );
     assert_eq!(http_get(s), b"local service");
+
+    // A rule written with the mapped form is stored, printed and matched as IPv4.
+    d.cmd("ip socks access add src-address=::ffff:127.0.0.1 action=deny");
+    let printed = d.cmd("ip socks access print");
+    assert!(printed.contains("0 src-address=127.0.0.1 action=deny"), "{printed}");
+    assert_eq!(connect_reply(proxy, &Dst::Ip(SocketAddr::V4(http.addr))), 2, "a client the mapped rule names");
 }
 
 /// version=4 answers a SOCKS5 greeting with 0xFF or a close (curl --socks5 fails) and

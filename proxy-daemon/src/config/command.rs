@@ -579,6 +579,14 @@ fn item_args<'a>(list: List, args: &[&'a str]) -> Result<(Vec<&'a str>, Vec<Chan
             name: name.into(),
             allowed: list.allowed(),
         })?;
+        // One value per property: a second one (or a password next to a hash,
+        // which one of them would silently override) is a typing error.
+        let same =
+            |p: &str| p == prop || matches!((p, prop), ("password", "password-hash") | ("password-hash", "password"));
+        if let Some((other, _)) = changes.iter().find(|(p, _): &&Change| same(p)) {
+            let shown = if prop == "password" { "(hidden)" } else { value.as_deref().unwrap_or("") };
+            return Err(invalid(prop, shown, format!("one value, given once (with {other}= already in this command)")));
+        }
         changes.push((prop, value));
     }
     Ok((items, changes))

@@ -211,7 +211,9 @@ impl fmt::Display for PortRange {
 }
 
 /// Parses an address or prefix (`a.b.c.d`, `a.b.c.d/len`, `2001:db8::/32`),
-/// normalised to the network (as RouterOS does).
+/// normalised to the network (as RouterOS does). An IPv4-mapped address
+/// (`::ffff:10.0.0.1`, `::ffff:10.0.0.0/104`) is its IPv4 form: clients and
+/// destinations are judged as plain IPv4, so the mapped form never matched.
 pub fn parse_prefix(s: &str) -> Option<IpNet> {
     let (addr, len) = match s.split_once('/') {
         Some((addr, len)) => {
@@ -224,7 +226,10 @@ pub fn parse_prefix(s: &str) -> Option<IpNet> {
     };
     let net = match addr {
         IpAddr::V4(a) => IpNet::V4(Ipv4Net::new(a, len.unwrap_or(32)).ok()?),
-        IpAddr::V6(a) => IpNet::V6(ipnet::Ipv6Net::new(a, len.unwrap_or(128)).ok()?),
+        IpAddr::V6(a) => match (a.to_ipv4_mapped(), len.unwrap_or(128)) {
+            (Some(v4), len @ 96..=128) => IpNet::V4(Ipv4Net::new(v4, len - 96).ok()?),
+            (_, len) => IpNet::V6(ipnet::Ipv6Net::new(a, len).ok()?),
+        },
     };
     Some(net.trunc())
 }
@@ -457,6 +462,11 @@ mod tests {
     fn ipv6_and_domains() {
         assert_eq!(format_prefix(&parse_prefix("2001:db8::1/32").unwrap()), "2001:db8::/32");
         assert_eq!(format_prefix(&parse_prefix("::1").unwrap()), "::1");
+        // IPv4-mapped addresses are their IPv4 form (clients are judged as plain IPv4).
+        assert_eq!(format_prefix(&parse_prefix("::ffff:127.0.0.1").unwrap()), "127.0.0.1");
+        assert_eq!(format_prefix(&parse_prefix("::ffff:10.1.2.3/104").unwrap()), "10.0.0.0/8");
+        assert_eq!(format_prefix(&parse_prefix("::ffff:0:0/96").unwrap()), "0.0.0.0/0");
+        assert_eq!(format_prefix(&parse_prefix("::ffff:0:0/95").unwrap()), "::fffe:0:0/95");
         let rule =
             AccessRule { dst_address: DstMatch::parse("Example.COM."), action: Action::Deny, ..Default::default() };
         let list = AccessList { rules: vec![rule] };

@@ -14,10 +14,12 @@
 //! its IPv6 trie. Rules compare addresses family by family (an IPv4 prefix
 //! never matches an IPv6 client and back), and the daemon judges a client
 //! that reaches a dual-stack listener as `::ffff:a.b.c.d` by its plain IPv4
-//! address; so an IPv6 prefix here may cover IPv4-mapped addresses that the
-//! IPv4 rules would allow, and the XDP program passes every IPv4-mapped IPv6
-//! source (Linux refuses TCP SYNs from one anyway). The property test below
-//! checks the lists against [`AccessList::decide`] with that in the model.
+//! address (and a rule written with a mapped prefix, `::ffff:10.0.0.0/104`,
+//! is stored as its IPv4 form); so an IPv6 prefix here may cover
+//! IPv4-mapped addresses that the IPv4 rules would allow, and the XDP
+//! program passes every IPv4-mapped IPv6 source (Linux refuses TCP SYNs from
+//! one anyway). The property test below checks the lists against
+//! [`AccessList::decide`] with that in the model.
 
 use ipnet::IpNet;
 
@@ -120,8 +122,8 @@ mod tests {
         assert!(!p.iter().any(|x| x.parse::<IpNet>().unwrap().contains(&"10.1.2.3".parse::<IpAddr>().unwrap())));
     }
 
-    /// IPv6 works as IPv4: allow a /32, deny the rest; IPv4-mapped prefixes
-    /// are plain IPv6 prefixes here (the program passes such sources).
+    /// IPv6 works as IPv4: allow a /32, deny the rest; an IPv4-mapped prefix
+    /// is its IPv4 form (the rule is stored so, and matches IPv4 clients).
     #[test]
     fn ipv6_prefixes() {
         let l = list(&["src-address=fd00:1::/32 action=allow", "action=deny"]);
@@ -135,8 +137,8 @@ mod tests {
         assert_eq!(prefixes(&list(&["src-address=fd00::/8 action=deny"])), vec!["fd00::/8"]);
         assert_eq!(
             prefixes(&list(&["src-address=::ffff:10.0.0.0/104 action=deny"])),
-            vec!["::ffff:10.0.0.0/104"],
-            "taken as written: the program passes mapped sources anyway"
+            vec!["10.0.0.0/8"],
+            "the IPv4 clients the rule denies are dropped as IPv4"
         );
     }
 

@@ -243,7 +243,8 @@ impl Registry {
         for e in self.snapshot() {
             let row = e.row();
             if now.saturating_sub(row.last_activity_ns) >= limit && !e.cancel.is_cancelled() {
-                tracing::info!(src = %row.src_address, dst = ?row.dst_address, kind = row.kind.as_str(), "closing idle connection");
+                let dst = row.dst_address.map_or_else(|| "-".to_string(), |d| d.to_string());
+                tracing::info!(src = %row.src_address, %dst, kind = row.kind.as_str(), "closing idle connection");
                 e.cancel.cancel();
                 closed += 1;
             }
