@@ -291,6 +291,7 @@ fn bad_cli_values_are_refused() {
                 "password-hash",
             ),
             (&["ip", "socks", "access", "add", "dst-port=21", "dst-port=22"], "dst-port"),
+            (&["ip", "socks", "set", "max-connections=5", "max-connections=6"], "max-connections"),
         ];
         let mut failures = Vec::new();
         for (args, prop) in cases {

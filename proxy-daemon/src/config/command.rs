@@ -466,6 +466,9 @@ fn settings_args(args: &[&str]) -> Result<Vec<(String, String)>, CommandError> {
                 allowed: settings.join(", "),
             });
         }
+        if out.iter().any(|(seen, _)| seen == k) {
+            return Err(invalid(k, v, format!("one value, given once (with {k}= already in this command)")));
+        }
         out.push((k.to_owned(), v.to_owned()));
     }
     if out.is_empty() {
