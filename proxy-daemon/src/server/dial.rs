@@ -100,7 +100,7 @@ pub async fn read_more(client: &mut TcpStream, buf: &mut Vec<u8>, entry: &Entry)
 /// The address a destination really names: an IPv4-mapped IPv6 address
 /// (`::ffff:127.0.0.1`) is its IPv4 address, for the access list, the
 /// connections list and the dial alike.
-pub fn canonical(dst: SocketAddr) -> SocketAddr {
+fn canonical(dst: SocketAddr) -> SocketAddr {
     SocketAddr::new(dst.ip().to_canonical(), dst.port())
 }
 
