@@ -159,9 +159,7 @@ fn over_the_limit_refusal_speaks_the_clients_protocol() {
     let (_l, dst) = listen_local();
     let _held = tcp_connect(proxy).unwrap();
     assert!(wait_until(Duration::from_secs(3), || d.cli.connections().len() == 1), "the first connection is listed");
-    let pid = d.pid() as i32;
-    // SAFETY: kill(2) on the test's own child process.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    d.signal(libc::SIGSTOP);
     let sent = (|| -> std::io::Result<(TcpStream, TcpStream)> {
         let mut c5 = tcp_connect(proxy)?;
         c5.write_all(&[5, 1, 0])?;
@@ -170,8 +168,7 @@ fn over_the_limit_refusal_speaks_the_clients_protocol() {
         Ok((c5, c4))
     })();
     std::thread::sleep(Duration::from_millis(100));
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGCONT) };
+    d.signal(libc::SIGCONT);
     let (mut c5, mut c4) = sent.expect("connect and send while the daemon is stopped");
     for (s, want, what) in
         [(&mut c5, vec![5u8, 0xff], "SOCKS5 greeting"), (&mut c4, vec![0, 91, 0, 0, 0, 0, 0, 0], "SOCKS4 request")]
