@@ -177,6 +177,12 @@ fn invalid(property: &str, value: &str, allowed: impl Into<String>) -> CommandEr
     CommandError::InvalidValue { property: property.into(), value: value.into(), allowed: allowed.into() }
 }
 
+/// `property` (with `value`) in a command that already set `earlier`, the
+/// same property or one that names the same thing.
+fn given_twice(property: &str, value: &str, earlier: &str) -> CommandError {
+    invalid(property, value, format!("one value, given once (with {earlier}= already in this command)"))
+}
+
 /// The body of a line that continues on the next one (RouterOS: a trailing
 /// `\`), without the mark; `None` for a line that ends a command.
 pub fn continued(line: &str) -> Option<&str> {
@@ -467,7 +473,7 @@ fn settings_args(args: &[&str]) -> Result<Vec<(String, String)>, CommandError> {
             });
         }
         if out.iter().any(|(seen, _)| seen == k) {
-            return Err(invalid(k, v, format!("one value, given once (with {k}= already in this command)")));
+            return Err(given_twice(k, v, k));
         }
         out.push((k.to_owned(), v.to_owned()));
     }
@@ -588,7 +594,7 @@ fn item_args<'a>(list: List, args: &[&'a str]) -> Result<(Vec<&'a str>, Vec<Chan
             |p: &str| p == prop || matches!((p, prop), ("password", "password-hash") | ("password-hash", "password"));
         if let Some((other, _)) = changes.iter().find(|(p, _): &&Change| same(p)) {
             let shown = if prop == "password" { "(hidden)" } else { value.as_deref().unwrap_or("") };
-            return Err(invalid(prop, shown, format!("one value, given once (with {other}= already in this command)")));
+            return Err(given_twice(prop, shown, other));
         }
         changes.push((prop, value));
     }
