@@ -75,8 +75,8 @@ impl FlowSource for Counters {
 
 /// When [`relay`] should stop and hand the sockets back, checked after each
 /// chunk: once the tunnel has moved `bytes` (both directions, this relay
-/// run), or once it has been relayed for `age` (when set) while neither
-/// direction is moving bulk (see `pump`).
+/// run), or once it has been relayed for `age` (when set) and neither
+/// direction has moved bulk for `age` (see `pump`).
 #[derive(Clone, Copy, Debug)]
 pub struct Promote {
     pub bytes: u64,
@@ -171,18 +171,34 @@ pub fn relay<'a, G: Future<Output = io::Result<()>> + 'a>(
         // means bytes of the kernel path are still on their way to that writer.
         let opened = AtomicU8::new(0);
         let bulk = [AtomicBool::new(false), AtomicBool::new(false)];
+        let bulk_seen = AtomicU64::new(0);
         let check = || {
             if let Some(p) = promote.filter(|_| opened.load(Ordering::Relaxed) == 2) {
                 let moved = counters.tx.load(Ordering::Relaxed) + counters.rx.load(Ordering::Relaxed) - moved_before;
+                // Interactive: neither direction moves bulk now, nor has for
+                // `age` (one short burst in a bulk flow is not a change of kind).
+                let quiet_for = |age: Duration| {
+                    let since =
+                        counters.last_ns.load(Ordering::Relaxed).saturating_sub(bulk_seen.load(Ordering::Relaxed));
+                    since >= age.as_nanos() as u64
+                };
                 let interactive = !bulk.iter().any(|b| b.load(Ordering::Relaxed));
-                if moved >= p.bytes || (interactive && p.age.is_some_and(|age| started.elapsed() >= age)) {
+                if moved >= p.bytes
+                    || (interactive && p.age.is_some_and(|age| started.elapsed() >= age && quiet_for(age)))
+                {
                     stop.request();
                 }
             }
         };
         let [gate_client, gate_upstream] = gates;
-        let direction =
-            |count, limit, bulk| Direction { count, last_ns: &counters.last_ns, limit, bulk, opened: &opened };
+        let direction = |count, limit, bulk| Direction {
+            count,
+            last_ns: &counters.last_ns,
+            limit,
+            bulk,
+            bulk_seen: &bulk_seen,
+            opened: &opened,
+        };
         let up = direction(&counters.tx, limits.map(|l| &*l.up), &bulk[0]);
         let up = pump((!ended[0]).then_some(gate_upstream), client, upstream, early, up, &stop, &check);
         let down = direction(&counters.rx, limits.map(|l| &*l.down), &bulk[1]);
@@ -372,6 +388,8 @@ struct Direction<'a> {
     limit: Option<&'a RateLimit>,
     /// Set while the direction moves in bursts of bulk (spliced, see `pump`).
     bulk: &'a AtomicBool,
+    /// `CLOCK_MONOTONIC` ns when either direction last moved bulk (0: never).
+    bulk_seen: &'a AtomicU64,
     /// Counts the relay's directions that have started (their gate opened).
     opened: &'a AtomicU8,
 }
@@ -443,6 +461,7 @@ fn pump<'a, G: Future<Output = io::Result<()>> + 'a>(
                         // copy that went bulk had just emptied the queue.
                         bulk = moved == 0 || moved >= SMALL_BURST;
                         dir.bulk.store(bulk, Ordering::Relaxed);
+                        dir.bulk_seen.store(monotonic_ns(), Ordering::Relaxed);
                     }
                     burst
                 }
@@ -456,7 +475,6 @@ fn pump<'a, G: Future<Output = io::Result<()>> + 'a>(
                 Burst::Drained { .. } => {}
                 Burst::Full => {
                     bulk = true;
-                    dir.bulk.store(true, Ordering::Relaxed);
                     waiting = false;
                 }
                 Burst::End if stop.requested() => {
@@ -577,8 +595,15 @@ async fn copy_burst(
             }
         };
         moved += n as u64;
+        let full = may_splice && n == chunk;
+        if full {
+            // Bulk before `check` sees this chunk: a full read after a pause
+            // in a bulk flow is no sign of an interactive tunnel.
+            dir.bulk.store(true, Ordering::Relaxed);
+            dir.bulk_seen.store(monotonic_ns(), Ordering::Relaxed);
+        }
         moved_chunk(dir, n, check, unyielded).await;
-        if may_splice && n == chunk {
+        if full {
             return Ok(Burst::Full);
         }
         if drained {
