@@ -79,6 +79,11 @@ static TCP_COPIED_SEQ: u32 = 0;
 
 /// Most bytes one call of `bpf_skb_adjust_room` removes from an `sk_skb`.
 const TRIM_STEP: u32 = 0xfff;
+/// Most calls [`trim`] makes: 160 steps, 640 KiB. An overlap is at most one
+/// skb, but TCP coalesces the skbs of its receive queue into one of up to
+/// `MAX_SKB_FRAGS` fragments of up to 32 KiB each (skbs of 327,415 bytes
+/// overlapping by up to 205 KiB were seen here on loopback), far beyond 64 KiB.
+const TRIM_STEPS: usize = 160;
 
 #[stream_verdict]
 pub fn proxyd_verdict(ctx: SkBuffContext) -> u32 {
@@ -104,6 +109,7 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         if trim(ctx, old as u32).is_err() {
             // The skb must go (its head would repeat) and its new bytes with
             // it: userspace resets the tunnel, so a gap never passes unseen.
+            debug!(ctx, "proxyd: socket {} cannot cut {} of {} bytes; broken", cookie, old, len);
             tell(cookie, EVENT_BROKEN);
             return Err(sk_action::SK_DROP);
         }
@@ -194,11 +200,11 @@ fn count_cut(bytes: u64) {
     }
 }
 
-/// Removes `bytes` from the head of the skb, `TRIM_STEP` at a time: up to
-/// 80 KiB (an overlap is at most one skb; 64 KiB without BIG TCP), bounded
-/// for the verifier. More fails, and the tunnel is reset.
+/// Removes `bytes` from the head of the skb, `TRIM_STEP` at a time, at most
+/// [`TRIM_STEPS`] times (bounded for the verifier). More fails, and the
+/// tunnel is reset.
 fn trim(ctx: &SkBuffContext, mut bytes: u32) -> Result<(), i64> {
-    for _ in 0..20 {
+    for _ in 0..TRIM_STEPS {
         if bytes == 0 {
             return Ok(());
         }
