@@ -89,8 +89,8 @@ pub enum RelayEnd {
     /// Both directions ended (or failed, or were cancelled): the sockets are closed.
     Closed,
     /// The [`Promote`] rule fired, or a park request: the pumps stopped with
-    /// their reader's queue drained and no byte held in the daemon; the
-    /// sockets are handed back, both open. `ended[i]`: the direction
+    /// no byte held in the daemon and (for a promotion) their reader's queue
+    /// drained; the sockets are handed back, both open. `ended[i]`: the direction
     /// (client to upstream, upstream to client) had already ended with a
     /// half-close (only when parking).
     Stopped { ended: [bool; 2] },
@@ -104,6 +104,9 @@ struct Stop {
     set: AtomicBool,
     /// A pump has seen end of stream and half-closed: no stop from now on.
     eof: AtomicBool,
+    /// The stop is a park: the next process relays on, so a pump may stop
+    /// between any two chunks, not only with its reader's queue drained.
+    parking: AtomicBool,
     notify: Notify,
 }
 
@@ -118,11 +121,15 @@ impl Stop {
     /// Stops the pumps still running even after a half-close (parking: the
     /// new process is told which directions ended).
     fn force(&self) {
+        self.parking.store(true, Ordering::Release);
         self.set.store(true, Ordering::Release);
         self.notify.notify_waiters();
     }
     fn requested(&self) -> bool {
         self.set.load(Ordering::Acquire)
+    }
+    fn parking(&self) -> bool {
+        self.parking.load(Ordering::Acquire)
     }
     async fn wait(&self) {
         loop {
@@ -189,6 +196,7 @@ pub fn relay<'a, G: Future<Output = io::Result<()>> + 'a>(
                     stop.request();
                 }
             }
+            stop.parking()
         };
         let [gate_client, gate_upstream] = gates;
         let direction = |count, limit, bulk| Direction {
@@ -402,11 +410,14 @@ enum Burst {
     Full,
     /// The reader is at end of stream.
     End,
+    /// A park stopped the burst between two chunks (the last written in full).
+    Parked,
 }
 
 /// Copies one direction, once its `gate` has opened (none: the direction
 /// had ended), until end of stream (then half-closes the writer) or until
-/// `stop` (only between bursts). `check` runs after every chunk.
+/// `stop` (only between bursts, or for a park between chunks). `check` runs
+/// after every chunk and says whether a park asks the pump to stop now.
 ///
 /// A direction copies through its thread's buffer (`SCRATCH`), until a read
 /// fills a whole chunk (the reader holds more than a chunk: bulk); from
@@ -424,7 +435,7 @@ fn pump<'a, G: Future<Output = io::Result<()>> + 'a>(
     early: Vec<u8>,
     dir: Direction<'a>,
     stop: &'a Stop,
-    check: &'a (dyn Fn() + Sync),
+    check: &'a (dyn Fn() -> bool + Sync),
 ) -> impl Future<Output = io::Result<PumpEnd>> + 'a {
     // An async block rather than an `async fn`, which would keep a second
     // copy of each argument in the future (rustc #62958): every idle tunnel
@@ -452,7 +463,9 @@ fn pump<'a, G: Future<Output = io::Result<()>> + 'a>(
             }
             // No stop inside a burst: a pump stops only with the reader's queue
             // drained (above, or at end of stream), so that no partly read skb is
-            // left: the kernel path hands its verdict whole skbs.
+            // left: the kernel path hands its verdict whole skbs. A park is the
+            // exception: the next process relays on, and a reader whose writer is
+            // slower never drains (a bulk tunnel to a slow reader would never park).
             let burst = match bulk.then(pipe::lease).flatten() {
                 Some(mut pipe) => {
                     let burst = Box::pin(splice_burst(reader, writer, &mut pipe, &dir, check, &mut unyielded)).await?;
@@ -472,6 +485,7 @@ fn pump<'a, G: Future<Output = io::Result<()>> + 'a>(
             };
             waiting = true;
             match burst {
+                Burst::Parked => return Ok(PumpEnd::Stopped),
                 Burst::Drained { .. } => {}
                 Burst::Full => {
                     bulk = true;
@@ -554,7 +568,7 @@ async fn copy_burst(
     chunk: usize,
     may_splice: bool,
     dir: &Direction<'_>,
-    check: &(dyn Fn() + Sync),
+    check: &(dyn Fn() -> bool + Sync),
     unyielded: &mut usize,
 ) -> io::Result<Burst> {
     let mut moved = 0;
@@ -602,7 +616,9 @@ async fn copy_burst(
             dir.bulk.store(true, Ordering::Relaxed);
             dir.bulk_seen.store(monotonic_ns(), Ordering::Relaxed);
         }
-        moved_chunk(dir, n, check, unyielded).await;
+        if moved_chunk(dir, n, check, unyielded).await {
+            return Ok(Burst::Parked);
+        }
         if full {
             return Ok(Burst::Full);
         }
@@ -646,7 +662,7 @@ async fn splice_burst(
     writer: &TcpStream,
     pipe: &mut pipe::Lease,
     dir: &Direction<'_>,
-    check: &(dyn Fn() + Sync),
+    check: &(dyn Fn() -> bool + Sync),
     unyielded: &mut usize,
 ) -> io::Result<Burst> {
     let mut moved = 0;
@@ -678,11 +694,14 @@ async fn splice_burst(
             }
         }
         moved += n as u64;
-        moved_chunk(dir, n, check, unyielded).await;
+        if moved_chunk(dir, n, check, unyielded).await {
+            return Ok(Burst::Parked);
+        }
     }
 }
 
-/// Books `n` bytes delivered, runs `check`, and yields the worker thread
+/// Books `n` bytes delivered, runs `check` (whose answer it returns: stop
+/// for a park), and yields the worker thread
 /// after every `YIELD_BYTES` (a chunk smaller than `CHUNK` counts as one):
 /// try_read/try_write (and splice) do not count against tokio's cooperative
 /// budget, so without a yield a busy pump keeps its worker and the
@@ -695,15 +714,16 @@ async fn splice_burst(
 /// to 88 µs. With more than two spliced bursts running on the thread, each
 /// yields (and fills its pipe) per [`share`] instead: the mixed run's p99 went from
 /// a median of 8.9-10.9 ms over nine runs to 4.0-6.6, bulk unchanged.
-async fn moved_chunk(dir: &Direction<'_>, n: usize, check: &(dyn Fn() + Sync), unyielded: &mut usize) {
+async fn moved_chunk(dir: &Direction<'_>, n: usize, check: &(dyn Fn() -> bool + Sync), unyielded: &mut usize) -> bool {
     dir.count.fetch_add(n as u64, Ordering::Relaxed);
     dir.last_ns.store(monotonic_ns(), Ordering::Relaxed);
-    check();
+    let park = check();
     *unyielded += n.max(CHUNK);
     if *unyielded >= YIELD_BYTES.min(share()) {
         *unyielded = 0;
         tokio::task::yield_now().await;
     }
+    park
 }
 
 /// Waits until `sock` is readable. tokio's `TcpStream::readable` future
