@@ -184,14 +184,12 @@ pub fn relay<'a, G: Future<Output = io::Result<()>> + 'a>(
                 let moved = counters.tx.load(Ordering::Relaxed) + counters.rx.load(Ordering::Relaxed) - moved_before;
                 // Interactive: neither direction moves bulk now, nor has for
                 // `age` (one short burst in a bulk flow is not a change of kind).
-                let quiet_for = |age: Duration| {
-                    let since =
-                        counters.last_ns.load(Ordering::Relaxed).saturating_sub(bulk_seen.load(Ordering::Relaxed));
-                    since >= age.as_nanos() as u64
-                };
+                let quiet_ns =
+                    counters.last_ns.load(Ordering::Relaxed).saturating_sub(bulk_seen.load(Ordering::Relaxed));
                 let interactive = !bulk.iter().any(|b| b.load(Ordering::Relaxed));
                 if moved >= p.bytes
-                    || (interactive && p.age.is_some_and(|age| started.elapsed() >= age && quiet_for(age)))
+                    || (interactive
+                        && p.age.is_some_and(|age| started.elapsed() >= age && quiet_ns >= age.as_nanos() as u64))
                 {
                     stop.request();
                 }
@@ -474,7 +472,8 @@ fn pump<'a, G: Future<Output = io::Result<()>> + 'a>(
                         // copy that went bulk had just emptied the queue.
                         bulk = moved == 0 || moved >= SMALL_BURST;
                         dir.bulk.store(bulk, Ordering::Relaxed);
-                        dir.bulk_seen.store(monotonic_ns(), Ordering::Relaxed);
+                        // The burst's last chunk stamped the activity clock.
+                        dir.bulk_seen.store(dir.last_ns.load(Ordering::Relaxed), Ordering::Relaxed);
                     }
                     burst
                 }
@@ -614,7 +613,7 @@ async fn copy_burst(
             // Bulk before `check` sees this chunk: a full read after a pause
             // in a bulk flow is no sign of an interactive tunnel.
             dir.bulk.store(true, Ordering::Relaxed);
-            dir.bulk_seen.store(monotonic_ns(), Ordering::Relaxed);
+            dir.bulk_seen.store(dir.last_ns.load(Ordering::Relaxed), Ordering::Relaxed);
         }
         if moved_chunk(dir, n, check, unyielded).await {
             return Ok(Burst::Parked);
