@@ -189,10 +189,7 @@ fn run(control_path: PathBuf, args: RunArgs) -> anyhow::Result<()> {
             None => {
                 let server = Server::new(config.clone(), mode, args.bpf_pin_dir.clone())?;
                 tracing::info!(state = %args.state.display(), data_path = %server.datapath_kind(), "proxyd {} starting ({} data path)", env!("CARGO_PKG_VERSION"), server.datapath_kind());
-                match server.prepare(&config.settings) {
-                    Ok(p) => server.commit(config.clone(), p),
-                    Err(e) => tracing::error!("not accepting clients: {e}; fix it with `proxyd ip socks set ...`"),
-                }
+                server.apply_initial();
                 let listener = control::bind(&control_path).with_context(|| format!("cannot create the control socket {}", control_path.display()))?;
                 (server, listener)
             }

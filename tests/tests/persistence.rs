@@ -141,3 +141,36 @@ fn sigint_stops_cleanly() {
         assert_eq!(before, print_all(&d), "configuration changed across a SIGINT restart");
     }
 }
+
+/// A start whose port is taken keeps running (so that it can be fixed), says
+/// so in `ip socks print` (text and JSON) instead of looking enabled, refuses
+/// a `set` while the port is still taken, and listens after the next `set`
+/// once the port is free, even one that changes nothing.
+#[test]
+fn a_port_taken_at_start_shows_in_print_and_the_next_set_retries() {
+    let mut d = Daemon::start("userspace");
+    let addr = d.enable(&[]);
+    assert!(d.stop(), "proxyd did not exit cleanly; stderr:\n{}", d.log());
+    let squatter = std::net::TcpListener::bind(addr).expect("the port is free again after the stop");
+    d.restart();
+    let print = d.cli_ok(&["ip", "socks", "print"]);
+    assert!(print.starts_with("enabled: yes\n"), "{print}");
+    let line = print.lines().find(|l| l.starts_with("not-in-effect: ")).unwrap_or_else(|| panic!("{print}"));
+    assert!(line.contains(&format!("cannot listen on {addr}")), "{line}");
+    let json: serde_json::Value = serde_json::from_str(&d.cli_ok(&["--json", "ip", "socks", "print"])).unwrap();
+    assert!(json["not-in-effect"].as_str().is_some_and(|e| e.contains("in use")), "{json}");
+
+    let refused = d.cli(&["ip", "socks", "set", "enabled=yes"]);
+    assert_eq!(refused.status.code(), Some(1), "a set that cannot listen must fail");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("in use"), "{refused:?}");
+
+    drop(squatter);
+    d.cli_ok(&["ip", "socks", "set", "enabled=yes"]);
+    assert!(
+        std::net::TcpStream::connect(addr).is_ok(),
+        "not listening on {addr} after the retry; stderr:\n{}",
+        d.log()
+    );
+    let print = d.cli_ok(&["ip", "socks", "print"]);
+    assert!(!print.contains("not-in-effect"), "{print}");
+}

@@ -164,6 +164,10 @@ impl Controller {
                     text.push_str(&print::xdp_attached(&xdp));
                 }
                 value["xdp-attached"] = serde_json::to_value(&xdp).unwrap_or_default();
+                if let Some(e) = self.server.unapplied() {
+                    text.push_str(&format!("not-in-effect: {e} (any `set` tries again)\n"));
+                    value["not-in-effect"] = e.into();
+                }
                 out(text, value)
             }
             Command::Print(Menu::Access, opts) if opts.stats => {
@@ -326,7 +330,7 @@ impl Controller {
     /// Makes `new` the configuration in place of `current` (the caller holds
     /// the change lock): prepare what can fail, save, then commit.
     fn commit_config(&self, current: &crate::config::Config, new: crate::config::Config) -> Response {
-        if new == *current {
+        if new == *current && self.server.unapplied().is_none() {
             return Response::ok(String::new());
         }
         let prepared = match self.server.prepare(&new.settings) {

@@ -52,6 +52,10 @@ pub struct Server {
     prefilter: Mutex<Option<Prefilter>>,
     /// The runtimes connections run on.
     shards: Shards,
+    /// Why the configuration's settings are not in effect (they could not
+    /// be at start: a port in use, an interface gone); the next change,
+    /// even one that changes nothing, tries again.
+    unapplied: Mutex<Option<String>>,
 }
 
 /// The SOCKS listening sockets as handed between processes: their address,
@@ -126,7 +130,27 @@ impl Server {
             metrics_listener: Mutex::new(None),
             prefilter: Mutex::new(None),
             shards: Shards::default(),
+            unapplied: Mutex::new(None),
         }))
+    }
+
+    /// Puts the settings of the configuration it was created with into
+    /// effect (listener, metrics, XDP); what fails is logged and kept for
+    /// `ip socks print`, and the daemon runs on so that it can be fixed.
+    pub fn apply_initial(self: &Arc<Self>) {
+        let config = self.config();
+        match self.prepare(&config.settings) {
+            Ok(p) => self.commit((*config).clone(), p),
+            Err(e) => {
+                tracing::error!("not accepting clients: {e}; fix it with `proxyd ip socks set ...`");
+                *self.unapplied.lock().unwrap() = Some(e.to_string());
+            }
+        }
+    }
+
+    /// Why the settings are not in effect, if they are not.
+    pub fn unapplied(&self) -> Option<String> {
+        self.unapplied.lock().unwrap().clone()
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -262,6 +286,7 @@ impl Server {
                 None => tracing::info!("SOCKS server disabled: not accepting new clients"),
             }
         }
+        *self.unapplied.lock().unwrap() = None;
     }
 
     /// Stops accepting new clients (shutdown) and waits until every accept
