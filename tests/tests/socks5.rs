@@ -818,6 +818,32 @@ fn password_without_users_refuses_everyone() {
     }
 }
 
+/// A user added without a password can never log in: the `add` succeeds (an
+/// export without `show-sensitive` restores users that way) but warns, naming
+/// the user and the command that fixes it, once; the user logs in after a `set`.
+#[test]
+fn a_user_without_a_password_is_warned_about_and_locked_out() {
+    let http = HttpServer::start(b"after the password".to_vec());
+    let mut d = Daemon::start("userspace");
+    let proxy = d.enable(&["version=5", "auth-method=password"]);
+    let add = d.cli(&["ip", "socks", "users", "add", "name=carol"]);
+    assert!(add.status.success(), "{add:?}");
+    let warned = String::from_utf8_lossy(&add.stderr).into_owned();
+    assert!(
+        warned.contains("user carol has no password") && warned.contains("users set [find name=carol] password="),
+        "{warned}"
+    );
+    let again = d.cli(&["ip", "socks", "users", "set", "0", "comment=still none"]);
+    assert!(again.status.success() && again.stderr.is_empty(), "warned twice: {again:?}");
+    let mut s = tcp_connect(proxy).unwrap();
+    assert_eq!(greet(&mut s, &[2]), Some([5, 2]));
+    assert!(!matches!(login(&mut s, "carol", ""), Some([1, 0])), "a user without a password logged in");
+    let set = d.cli(&["ip", "socks", "users", "set", "0", &format!("password={BOB_PW}")]);
+    assert!(set.status.success() && set.stderr.is_empty(), "{set:?}");
+    let dst = Dst::Ip(SocketAddr::V4(http.addr));
+    assert_eq!(http_get(connect(proxy, Some(("carol", BOB_PW)), &dst)), b"after the password");
+}
+
 /// A SOCKS4/4a client cannot log in, so auth-method=password refuses it (91 or a
 /// close), with no users and with users (otherwise SOCKS4 bypasses the login).
 #[test]

@@ -343,16 +343,36 @@ impl Controller {
                 return Response::err(1, format!("not saved, nothing changed: {e}"));
             }
         }
-        let mut stderr = String::new();
-        if new.settings.enabled && !current.settings.enabled && new.access.is_open() {
-            let warning = "warning: the access list allows any client to any destination: this is an open proxy. \
-                           Add rules, e.g. `ip socks access add src-address=192.168.0.0/24` then `ip socks access add action=deny`.";
-            tracing::warn!("{warning}");
-            stderr = format!("{warning}\n");
-        }
+        let stderr = warnings(current, &new).into_iter().map(|w| format!("warning: {w}\n")).collect();
         self.server.commit(new, prepared);
         Response { exit: 0, stderr, ..Default::default() }
     }
+}
+
+/// What a change that is accepted should still tell the operator (and the
+/// log): an open proxy just enabled, a user added that cannot log in.
+fn warnings(current: &crate::config::Config, new: &crate::config::Config) -> Vec<String> {
+    let mut out = Vec::new();
+    if new.settings.enabled && !current.settings.enabled && new.access.is_open() {
+        out.push(
+            "the access list allows any client to any destination: this is an open proxy. \
+             Add rules, e.g. `ip socks access add src-address=192.168.0.0/24` then `ip socks access add action=deny`."
+                .to_owned(),
+        );
+    }
+    let locked_out = |u: &crate::config::users::User| !u.disabled && !u.password.is_set();
+    for u in new.users.iter().filter(|u| locked_out(u)) {
+        if !current.users.iter().any(|c| c.name == u.name && locked_out(c)) {
+            out.push(format!(
+                "user {name} has no password and cannot log in until one is set: `ip socks users set [find name={name}] password=...`",
+                name = crate::config::command::quote(&u.name)
+            ));
+        }
+    }
+    for w in &out {
+        tracing::warn!("{w}");
+    }
+    out
 }
 
 /// A connection's property as `print` and `where` see it; an address also
