@@ -150,7 +150,7 @@ pub fn request_words(menu: Menu, words: Vec<String>) -> Vec<String> {
 fn execute(socket: &Path, menu: Menu, words: Vec<String>, json: bool) {
     let words = request_words(menu, words);
     SIGINT_SEEN.store(false, Ordering::SeqCst);
-    loop {
+    for round in 0.. {
         let resp = match client::send(socket, words.clone(), json) {
             Ok(r) => r,
             Err(e) => {
@@ -160,7 +160,7 @@ fn execute(socket: &Path, menu: Menu, words: Vec<String>, json: bool) {
         };
         let repeat = resp.repeat_ms.filter(|_| resp.exit == 0);
         if repeat.is_some() {
-            print!("\x1b[H\x1b[2J");
+            client::new_round(round);
         }
         print!("{}", resp.stdout);
         eprint!("{}", resp.stderr);

@@ -312,7 +312,8 @@ fn metrics_parse_with_prometheus_client() {
     }
 }
 
-/// `connections print interval=1s` prints again every second (run under `timeout 2.5`).
+/// `connections print interval=1s` prints again every second (run under `timeout 2.5`),
+/// without screen codes into a pipe.
 #[test]
 fn connections_print_interval_refreshes() {
     let Some(timeout) = require_program("connections_print_interval_refreshes", "timeout") else {
@@ -335,6 +336,9 @@ fn connections_print_interval_refreshes() {
     let headers = stdout.lines().filter(|l| l.contains("SRC-ADDRESS")).count();
     assert!(headers >= 2, "{headers} refresh(es) in 2.5 s:\n{stdout}\n{}", text(&out.stderr));
     assert!(stdout.contains(&dst.to_string()), "the tunnel is not listed:\n{stdout}");
+    // Into a pipe, the rounds follow each other: no screen-clearing codes.
+    assert!(!stdout.contains('\x1b'), "terminal escape codes written into a pipe:\n{stdout:?}");
+    assert!(stdout.contains("\n\n"), "no blank line between the rounds:\n{stdout:?}");
 }
 
 /// `connections remove 0` closes a live tunnel: the client and the destination see EOF.

@@ -1,7 +1,7 @@
 //! The thin CLI client: sends the words to the daemon, prints its answer,
 //! exits with its status. No parsing here: the daemon owns the language.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -11,11 +11,13 @@ use super::{Request, Response};
 /// Sends one command and prints the answer; `print interval=...` repeats
 /// (clearing the terminal between rounds) until interrupted. Returns the exit status.
 pub fn run(socket: &Path, words: Vec<String>, json: bool) -> i32 {
+    let mut round = 0;
     loop {
         match send(socket, words.clone(), json) {
             Ok(resp) => {
                 if resp.repeat_ms.is_some() && resp.exit == 0 {
-                    print!("\x1b[H\x1b[2J");
+                    new_round(round);
+                    round += 1;
                 }
                 print!("{}", resp.stdout);
                 eprint!("{}", resp.stderr);
@@ -32,6 +34,17 @@ pub fn run(socket: &Path, words: Vec<String>, json: bool) -> i32 {
                 return 1;
             }
         }
+    }
+}
+
+/// Starts round `round` of a repeating `print`: on a terminal the screen is
+/// cleared; into a pipe or file the rounds follow each other, a blank line
+/// between them (no screen codes in a log).
+pub fn new_round(round: usize) {
+    if std::io::stdout().is_terminal() {
+        print!("\x1b[H\x1b[2J");
+    } else if round > 0 {
+        println!();
     }
 }
 
