@@ -111,7 +111,8 @@ fn eval(node: &Node, values: &dyn Fn(&str) -> Vec<String>) -> bool {
                     Ok(re) => got.iter().any(|g| re.is_match(g)),
                     Err(_) => false,
                 },
-                _ => got.iter().any(|g| {
+                // An unset property has no order: `<` and `>` never select it.
+                _ => got.iter().filter(|g| !g.is_empty()).any(|g| {
                     let ord = compare(g, value);
                     match op {
                         Op::Lt => ord == Ordering::Less,
@@ -388,6 +389,12 @@ mod tests {
         // Unset properties print as the empty value.
         assert!(sel("src-address=\"\"", &rule));
         assert!(sel("src-address!=10.0.0.0/8", &rule));
+        // ... but have no order: neither below nor above a number or a text.
+        let any_port = [("action", "allow")];
+        for expr in ["dst-port<22", "dst-port<=22", "dst-port>22", "dst-port>=0", "comment<\"m\""] {
+            assert!(!sel(expr, &any_port), "{expr} selected an unset property");
+        }
+        assert!(sel("!(dst-port<22)", &any_port));
     }
 
     #[test]
