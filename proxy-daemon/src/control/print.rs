@@ -212,7 +212,13 @@ fn flagged_list(rows: &[(usize, bool, Option<&str>, Vec<String>)], terse: bool) 
         if terse {
             out.push_str(&format!("{i:>width$}{flag} {}\n", props.join(" ")));
         } else if let Some(c) = comment {
-            out.push_str(&format!("{:>width$}{flag} ;;; {c}\n", i));
+            // A comment with line breaks: each line on a `;;;` line of its own.
+            for (n, line) in c.split('\n').enumerate() {
+                match n {
+                    0 => out.push_str(&format!("{i:>width$}{flag} ;;; {line}\n")),
+                    _ => out.push_str(&format!("{:>width$}{} ;;; {line}\n", "", " ".repeat(flag.len()))),
+                }
+            }
             out.push_str(&format!("{:>width$}{} {}\n", "", " ".repeat(flag.len()), props.join(" ")));
         } else {
             out.push_str(&format!("{i:>width$}{flag} {}\n", props.join(" ")));
@@ -307,6 +313,12 @@ mod tests {
     fn access_print_flags_and_comments() {
         let c = configured(&["ip socks access add action=deny disabled=yes comment=\"block all\""]);
         assert_eq!(access(&c, &PrintOptions::default()), "Flags: X - disabled\n0 X ;;; block all\n    action=deny\n");
+        // A comment with a line break keeps the layout: a `;;;` line per line.
+        let c = configured(&["ip socks access add action=deny disabled=yes comment=\"block\\nall\""]);
+        assert_eq!(
+            access(&c, &PrintOptions::default()),
+            "Flags: X - disabled\n0 X ;;; block\n    ;;; all\n    action=deny\n"
+        );
     }
 
     /// `access print stats` lists drops per rule, or `-` while the prefilter is off.
