@@ -217,7 +217,9 @@ impl Prefilter {
             error_line(&format!("xdp-interfaces: loading BPF program {XDP_PROG}"), &e)
         })?;
         let prog_id = program.info().map(|i| i.id()).map_err(|e| error_line(&format!("BPF program {XDP_PROG}"), &e))?;
-        info!(pin_dir = %dir.display(), prog_id, "XDP prefilter loaded");
+        // Said at info level once it is in effect (`Server::commit`): a load
+        // whose attachment then fails is not news.
+        tracing::debug!(pin_dir = %dir.display(), prog_id, "XDP prefilter program loaded");
         Ok(Prefilter {
             prog_id,
             state: Mutex::new(State { ebpf, config, v4, v6, links: BTreeMap::new(), _pins: pins }),

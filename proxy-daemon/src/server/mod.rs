@@ -246,6 +246,7 @@ impl Server {
             match prepared.xdp {
                 Some((loaded, links)) => {
                     if let Some(pf) = loaded {
+                        tracing::info!(prog_id = pf.prog_id(), "XDP prefilter loaded");
                         *slot = Some(pf);
                     }
                     if let Some(pf) = slot.as_ref() {
