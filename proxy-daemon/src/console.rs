@@ -23,7 +23,7 @@ use rustyline::history::DefaultHistory;
 use rustyline::validate::Validator;
 use rustyline::{CompletionType, Config, Editor, Helper};
 
-use crate::config::command::{continued, parse, split_line, Command, Menu};
+use crate::config::command::{continued, parse, split_line, statements, Command, Menu};
 use crate::config::schema;
 use crate::control::client;
 use crate::sys::{self, SIGINT_SEEN};
@@ -65,7 +65,7 @@ pub fn run(socket: &Path, json: bool) -> i32 {
     // The start of a command whose line ended in `\` (RouterOS continuation),
     // run only once a line ends it.
     let mut pending = String::new();
-    loop {
+    'lines: loop {
         let prompt = if pending.is_empty() { prompt(&who, menu.get()) } else { "\\... ".to_string() };
         let line = match editor.readline(&prompt) {
             Ok(line) => line,
@@ -98,27 +98,28 @@ pub fn run(socket: &Path, json: bool) -> i32 {
             continue;
         }
         let _ = editor.add_history_entry(trimmed);
-        let words = match split_line(trimmed) {
+        let line_words = match split_line(trimmed) {
             Ok(w) => w,
             Err(e) => {
                 eprintln!("{e}");
                 continue;
             }
         };
-        match words.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-            [] => continue,
-            ["quit" | "exit"] => break,
-            ["?" | "help"] => {
-                print!("{}", schema::help(schema::menu(menu.get())));
+        for words in statements(&line_words) {
+            match words.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+                ["quit" | "exit"] => break 'lines,
+                ["?" | "help"] => {
+                    print!("{}", schema::help(schema::menu(menu.get())));
+                    continue;
+                }
+                _ => {}
+            }
+            if let Ok((_, Command::Enter(m))) = parse(menu.get(), words) {
+                menu.set(m);
                 continue;
             }
-            _ => {}
+            execute(socket, menu.get(), words.to_vec(), json);
         }
-        if let Ok((_, Command::Enter(m))) = parse(menu.get(), &words) {
-            menu.set(m);
-            continue;
-        }
-        execute(socket, menu.get(), words, json);
     }
     if let Some(h) = &history {
         let _ = editor.save_history(h);

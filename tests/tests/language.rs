@@ -237,3 +237,45 @@ fn continued_lines_are_one_command_everywhere() {
     assert!(text(&out.stderr).contains("continued line"), "{}", text(&out.stderr));
     assert_eq!(body(&ok(&d, "export verbose")), before, "a command cut short changed the configuration");
 }
+
+/// RouterOS script forms pasted from a router or a forum post: a byte-order
+/// mark, several commands on one line (`;`), `\XX` and `\_` escapes, and the
+/// `unset` and `comment` commands, in an imported script and in the console,
+/// with the same result; a `;` line whose second command is bad changes nothing.
+#[test]
+fn pasted_routeros_forms_run_in_scripts_and_the_console() {
+    let script = "\u{feff}/ip socks access; add dst-port=22 src-address=10.0.0.0/8 comment=\"ssh\\_in\" action=deny\n\
+                  /ip socks access unset [find comment=\"ssh in\"] value-name=src-address; comment 0 comment=\"\\41\\C3\\A9\"\n\
+                  /ip socks set max-connections=33; /ip socks access add action=allow\n";
+    let want = "Flags: X - disabled\n0 ;;; A\u{e9}\n  dst-port=22 action=deny\n1 action=allow\n";
+    let d = Daemon::start("userspace");
+    std::fs::write(d.dir.join("pasted.rsc"), script).unwrap();
+    ok(&d, "/import file=pasted.rsc");
+    assert_eq!(ok(&d, "ip socks access print"), want);
+    assert!(ok(&d, "ip socks print").contains("max-connections: 33"));
+
+    let c = Daemon::start("userspace");
+    let mut child = Command::new(proxyd_bin())
+        .arg("--control")
+        .arg(&c.cli.control)
+        .arg("console")
+        .env("PROXYD_HISTORY", "")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start console");
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(script.trim_start_matches('\u{feff}').as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(ok(&c, "ip socks access print"), want, "console: {}", text(&out.stderr));
+
+    // All or nothing: the bad second command of a line refuses the whole script.
+    let before = body(&ok(&d, "export verbose"));
+    std::fs::write(d.dir.join("bad.rsc"), "/ip socks access; add action=deny; add action=maybe\n").unwrap();
+    let (code, _, err) = typed(&d, "/import file=bad.rsc");
+    assert_eq!(code, 1);
+    assert!(err.contains("bad.rsc:1:") && err.contains("action"), "{err}");
+    assert_eq!(body(&ok(&d, "export verbose")), before);
+}

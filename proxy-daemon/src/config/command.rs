@@ -189,10 +189,25 @@ pub fn continued(line: &str) -> Option<&str> {
     line.trim_end().strip_suffix('\\')
 }
 
-/// Splits one script line into words: whitespace separates, `"..."` quotes
-/// (with `\"`, `\\`, `\n`, `\t` escapes), `#` at the start of a word begins a
-/// comment. A trailing `\` is a continuation and is dropped by the caller.
+/// The word [`split_line`] makes of a `;` outside quotes: it ends a command,
+/// and another may follow on the same line (RouterOS).
+pub const SEPARATOR: &str = ";";
+
+/// The commands of a line split into words: the runs between [`SEPARATOR`]s
+/// (empty ones left out).
+pub fn statements(words: &[String]) -> impl Iterator<Item = &[String]> {
+    words.split(|w| w == SEPARATOR).filter(|s| !s.is_empty())
+}
+
+/// Splits one script line into words: whitespace separates, `;` ends a
+/// command (a [`SEPARATOR`] word), `"..."` quotes
+/// (with RouterOS's escapes: `\"`, `\\`, `\n`, `\r`, `\t`, `\_` for a space,
+/// `\a`, `\b`, `\f`, `\v`, and `\XX`, two upper-case hex digits, for a byte),
+/// `#` at the start of a word begins a comment. A trailing `\` is a
+/// continuation and is dropped by the caller.
 pub fn split_line(line: &str) -> Result<Vec<String>, CommandError> {
+    let unterminated = || CommandError::Usage("unterminated quote".into());
+    let push = |w: &mut Vec<u8>, c: char| w.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
     let mut words = Vec::new();
     let mut chars = line.chars().peekable();
     loop {
@@ -203,31 +218,54 @@ pub fn split_line(line: &str) -> Result<Vec<String>, CommandError> {
         if first == '#' {
             break;
         }
-        let mut word = String::new();
+        // Bytes: a `\XX` escape may be one byte of a UTF-8 character.
+        let mut word = Vec::new();
+        if first == ';' {
+            chars.next();
+            words.push(SEPARATOR.to_owned());
+            continue;
+        }
         while let Some(&c) = chars.peek() {
-            if c.is_whitespace() {
+            if c.is_whitespace() || c == ';' {
                 break;
             }
             chars.next();
-            if c == '"' {
-                loop {
-                    match chars.next() {
-                        None => return Err(CommandError::Usage("unterminated quote".into())),
-                        Some('"') => break,
-                        Some('\\') => match chars.next() {
-                            Some('n') => word.push('\n'),
-                            Some('t') => word.push('\t'),
-                            Some(e) => word.push(e),
-                            None => return Err(CommandError::Usage("unterminated quote".into())),
-                        },
-                        Some(o) => word.push(o),
+            if c != '"' {
+                push(&mut word, c);
+                continue;
+            }
+            loop {
+                match chars.next().ok_or_else(unterminated)? {
+                    '"' => break,
+                    '\\' => {
+                        let e = chars.next().ok_or_else(unterminated)?;
+                        let hex = |c: char| c.to_digit(16).filter(|_| !c.is_ascii_lowercase());
+                        match (hex(e), chars.peek().copied().and_then(hex)) {
+                            (Some(hi), Some(lo)) => {
+                                chars.next();
+                                word.push((hi * 16 + lo) as u8);
+                            }
+                            _ => match e {
+                                'n' => word.push(b'\n'),
+                                'r' => word.push(b'\r'),
+                                't' => word.push(b'\t'),
+                                '_' => word.push(b' '),
+                                'a' => word.push(0x07),
+                                'b' => word.push(0x08),
+                                'f' => word.push(0x0c),
+                                'v' => word.push(0x0b),
+                                other => push(&mut word, other),
+                            },
+                        }
                     }
+                    other => push(&mut word, other),
                 }
-            } else {
-                word.push(c);
             }
         }
-        words.push(word);
+        words.push(
+            String::from_utf8(word)
+                .map_err(|_| CommandError::Usage("a \\XX escape does not make valid UTF-8 text".into()))?,
+        );
     }
     Ok(words)
 }
@@ -307,7 +345,10 @@ pub fn parse(at: Menu, words: &[String]) -> Result<(Menu, Command), CommandError
                 None => Selector::Numbers(numbers(&rest)?),
             })
         }
-        (Menu::Access | Menu::Users, verb @ ("add" | "set" | "remove" | "enable" | "disable" | "move")) => {
+        (
+            Menu::Access | Menu::Users,
+            verb @ ("add" | "set" | "unset" | "comment" | "remove" | "enable" | "disable" | "move"),
+        ) => {
             let list = if menu == Menu::Access { List::Access } else { List::Users };
             list_command(list, verb, &args)?
         }
@@ -538,7 +579,21 @@ fn list_command(list: List, verb: &str, args: &[&str]) -> Result<Command, Comman
         }
         return Ok(Command::Add(list, changes, placement));
     }
-    let (items, changes) = item_args(list, args)?;
+    // RouterOS's `unset N value-name=PROP[,PROP...]` (or the names alone)
+    // clears properties, as `set N !PROP` does.
+    let unset: Vec<String> = match verb {
+        "unset" => args
+            .iter()
+            .flat_map(|a| match a.split_once('=') {
+                Some(("value-name", names)) => names.split(',').map(|n| format!("!{n}")).collect(),
+                None if list.props().contains(a) => vec![format!("!{a}")],
+                _ => vec![a.to_string()],
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let args: Vec<&str> = if verb == "unset" { unset.iter().map(String::as_str).collect() } else { args.to_vec() };
+    let (items, changes) = item_args(list, &args)?;
     let selector = match find {
         Some(s) if items.is_empty() => s,
         Some(_) => return Err(CommandError::Usage(format!("{verb} takes one selection, not also `{}`", items[0]))),
@@ -551,6 +606,20 @@ fn list_command(list: List, verb: &str, args: &[&str]) -> Result<Command, Comman
             }
             Command::Set(list, selector, changes)
         }
+        "unset" => {
+            if changes.is_empty() || changes.iter().any(|(_, v)| v.is_some()) {
+                return Err(CommandError::Usage(format!(
+                    "usage: unset N|[find ...] value-name=NAME[,NAME...] (names: {})",
+                    list.allowed()
+                )));
+            }
+            Command::Set(list, selector, changes)
+        }
+        // RouterOS's `comment N comment=TEXT`: the comment alone.
+        "comment" => match &changes[..] {
+            [("comment", Some(_))] => Command::Set(list, selector, changes),
+            _ => return Err(CommandError::Usage("usage: comment N|[find ...] comment=TEXT".into())),
+        },
         _ => {
             if let Some((name, _)) = changes.first() {
                 return Err(CommandError::Usage(format!("{verb} takes item numbers or [find ...], not `{name}`")));
@@ -1137,6 +1206,30 @@ mod tests {
         assert!(c.users[0].disabled);
     }
 
+    /// RouterOS's `unset` and `comment` commands: `set N !NAME` and `set N comment=`.
+    #[test]
+    fn unset_and_comment_commands() {
+        let mut c = Config::default();
+        run(&mut c, "access add src-address=10.0.0.0/8 dst-port=22 action=deny comment=old").unwrap();
+        run(&mut c, "access unset 0 value-name=comment,dst-port").unwrap();
+        let r = &c.access.rules[0];
+        assert!(r.comment.is_none() && r.dst_port.is_none() && r.src_address.is_some(), "{r:?}");
+        run(&mut c, "access unset [find action=deny] src-address").unwrap();
+        assert!(c.access.rules[0].src_address.is_none());
+        run(&mut c, "access comment 0 comment=\"ssh out\"").unwrap();
+        assert_eq!(c.access.rules[0].comment.as_deref(), Some("ssh out"));
+        let before = c.clone();
+        for bad in [
+            "access unset 0",
+            "access unset 0 comment=x",
+            "access unset 0 value-name=nosuch",
+            "access comment 0 action=allow",
+        ] {
+            assert!(run(&mut c, bad).is_err(), "{bad}");
+        }
+        assert_eq!(c, before, "a refused command changed something");
+    }
+
     /// Quoted values survive split_line and quote() round-trips.
     #[test]
     fn quoting_round_trips() {
@@ -1146,6 +1239,21 @@ mod tests {
         }
         assert_eq!(split_line("add action=deny # trailing comment").unwrap().len(), 2);
         assert!(split_line("add comment=\"open").is_err());
+        // `;` ends a command, with or without spaces around it.
+        let words = split_line("/ip socks access;add action=deny ; print").unwrap();
+        assert_eq!(words, ["/ip", "socks", "access", ";", "add", "action=deny", ";", "print"]);
+        assert_eq!(statements(&words).count(), 3);
+        // RouterOS escapes: hex bytes (upper case; `\a`, `\b`, `\f` are letters),
+        // UTF-8 made of them, `\_` for a space.
+        let one = |line: &str| split_line(line).unwrap().remove(0);
+        assert_eq!(one(r#""\41\42\_\$x""#), "AB $x");
+        assert_eq!(one(r#""\C3\A9t""#), "ét");
+        assert_eq!(one(r#""\a\b\f\r""#), "\u{7}\u{8}\u{c}\r");
+        assert_eq!(one(r#""\4a""#), "4a", "lower-case: `\\4` then `a`");
+        assert!(split_line(r#""\FF""#).is_err(), "not UTF-8");
+        for v in ["bell\u{7}", "cr\rlf\n", "\u{1}"] {
+            assert_eq!(one(&quote(v)), v, "{:?}", quote(v));
+        }
     }
 
     /// An exported configuration parses back to the same configuration.

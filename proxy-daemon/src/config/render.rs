@@ -40,6 +40,9 @@ pub fn quote(value: &str) -> String {
             '\\' => out.push_str("\\\\"),
             '\n' => out.push_str("\\n"),
             '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            // Other control characters as RouterOS's `\XX` (upper-case hex).
+            c if c.is_ascii_control() => out.push_str(&format!("\\{:02X}", c as u8)),
             c => out.push(c),
         }
     }

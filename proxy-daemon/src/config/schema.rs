@@ -200,6 +200,16 @@ pub const MENUS: &[MenuDef] = &[
                 usage: "set N[,N...]|[find ...] NAME=VALUE... | !NAME",
                 summary: "change rules (!NAME clears a property)",
             },
+            CommandDef {
+                name: "unset",
+                usage: "unset N[,N...]|[find ...] value-name=NAME[,NAME...]",
+                summary: "clear properties of rules (as set N !NAME)",
+            },
+            CommandDef {
+                name: "comment",
+                usage: "comment N[,N...]|[find ...] comment=TEXT",
+                summary: "set rules' comment",
+            },
             CommandDef { name: "remove", usage: "remove N[,N...]|[find ...]", summary: "delete rules" },
             CommandDef {
                 name: "move",
@@ -245,6 +255,16 @@ pub const MENUS: &[MenuDef] = &[
                 summary: "add a user",
             },
             CommandDef { name: "set", usage: "set N[,N...]|[find ...] NAME=VALUE...", summary: "change users" },
+            CommandDef {
+                name: "unset",
+                usage: "unset N[,N...]|[find ...] value-name=NAME[,NAME...]",
+                summary: "clear properties of users",
+            },
+            CommandDef {
+                name: "comment",
+                usage: "comment N[,N...]|[find ...] comment=TEXT",
+                summary: "set users' comment",
+            },
             CommandDef { name: "remove", usage: "remove N[,N...]|[find ...]", summary: "delete users" },
             CommandDef { name: "enable", usage: "enable N[,N...]|[find ...]", summary: "enable users" },
             CommandDef { name: "disable", usage: "disable N[,N...]|[find ...]", summary: "disable users" },
@@ -419,6 +439,8 @@ mod tests {
                     "add" if def.menu == Menu::Users => vec!["add".into(), "name=a".into()],
                     "add" => vec!["add".into(), "action=deny".into()],
                     "remove" | "enable" | "disable" | "move" => vec![c.name.into(), "0".into()],
+                    "unset" => vec!["unset".into(), "0".into(), "value-name=comment".into()],
+                    "comment" => vec!["comment".into(), "0".into(), "comment=x".into()],
                     "import" => vec!["import".into(), "file=x".into()],
                     "upgrade" => vec!["upgrade".into()],
                     other => vec![other.into()],

@@ -7,7 +7,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use super::command::{apply, continued, parse, split_line, Command, CommandError, ExportOptions, Menu};
+use super::command::{apply, continued, parse, split_line, statements, Command, CommandError, ExportOptions, Menu};
 use super::{render, Config};
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +55,8 @@ pub fn run_script(
     start: Config,
     ran: &mut dyn FnMut(usize, &str),
 ) -> Result<Config, StoreError> {
+    // A byte-order mark (an editor's UTF-8 "with BOM") is not part of the first line.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut config = start;
     let mut menu = Menu::Root;
     let mut pending: Vec<String> = Vec::new();
@@ -76,23 +78,19 @@ pub fn run_script(
         if continues || pending.is_empty() {
             continue;
         }
-        let words = std::mem::take(&mut pending);
-        let (m, cmd) =
-            parse(menu, &words).map_err(|source| StoreError::Parse { path: path.into(), line: first_line, source })?;
-        match cmd {
-            Command::Enter(m) => menu = m,
-            cmd if cmd.is_change() => {
-                apply(&mut config, &cmd).map_err(|source| StoreError::Parse {
-                    path: path.into(),
-                    line: first_line,
-                    source,
-                })?;
-                // A command with a path runs there but does not move the script.
-                let _ = m;
-                ran(first_line, &words.join(" "));
-            }
-            _ => {
-                return Err(StoreError::NotAChange { path: path.into(), line: first_line, text: words.join(" ") });
+        let line_words = std::mem::take(&mut pending);
+        for words in statements(&line_words) {
+            let err = |source| StoreError::Parse { path: path.into(), line: first_line, source };
+            // A command with a path runs there but does not move the script.
+            match parse(menu, words).map_err(err)?.1 {
+                Command::Enter(m) => menu = m,
+                cmd if cmd.is_change() => {
+                    apply(&mut config, &cmd).map_err(err)?;
+                    ran(first_line, &words.join(" "));
+                }
+                _ => {
+                    return Err(StoreError::NotAChange { path: path.into(), line: first_line, text: words.join(" ") });
+                }
             }
         }
     }
@@ -194,6 +192,13 @@ mod tests {
     }
 
     /// Continuation lines join, as in RouterOS scripts.
+    /// A script saved "UTF-8 with BOM" reads as without.
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_first_line() {
+        let c = parse_script("\u{feff}/ip socks set port=19332\n", Path::new("c")).unwrap();
+        assert_eq!(c.settings.port, 19332);
+    }
+
     #[test]
     fn a_script_ending_in_a_continued_line_is_refused() {
         let e = parse_script("/ip socks\nset port=19330\nset port=19331 \\\n", Path::new("c")).unwrap_err();
