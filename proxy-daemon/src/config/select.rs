@@ -40,6 +40,8 @@ enum Op {
     Le,
     Ge,
     Match,
+    /// An address (or prefix) inside a prefix (RouterOS's `in`).
+    In,
 }
 
 /// A selection that does not parse: what and where (1-based column).
@@ -111,6 +113,10 @@ fn eval(node: &Node, values: &dyn Fn(&str) -> Vec<String>) -> bool {
                     Ok(re) => got.iter().any(|g| re.is_match(g)),
                     Err(_) => false,
                 },
+                Op::In => {
+                    let Some(outer) = prefix(value) else { return false };
+                    got.iter().filter_map(|g| prefix(g)).any(|inner| outer.contains(&inner))
+                }
                 // An unset property has no order: `<` and `>` never select it.
                 _ => got.iter().filter(|g| !g.is_empty()).any(|g| {
                     let ord = compare(g, value);
@@ -124,6 +130,11 @@ fn eval(node: &Node, values: &dyn Fn(&str) -> Vec<String>) -> bool {
             }
         }
     }
+}
+
+/// An address or prefix as `in` sees it (a bare address is its own /32 or /128).
+fn prefix(text: &str) -> Option<ipnet::IpNet> {
+    text.parse().ok().or_else(|| text.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
 }
 
 /// Numbers (a range `N-M` by `N`) compare as numbers, the rest as text.
@@ -257,6 +268,8 @@ impl Parser<'_> {
             Op::Gt
         } else if self.keyword("~") {
             Op::Match
+        } else if self.keyword("in") {
+            Op::In
         } else {
             return Ok(Node::Flag(name));
         };
@@ -266,6 +279,9 @@ impl Parser<'_> {
             if let Err(e) = regex_lite::Regex::new(&value) {
                 return Err(self.error(&format!("invalid regular expression: {e}")));
             }
+        }
+        if op == Op::In && prefix(&value).is_none() {
+            return Err(self.error(&format!("`in` takes an address or prefix (a.b.c.d/len, x::y/len), not `{value}`")));
         }
         Ok(Node::Cmp { prop: name, op, value })
     }
@@ -395,6 +411,15 @@ mod tests {
             assert!(!sel(expr, &any_port), "{expr} selected an unset property");
         }
         assert!(sel("!(dst-port<22)", &any_port));
+        // `in`: an address or prefix inside a prefix; a name or an unset value never.
+        let rule = [("src-address", "10.1.0.0/16"), ("dst-port", "22")];
+        assert!(sel("src-address in 10.0.0.0/8", &rule));
+        assert!(sel("src-address in 10.1.0.0/16", &rule));
+        assert!(!sel("src-address in 10.1.2.0/24", &rule), "a wider prefix is not inside a narrower one");
+        assert!(!sel("src-address in 192.168.0.0/16", &rule));
+        assert!(sel("src-address in 10.1.0.0", &[("src-address", "10.1.0.0")]));
+        assert!(!sel("src-address in ::/0", &rule));
+        assert!(!sel("src-address in 0.0.0.0/0", &[("action", "allow")]));
     }
 
     #[test]
@@ -408,6 +433,8 @@ mod tests {
         assert!(e.message.contains("regular expression"), "{e}");
         assert!(Expr::parse("action=deny)", PROPS).is_err());
         assert!(Expr::parse("and", PROPS).is_err());
+        let e = Expr::parse("src-address in lan", PROPS).unwrap_err();
+        assert!(e.message.contains("`in` takes an address or prefix"), "{e}");
     }
 
     #[test]
