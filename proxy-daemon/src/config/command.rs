@@ -218,13 +218,13 @@ pub fn split_line(line: &str) -> Result<Vec<String>, CommandError> {
         if first == '#' {
             break;
         }
-        // Bytes: a `\XX` escape may be one byte of a UTF-8 character.
-        let mut word = Vec::new();
         if first == ';' {
             chars.next();
             words.push(SEPARATOR.to_owned());
             continue;
         }
+        // Bytes: a `\XX` escape may be one byte of a UTF-8 character.
+        let mut word = Vec::new();
         while let Some(&c) = chars.peek() {
             if c.is_whitespace() || c == ';' {
                 break;
