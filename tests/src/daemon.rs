@@ -250,6 +250,29 @@ impl Daemon {
         self.cli.ok(args)
     }
 
+    /// Runs `proxyd console` against this daemon with `input` on its stdin
+    /// (no history file) until it exits, or kills it after [`CLI_TIMEOUT`].
+    pub fn console(&self, input: &[u8]) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(&self.cli.bin)
+            .arg("--control")
+            .arg(&self.cli.control)
+            .arg("console")
+            .env("PROXYD_HISTORY", "")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start proxyd console");
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let deadline = Instant::now() + CLI_TIMEOUT;
+        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        child.wait_with_output().unwrap()
+    }
+
     /// `export ARGS` without its header line (`# <date> by proxyd <version>`,
     /// which changes every second), so two exports compare by content.
     pub fn export(&self, args: &str) -> String {

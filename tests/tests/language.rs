@@ -255,19 +255,7 @@ fn pasted_routeros_forms_run_in_scripts_and_the_console() {
     assert!(ok(&d, "ip socks print").contains("max-connections: 33"));
 
     let c = Daemon::start("userspace");
-    let mut child = Command::new(proxyd_bin())
-        .arg("--control")
-        .arg(&c.cli.control)
-        .arg("console")
-        .env("PROXYD_HISTORY", "")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start console");
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(script.trim_start_matches('\u{feff}').as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = c.console(script.trim_start_matches('\u{feff}').as_bytes());
     assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
     assert_eq!(ok(&c, "ip socks access print"), want, "console: {}", text(&out.stderr));
 

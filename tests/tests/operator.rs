@@ -142,28 +142,7 @@ fn console_in_a_terminal() {
 #[test]
 fn console_reads_a_script_on_stdin() {
     let d = Daemon::start("userspace");
-    let mut child = Command::new(proxyd_bin())
-        .arg("--control")
-        .arg(&d.cli.control)
-        .arg("console")
-        .env("PROXYD_HISTORY", "")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start console");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"/ip socks access\nadd action=deny dst-port=25\n/ip socks\naccess print\nquit\nprint\n")
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
+    let out = d.console(b"/ip socks access\nadd action=deny dst-port=25\n/ip socks\naccess print\nquit\nprint\n");
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "console failed: {stdout}\n{}", text(&out.stderr));
     assert!(stdout.contains("0 dst-port=25 action=deny"), "{stdout}");

@@ -581,18 +581,21 @@ fn list_command(list: List, verb: &str, args: &[&str]) -> Result<Command, Comman
     }
     // RouterOS's `unset N value-name=PROP[,PROP...]` (or the names alone)
     // clears properties, as `set N !PROP` does.
-    let unset: Vec<String> = match verb {
-        "unset" => args
+    let unset: Vec<String>;
+    let args: Vec<&str> = if verb == "unset" {
+        let props = list.props();
+        unset = args
             .iter()
             .flat_map(|a| match a.split_once('=') {
                 Some(("value-name", names)) => names.split(',').map(|n| format!("!{n}")).collect(),
-                None if list.props().contains(a) => vec![format!("!{a}")],
+                None if props.contains(a) => vec![format!("!{a}")],
                 _ => vec![a.to_string()],
             })
-            .collect(),
-        _ => Vec::new(),
+            .collect();
+        unset.iter().map(String::as_str).collect()
+    } else {
+        args.to_vec()
     };
-    let args: Vec<&str> = if verb == "unset" { unset.iter().map(String::as_str).collect() } else { args.to_vec() };
     let (items, changes) = item_args(list, &args)?;
     let selector = match find {
         Some(s) if items.is_empty() => s,
