@@ -14,6 +14,7 @@
 
 mod echo;
 mod load;
+mod netns;
 mod procs;
 mod report;
 
@@ -242,7 +243,9 @@ fn median(v: &[f64]) -> f64 {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let started = Instant::now();
-    // Fork the echo server first, while this process has no other thread.
+    // A network namespace of the run's own, and the echo server forked into
+    // it, first, while this process has no other thread.
+    let network = netns::enter();
     let mut echo = echo::EchoServer::spawn(2)?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
     let out =
@@ -288,7 +291,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         echo_pids: echo.pids.clone(),
     };
     let mut machine = report::machine_info(&root, &ctx.bin);
-    eprintln!("bench: {}", machine.summary());
+    machine.network = network.describe();
+    eprintln!("bench: {}; sockets in {}", machine.summary(), machine.network);
     if machine.load1 > 0.5 {
         eprintln!(
             "bench: warning: load average {:.2} at start; other work on this 2-core machine skews the figures",

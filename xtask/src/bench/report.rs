@@ -20,6 +20,8 @@ pub struct Machine {
     pub git: String,
     pub proxyd: String,
     pub fd_limit: String,
+    /// Where the run's sockets live (see `netns`).
+    pub network: String,
 }
 
 impl Machine {
@@ -83,6 +85,7 @@ pub fn machine_info(root: &Path, bin: &Path) -> Machine {
         git,
         proxyd: cmd_out(Command::new(bin).arg("--version")),
         fd_limit,
+        network: String::new(),
     }
 }
 
@@ -182,11 +185,12 @@ pub fn write(
     writeln!(
         md,
         "Made by `{cmdline}` in {elapsed:.0} s: medians of {} repeat(s); bulk runs {:.1} s, latency and connection-rate runs {:.1} s; idle tunnels {:?}. \
-         Everything on loopback; one Rust load generator; the far end is the bench's own echo/sink server.\n",
+         Everything on loopback, in {}; one Rust load generator; the far end is the bench's own echo/sink server.\n",
         cfg.repeats,
         cfg.bulk.as_secs_f64(),
         cfg.lat.as_secs_f64(),
-        cfg.tunnels
+        cfg.tunnels,
+        m.network
     )?;
 
     // Values.
@@ -455,7 +459,7 @@ fn to_json(
         .collect();
     json!({
         "machine": {"cores": m.cores, "cpu": m.cpu, "kernel": m.kernel, "mem_gib": m.mem_gib, "date": m.date,
-                    "load_average_at_start": m.load1, "load_average_at_end": m.load_end, "git": m.git, "proxyd": m.proxyd, "open_files_limit": m.fd_limit},
+                    "load_average_at_start": m.load1, "load_average_at_end": m.load_end, "git": m.git, "proxyd": m.proxyd, "open_files_limit": m.fd_limit, "network": m.network},
         "config": {"smoke": cfg.smoke, "repeats": cfg.repeats, "bulk_secs": cfg.bulk.as_secs_f64(), "latency_secs": cfg.lat.as_secs_f64(),
                    "connrate_secs": cfg.conn.as_secs_f64(), "concurrency": cfg.concs, "tunnels": cfg.tunnels, "elapsed_secs": elapsed},
         "iperf3": iperf.map(|i| json!({"one_flow_gbps": i.one.as_ref().ok(), "eight_flows_gbps": i.eight.as_ref().ok(),
