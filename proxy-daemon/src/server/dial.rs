@@ -7,13 +7,19 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
+use std::os::fd::{AsFd, AsRawFd};
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockType, SockaddrStorage};
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use super::registry::{ConnType, Entry};
 use crate::config::{AccessRequest, Action, Config};
 use crate::datapath::userspace::Limits;
 use crate::metrics::RefusalReason;
+use crate::sys;
 
 /// Longest time from accept to a decoded request (and, separately, to resolve
 /// a name). Slow or silent clients are cut here.
@@ -84,17 +90,46 @@ impl Failure {
 
 /// Appends what the client sent next to `buf`; an end of stream is [`Failure::ClientGone`].
 pub async fn read_more(client: &mut TcpStream, buf: &mut Vec<u8>, entry: &Entry) -> Result<(), Failure> {
-    let start = buf.len();
-    buf.resize(start + READ_CHUNK, 0);
-    let n = client.read(&mut buf[start..]).await;
-    buf.truncate(start + *n.as_ref().unwrap_or(&0));
-    match n? {
+    buf.reserve(READ_CHUNK);
+    match recv_now(client, buf).await? {
         0 => Err(Failure::ClientGone),
         _ => {
             entry.touch();
             Ok(())
         }
     }
+}
+
+/// Reads into `buf`'s spare capacity (at most [`READ_CHUNK`]) what `sock`
+/// holds now, and waits only when it holds nothing. Tokio learns a socket's
+/// readiness from its next `epoll_wait`, so a read through it on a socket just
+/// accepted, whose request has usually arrived with it, would first go round
+/// the event loop, after whatever else is ready on this shard.
+async fn recv_now(sock: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    match sys::recv_spare(sock, buf, READ_CHUNK) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => loop {
+            sock.readable().await?;
+            // (`try_io` clears the readiness when the read finds nothing.)
+            match sock.try_io(Interest::READABLE, || sys::recv_spare(sock, buf, READ_CHUNK)) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return r,
+            }
+        },
+        r => r,
+    }
+}
+
+/// Sends a handshake reply, at once when the socket takes it all (a reply
+/// is a few bytes, and the socket's buffer is empty), else the rest through
+/// tokio: like [`recv_now`], no turn of the event loop before the client has
+/// its answer.
+pub async fn send_now(sock: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
+    let sent = match socket::send(sock.as_raw_fd(), bytes, MsgFlags::MSG_NOSIGNAL) {
+        Ok(n) => n,
+        Err(Errno::EAGAIN | Errno::EINTR) => 0,
+        Err(e) => return Err(e.into()),
+    };
+    sock.write_all(&bytes[sent..]).await
 }
 
 /// The address a destination really names: an IPv4-mapped IPv6 address
@@ -174,10 +209,7 @@ pub async fn connect(
             .await
             .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")));
         match attempt {
-            Ok(upstream) => {
-                let _ = upstream.set_nodelay(true);
-                return Ok((upstream, dst));
-            }
+            Ok(upstream) => return Ok((upstream, dst)),
             Err(source) => last = Some(Failure::Dial { dst, source }),
         }
     }
@@ -185,10 +217,31 @@ pub async fn connect(
 }
 
 /// One connection attempt, from a socket bound to `device` (`vrf`) first.
+/// On loopback and other local paths the handshake is done by the time
+/// `connect` returns (the SYN and its answer are processed inside the
+/// call), which a `poll` sees at once; tokio's own connect would wait for
+/// its next `epoll_wait` to learn it. Otherwise the wait is tokio's.
 async fn dial(dst: SocketAddr, device: Option<&str>) -> io::Result<TcpStream> {
-    let socket = if dst.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-    crate::vrf::bind(&socket, device)?;
-    socket.connect(dst).await
+    let family = if dst.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?;
+    crate::vrf::bind(&fd, device)?;
+    sys::setsockopt_int(&fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
+    match socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(dst)) {
+        Ok(()) | Err(Errno::EINPROGRESS) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut pending = [PollFd::new(fd.as_fd(), PollFlags::POLLOUT)];
+    let done =
+        poll(&mut pending, PollTimeout::ZERO)? == 1 && pending[0].revents().is_some_and(|r| r == PollFlags::POLLOUT);
+    let stream = TcpStream::from_std(std::net::TcpStream::from(fd))?;
+    if done {
+        return Ok(stream);
+    }
+    stream.writable().await?;
+    match stream.take_error()? {
+        Some(e) => Err(e),
+        None => Ok(stream),
+    }
 }
 
 /// BIND's listener, on the address the client reached the proxy at (so the

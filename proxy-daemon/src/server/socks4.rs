@@ -4,7 +4,6 @@
 
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::dial::{self, await_peer, bind_listener, check_access, Established, Failure, HANDSHAKE_TIMEOUT};
@@ -14,7 +13,7 @@ use crate::protocol::socks4::{self, Command, Destination, ParseError, Reply};
 
 /// Sends 91 (rejected or failed).
 pub async fn reply_failure(client: &mut TcpStream) {
-    let _ = client.write_all(&Reply::rejected().encode()).await;
+    let _ = dial::send_now(client, &Reply::rejected().encode()).await;
 }
 
 /// Runs the handshake on `buf` (what has been read so far). Replies itself,
@@ -64,7 +63,7 @@ async fn run(
     match request.command {
         Command::Connect => {
             let (upstream, dst) = dial::connect(config, peer, &candidates, name, entry).await?;
-            client.write_all(&Reply::granted(v4(upstream.local_addr()?)).encode()).await?;
+            dial::send_now(client, &Reply::granted(v4(upstream.local_addr()?)).encode()).await?;
             entry.touch();
             Ok(Established { kind: ConnType::Out, upstream, dst, early, limits: None })
         }
@@ -76,10 +75,10 @@ async fn run(
                 return Err(Failure::Bind(format!("{} unexpected bytes after the request", early.len())));
             }
             let listener = bind_listener(client, config.settings.vrf_device()).await?;
-            client.write_all(&Reply::granted(v4(listener.local_addr()?)).encode()).await?;
+            dial::send_now(client, &Reply::granted(v4(listener.local_addr()?)).encode()).await?;
             entry.touch();
             let (upstream, peer_addr) = await_peer(listener, client, dst.ip()).await?;
-            client.write_all(&Reply::granted(v4(peer_addr)).encode()).await?;
+            dial::send_now(client, &Reply::granted(v4(peer_addr)).encode()).await?;
             entry.touch();
             Ok(Established { kind: ConnType::In, upstream, dst: peer_addr, early: Vec::new(), limits: None })
         }

@@ -8,7 +8,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::dial::{self, await_peer, bind_listener, check_access, Established, Failure, HANDSHAKE_TIMEOUT};
@@ -21,7 +20,7 @@ use crate::protocol::socks5::{self, Address, Command, ParseError, ReplyCode};
 
 /// Tells a SOCKS5 client that no method is acceptable (`version=4`).
 pub async fn refuse_version(client: &mut TcpStream) {
-    let _ = client.write_all(&[5, socks5::METHOD_UNACCEPTABLE]).await;
+    let _ = dial::send_now(client, &[5, socks5::METHOD_UNACCEPTABLE]).await;
 }
 
 /// Runs the handshake on `buf` (what has been read so far). Replies itself,
@@ -40,7 +39,7 @@ pub async fn handshake(
     if let Err(e) = &result {
         tracing::info!(src = %peer, user = entry.user().as_deref().unwrap_or("-"), "SOCKS5 request failed: {e}");
         if requested && e.replies() {
-            let _ = client.write_all(&socks5::encode_reply(reply_code(e), unspecified())).await;
+            let _ = dial::send_now(client, &socks5::encode_reply(reply_code(e), unspecified())).await;
         }
     }
     result
@@ -107,7 +106,7 @@ async fn run(
     let someone_can_log_in = !password || config.users.iter().any(|u| !u.disabled);
     let usable = methods.contains(&want) && someone_can_log_in;
     if !usable {
-        client.write_all(&[5, socks5::METHOD_UNACCEPTABLE]).await?;
+        dial::send_now(client, &[5, socks5::METHOD_UNACCEPTABLE]).await?;
         let why = if password && methods.contains(&want) {
             "auth-method=password and no user is enabled"
         } else {
@@ -115,7 +114,7 @@ async fn run(
         };
         return Err(Failure::Refused(why.into()));
     }
-    client.write_all(&[5, want]).await?;
+    dial::send_now(client, &[5, want]).await?;
 
     // Username/password (RFC 1929).
     let mut limits = None;
@@ -137,16 +136,16 @@ async fn run(
             None => false,
         };
         let Some(user) = user.filter(|_| verified) else {
-            client.write_all(&socks5::encode_auth_status(false)).await?;
+            dial::send_now(client, &socks5::encode_auth_status(false)).await?;
             // Quoted and escaped: the name is the client's, and may hold a line break.
             tracing::warn!(src = %peer, user = ?creds.username, "SOCKS5 login failed: unknown user or wrong password");
             return Err(Failure::Refused("authentication failed".into()));
         };
         if !server.registry.claim_user(entry, &user.name, user.only_one) {
-            client.write_all(&socks5::encode_auth_status(false)).await?;
+            dial::send_now(client, &socks5::encode_auth_status(false)).await?;
             return Err(Failure::Refused(format!("user {} is already connected (only-one)", user.name)));
         }
-        client.write_all(&socks5::encode_auth_status(true)).await?;
+        dial::send_now(client, &socks5::encode_auth_status(true)).await?;
         limits = user.rate_limit.map(|bps| server.user_limits(&user.name, bps));
     }
 
@@ -155,7 +154,7 @@ async fn run(
     let request = match read_message(client, &mut buf, entry, socks5::parse_request).await? {
         Ok(r) => r,
         Err(e) => {
-            client.write_all(&socks5::encode_reply(e.reply(), unspecified())).await?;
+            dial::send_now(client, &socks5::encode_reply(e.reply(), unspecified())).await?;
             return Err(Failure::Malformed(e.to_string()));
         }
     };
@@ -176,7 +175,7 @@ async fn run(
     match request.command {
         Command::Connect => {
             let (upstream, dst) = dial::connect(config, peer, &candidates, dst_name, entry).await?;
-            client.write_all(&socks5::encode_reply(ReplyCode::Succeeded, upstream.local_addr()?)).await?;
+            dial::send_now(client, &socks5::encode_reply(ReplyCode::Succeeded, upstream.local_addr()?)).await?;
             entry.touch();
             Ok(Some(Established { kind: ConnType::Out, upstream, dst, early, limits }))
         }
@@ -187,10 +186,10 @@ async fn run(
                 return Err(Failure::Bind(format!("{} unexpected bytes after the request", early.len())));
             }
             let listener = bind_listener(client, config.settings.vrf_device()).await?;
-            client.write_all(&socks5::encode_reply(ReplyCode::Succeeded, listener.local_addr()?)).await?;
+            dial::send_now(client, &socks5::encode_reply(ReplyCode::Succeeded, listener.local_addr()?)).await?;
             entry.touch();
             let (upstream, peer_addr) = await_peer(listener, client, dst.ip()).await?;
-            client.write_all(&socks5::encode_reply(ReplyCode::Succeeded, peer_addr)).await?;
+            dial::send_now(client, &socks5::encode_reply(ReplyCode::Succeeded, peer_addr)).await?;
             entry.touch();
             Ok(Some(Established { kind: ConnType::In, upstream, dst: peer_addr, early: Vec::new(), limits }))
         }
@@ -214,7 +213,7 @@ async fn udp_associate(
     let relay_addr = SocketAddr::new(client.local_addr()?.ip().to_canonical(), socket.local_addr()?.port());
     let counters = Arc::new(Counters::new());
     entry.set_tunnel(ConnType::Udp, relay_addr, counters.clone());
-    client.write_all(&socks5::encode_reply(ReplyCode::Succeeded, relay_addr)).await?;
+    dial::send_now(client, &socks5::encode_reply(ReplyCode::Succeeded, relay_addr)).await?;
     tracing::debug!(src = %peer, relay = %relay_addr, "UDP association up");
     let port = (requested.port() != 0).then_some(requested.port());
     let policy = UdpAccess { config, peer, entry };
