@@ -5,9 +5,8 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
-
 use std::os::fd::{AsFd, AsRawFd};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -227,7 +226,8 @@ async fn dial(dst: SocketAddr, device: Option<&str>) -> io::Result<TcpStream> {
     crate::vrf::bind(&fd, device)?;
     sys::setsockopt_int(&fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
     match socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(dst)) {
-        Ok(()) | Err(Errno::EINPROGRESS) => {}
+        // (Interrupted, the attempt goes on in the background, as in progress.)
+        Ok(()) | Err(Errno::EINPROGRESS | Errno::EINTR) => {}
         Err(e) => return Err(e.into()),
     }
     let mut pending = [PollFd::new(fd.as_fd(), PollFlags::POLLOUT)];
