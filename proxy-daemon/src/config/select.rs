@@ -24,7 +24,21 @@ pub struct Expr {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Node {
     All,
-    Cmp { prop: String, op: Op, value: String },
+    Cmp {
+        prop: String,
+        op: Op,
+        value: String,
+    },
+    /// `~`, its expression compiled once.
+    Match {
+        prop: String,
+        re: Pattern,
+    },
+    /// `in`, its prefix parsed once.
+    In {
+        prop: String,
+        net: ipnet::IpNet,
+    },
     Flag(String),
     Not(Box<Node>),
     And(Vec<Node>),
@@ -39,10 +53,19 @@ enum Op {
     Gt,
     Le,
     Ge,
-    Match,
-    /// An address (or prefix) inside a prefix (RouterOS's `in`).
-    In,
 }
+
+/// A compiled regular expression; equal to another written the same way.
+#[derive(Clone, Debug)]
+struct Pattern(regex_lite::Regex);
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+impl Eq for Pattern {}
 
 /// A selection that does not parse: what and where (1-based column).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,22 +124,16 @@ fn eval(node: &Node, values: &dyn Fn(&str) -> Vec<String>) -> bool {
         Node::And(ns) => ns.iter().all(|n| eval(n, values)),
         Node::Or(ns) => ns.iter().any(|n| eval(n, values)),
         Node::Flag(prop) => values(prop).iter().any(|v| v == "yes" || v == "true"),
+        // An unset property prints as the empty value.
+        Node::Match { prop, re } => printed(values, prop).iter().any(|g| re.0.is_match(g)),
+        Node::In { prop, net } => {
+            printed(values, prop).iter().filter_map(|g| prefix(g)).any(|inner| net.contains(&inner))
+        }
         Node::Cmp { prop, op, value } => {
-            let mut got = values(prop);
-            if got.is_empty() {
-                got.push(String::new());
-            }
+            let got = printed(values, prop);
             match op {
                 Op::Ne => !got.iter().any(|g| g == value),
                 Op::Eq => got.iter().any(|g| g == value),
-                Op::Match => match regex_lite::Regex::new(value) {
-                    Ok(re) => got.iter().any(|g| re.is_match(g)),
-                    Err(_) => false,
-                },
-                Op::In => {
-                    let Some(outer) = prefix(value) else { return false };
-                    got.iter().filter_map(|g| prefix(g)).any(|inner| outer.contains(&inner))
-                }
                 // An unset property has no order: `<` and `>` never select it.
                 _ => got.iter().filter(|g| !g.is_empty()).any(|g| {
                     let ord = compare(g, value);
@@ -130,6 +147,15 @@ fn eval(node: &Node, values: &dyn Fn(&str) -> Vec<String>) -> bool {
             }
         }
     }
+}
+
+/// A property's printed values; one empty value when it is not set.
+fn printed(values: &dyn Fn(&str) -> Vec<String>, prop: &str) -> Vec<String> {
+    let mut got = values(prop);
+    if got.is_empty() {
+        got.push(String::new());
+    }
+    got
 }
 
 /// An address or prefix as `in` sees it (a bare address is its own /32 or /128).
@@ -267,22 +293,26 @@ impl Parser<'_> {
         } else if self.keyword(">") {
             Op::Gt
         } else if self.keyword("~") {
-            Op::Match
+            self.skip_ws();
+            let value = self.value()?;
+            return match regex_lite::Regex::new(&value) {
+                Ok(re) => Ok(Node::Match { prop: name, re: Pattern(re) }),
+                Err(e) => Err(self.error(&format!("invalid regular expression: {e}"))),
+            };
         } else if self.keyword("in") {
-            Op::In
+            self.skip_ws();
+            let value = self.value()?;
+            return match prefix(&value) {
+                Some(net) => Ok(Node::In { prop: name, net }),
+                None => {
+                    Err(self.error(&format!("`in` takes an address or prefix (a.b.c.d/len, x::y/len), not `{value}`")))
+                }
+            };
         } else {
             return Ok(Node::Flag(name));
         };
         self.skip_ws();
         let value = self.value()?;
-        if op == Op::Match {
-            if let Err(e) = regex_lite::Regex::new(&value) {
-                return Err(self.error(&format!("invalid regular expression: {e}")));
-            }
-        }
-        if op == Op::In && prefix(&value).is_none() {
-            return Err(self.error(&format!("`in` takes an address or prefix (a.b.c.d/len, x::y/len), not `{value}`")));
-        }
         Ok(Node::Cmp { prop: name, op, value })
     }
 
