@@ -349,6 +349,11 @@ fn check_smoke_report(path: &Path) -> Result<()> {
             }
         }
     }
+    // As root the run has a network namespace of its own (bench/netns.rs).
+    let network = report["machine"]["network"].as_str().unwrap_or("");
+    if is_root() && !network.starts_with("a network namespace of its own") {
+        bail!("bench smoke run: as root it should run in a namespace of its own, ran in {network:?}");
+    }
     eprintln!("test: bench smoke run measured {} systems", systems.len());
     Ok(())
 }
