@@ -395,11 +395,17 @@ pub fn verify_tunnels(streams: &mut [TcpStream]) -> usize {
 
 /// Bytes charged to TCP sockets machine-wide (`/proc/net/sockstat`, `TCP: ... mem` pages).
 pub fn tcp_mem_bytes() -> u64 {
+    sockstat_tcp("mem") * 4096
+}
+
+/// One field of `/proc/net/sockstat`'s `TCP:` line (`inuse`, `orphan`, `tw`,
+/// `alloc`, `mem`); 0 when absent. The counts are the caller's network
+/// namespace's, except `mem`, which is machine-wide.
+pub fn sockstat_tcp(field: &str) -> u64 {
     let text = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
     let Some(line) = text.lines().find(|l| l.starts_with("TCP:")) else { return 0 };
     let f: Vec<&str> = line.split_whitespace().collect();
-    f.iter().position(|w| *w == "mem").and_then(|i| f.get(i + 1)).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        * 4096
+    f.iter().position(|w| *w == field).and_then(|i| f.get(i + 1)).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
 /// TCP memory per tunnel while one side of every tunnel stops reading.

@@ -626,9 +626,11 @@ fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
             }
         }
     }
+    let mut settled = BTreeMap::new();
     for &c in cfg.concs.iter().filter(|_| cfg.runs("conn")) {
-        eprintln!("bench: connections c={c} ...");
         let key = format!("conn_c{c}");
+        settled.insert(key.clone(), drain_time_wait(cfg));
+        eprintln!("bench: connections c={c} ...");
         for rep in 0..cfg.repeats {
             for i in order(rep) {
                 let s = &mut systems[i];
@@ -651,6 +653,9 @@ fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
     }
     // One client against the thread-per-connection server: at c=1 the rate is
     // a chain of wake-ups, and where the far end's threads run moves it.
+    if cfg.runs("conn") {
+        drain_time_wait(cfg);
+    }
     for rep in 0..if cfg.runs("conn") { cfg.repeats } else { 0 } {
         for i in order(rep) {
             let s = &mut systems[i];
@@ -684,9 +689,14 @@ fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
                 line += &format!("; {failed} failed attempts");
             }
             line += &format!("; {drops} listen-queue drops (TcpExt ListenDrops, all runs)");
+            let (waited, tw) = settled.get(&key).copied().unwrap_or_default();
+            line += &format!("; {tw} TIME_WAIT sockets at the start, after a wait of {:.0} s", waited.as_secs_f64());
             s.r.diag.push(line);
-            s.r.diag_json
-                .insert(key.clone(), serde_json::json!({"cores": cpu.json(), "failed": failed, "listen_drops": drops}));
+            s.r.diag_json.insert(
+                key.clone(),
+                serde_json::json!({"cores": cpu.json(), "failed": failed, "listen_drops": drops,
+                    "time_wait_at_start": tw, "time_wait_wait_s": waited.as_secs_f64()}),
+            );
         }
         if let Some(p) = s.proxy.as_mut() {
             p.stop();
@@ -694,6 +704,28 @@ fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
         s.proxy = None;
     }
     systems.into_iter().map(|s| s.r).collect()
+}
+
+/// Waits until the TIME_WAIT sockets of earlier runs have expired (fewer than
+/// 1,000 left; at most 65 s, Linux keeps them 60 s), so that every
+/// connection-rate level starts from the same empty table instead of
+/// inheriting the previous level's (as many as its rate times a minute): a
+/// connect's port search, and Dante's `bind` to port 0, cost more the fuller
+/// the table is. Within a level every system meets the same table (the runs
+/// rotate). Returns the time waited and the count left. Smoke runs do not wait.
+fn drain_time_wait(cfg: &Cfg) -> (Duration, u64) {
+    let start = Instant::now();
+    let limit = Duration::from_secs(if cfg.smoke { 0 } else { 65 });
+    loop {
+        let tw = load::sockstat_tcp("tw");
+        if tw < 1_000 || start.elapsed() >= limit {
+            return (start.elapsed(), tw);
+        }
+        if start.elapsed() < Duration::from_millis(100) {
+            eprintln!("bench: waiting for {tw} TIME_WAIT sockets to expire (at most {} s) ...", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// One bulk run of one system: throughput, CPU per GiB, and (first repeat)
