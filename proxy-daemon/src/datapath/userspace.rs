@@ -445,7 +445,8 @@ fn pump<'a, G: Future<Output = io::Result<()>> + 'a>(
         let chunk = dir.limit.map_or(CHUNK, RateLimit::chunk);
         let mut unyielded = 0usize;
         if !early.is_empty() {
-            write_all(writer, &early).await?;
+            let sent = send_at_once(writer, &early)?;
+            write_all(writer, &early[sent..]).await?;
             dir.count.fetch_add(early.len() as u64, Ordering::Relaxed);
             dir.last_ns.store(monotonic_ns(), Ordering::Relaxed);
         }
@@ -495,7 +496,12 @@ fn pump<'a, G: Future<Output = io::Result<()>> + 'a>(
                     return Ok(PumpEnd::Stopped);
                 }
                 Burst::End => {
-                    stop.eof.store(true, Ordering::Release);
+                    if stop.eof.swap(true, Ordering::AcqRel) {
+                        // The other direction ended first: the relay ends
+                        // `Closed` now, and closing the sockets sends this FIN
+                        // (both receive queues are drained: no reset).
+                        return Ok(PumpEnd::Eof);
+                    }
                     // ENOTCONN: the write half was already shut (a tunnel
                     // demoted after the kernel path passed this FIN on).
                     return match nix::sys::socket::shutdown(writer.as_raw_fd(), nix::sys::socket::Shutdown::Write) {
@@ -585,11 +591,7 @@ async fn copy_burst(
             // A paced direction writes only when its pacer says.
             let written = match dir.limit {
                 Some(_) => 0,
-                None => match writer.try_write(&buf[..n]) {
-                    Ok(w) => w,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                    Err(e) => return Err(e),
-                },
+                None => send_at_once(writer, &buf[..n])?,
             };
             Ok(Step::Read { n, drained, rest: (written < n).then(|| buf[written..n].to_vec()) })
         })?;
@@ -737,6 +739,21 @@ async fn readable(sock: &TcpStream) -> io::Result<()> {
 /// Waits until `sock` has room, in its one writer slot (see [`readable`]).
 async fn writable(sock: &TcpStream) -> io::Result<()> {
     std::future::poll_fn(|cx| sock.poll_write_ready(cx)).await
+}
+
+/// Sends what `sock` has room for now, without asking tokio first: tokio
+/// learns that a socket it has just registered is writable only from the
+/// next `epoll_wait`, so its `try_write` refuses the first write of every
+/// tunnel (and of every handshake reply) and costs a turn of the event loop
+/// before it. Returns the bytes sent, 0 when there was no room (the caller
+/// then waits through tokio, whose `try_write` meets `EAGAIN` itself).
+pub fn send_at_once(sock: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    use nix::sys::socket::{send, MsgFlags};
+    match send(sock.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL) {
+        Ok(n) => Ok(n),
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => Ok(0),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Writes all of `buf`, waiting for room as needed.

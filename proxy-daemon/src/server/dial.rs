@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockType, SockaddrStorage};
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use super::registry::{ConnType, Entry};
 use crate::config::{AccessRequest, Action, Config};
-use crate::datapath::userspace::Limits;
+use crate::datapath::userspace::{send_at_once, Limits};
 use crate::metrics::RefusalReason;
 use crate::sys;
 
@@ -123,11 +123,7 @@ async fn recv_now(sock: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
 /// tokio: like [`recv_now`], no turn of the event loop before the client has
 /// its answer.
 pub async fn send_now(sock: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
-    let sent = match socket::send(sock.as_raw_fd(), bytes, MsgFlags::MSG_NOSIGNAL) {
-        Ok(n) => n,
-        Err(Errno::EAGAIN | Errno::EINTR) => 0,
-        Err(e) => return Err(e.into()),
-    };
+    let sent = send_at_once(sock, bytes)?;
     sock.write_all(&bytes[sent..]).await
 }
 
