@@ -298,9 +298,8 @@ impl DataPath for WithPolicy {
 
     fn attach(&self, pair: Pair, cancel: CancellationToken) -> io::Result<Tunnel> {
         let Pair { client, upstream, client_early } = pair;
-        let cookies = [sys::socket_cookie(&client)?, sys::socket_cookie(&upstream)?];
         let start = tunnel::Start::Fresh { client, upstream, early: client_early };
-        Ok(self.tunnel(cookies, start, cancel, None))
+        Ok(self.tunnel(None, start, cancel, None))
     }
 
     fn resume(
@@ -340,7 +339,7 @@ impl DataPath for WithPolicy {
             }
         };
         let spliced = matches!(start, tunnel::Start::Spliced { .. });
-        Ok(self.tunnel(cookies, start, cancel, Some((user, kernel_done, spliced))))
+        Ok(self.tunnel(Some(cookies), start, cancel, Some((user, kernel_done, spliced))))
     }
 }
 
@@ -350,13 +349,13 @@ impl WithPolicy {
     /// it is spliced, of a tunnel taken over from another process.
     fn tunnel(
         &self,
-        cookies: [u64; 2],
+        cookies: Option<[u64; 2]>,
         start: tunnel::Start,
         cancel: CancellationToken,
         resumed: Option<([u64; 3], [u64; 2], bool)>,
     ) -> Tunnel {
         let shared = &self.kernel.shared;
-        let flow = Arc::new(KernelFlow::new(Arc::clone(shared), cookies[0], cookies[1]));
+        let flow = Arc::new(KernelFlow::new(Arc::clone(shared), cookies));
         if let Some((user, kernel_done, spliced)) = resumed {
             flow.resumed(user, kernel_done, spliced);
         }

@@ -4,8 +4,9 @@
 //! counters ([`KernelFlow`]), which the connections list reads.
 
 use std::io;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
 use aya::Ebpf;
@@ -130,10 +131,11 @@ impl Maps {
 /// value read is kept and added up when the epoch ends).
 pub(super) struct KernelFlow {
     pub(super) shared: Arc<Shared>,
-    /// Cookie of the client socket: its `FLOWS` entry counts tx.
-    pub(super) client: u64,
-    /// Cookie of the upstream socket: its `FLOWS` entry counts rx.
-    pub(super) upstream: u64,
+    /// The cookies of the client socket (its `FLOWS` entry counts tx) and of
+    /// the upstream one (rx), read at the first splice: a tunnel that stays
+    /// on the relay never needs them (two `getsockopt` calls per short
+    /// connection saved).
+    cookies: OnceLock<[u64; 2]>,
     /// Whether the verdict moves the bytes right now (the `path` column).
     pub(super) spliced: AtomicBool,
     /// What userspace moved.
@@ -156,11 +158,11 @@ pub(super) struct KernelCounts {
 }
 
 impl KernelFlow {
-    pub(super) fn new(shared: Arc<Shared>, client: u64, upstream: u64) -> Self {
+    /// A tunnel's flow; `cookies` when they are known already.
+    pub(super) fn new(shared: Arc<Shared>, cookies: Option<[u64; 2]>) -> Self {
         KernelFlow {
             shared,
-            client,
-            upstream,
+            cookies: cookies.map(OnceLock::from).unwrap_or_default(),
             spliced: AtomicBool::new(false),
             user: Counters::new(),
             kernel: Mutex::new(KernelCounts::default()),
@@ -174,10 +176,26 @@ impl KernelFlow {
         if !counts.in_maps {
             return;
         }
-        if let (Some(c), Some(u)) = (maps.flow(self.client), maps.flow(self.upstream)) {
+        let Some(&[client, upstream]) = self.cookies.get() else { return };
+        if let (Some(c), Some(u)) = (maps.flow(client), maps.flow(upstream)) {
             counts.now = [counts.now[0].max(c.bytes), counts.now[1].max(u.bytes)];
             counts.last_ns = counts.last_ns.max(c.last_ns).max(u.last_ns);
         }
+    }
+
+    /// The sockets' cookies (client, upstream), read from `socks` the first time.
+    pub(super) fn cookies(&self, socks: &[impl AsFd; 2]) -> io::Result<[u64; 2]> {
+        if let Some(cookies) = self.cookies.get() {
+            return Ok(*cookies);
+        }
+        let cookies = [sys::socket_cookie(&socks[0])?, sys::socket_cookie(&socks[1])?];
+        Ok(*self.cookies.get_or_init(|| cookies))
+    }
+
+    /// The tunnel's name in the logs: its client socket's cookie (0 until
+    /// the first splice).
+    pub(super) fn id(&self) -> u64 {
+        self.cookies.get().map_or(0, |c| c[0])
     }
 
     pub(super) fn counts(&self) -> std::sync::MutexGuard<'_, KernelCounts> {

@@ -199,7 +199,6 @@ pub(super) fn run(
     // An async block, not an `async fn`: that would keep a second copy of
     // each argument in the future (rustc #62958), which every tunnel holds.
     async move {
-        let id = flow.client;
         let (mut socks, mut early, mut resumed) = match start {
             Start::Fresh { client, upstream, early } => (Some([client, upstream]), Some(early), None),
             Start::Relayed { socks, ended } if ended.contains(&true) => {
@@ -261,7 +260,7 @@ pub(super) fn run(
                         }
                         shared.promotions.fetch_add(1, Ordering::Relaxed);
                         // (Fields are evaluated only when the line is logged.)
-                        debug!(tunnel = id, counters = ?flow.snapshot(), "promoting into the sockhash");
+                        debug!(tunnel = flow.id(), counters = ?flow.snapshot(), "promoting into the sockhash");
                     }
                     let [client, upstream] = &mut pair;
                     // After the relay there is nothing to hand over: it stopped with both
@@ -281,7 +280,7 @@ pub(super) fn run(
                         Ok(false) => {}
                         Ok(true) => {
                             debug!(
-                                tunnel = id,
+                                tunnel = flow.id(),
                                 "cannot splice (a side closed, or never went quiet); relaying in userspace"
                             );
                             return Box::pin(relay_to_end(&flow, pair, &cancel, &park, [false; 2])).await;
@@ -289,7 +288,7 @@ pub(super) fn run(
                         Err(e) => {
                             // A side failed (typically reset): the other one gets a RST
                             // too, as on the relay and while spliced, not a clean FIN.
-                            debug!(tunnel = id, "handing over queued bytes: {e}; resetting both sides");
+                            debug!(tunnel = flow.id(), "handing over queued bytes: {e}; resetting both sides");
                             for sock in &pair {
                                 let _ = sys::set_linger_zero(sock);
                             }
@@ -309,7 +308,7 @@ pub(super) fn run(
             let end = watch(&shared, &spliced, &mut grace, &cancel, &park, closing).await;
             if let End::Demote = end {
                 shared.demotions.fetch_add(1, Ordering::Relaxed);
-                debug!(tunnel = id, counters = ?flow.snapshot(), "a peer fell behind: demoting to the relay");
+                debug!(tunnel = flow.id(), counters = ?flow.snapshot(), "a peer fell behind: demoting to the relay");
                 // The verdict stops; TCP_INFO takes each socket's lock, so a
                 // verdict run still in progress finishes first.
                 for (cookie, sock) in spliced.cookies.iter().zip(&spliced.socks) {
@@ -328,7 +327,7 @@ pub(super) fn run(
                     Err(e) => {
                         flow.freeze();
                         shared.maps.leave(cookies);
-                        return warn!(tunnel = id, "cannot relay: {e}");
+                        return warn!(tunnel = flow.id(), "cannot relay: {e}");
                     }
                 }
                 // `auto` leaves a tunnel whose peer fell behind on the relay, where
@@ -340,7 +339,7 @@ pub(super) fn run(
             if let End::Parked { fin, shut } = end {
                 // The pair stays in the maps; the new process watches it.
                 drop(grace);
-                debug!(tunnel = id, "parked while spliced");
+                debug!(tunnel = flow.id(), "parked while spliced");
                 let (kernel_done, user) = (flow.done_epochs(), flow.user.snapshot());
                 let Spliced { socks, cookies, written_before } = spliced;
                 let state = ParkedState::Kernel {
@@ -358,15 +357,15 @@ pub(super) fn run(
             flow.freeze();
             shared.maps.leave(spliced.cookies);
             match end {
-                End::Clean => debug!(tunnel = id, "closed by both sides"),
-                End::Cancelled => debug!(tunnel = id, "cancelled"),
+                End::Clean => debug!(tunnel = flow.id(), "closed by both sides"),
+                End::Cancelled => debug!(tunnel = flow.id(), "cancelled"),
                 End::Reset(side) => {
-                    debug!(tunnel = id, "{} side reset; resetting the other", side_name(side));
+                    debug!(tunnel = flow.id(), "{} side reset; resetting the other", side_name(side));
                     if let Err(e) = sys::set_linger_zero(&spliced.socks[1 - side]) {
-                        debug!(tunnel = id, "SO_LINGER: {e}");
+                        debug!(tunnel = flow.id(), "SO_LINGER: {e}");
                     }
                 }
-                End::Failed(e) => warn!(tunnel = id, "closing tunnel: {e}"),
+                End::Failed(e) => warn!(tunnel = flow.id(), "closing tunnel: {e}"),
                 End::Demote | End::Parked { .. } => unreachable!("handled above"),
             }
             // Dropping `spliced` closes both sockets.
@@ -384,7 +383,15 @@ async fn enter(
     cancel: &CancellationToken,
     park: &Park,
 ) -> Option<Spliced> {
-    let id = flow.client;
+    let cookies = match flow.cookies(&socks) {
+        Ok(cookies) => cookies,
+        Err(e) => {
+            debug!("cannot read the sockets' cookies ({e}); relaying in userspace");
+            relay_to_end(flow, socks, cancel, park, [false; 2]).await;
+            return None;
+        }
+    };
+    let id = cookies[0];
     // Leave tokio's reactor: from now on the kernel moves the bytes.
     let [client, upstream] = socks;
     let socks = match (client.into_std(), upstream.into_std()) {
@@ -397,10 +404,10 @@ async fn enter(
     for sock in &socks {
         tune_socket(sock, shared.queue_cap);
     }
-    match splice(shared, socks, [flow.client, flow.upstream]) {
+    match splice(shared, socks, cookies) {
         Ok(spliced) => {
             flow.enter_maps();
-            debug!(tunnel = id, upstream = flow.upstream, "spliced");
+            debug!(tunnel = id, upstream = cookies[1], "spliced");
             Some(spliced)
         }
         Err(SpliceError::Nothing(e, socks)) => {
@@ -466,7 +473,7 @@ async fn relay_to_end(
 async fn relay_std(flow: &KernelFlow, socks: [StdTcpStream; 2], cancel: &CancellationToken, park: &Park) {
     match to_tokio(socks) {
         Ok(socks) => relay_to_end(flow, socks, cancel, park, [false; 2]).await,
-        Err(e) => warn!(tunnel = flow.client, "cannot relay: {e}"),
+        Err(e) => warn!(tunnel = flow.id(), "cannot relay: {e}"),
     }
 }
 
