@@ -280,40 +280,46 @@ impl Parser<'_> {
             return Err(self.error(&format!("unknown property `{name}` (allowed: {})", self.props.join(", "))));
         }
         self.skip_ws();
-        let op = if self.keyword("!=") {
-            Op::Ne
+        // The operator; `~` and `in` have values of their own kind.
+        enum Operator {
+            Cmp(Op),
+            Match,
+            In,
+        }
+        let operator = if self.keyword("!=") {
+            Operator::Cmp(Op::Ne)
         } else if self.keyword("<=") {
-            Op::Le
+            Operator::Cmp(Op::Le)
         } else if self.keyword(">=") {
-            Op::Ge
+            Operator::Cmp(Op::Ge)
         } else if self.keyword("=") {
-            Op::Eq
+            Operator::Cmp(Op::Eq)
         } else if self.keyword("<") {
-            Op::Lt
+            Operator::Cmp(Op::Lt)
         } else if self.keyword(">") {
-            Op::Gt
+            Operator::Cmp(Op::Gt)
         } else if self.keyword("~") {
-            self.skip_ws();
-            let value = self.value()?;
-            return match regex_lite::Regex::new(&value) {
-                Ok(re) => Ok(Node::Match { prop: name, re: Pattern(re) }),
-                Err(e) => Err(self.error(&format!("invalid regular expression: {e}"))),
-            };
+            Operator::Match
         } else if self.keyword("in") {
-            self.skip_ws();
-            let value = self.value()?;
-            return match prefix(&value) {
-                Some(net) => Ok(Node::In { prop: name, net }),
-                None => {
-                    Err(self.error(&format!("`in` takes an address or prefix (a.b.c.d/len, x::y/len), not `{value}`")))
-                }
-            };
+            Operator::In
         } else {
             return Ok(Node::Flag(name));
         };
         self.skip_ws();
         let value = self.value()?;
-        Ok(Node::Cmp { prop: name, op, value })
+        match operator {
+            Operator::Cmp(op) => Ok(Node::Cmp { prop: name, op, value }),
+            Operator::Match => match regex_lite::Regex::new(&value) {
+                Ok(re) => Ok(Node::Match { prop: name, re: Pattern(re) }),
+                Err(e) => Err(self.error(&format!("invalid regular expression: {e}"))),
+            },
+            Operator::In => match prefix(&value) {
+                Some(net) => Ok(Node::In { prop: name, net }),
+                None => {
+                    Err(self.error(&format!("`in` takes an address or prefix (a.b.c.d/len, x::y/len), not `{value}`")))
+                }
+            },
+        }
     }
 
     fn value(&mut self) -> Result<String, SelectError> {
