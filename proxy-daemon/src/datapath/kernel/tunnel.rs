@@ -259,8 +259,6 @@ pub(super) fn run(
                             continue;
                         }
                         shared.promotions.fetch_add(1, Ordering::Relaxed);
-                        // (Fields are evaluated only when the line is logged.)
-                        debug!(tunnel = flow.id(), counters = ?flow.snapshot(), "promoting into the sockhash");
                     }
                     let [client, upstream] = &mut pair;
                     // After the relay there is nothing to hand over: it stopped with both
@@ -407,7 +405,9 @@ async fn enter(
     match splice(shared, socks, cookies) {
         Ok(spliced) => {
             flow.enter_maps();
-            debug!(tunnel = id, upstream = cookies[1], "spliced");
+            // (Fields are evaluated only when the line is logged: the counters
+            // say what the relay moved before a promotion.)
+            debug!(tunnel = id, upstream = cookies[1], counters = ?flow.snapshot(), "spliced");
             Some(spliced)
         }
         Err(SpliceError::Nothing(e, socks)) => {
