@@ -37,7 +37,7 @@ pub struct BenchArgs {
     /// A few seconds' run of every measurement, to check that the bench works.
     #[arg(long)]
     pub smoke: bool,
-    /// Repeats of every measurement (the figure is their median). Default 5 (smoke: 1).
+    /// Repeats of every measurement (the figure is their median). Default 9 (smoke: 1).
     #[arg(long)]
     pub repeats: Option<usize>,
     /// Seconds per bulk run (latency and connection-rate runs take half). Default 2.
@@ -257,7 +257,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let secs = args.seconds.unwrap_or(if args.smoke { 0.3 } else { 2.0 });
     let cfg = Cfg {
         smoke: args.smoke,
-        repeats: args.repeats.unwrap_or(if args.smoke { 1 } else { 5 }).max(1),
+        repeats: args.repeats.unwrap_or(if args.smoke { 1 } else { 9 }).max(1),
         bulk: Duration::from_secs_f64(secs),
         lat: Duration::from_secs_f64(secs / 2.0),
         conn: Duration::from_secs_f64(secs / 2.0),

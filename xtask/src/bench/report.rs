@@ -332,6 +332,23 @@ pub fn write(
 
 type Goal = (String, String, Option<bool>);
 
+/// ", each round 0.84-1.11": the range of `a`'s sample over `b`'s in each
+/// round (the two run one after the other in a round), which shows how far
+/// the run can resolve a difference between them; "" unless both have one
+/// sample per round.
+fn round_ratios(key: &str, a: Option<&SysResult>, b: Option<&SysResult>) -> String {
+    fn samples<'a>(r: Option<&'a SysResult>, key: &str) -> &'a [f64] {
+        r.and_then(|r| r.metrics.get(key)).map_or(&[], |m| &m.samples[..])
+    }
+    let (a, b) = (samples(a, key), samples(b, key));
+    if a.len() < 2 || a.len() != b.len() {
+        return String::new();
+    }
+    let r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+    let (lo, hi) = r.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    format!(", each round {lo:.2}-{hi:.2}")
+}
+
 fn goals(results: &[SysResult], cfg: &Cfg) -> Vec<Goal> {
     let Some(a) = results.iter().find(|r| r.name == "proxyd-auto") else { return vec![] };
     let auto = a.available.then_some(a);
@@ -354,13 +371,20 @@ fn goals(results: &[SysResult], cfg: &Cfg) -> Vec<Goal> {
     columns.push(("conn_c1_threaded", true));
     for (key, higher) in columns {
         let (x, u, k) = (g(key, auto), g(key, user), g(key, kernel));
-        let best = match (u, k) {
-            (Some(u), Some(k)) => Some(if higher { u.max(k) } else { u.min(k) }),
-            (u, k) => u.or(k),
+        let better_is_user = match (u, k) {
+            (Some(u), Some(k)) => (u >= k) == higher,
+            (u, _) => u.is_some(),
         };
+        let best_sys = if better_is_user { user } else { kernel };
+        let best = g(key, best_sys);
         v.push((
             format!("{key}: auto within 5% of the better of userspace and kernel"),
-            format!("{} vs best {}", x.map(num).unwrap_or("—".into()), best.map(num).unwrap_or("—".into())),
+            format!(
+                "{} vs best {}{}",
+                x.map(num).unwrap_or("—".into()),
+                best.map(num).unwrap_or("—".into()),
+                round_ratios(key, auto, best_sys)
+            ),
             x.zip(best).map(|(x, b)| if higher { x >= 0.95 * b } else { x <= 1.05 * b }),
         ));
     }
