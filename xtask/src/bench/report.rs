@@ -332,10 +332,9 @@ pub fn write(
 
 type Goal = (String, String, Option<bool>);
 
-/// ", each round 0.84-1.11": the range of `a`'s sample over `b`'s in each
-/// round (the two run one after the other in a round), which shows how far
-/// the run can resolve a difference between them; "" unless both have one
-/// sample per round.
+/// ", each round 0.84-1.11": the range of `a`'s sample over `b`'s from the
+/// same round of the rotation, which shows how far the run can resolve a
+/// difference between them; "" unless both have one sample per round.
 fn round_ratios(key: &str, a: Option<&SysResult>, b: Option<&SysResult>) -> String {
     fn samples<'a>(r: Option<&'a SysResult>, key: &str) -> &'a [f64] {
         r.and_then(|r| r.metrics.get(key)).map_or(&[], |m| &m.samples[..])
