@@ -586,3 +586,30 @@ fn svg(results: &[SysResult], defs: &[(String, String, &'static str, bool)], m: 
     s += "</svg>\n";
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::Metric;
+
+    fn sys(samples: &[f64]) -> SysResult {
+        let mut r = SysResult { name: "s".into(), available: true, ..Default::default() };
+        r.metrics.insert("k".into(), Metric { samples: samples.to_vec(), note: None });
+        r
+    }
+
+    #[test]
+    fn round_ratios_pair_the_samples_of_each_round() {
+        let (a, b) = (sys(&[90.0, 110.0, 100.0]), sys(&[100.0, 100.0, 80.0]));
+        assert_eq!(round_ratios("k", Some(&a), Some(&b)), ", each round 0.90-1.25");
+    }
+
+    #[test]
+    fn round_ratios_say_nothing_when_the_rounds_do_not_pair() {
+        let (a, b, one) = (sys(&[1.0, 2.0, 3.0]), sys(&[1.0, 2.0]), sys(&[1.0]));
+        assert_eq!(round_ratios("k", Some(&a), Some(&b)), "");
+        assert_eq!(round_ratios("k", Some(&one), Some(&one)), "");
+        assert_eq!(round_ratios("k", Some(&a), None), "");
+        assert_eq!(round_ratios("other", Some(&a), Some(&a)), "");
+    }
+}
