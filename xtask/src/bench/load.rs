@@ -192,13 +192,16 @@ pub struct LatResult {
     pub n: usize,
 }
 
-/// 64-byte request/response ping-pong over one established tunnel for `dur`.
+/// 64-byte request/response ping-pong over one established tunnel for `dur`,
+/// after 100 ms of it uncounted (as [`pingpong`]: long enough for `auto` to
+/// settle the tunnel on a path).
 pub fn latency(t: &Target, dur: Duration) -> io::Result<LatResult> {
     let mut s = open(t, t.dsts[0], Some(src_ip(950)))?;
     let mut msg = [0x61u8; 64];
     msg[0] = b'p';
     let mut back = [0u8; 64];
-    for _ in 0..200 {
+    let warm = Instant::now();
+    while warm.elapsed() < Duration::from_millis(100) {
         s.write_all(&msg)?;
         s.read_exact(&mut back)?;
     }

@@ -8,9 +8,10 @@
 //! - `report`: target/bench/results.{md,json,svg}.
 //!
 //! Every run is bounded in time; each figure is the median of the repeats
-//! (five by default: with three, `auto` and the forced relay, which run the
-//! same code for bulk flows and short connections, still differed by up to
-//! 15% within one run on this shared machine).
+//! (nine by default, and four times as many, each a quarter as long, for the
+//! latency and connection-rate runs): a run's figure swings by where its
+//! threads land on the two vCPUs, which holds for the whole run, so more runs
+//! narrow a median and longer ones do not (docs/decisions.md, "Benchmark").
 
 mod echo;
 mod load;
@@ -37,10 +38,12 @@ pub struct BenchArgs {
     /// A few seconds' run of every measurement, to check that the bench works.
     #[arg(long)]
     pub smoke: bool,
-    /// Repeats of every measurement (the figure is their median). Default 9 (smoke: 1).
+    /// Repeats of every measurement (the figure is their median); latency and
+    /// connection-rate runs take four times as many. Default 9 (smoke: 1).
     #[arg(long)]
     pub repeats: Option<usize>,
-    /// Seconds per bulk run (latency and connection-rate runs take half). Default 2.
+    /// Seconds per bulk run (latency and connection-rate runs take an eighth;
+    /// smoke: half). Default 2.
     #[arg(long)]
     pub seconds: Option<f64>,
     /// Systems to measure, comma-separated: direct,dante,auto,userspace,kernel
@@ -71,6 +74,8 @@ pub struct BenchArgs {
 pub struct Cfg {
     pub smoke: bool,
     pub repeats: usize,
+    /// Repeats of the latency and connection-rate runs, each `lat` or `conn` long.
+    pub short_repeats: usize,
     pub bulk: Duration,
     pub lat: Duration,
     pub conn: Duration,
@@ -255,12 +260,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let work = PathBuf::from(format!("/tmp/proxyd-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let secs = args.seconds.unwrap_or(if args.smoke { 0.3 } else { 2.0 });
+    let repeats = args.repeats.unwrap_or(if args.smoke { 1 } else { 9 }).max(1);
+    // Latency and connection rates: four runs of a quarter the time for each
+    // bulk repeat (measured: the spread of `auto` over `userspace` by round
+    // halved against nine runs of a second).
+    let split = if args.smoke { 1 } else { 4 };
     let cfg = Cfg {
         smoke: args.smoke,
-        repeats: args.repeats.unwrap_or(if args.smoke { 1 } else { 9 }).max(1),
+        repeats,
+        short_repeats: repeats * split,
         bulk: Duration::from_secs_f64(secs),
-        lat: Duration::from_secs_f64(secs / 2.0),
-        conn: Duration::from_secs_f64(secs / 2.0),
+        lat: Duration::from_secs_f64(secs / 2.0 / split as f64),
+        conn: Duration::from_secs_f64(secs / 2.0 / split as f64),
         concs: vec![1, 16, 64],
         tunnels: match &args.tunnels {
             Some(s) => s
@@ -482,7 +493,7 @@ fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
         }
     }
     eprintln!("bench: latency ...");
-    for rep in 0..if cfg.runs("latency") { cfg.repeats } else { 0 } {
+    for rep in 0..if cfg.runs("latency") { cfg.short_repeats } else { 0 } {
         for i in order(rep) {
             let s = &mut systems[i];
             let Some(target) = &s.target else { continue };
@@ -505,7 +516,7 @@ fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
     // Many interactive tunnels at once: where the splice's fewer copies and
     // wake-ups show (one tunnel's ping-pong mostly measures where the
     // threads happen to run).
-    for rep in 0..if cfg.runs("latency") { cfg.repeats } else { 0 } {
+    for rep in 0..if cfg.runs("latency") { cfg.short_repeats } else { 0 } {
         for i in order(rep) {
             let s = &mut systems[i];
             let Some(target) = s.target.clone() else { continue };
@@ -631,7 +642,7 @@ fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
         let key = format!("conn_c{c}");
         settled.insert(key.clone(), drain_time_wait(cfg));
         eprintln!("bench: connections c={c} ...");
-        for rep in 0..cfg.repeats {
+        for rep in 0..cfg.short_repeats {
             for i in order(rep) {
                 let s = &mut systems[i];
                 let Some(target) = s.target.clone() else { continue };
@@ -656,7 +667,7 @@ fn run_systems(kinds: &[Kind], ctx: &Ctx, cfg: &Cfg) -> Vec<SysResult> {
     if cfg.runs("conn") {
         drain_time_wait(cfg);
     }
-    for rep in 0..if cfg.runs("conn") { cfg.repeats } else { 0 } {
+    for rep in 0..if cfg.runs("conn") { cfg.short_repeats } else { 0 } {
         for i in order(rep) {
             let s = &mut systems[i];
             let Some(target) = s.target.clone() else { continue };
