@@ -366,8 +366,9 @@ impl Versus {
 
     /// The ratio a goal is judged on: the median of the rounds' ratios where
     /// the rounds pair. It cancels what a round's load does to both systems;
-    /// over resampled rounds it spread half as far as the ratio of the
-    /// medians, or less, in most columns (docs/decisions.md, "Benchmark").
+    /// over resampled rounds of the README's run it spread about half as far
+    /// as the ratio of the medians in most columns (docs/decisions.md,
+    /// "Benchmark").
     fn judged(&self) -> Option<f64> {
         self.rounds.map(|r| r.0).or(self.of_medians)
     }
