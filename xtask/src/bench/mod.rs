@@ -10,8 +10,9 @@
 //! Every run is bounded in time; each figure is the median of the repeats
 //! (nine by default, and four times as many, each a quarter as long, for the
 //! latency and connection-rate runs): a run's figure swings by where its
-//! threads land on the two vCPUs, which holds for the whole run, so more runs
-//! narrow a median and longer ones do not (docs/decisions.md, "Benchmark").
+//! threads land on the two vCPUs, which mostly holds for the whole run, so
+//! more runs narrow a median further than longer ones of the same total time
+//! (docs/decisions.md, "Benchmark").
 
 mod echo;
 mod load;
