@@ -634,6 +634,8 @@ fn svg(results: &[SysResult], defs: &[(String, String, &'static str, bool)], m: 
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn sys(samples: &[f64]) -> SysResult {
@@ -658,6 +660,45 @@ mod tests {
         let unpaired = Versus::new("k", Some(&a), Some(&sys(&[100.0])));
         assert_eq!(unpaired.judged(), Some(1.0));
         assert_eq!(unpaired.text(), "1.000×");
+    }
+
+    #[test]
+    fn connection_goals_judge_cpu_against_dante_and_socks5_against_microsocks() {
+        let named = |name: &str, conn: &[f64], cpu_us: f64| {
+            let mut r = SysResult { name: name.into(), available: true, ..Default::default() };
+            r.metrics.insert("conn_c1".into(), Metric { samples: conn.to_vec(), note: None });
+            r.diag_json.insert("conn_c1_proxy_cpu_us_per_conn".into(), cpu_us.into());
+            r
+        };
+        let results = [
+            named("proxyd-auto", &[4000.0, 4200.0], 150.0),
+            named("dante", &[2000.0, 2000.0], 400.0),
+            named("proxyd-auto-socks5", &[3000.0, 3300.0], 160.0),
+            named("microsocks", &[3100.0, 3100.0], 0.0),
+        ];
+        let cfg = Cfg {
+            smoke: true,
+            repeats: 2,
+            short_repeats: 2,
+            bulk: Duration::ZERO,
+            lat: Duration::ZERO,
+            conn: Duration::ZERO,
+            concs: vec![1],
+            tunnels: vec![],
+            scale_limit: Duration::ZERO,
+            slow: Duration::ZERO,
+            slow_tunnels: 0,
+            tests: vec![],
+        };
+        let goals = goals(&results, &cfg);
+        let find = |g: &str| goals.iter().find(|(goal, ..)| goal == g).unwrap();
+        let cpu = find("proxy CPU per connection at c=1 ≤ 0.4× Dante's");
+        assert_eq!((cpu.1.as_str(), cpu.2), ("150 against 400 µs: 0.38×", Some(true)));
+        // Rounds 3000/3100 and 3300/3100: median 1.016.
+        let socks5 = find("SOCKS5 connections c=1 ≥ microsocks");
+        assert_eq!(socks5.2, Some(true));
+        assert!(socks5.1.starts_with("1.016× (medians 1.016×"), "{}", socks5.1);
+        assert_eq!(find("connections c=1 ≥ 2× Dante").2, Some(true));
     }
 
     #[test]
