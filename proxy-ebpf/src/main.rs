@@ -13,6 +13,8 @@
 //! window's low mark ([`EVENT_LOW`]: userspace grants more while the peer
 //! keeps up) and past its limit ([`EVENT_OVER`]: userspace takes the socket
 //! off the splice, so its bytes wait in its own, accounted, receive queue).
+//! Each mark is told once, and counts as told only once its event is in the
+//! ring; userspace listens before the pair enters the maps.
 //! A lookup miss passes the skb up to the socket itself (`SK_PASS`): never
 //! drop data. Only empty skbs (a bare FIN) are dropped.
 //!
@@ -110,7 +112,7 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
             // The skb must go (its head would repeat) and its new bytes with
             // it: userspace resets the tunnel, so a gap never passes unseen.
             debug!(ctx, "proxyd: socket {} cannot cut {} of {} bytes; broken", cookie, old, len);
-            tell(cookie, EVENT_BROKEN);
+            let _ = tell(cookie, EVENT_BROKEN);
             return Err(sk_action::SK_DROP);
         }
         count_cut(old);
@@ -142,13 +144,13 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
             (*flow).bytes += len;
             (*flow).packets += 1;
             (*flow).last_ns = bpf_ktime_get_ns();
-            if (*flow).bytes >= splice.low && (*flow).asked != splice.low {
+            // A mark counts as told only once its event is in the ring: with
+            // the ring full, the next skb tells again (one event per mark).
+            if (*flow).bytes >= splice.low && (*flow).asked != splice.low && tell(cookie, EVENT_LOW) {
                 (*flow).asked = splice.low;
-                tell(cookie, EVENT_LOW);
             }
-            if (*flow).bytes > splice.limit && (*flow).over != splice.limit {
+            if (*flow).bytes > splice.limit && (*flow).over != splice.limit && tell(cookie, EVENT_OVER) {
                 (*flow).over = splice.limit;
-                tell(cookie, EVENT_OVER);
             }
         }
     }
@@ -219,10 +221,10 @@ fn trim(ctx: &SkBuffContext, mut bytes: u32) -> Result<(), i64> {
     }
 }
 
-/// Queues an event for userspace; a full ring loses it, which only delays
-/// userspace until the next event or its own timer.
-fn tell(cookie: u64, kind: u64) {
-    let _ = EVENTS.output::<Event>(Event { cookie, kind }, 0);
+/// Queues an event for userspace; false when the ring is full (the event
+/// is lost: a window mark is then told again on the next skb).
+fn tell(cookie: u64, kind: u64) -> bool {
+    EVENTS.output::<Event>(Event { cookie, kind }, 0).is_ok()
 }
 
 #[cfg(not(test))]

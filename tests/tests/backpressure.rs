@@ -108,6 +108,67 @@ fn stalled_peers_hold_bounded_accounted_memory() {
     }
 }
 
+/// One fast sender and a reader that keeps falling a little behind (it
+/// pauses after every 8 MiB): under `kernel` the tunnel is braked, demoted
+/// and promoted again many times, each promotion while bytes pour in. What
+/// the sender has written and the reader not yet read (the sockets' buffers,
+/// the window and the grace: under 150 MiB) stays bounded at every read.
+/// Until the tunnel watched its windows before entering the maps, the
+/// verdict's first events of an epoch could go out before anyone listened,
+/// and that epoch ran with no window at all: 2.8 GB in flight after 1.4 s
+/// in the bench's one-flow run.
+#[test]
+fn a_reader_that_falls_behind_bounds_what_is_in_flight() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    for dp in paths() {
+        let mut d = Daemon::start(dp);
+        let proxy = d.enable(&[]);
+        let (l, dst) = listen_local();
+        let (c, mut u) = socks::tunnel(proxy, &l, dst);
+        let sent = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (sent, done) = (sent.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut c = c;
+                let chunk = pattern(256 << 10, 11);
+                let until = Instant::now() + Duration::from_secs(4);
+                while Instant::now() < until {
+                    let n = c.write(&chunk).expect("the sender's write");
+                    sent.fetch_add(n as u64, Ordering::Release);
+                }
+                c.shutdown(Shutdown::Write).unwrap();
+                done.store(true, Ordering::Release);
+                c
+            })
+        };
+        u.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let (mut got, mut since_pause, mut worst) = (0u64, 0u64, 0u64);
+        loop {
+            let n = u.read(&mut buf).expect("the reader's read");
+            if n == 0 {
+                break;
+            }
+            got += n as u64;
+            since_pause += n as u64;
+            if !done.load(Ordering::Acquire) {
+                worst = worst.max(sent.load(Ordering::Acquire).saturating_sub(got));
+            }
+            if since_pause >= 8 * MIB {
+                since_pause = 0;
+                std::thread::sleep(Duration::from_millis(3));
+            }
+        }
+        let _c = writer.join().unwrap();
+        let total = sent.load(Ordering::Acquire);
+        eprintln!("{dp}: {} MiB sent, at most {} MiB in flight", total / MIB, worst / MIB);
+        assert_eq!(got, total, "{dp}: bytes lost or added");
+        assert!(worst < 256 * MIB, "{dp}: {} MiB written and not read: no window held the sender", worst / MIB);
+    }
+}
+
 /// Reads exactly `len` bytes, sleeping `pause` once after `pause_at` bytes
 /// (a peer that stalls and resumes).
 fn read_exactly(s: &mut TcpStream, len: usize, pause_at: Option<(usize, Duration)>) -> Vec<u8> {

@@ -84,7 +84,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::hangup::{EV_LOW, EV_OVER};
+use super::hangup::{Registration, EV_LOW, EV_OVER};
 use super::shared::{KernelFlow, Shared};
 use crate::bpf::error_line;
 use crate::datapath::park::{Park, Parked, ParkedState};
@@ -219,10 +219,10 @@ pub(super) fn run(
         let mut rule = (policy == Policy::Auto || waits).then_some(PROMOTE);
         loop {
             let mut closing = None;
-            let spliced = match resumed.take() {
+            let (spliced, registration) = match resumed.take() {
                 Some((sp, fin, shut)) => {
                     closing = Some((fin, shut));
-                    sp
+                    (sp, None)
                 }
                 None => {
                     let Some(mut pair) = socks.take() else { return };
@@ -293,17 +293,18 @@ pub(super) fn run(
                             return;
                         }
                     }
-                    let Some(spliced) = Box::pin(enter(&shared, &flow, pair, &cancel, &park)).await else {
+                    let Some((spliced, registration)) = Box::pin(enter(&shared, &flow, pair, &cancel, &park)).await
+                    else {
                         return;
                     };
-                    spliced
+                    (spliced, Some(registration))
                 }
             };
             // Grace bytes the directions hold from the daemon's budget (past their
             // window, no room yet): given back when the peer has room again, or
             // once a demoted tunnel's psocks have drained (or it ended).
             let mut grace = Grace { shared: &shared, held: [0; 2] };
-            let end = watch(&shared, &spliced, &mut grace, &cancel, &park, closing).await;
+            let end = watch(&shared, &spliced, registration, &mut grace, &cancel, &park, closing).await;
             if let End::Demote = end {
                 shared.demotions.fetch_add(1, Ordering::Relaxed);
                 debug!(tunnel = flow.id(), counters = ?flow.snapshot(), "a peer fell behind: demoting to the relay");
@@ -372,15 +373,24 @@ pub(super) fn run(
     }
 }
 
-/// Takes the pair out of tokio's reactor and into the maps; on failure it
-/// is relayed to its end here and `None` is returned.
+/// Takes the pair out of tokio's reactor and into the maps, watched by the
+/// shared hangup set from before it enters them; on failure it is relayed to
+/// its end here and `None` is returned.
+///
+/// The order matters: the verdict runs from the moment the pair is in the
+/// maps, and a fast sender takes it past half its first window within
+/// microseconds. The events it raises then are edge-triggered (one per
+/// mark), so one raised before the tunnel listens is lost for good, and the
+/// epoch runs with no window: found in the bench's one-flow run under
+/// `kernel`, 2.8 GB in flight after a promotion (test:
+/// `a_reader_that_falls_behind_bounds_what_is_in_flight`).
 async fn enter(
     shared: &Shared,
     flow: &KernelFlow,
     socks: [TcpStream; 2],
     cancel: &CancellationToken,
     park: &Park,
-) -> Option<Spliced> {
+) -> Option<(Spliced, Registration)> {
     let cookies = match flow.cookies(&socks) {
         Ok(cookies) => cookies,
         Err(e) => {
@@ -402,13 +412,21 @@ async fn enter(
     for sock in &socks {
         tune_socket(sock, shared.queue_cap);
     }
+    let registration = match shared.hangups.register(&socks, cookies) {
+        Ok(r) => r,
+        Err(e) => {
+            debug!(tunnel = id, "cannot watch the pair ({e}); relaying in userspace");
+            relay_std(flow, socks, cancel, park).await;
+            return None;
+        }
+    };
     match splice(shared, socks, cookies) {
         Ok(spliced) => {
             flow.enter_maps();
             // (Fields are evaluated only when the line is logged: the counters
             // say what the relay moved before a promotion.)
             debug!(tunnel = id, upstream = cookies[1], counters = ?flow.snapshot(), "spliced");
-            Some(spliced)
+            Some((spliced, registration))
         }
         Err(SpliceError::Nothing(e, socks)) => {
             debug!(tunnel = id, "cannot splice ({e}); relaying in userspace");
@@ -663,16 +681,20 @@ async fn unsplice_half(shared: &Shared, flow: &KernelFlow, sp: &Spliced, cancel:
 }
 
 /// Waits for FIN/RST on both sockets, keeps each direction's window
-/// following its peer, and closes each direction without loss.
+/// following its peer, and closes each direction without loss. A pair that
+/// entered the maps here comes with its `registration` (see [`enter`]); one
+/// taken over from another process registers now and looks at both windows
+/// first.
 async fn watch(
     shared: &Shared,
     sp: &Spliced,
+    registration: Option<Registration>,
     grace: &mut Grace<'_>,
     cancel: &CancellationToken,
     park: &Park,
     closing: Option<([bool; 2], [bool; 2])>,
 ) -> End {
-    let registration = match shared.hangups.register(&sp.socks, sp.cookies) {
+    let registration = match registration.map_or_else(|| shared.hangups.register(&sp.socks, sp.cookies), Ok) {
         Ok(r) => r,
         Err(e) => return End::Failed(e),
     };
