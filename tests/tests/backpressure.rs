@@ -112,7 +112,9 @@ fn stalled_peers_hold_bounded_accounted_memory() {
 /// pauses after every 8 MiB): under `kernel` the tunnel is braked, demoted
 /// and promoted again many times, each promotion while bytes pour in. What
 /// the sender has written and the reader not yet read (the sockets' buffers,
-/// the window and the grace: under 150 MiB) stays bounded at every read.
+/// the window and the grace: under 150 MiB) stays bounded at every read, and
+/// under `kernel` the tunnel went back into the maps at least once (a
+/// promotion while bytes poured in).
 /// Until the tunnel watched its windows before entering the maps, the
 /// verdict's first events of an epoch could go out before anyone listened,
 /// and that epoch ran with no window at all: 2.8 GB in flight after 1.4 s
@@ -123,7 +125,8 @@ fn a_reader_that_falls_behind_bounds_what_is_in_flight() {
     use std::sync::Arc;
     for dp in paths() {
         let mut d = Daemon::start(dp);
-        let proxy = d.enable(&[]);
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let proxy = d.enable(&[&format!("metrics-address={metrics}")]);
         let (l, dst) = listen_local();
         let (c, mut u) = socks::tunnel(proxy, &l, dst);
         let sent = Arc::new(AtomicU64::new(0));
@@ -163,8 +166,12 @@ fn a_reader_that_falls_behind_bounds_what_is_in_flight() {
         }
         let _c = writer.join().unwrap();
         let total = sent.load(Ordering::Acquire);
-        eprintln!("{dp}: {} MiB sent, at most {} MiB in flight", total / MIB, worst / MIB);
+        let promoted = sample(&scrape(&metrics), "proxyd_tunnel_path_switches_total{switch=\"promoted\"}");
+        eprintln!("{dp}: {} MiB sent, at most {} MiB in flight, {promoted} promotions", total / MIB, worst / MIB);
         assert_eq!(got, total, "{dp}: bytes lost or added");
+        if dp == "kernel" {
+            assert!(promoted >= 2, "{dp}: never demoted and spliced again ({promoted} promotions): the test no longer crosses a promotion under load");
+        }
         assert!(worst < 256 * MIB, "{dp}: {} MiB written and not read: no window held the sender", worst / MIB);
     }
 }
