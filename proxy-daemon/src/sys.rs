@@ -24,19 +24,18 @@ use tokio::io::Interest;
 
 /// The kernel's 64-bit identifier of a socket (`SO_COOKIE`): the sockhash key.
 pub fn socket_cookie(sock: &impl AsFd) -> io::Result<u64> {
+    cookie_at(sock.as_fd().as_raw_fd())
+}
+
+/// The cookie of whatever socket descriptor number `fd` names right now
+/// (`EBADF` or `ENOTSOCK` when none).
+fn cookie_at(fd: std::os::fd::RawFd) -> io::Result<u64> {
     let mut cookie: u64 = 0;
     let mut len = mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: `cookie`/`len` are valid for writes of the size passed; the fd
-    // is borrowed, so it stays open for the call.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_fd().as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
+    // SAFETY: `cookie`/`len` are valid for writes of the size passed; the
+    // kernel checks the descriptor number (a closed one fails, EBADF).
+    let rc =
+        unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE, (&mut cookie as *mut u64).cast(), &mut len) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -183,9 +182,18 @@ impl Epoll {
         Ok(self.epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token))?)
     }
 
-    /// Stops watching `fd`. The number is all epoll needs; a descriptor
-    /// already closed has left the set by itself, and this fails harmlessly.
-    pub fn unwatch(&self, fd: std::os::fd::RawFd) -> io::Result<()> {
+    /// Stops watching the socket `cookie` that was watched as `fd`, if `fd`
+    /// still names it. Epoll deletes by number, and a socket closed since has
+    /// left the set by itself while its number may already belong to a socket
+    /// another thread watches: deleting that one would lose its hang-ups
+    /// (seen: a tunnel relayed to its end after a failed splice dropped its
+    /// registration after closing its sockets, and the next tunnel, given
+    /// the same numbers on the other shard, never saw its client's FIN).
+    /// The check cannot race: only the caller closes its own socket.
+    pub fn unwatch_socket(&self, fd: std::os::fd::RawFd, cookie: u64) -> io::Result<()> {
+        if cookie_at(fd)? != cookie {
+            return Ok(());
+        }
         // SAFETY: EPOLL_CTL_DEL reads no memory (the event argument may be
         // null); both arguments are plain descriptor numbers.
         let rc = unsafe { libc::epoll_ctl(self.epoll.0.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
@@ -467,5 +475,53 @@ impl Drop for OffHeapFile {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `read`, unmapped once.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+    use std::time::{Duration, Instant};
+
+    fn connected(l: &TcpListener) -> (TcpStream, TcpStream) {
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        (c, l.accept().unwrap().0)
+    }
+
+    /// A registration dropped after its socket closed must not stop watching
+    /// the socket that was given the same number since (a tunnel lost its
+    /// client's FIN that way).
+    #[test]
+    fn unwatch_leaves_a_reused_number_to_its_new_socket() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let epoll = Epoll::new().unwrap();
+        let (old, _old_peer) = connected(&l);
+        let (new, new_peer) = connected(&l);
+        let old_cookie = socket_cookie(&old).unwrap();
+        let number = OwnedFd::from(old);
+        epoll.watch_hangup(&number, 1).unwrap();
+        // The old socket closes (leaving the set) and its number names the
+        // new one, in one step: no other thread of the test can take it.
+        nix::unistd::dup2(new.as_raw_fd(), number.as_raw_fd()).unwrap();
+        epoll.watch_hangup(&number, 2).unwrap();
+
+        epoll.unwatch_socket(number.as_raw_fd(), old_cookie).unwrap();
+        drop(new_peer);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut seen = Vec::new();
+        while seen.is_empty() && Instant::now() < deadline {
+            seen = epoll.drain().unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(seen.len(), 1, "the new socket's FIN: {seen:?}");
+        assert_eq!(seen[0].0, 2);
+        assert_ne!(seen[0].1 & EV_RDHUP, 0, "events {:#x}", seen[0].1);
+
+        // Its own cookie does unwatch it: a second attempt finds nothing to delete.
+        let new_cookie = socket_cookie(&new).unwrap();
+        epoll.unwatch_socket(number.as_raw_fd(), new_cookie).unwrap();
+        let again = epoll.unwatch_socket(number.as_raw_fd(), new_cookie).unwrap_err();
+        assert_eq!(again.raw_os_error(), Some(libc::ENOENT));
     }
 }

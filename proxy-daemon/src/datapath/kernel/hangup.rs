@@ -75,15 +75,18 @@ pub(super) struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        for fd in self.fds {
-            // The sockets are still open (the tunnel owns them); closing them
-            // would also remove them, but only once no duplicate is left.
-            let _ = self.hangups.epoll.get_ref().unwatch(fd);
+        for (fd, cookie) in self.fds.into_iter().zip(self.cookies) {
+            // Usually the sockets are still open (a duplicate would keep a
+            // closed one in the set); when they are not, their numbers may
+            // be another tunnel's now, and `unwatch_socket` leaves those be.
+            let _ = self.hangups.epoll.get_ref().unwatch_socket(fd, cookie);
         }
         let mut waiters = self.hangups.waiters.lock().unwrap_or_else(|p| p.into_inner());
         waiters.by_id.remove(&self.id);
         for cookie in self.cookies {
-            waiters.by_cookie.remove(&cookie);
+            if waiters.by_cookie.get(&cookie).is_some_and(|&(id, _)| id == self.id) {
+                waiters.by_cookie.remove(&cookie);
+            }
         }
     }
 }

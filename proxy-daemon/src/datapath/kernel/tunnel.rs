@@ -435,20 +435,26 @@ async fn enter(
             return None;
         }
     };
-    match splice(shared, socks, cookies) {
+    let failed = match splice(shared, socks, cookies) {
         Ok(spliced) => {
             flow.enter_maps();
             // (Fields are evaluated only when the line is logged: the counters
             // say what the relay moved before a promotion.)
             debug!(tunnel = id, upstream = cookies[1], counters = ?flow.snapshot(), "spliced");
-            Some((spliced, registration))
+            return Some((spliced, registration));
         }
-        Err(SpliceError::Nothing(e, socks)) => {
+        Err(failed) => failed,
+    };
+    // The relay carries the tunnel from here and closes its sockets: the
+    // registration goes first, while they are still this tunnel's.
+    drop(registration);
+    match failed {
+        SpliceError::Nothing(e, socks) => {
             debug!(tunnel = id, "cannot splice ({e}); relaying in userspace");
             relay_std(flow, socks, cancel, park).await;
             None
         }
-        Err(SpliceError::Half(e, spliced)) => {
+        SpliceError::Half(e, spliced) => {
             debug!(tunnel = id, "cannot splice the client side ({e}); relaying in userspace");
             flow.enter_maps();
             unsplice_half(shared, flow, &spliced, cancel).await;
