@@ -110,7 +110,8 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     if old > 0 {
         if trim(ctx, old as u32).is_err() {
             // The skb must go (its head would repeat) and its new bytes with
-            // it: userspace resets the tunnel, so a gap never passes unseen.
+            // it: userspace resets the tunnel when it reads the event (a full
+            // ring loses it: see docs/kernel-data-path.md).
             debug!(ctx, "proxyd: socket {} cannot cut {} of {} bytes; broken", cookie, old, len);
             let _ = tell(cookie, EVENT_BROKEN);
             return Err(sk_action::SK_DROP);
