@@ -481,12 +481,13 @@ impl Drop for OffHeapFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::{TcpListener, TcpStream};
+    use proxyd_tests::{accept_timeout, listen_local, tcp_connect};
+    use std::net::{SocketAddrV4, TcpListener, TcpStream};
     use std::time::{Duration, Instant};
 
-    fn connected(l: &TcpListener) -> (TcpStream, TcpStream) {
-        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        (c, l.accept().unwrap().0)
+    fn connected(l: &TcpListener, at: SocketAddrV4) -> (TcpStream, TcpStream) {
+        let c = tcp_connect(at.into()).expect("connect");
+        (c, accept_timeout(l, Duration::from_secs(5)).expect("accept"))
     }
 
     /// A registration dropped after its socket closed must not stop watching
@@ -494,10 +495,10 @@ mod tests {
     /// client's FIN that way).
     #[test]
     fn unwatch_leaves_a_reused_number_to_its_new_socket() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (l, at) = listen_local();
         let epoll = Epoll::new().unwrap();
-        let (old, _old_peer) = connected(&l);
-        let (new, new_peer) = connected(&l);
+        let (old, _old_peer) = connected(&l, at);
+        let (new, new_peer) = connected(&l, at);
         let old_cookie = socket_cookie(&old).unwrap();
         let number = OwnedFd::from(old);
         epoll.watch_hangup(&number, 1).unwrap();
