@@ -21,9 +21,19 @@ pub struct FlowStats {
     pub last_ns: u64,
     /// The [`Splice::low`] mark for which an [`EVENT_LOW`] was sent.
     pub asked: u64,
-    /// The [`Splice::limit`] mark for which an [`EVENT_OVER`] was sent.
+    /// The [`Splice::limit`] mark for which an [`EVENT_OVER`] was sent, or
+    /// [`BROKEN`] once the verdict had to drop bytes of this socket.
     pub over: u64,
 }
+
+/// [`FlowStats::over`] of a socket whose stream has a gap: the verdict had to
+/// drop an skb with new bytes ([`EVENT_BROKEN`]). The mark stays, and every
+/// later skb of the socket is dropped too (and the event told again), so no
+/// byte after the gap reaches the peer and userspace, which checks the mark
+/// before it passes a FIN on or moves the tunnel to the relay, resets the
+/// tunnel even if no event found room in the ring. (A mark in an existing
+/// field: the pinned map's value keeps its size, so an upgrade adopts it.)
+pub const BROKEN: u64 = u64::MAX - 1;
 
 /// Value of [`PEERS_MAP`], written only by userspace (whole values, so the
 /// program always reads one consistent version): where a socket's bytes go,
@@ -61,8 +71,18 @@ pub const EVENT_LOW: u64 = 1;
 /// The socket's redirected bytes passed [`Splice::limit`]: the peer is behind.
 pub const EVENT_OVER: u64 = 2;
 /// The verdict had to drop an skb (it could not cut off a retransmission's
-/// old head): the stream has a gap, so the tunnel must be reset.
+/// old head): the stream has a gap, so the tunnel must be reset (see [`BROKEN`]).
 pub const EVENT_BROKEN: u64 = 3;
+
+/// The verdict's read-only global of fault-injection bits (0 in service; the
+/// loader sets it from `PROXYD_BPF_FAULTS` for tests).
+pub const FAULTS_GLOBAL: &str = "FAULTS";
+/// Fault: no [`EVENT_BROKEN`] is told, as if the ring were always full.
+pub const FAULT_RING_FULL: u32 = 1;
+/// The verdict's read-only global of the most bytes it cuts off one skb
+/// (`u32::MAX` in service: only its own step bound applies; tests lower it
+/// to make a cut fail, which in service takes an overlap beyond 640 KiB).
+pub const CUT_MAX_GLOBAL: &str = "CUT_MAX";
 
 #[cfg(feature = "user")]
 // SAFETY: `FlowStats` is `#[repr(C)]`, made only of `u64`s (no padding, no

@@ -16,7 +16,8 @@
 //! Each mark is told once, and counts as told only once its event is in the
 //! ring; userspace listens before the pair enters the maps.
 //! A lookup miss passes the skb up to the socket itself (`SK_PASS`): never
-//! drop data. Only empty skbs (a bare FIN) are dropped.
+//! drop data. Only empty skbs (a bare FIN) are dropped, and those of a stream
+//! that already has a gap (below).
 //!
 //! Bytes already delivered. The kernel hands the verdict whole skbs and, after a
 //! redirect, advances the socket's `copied_seq` by the skb's whole length; an
@@ -27,7 +28,11 @@
 //! ([`already_read`]) and drops an skb that held nothing else once it is empty
 //! (the kernel does not move `copied_seq` for an empty one); the offset of that
 //! field in the kernel's `struct tcp_sock` comes from the kernel's BTF
-//! ([`TCP_COPIED_SEQ`]).
+//! ([`TCP_COPIED_SEQ`]). An skb it cannot cut must be dropped whole, a gap:
+//! the socket's `FLOWS` entry is marked [`BROKEN`] and userspace told
+//! ([`EVENT_BROKEN`]); from then on the socket's skbs are dropped and the
+//! event told again, and userspace resets the tunnel on the event or, should
+//! every event have found the ring full, when it next reads the entry.
 //!
 //! The same object carries the XDP prefilter ([`xdp`]), loaded separately.
 #![no_std]
@@ -46,7 +51,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use proxy_common::{
-    Event, FlowStats, Splice, CUT_BYTES, CUT_SKBS, EVENTS_BYTES, EVENT_BROKEN, EVENT_LOW, EVENT_OVER, MAX_SOCKETS,
+    Event, FlowStats, Splice, BROKEN, CUT_BYTES, CUT_SKBS, EVENTS_BYTES, EVENT_BROKEN, EVENT_LOW, EVENT_OVER,
+    FAULT_RING_FULL, MAX_SOCKETS,
 };
 
 /// Redirect targets (program-less), keyed by socket cookie.
@@ -79,6 +85,16 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 #[unsafe(no_mangle)]
 static TCP_COPIED_SEQ: u32 = 0;
 
+/// Fault-injection bits (`FAULT_*`), set by the loader for tests only; 0 (the
+/// verifier sees the constant and prunes the branch) in service.
+#[unsafe(no_mangle)]
+static FAULTS: u32 = 0;
+
+/// Most bytes cut off one skb besides [`trim`]'s own bound; lowered by the
+/// loader for tests only (a failing cut in service needs 640 KiB of overlap).
+#[unsafe(no_mangle)]
+static CUT_MAX: u32 = u32::MAX;
+
 /// Most bytes one call of `bpf_skb_adjust_room` removes from an `sk_skb`.
 const TRIM_STEP: u32 = 0xfff;
 /// Most calls [`trim`] makes: 160 steps, 640 KiB. An overlap is at most one
@@ -106,14 +122,27 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     // SAFETY: the helper only reads the skb's socket; `as_ptr` is this
     // program's own context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let flow = FLOWS.get_ptr_mut(cookie);
+    // SAFETY: the pointer comes from a successful lookup and stays valid for
+    // this program run (RCU); see the counters below for who writes it.
+    if flow.is_some_and(|f| unsafe { (*f).over } == BROKEN) {
+        // Past a gap: nothing more reaches the peer, and userspace is told
+        // again (the first event may have found the ring full).
+        tell_broken(cookie);
+        return Err(sk_action::SK_DROP);
+    }
     let old = already_read(ctx).min(len);
     if old > 0 {
-        if trim(ctx, old as u32).is_err() {
+        if old > u64::from(read_only(&CUT_MAX)) || trim(ctx, old as u32).is_err() {
             // The skb must go (its head would repeat) and its new bytes with
-            // it: userspace resets the tunnel when it reads the event (a full
-            // ring loses it: see docs/kernel-data-path.md).
+            // it: the stream has a gap. The mark stops every later skb and
+            // makes userspace reset the tunnel, with or without the event.
             debug!(ctx, "proxyd: socket {} cannot cut {} of {} bytes; broken", cookie, old, len);
-            let _ = tell(cookie, EVENT_BROKEN);
+            if let Some(f) = flow {
+                // SAFETY: as above.
+                unsafe { (*f).over = BROKEN };
+            }
+            tell_broken(cookie);
             return Err(sk_action::SK_DROP);
         }
         count_cut(old);
@@ -136,7 +165,7 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         debug!(ctx, "proxyd: peer {} of socket {} not in the sockhash, passing", splice.peer, cookie);
         return Err(sk_action::SK_PASS);
     }
-    if let Some(flow) = FLOWS.get_ptr_mut(cookie) {
+    if let Some(flow) = flow {
         // SAFETY: the pointer comes from a successful lookup and stays valid
         // for this program run (RCU). Only this socket's receive path writes
         // this entry, and it runs serialized under the socket lock, so the
@@ -226,6 +255,20 @@ fn trim(ctx: &SkBuffContext, mut bytes: u32) -> Result<(), i64> {
 /// is lost: a window mark is then told again on the next skb).
 fn tell(cookie: u64, kind: u64) -> bool {
     EVENTS.output::<Event>(Event { cookie, kind }, 0).is_ok()
+}
+
+/// Tells userspace that `cookie`'s stream has a gap (see [`BROKEN`]).
+fn tell_broken(cookie: u64) {
+    if read_only(&FAULTS) & FAULT_RING_FULL == 0 {
+        let _ = tell(cookie, EVENT_BROKEN);
+    }
+}
+
+/// One of this program's read-only globals, as the loader set it.
+fn read_only(global: &'static u32) -> u32 {
+    // SAFETY: a read of this program's read-only data (volatile: the
+    // compiler must not fold in the object's default).
+    unsafe { core::ptr::read_volatile(global) }
 }
 
 #[cfg(not(test))]

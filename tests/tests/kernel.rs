@@ -5,7 +5,7 @@
 
 use proxyd_tests::{
     accept_timeout, daemon::proxyd_bin, data_paths, free_port, in_ci, is_root, kernel_under_test, listen_local,
-    pattern, require_program, run_with_timeout, sample, scrape, sha256, socks, wait_until, Daemon,
+    pattern, require_program, run_with_timeout, sample, scrape, sha256, socks, wait_until, Daemon, Options,
 };
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -355,21 +355,8 @@ fn overlapping_segment_reaches_the_peer_once() {
     let mut d = Daemon::start("kernel");
     let metrics = format!("127.0.0.1:{}", free_port());
     let proxy = d.enable(&[&format!("metrics-address={metrics}")]);
-    let (l, dst) = listen_local();
-    let (mut c, mut u) = socks::tunnel(proxy, &l, dst);
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let (from, to) = (u.local_addr().unwrap().port(), u.peer_addr().unwrap().port());
-    let sniffer = raw::Lo::open(from, to);
-    let first = pattern(1000, 1);
-    let next = pattern(100, 2);
-    u.write_all(&first).unwrap();
-    let mut got = vec![0u8; first.len()];
-    c.read_exact(&mut got).unwrap();
-    assert!(got == first, "the first 1000 bytes");
-    let last = sniffer.last_data_segment(Duration::from_secs(5)).expect("the destination's segment on lo");
     // 10 bytes the socket has delivered, then the 10 the destination sends next.
-    let overlap = [&first[first.len() - 10..], &next[..10]].concat();
-    sniffer.inject(&last, last.seq_end().wrapping_sub(10), &overlap);
+    let Overlapped { mut c, mut u, next, .. } = overlap(proxy, 10, 10);
     let mut early = vec![0u8; 10];
     c.read_exact(&mut early).unwrap();
     assert_eq!(early, next[..10], "the injected segment's new bytes, without the 10 already delivered");
@@ -386,6 +373,88 @@ fn overlapping_segment_reaches_the_peer_once() {
     assert!(cut >= 10, "the verdict cut {cut} bytes, want at least the 10 injected again");
     let rows = d.cli.connections();
     assert!(rows.iter().any(|r| r.rx == 1100), "rx must count each byte once (1100): {rows:?}");
+}
+
+/// A spliced tunnel whose verdict could not cut an overlapping segment (it had
+/// to drop it, new bytes and all) is reset on both sides, and its client never
+/// gets a byte from after the gap: with the verdict's event, and with the event
+/// lost to a full ring, when the destination's FIN must not be passed on as a
+/// clean end. Both faults are injected (`PROXYD_BPF_FAULTS`): a cut fails in
+/// service only past 640 KiB of overlap, which no test can make TCP queue.
+///
+/// The kernel moves the socket's `copied_seq` by a dropped skb's whole length,
+/// 16 bytes past what TCP received here; so the next in-order segment (10
+/// bytes) looks delivered and is cut away whole, and the one after it (20)
+/// only in part: without the broken mark its last 14 bytes would reach the
+/// client, after a gap.
+#[test]
+fn a_cut_that_fails_resets_the_tunnel_even_if_its_event_is_lost() {
+    const T: &str = "a_cut_that_fails_resets_the_tunnel_even_if_its_event_is_lost";
+    if !kernel_under_test(T) {
+        return;
+    }
+    for faults in ["cut-max=15", "cut-max=15,ring-full"] {
+        let env = vec![("PROXYD_BPF_FAULTS".to_string(), faults.to_string())];
+        let mut d = Daemon::start_with("kernel", Options { env, ..Options::default() });
+        let proxy = d.enable(&[]);
+        // 16 delivered bytes and 1 new: more than cut-max, so dropped.
+        let Overlapped { mut c, mut u, next, sniffer, last } = overlap(proxy, 16, 1);
+        let end = last.seq_end();
+        sniffer.inject(&last, end.wrapping_add(1), &next[1..11]);
+        sniffer.inject(&last, end.wrapping_add(11), &next[11..31]);
+        // The destination's own next segment overlaps 17 bytes: dropped too.
+        // The reset reaches the destination as the error of one of its calls
+        // (a socket reports it once): the write if it came first, else the read.
+        u.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut calls = vec![u.write_all(&next).map(|_| 0)];
+        calls.push(u.shutdown(Shutdown::Write).map(|_| 0));
+        let mut got = Vec::new();
+        let closed = c.read_to_end(&mut got);
+        assert!(got.is_empty(), "{faults}: the client got {} bytes from after the gap", got.len());
+        let err = closed.expect_err(&format!("{faults}: the client saw a clean end of a stream with a gap"));
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{faults}: the client's read: {err}");
+        calls.push(u.read(&mut [0u8; 64]));
+        assert!(
+            calls.iter().any(|r| r.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset)),
+            "{faults}: the destination saw no reset (write, shutdown, read: {calls:?})"
+        );
+        assert!(d.log().contains("PROXYD_BPF_FAULTS is set"), "{faults}: the daemon did not say it injects faults");
+    }
+}
+
+/// A spliced tunnel right after the injection of a segment that overlaps the
+/// bytes its client already got (see `overlapping_segment_reaches_the_peer_once`).
+struct Overlapped {
+    c: std::net::TcpStream,
+    u: std::net::TcpStream,
+    /// The 100 bytes the destination sends next; the injected segment carried
+    /// the first of them after bytes already delivered.
+    next: Vec<u8>,
+    /// What sees and injects the destination's segments, and the last one it
+    /// sent before the injection.
+    sniffer: raw::Lo,
+    last: raw::Segment,
+}
+
+/// Opens a tunnel through `proxy` (a `kernel` daemon), moves 1000 bytes from
+/// the destination to the client, and injects a segment of the last `old` of
+/// them followed by the first `new` bytes the destination sends next.
+fn overlap(proxy: std::net::SocketAddr, old: usize, new: usize) -> Overlapped {
+    let (l, dst) = listen_local();
+    let (mut c, mut u) = socks::tunnel(proxy, &l, dst);
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (from, to) = (u.local_addr().unwrap().port(), u.peer_addr().unwrap().port());
+    let sniffer = raw::Lo::open(from, to);
+    let first = pattern(1000, 1);
+    let next = pattern(100, 2);
+    u.write_all(&first).unwrap();
+    let mut got = vec![0u8; first.len()];
+    c.read_exact(&mut got).unwrap();
+    assert!(got == first, "the first 1000 bytes");
+    let last = sniffer.last_data_segment(Duration::from_secs(5)).expect("the destination's segment on lo");
+    let overlap = [&first[first.len() - old..], &next[..new]].concat();
+    sniffer.inject(&last, last.seq_end().wrapping_sub(old as u32), &overlap);
+    Overlapped { c, u, next, sniffer, last }
 }
 
 /// Seeing and injecting IPv4 TCP segments on `lo` through an `AF_PACKET` socket.

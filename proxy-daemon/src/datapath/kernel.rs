@@ -50,7 +50,8 @@ use aya::programs::SkSkb;
 use aya::EbpfLoader;
 use aya_log::EbpfLogger;
 use proxy_common::{
-    CUTS_MAP, CUT_BYTES, CUT_SKBS, EVENTS_MAP, FLOWS_MAP, PEERS_MAP, SOCKS_MAP, SPLICE_MAP, VERDICT_PROG,
+    CUTS_MAP, CUT_BYTES, CUT_MAX_GLOBAL, CUT_SKBS, EVENTS_MAP, FAULTS_GLOBAL, FAULT_RING_FULL, FLOWS_MAP, PEERS_MAP,
+    SOCKS_MAP, SPLICE_MAP, VERDICT_PROG,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -78,6 +79,37 @@ const COPIED_SEQ_GLOBAL: &str = "TCP_COPIED_SEQ";
 /// Names of every pin this data path creates in its pin dir (the events
 /// ring too: a new process takes it over in an upgrade).
 const PINNED_MAPS: [&str; 5] = [SOCKS_MAP, SPLICE_MAP, PEERS_MAP, FLOWS_MAP, EVENTS_MAP];
+
+/// The environment variable that injects faults into the verdict, for tests
+/// only: a comma-separated list of `cut-max=BYTES` (a cut of more fails, as
+/// one of more than 640 KiB does in service) and `ring-full` (no broken-stream
+/// event is told, as if the ring were full each time).
+const FAULTS_ENV: &str = "PROXYD_BPF_FAULTS";
+
+/// The verdict's fault globals from [`FAULTS_ENV`]: the fault bits and the
+/// cut limit (0 and `u32::MAX` when it is unset).
+fn faults_from_env() -> io::Result<(u32, u32)> {
+    let Some(list) = std::env::var_os(FAULTS_ENV) else { return Ok((0, u32::MAX)) };
+    let (mut bits, mut cut_max) = (0, u32::MAX);
+    let bad = |name: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{FAULTS_ENV}: unknown fault {name:?} (allowed: cut-max=BYTES, ring-full)"),
+        )
+    };
+    for name in list.to_string_lossy().split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        match name.split_once('=') {
+            None if name == "ring-full" => bits |= FAULT_RING_FULL,
+            Some(("cut-max", n)) => cut_max = n.parse().map_err(|_| bad(name))?,
+            _ => return Err(bad(name)),
+        }
+    }
+    warn!(
+        "{FAULTS_ENV} is set: the verdict injects faults (ring-full {}, cut-max {cut_max}); for tests only",
+        bits & FAULT_RING_FULL != 0
+    );
+    Ok((bits, cut_max))
+}
 
 /// The loaded programs and maps; `attach` splices pairs through them.
 pub struct KernelDataPath {
@@ -151,8 +183,11 @@ impl KernelDataPath {
         let pin_paths: Vec<std::path::PathBuf> = PINNED_MAPS.iter().map(|n| pin_dir.join(n)).collect();
         let copied_seq = btf::tcp_copied_seq_offset()
             .map_err(|e| io::Error::new(e.kind(), format!("finding tcp_sock.copied_seq for the verdict: {e}")))?;
+        let (faults, cut_max) = faults_from_env()?;
         let mut loader = EbpfLoader::new();
         loader.override_global(COPIED_SEQ_GLOBAL, &copied_seq, true);
+        loader.override_global(FAULTS_GLOBAL, &faults, true);
+        loader.override_global(CUT_MAX_GLOBAL, &cut_max, true);
         for (name, path) in PINNED_MAPS.iter().zip(&pin_paths) {
             if adopting {
                 // The maps the old process pinned, and everything in them.

@@ -7,8 +7,8 @@
 //! The same dispatcher reads the verdict's event ring (`EVENTS`, registered
 //! in the set under its own token): a socket whose window runs low
 //! ([`EV_LOW`]) or that overran it ([`EV_OVER`]) wakes its tunnel the same way,
-//! and one whose skb the verdict had to drop is reported as an error
-//! (`EV_ERR`: the tunnel is reset rather than left with a gap).
+//! and so does one whose skb the verdict had to drop ([`EV_BROKEN`]: the
+//! tunnel is reset rather than left with a gap).
 
 use std::collections::HashMap;
 use std::io;
@@ -29,6 +29,9 @@ use crate::sys::{self, Epoll};
 pub(super) const EV_LOW: u32 = 1 << 30;
 /// Bit set in a side's events when it overran its window (from the ring).
 pub(super) const EV_OVER: u32 = 1 << 29;
+/// Bit set in a side's events when the verdict dropped bytes of it (from the
+/// ring): its stream has a gap.
+pub(super) const EV_BROKEN: u32 = 1 << 28;
 /// The epoll token of the event ring (tunnel tokens are `id << 1 | side`).
 const RING_TOKEN: u64 = u64::MAX;
 
@@ -175,8 +178,7 @@ impl Hangups {
                 let bits = match kind {
                     EVENT_LOW => EV_LOW,
                     EVENT_OVER => EV_OVER,
-                    // The verdict dropped an skb: reset, as for a socket error.
-                    EVENT_BROKEN => crate::sys::EV_ERR,
+                    EVENT_BROKEN => EV_BROKEN,
                     _ => continue,
                 };
                 if let Some(&(id, side)) = waiters.by_cookie.get(&cookie) {

@@ -78,13 +78,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::socket::{setsockopt, sockopt, SetSockOpt};
-use proxy_common::{FlowStats as MapFlow, Splice};
+use proxy_common::{FlowStats as MapFlow, Splice, BROKEN};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::hangup::{Registration, EV_LOW, EV_OVER};
+use super::hangup::{Registration, EV_BROKEN, EV_LOW, EV_OVER};
 use super::shared::{KernelFlow, Shared};
 use crate::bpf::error_line;
 use crate::datapath::park::{Park, Parked, ParkedState};
@@ -169,6 +169,9 @@ enum End {
     Cancelled,
     /// This socket was reset (or failed); the other one gets a RST too.
     Reset(usize),
+    /// The verdict had to drop bytes received on this socket (its `FLOWS`
+    /// entry is [`BROKEN`]): the stream has a gap, so both get a RST.
+    Broken(usize),
     /// A syscall failed.
     Failed(io::Error),
     /// A peer fell behind: the tunnel braked and moves to the relay.
@@ -323,6 +326,13 @@ pub(super) fn run(
                     let _ = sys::tcp_info(sock);
                     set_receive_buffer(sock, shared.queue_cap / 4);
                 }
+                // The verdict is done with the pair: a gap it left must not
+                // reach the relay, which would carry on after it.
+                if let Some(side) = broken_side(&shared, &spliced) {
+                    flow.freeze();
+                    shared.maps.leave(spliced.cookies);
+                    return reset_broken(flow.id(), &spliced, side);
+                }
                 flow.spliced.store(false, Ordering::Relaxed);
                 let Spliced { socks: std_socks, cookies, written_before } = spliced;
                 let view = to_tokio(std_socks).and_then(|s| Ok((Spliced::view(&s, cookies, written_before)?, s)));
@@ -368,6 +378,11 @@ pub(super) fn run(
                 };
                 return park.put(Parked { socks, state });
             }
+            // A cancelled tunnel closes with FINs: not one whose stream has a gap.
+            let end = match end {
+                End::Clean | End::Cancelled => broken_side(&shared, &spliced).map_or(end, End::Broken),
+                end => end,
+            };
             flow.freeze();
             shared.maps.leave(spliced.cookies);
             match end {
@@ -379,6 +394,7 @@ pub(super) fn run(
                         debug!(tunnel = flow.id(), "SO_LINGER: {e}");
                     }
                 }
+                End::Broken(side) => reset_broken(flow.id(), &spliced, side),
                 End::Failed(e) => warn!(tunnel = flow.id(), "closing tunnel: {e}"),
                 End::Demote | End::Parked { .. } => unreachable!("handled above"),
             }
@@ -457,8 +473,10 @@ async fn enter(
         SpliceError::Half(e, spliced) => {
             debug!(tunnel = id, "cannot splice the client side ({e}); relaying in userspace");
             flow.enter_maps();
-            unsplice_half(shared, flow, &spliced, cancel).await;
-            relay_std(flow, spliced.socks, cancel, park).await;
+            match unsplice_half(shared, flow, &spliced, cancel).await {
+                Some(side) => reset_broken(id, &spliced, side),
+                None => relay_std(flow, spliced.socks, cancel, park).await,
+            }
             None
         }
     }
@@ -685,9 +703,11 @@ fn kick(sock: &StdTcpStream) {
 
 /// Undoes a half splice without losing what was already redirected to the
 /// client: stops the upstream's verdict, waits (a bounded time) until the
-/// client has acknowledged those bytes, then leaves the maps.
-async fn unsplice_half(shared: &Shared, flow: &KernelFlow, sp: &Spliced, cancel: &CancellationToken) {
+/// client has acknowledged those bytes, then leaves the maps. Returns the
+/// side whose stream the verdict broke (the pair must not be relayed on).
+async fn unsplice_half(shared: &Shared, flow: &KernelFlow, sp: &Spliced, cancel: &CancellationToken) -> Option<usize> {
     shared.maps.splice_out(sp.cookies[UPSTREAM]);
+    let _ = sys::tcp_info(&sp.socks[UPSTREAM]);
     let deadline = Instant::now() + Duration::from_secs(2);
     let mut delay = DRAIN_POLL_MIN;
     while !matches!(drained(shared, sp, UPSTREAM, CLIENT), Ok(true) | Err(_))
@@ -697,8 +717,10 @@ async fn unsplice_half(shared: &Shared, flow: &KernelFlow, sp: &Spliced, cancel:
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(DRAIN_POLL_MAX);
     }
+    let broken = broken_side(shared, sp);
     flow.freeze();
     shared.maps.leave(sp.cookies);
+    broken
 }
 
 /// Waits for FIN/RST on both sockets, keeps each direction's window
@@ -752,6 +774,9 @@ async fn watch(
                 continue;
             }
             tracing::trace!(tunnel = sp.cookies[CLIENT], "{} side: events {bits:#x}", side_name(side));
+            if bits & EV_BROKEN != 0 {
+                return End::Broken(side);
+            }
             if bits & EV_ERR != 0 {
                 return End::Reset(side);
             }
@@ -857,14 +882,7 @@ impl Brake {
     }
 
     fn counted(shared: &Shared, sp: &Spliced) -> Result<[u64; 2], End> {
-        let flow = |side: usize| {
-            shared
-                .maps
-                .flow(sp.cookies[side])
-                .map(|f| f.bytes)
-                .ok_or_else(|| End::Failed(io::Error::other("flow entry vanished from the map")))
-        };
-        Ok([flow(CLIENT)?, flow(UPSTREAM)?])
+        Ok([counted(shared, sp, CLIENT)?.bytes, counted(shared, sp, UPSTREAM)?.bytes])
     }
 
     /// Whether nothing arrived for long enough: the sockets can leave `SPLICE`.
@@ -919,9 +937,7 @@ impl Drop for Grace<'_> {
 /// The grace window of the direction from `from`: `grace` bytes past what was
 /// redirected so far, with a low mark halfway there to look again.
 fn extend(shared: &Shared, sp: &Spliced, from: usize, grace: u64) -> Result<(), End> {
-    let Some(counted) = shared.maps.flow(sp.cookies[from]) else {
-        return Err(End::Failed(io::Error::other("flow entry vanished from the map")));
-    };
+    let counted = counted(shared, sp, from)?;
     let w = Splice { peer: sp.cookies[1 - from], limit: counted.bytes + grace, low: counted.bytes + grace / 2 };
     shared.maps.set_splice(sp.cookies[from], &w).map_err(End::Failed)
 }
@@ -930,9 +946,7 @@ fn extend(shared: &Shared, sp: &Spliced, from: usize, grace: u64) -> Result<(), 
 /// false when it has none: the caller looks again later, or demotes the
 /// tunnel once the window is used up.
 fn grant(shared: &Shared, sp: &Spliced, from: usize) -> Result<bool, End> {
-    let Some(counted) = shared.maps.flow(sp.cookies[from]) else {
-        return Err(End::Failed(io::Error::other("flow entry vanished from the map")));
-    };
+    let counted = counted(shared, sp, from)?;
     match window(shared.queue_cap, sp, from, &counted).map_err(End::Failed)? {
         Some(w) => {
             shared.maps.set_splice(sp.cookies[from], &w).map_err(End::Failed)?;
@@ -944,15 +958,41 @@ fn grant(shared: &Shared, sp: &Spliced, from: usize) -> Result<bool, End> {
     }
 }
 
+/// What the verdict counted for the bytes received on `side`, or why the
+/// tunnel must end: the entry is gone, or marked [`BROKEN`] (the verdict
+/// dropped bytes: whether or not its event reached the ring, the FIN is
+/// never passed on after a gap, nor the tunnel relayed on).
+fn counted(shared: &Shared, sp: &Spliced, side: usize) -> Result<MapFlow, End> {
+    match shared.maps.flow(sp.cookies[side]) {
+        Some(f) if f.over == BROKEN => Err(End::Broken(side)),
+        Some(f) => Ok(f),
+        None => Err(End::Failed(io::Error::other("flow entry vanished from the map"))),
+    }
+}
+
+/// The side whose stream the verdict broke (see [`counted`]), if any.
+fn broken_side(shared: &Shared, sp: &Spliced) -> Option<usize> {
+    [CLIENT, UPSTREAM].into_iter().find(|&side| shared.maps.flow(sp.cookies[side]).is_some_and(|f| f.over == BROKEN))
+}
+
+/// Resets both sockets of a pair whose stream from `side` has a gap (they
+/// close when the caller drops them).
+fn reset_broken(id: u64, sp: &Spliced, side: usize) {
+    debug!(tunnel = id, "the verdict dropped bytes from the {} side (a gap): resetting both sides", side_name(side));
+    for sock in &sp.socks {
+        if let Err(e) = sys::set_linger_zero(sock) {
+            debug!(tunnel = id, "SO_LINGER: {e}");
+        }
+    }
+}
+
 /// Whether every byte received on `from` has been acknowledged by `to`'s peer.
 fn drained(shared: &Shared, sp: &Spliced, from: usize, to: usize) -> Result<bool, End> {
     // TCP_INFO takes `from`'s socket lock: any receive processing still
     // running on it (the FIN may be seen before the verdict ran on the
     // segment that carried it) finishes first, so the counter read next is final.
     sys::tcp_info(&sp.socks[from]).map_err(End::Failed)?;
-    let Some(counted) = shared.maps.flow(sp.cookies[from]) else {
-        return Err(End::Failed(io::Error::other("flow entry vanished from the map")));
-    };
+    let counted = counted(shared, sp, from)?;
     let info = sys::tcp_info(&sp.socks[to]).map_err(End::Failed)?;
     if info.state == TCP_CLOSE {
         debug!(tunnel = sp.cookies[CLIENT], "the {} side is closed", side_name(to));
