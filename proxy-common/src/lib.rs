@@ -27,9 +27,9 @@ pub struct FlowStats {
 }
 
 /// [`FlowStats::over`] of a socket whose stream has a gap: the verdict had to
-/// drop an skb with new bytes ([`EVENT_BROKEN`]). The mark stays, and every
+/// drop an skb it could not cut ([`EVENT_BROKEN`]). The mark stays, and every
 /// later skb of the socket is dropped too (and the event told again), so no
-/// byte after the gap reaches the peer and userspace, which checks the mark
+/// byte after the gap reaches the peer, and userspace, which checks the mark
 /// before it passes a FIN on or moves the tunnel to the relay, resets the
 /// tunnel even if no event found room in the ring. (A mark in an existing
 /// field: the pinned map's value keeps its size, so an upgrade adopts it.)

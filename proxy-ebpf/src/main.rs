@@ -16,8 +16,8 @@
 //! Each mark is told once, and counts as told only once its event is in the
 //! ring; userspace listens before the pair enters the maps.
 //! A lookup miss passes the skb up to the socket itself (`SK_PASS`): never
-//! drop data. Only empty skbs (a bare FIN) are dropped, and those of a stream
-//! that already has a gap (below).
+//! drop data. Only empty skbs are dropped (a bare FIN, or one whose every byte
+//! the socket had delivered already), and those of a stream with a gap (below).
 //!
 //! Bytes already delivered. The kernel hands the verdict whole skbs and, after a
 //! redirect, advances the socket's `copied_seq` by the skb's whole length; an
@@ -122,10 +122,9 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     // SAFETY: the helper only reads the skb's socket; `as_ptr` is this
     // program's own context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let flow = FLOWS.get_ptr_mut(cookie);
-    // SAFETY: the pointer comes from a successful lookup and stays valid for
-    // this program run (RCU); see the counters below for who writes it.
-    if flow.is_some_and(|f| unsafe { (*f).over } == BROKEN) {
+    // SAFETY: FLOWS values are plain integers, read through a reference that
+    // stays valid for this program run (RCU).
+    if unsafe { FLOWS.get(cookie) }.is_some_and(|f| f.over == BROKEN) {
         // Past a gap: nothing more reaches the peer, and userspace is told
         // again (the first event may have found the ring full).
         tell_broken(cookie);
@@ -138,8 +137,8 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
             // it: the stream has a gap. The mark stops every later skb and
             // makes userspace reset the tunnel, with or without the event.
             debug!(ctx, "proxyd: socket {} cannot cut {} of {} bytes; broken", cookie, old, len);
-            if let Some(f) = flow {
-                // SAFETY: as above.
+            if let Some(f) = FLOWS.get_ptr_mut(cookie) {
+                // SAFETY: as for the counters below.
                 unsafe { (*f).over = BROKEN };
             }
             tell_broken(cookie);
@@ -165,7 +164,7 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         debug!(ctx, "proxyd: peer {} of socket {} not in the sockhash, passing", splice.peer, cookie);
         return Err(sk_action::SK_PASS);
     }
-    if let Some(flow) = flow {
+    if let Some(flow) = FLOWS.get_ptr_mut(cookie) {
         // SAFETY: the pointer comes from a successful lookup and stays valid
         // for this program run (RCU). Only this socket's receive path writes
         // this entry, and it runs serialized under the socket lock, so the

@@ -402,7 +402,8 @@ fn a_cut_that_fails_resets_the_tunnel_even_if_its_event_is_lost() {
         let end = last.seq_end();
         sniffer.inject(&last, end.wrapping_add(1), &next[1..11]);
         sniffer.inject(&last, end.wrapping_add(11), &next[11..31]);
-        // The destination's own next segment overlaps 17 bytes: dropped too.
+        // The destination's own next segment starts before all of these: its
+        // cut fails as well.
         // The reset reaches the destination as the error of one of its calls
         // (a socket reports it once): the write if it came first, else the read.
         u.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

@@ -319,15 +319,12 @@ pub(super) fn run(
             if let End::Demote = end {
                 shared.demotions.fetch_add(1, Ordering::Relaxed);
                 debug!(tunnel = flow.id(), counters = ?flow.snapshot(), "a peer fell behind: demoting to the relay");
-                // The verdict stops; TCP_INFO takes each socket's lock, so a
-                // verdict run still in progress finishes first.
-                for (cookie, sock) in spliced.cookies.iter().zip(&spliced.socks) {
-                    shared.maps.splice_out(*cookie);
-                    let _ = sys::tcp_info(sock);
+                unsplice(&shared, &spliced);
+                for sock in &spliced.socks {
                     set_receive_buffer(sock, shared.queue_cap / 4);
                 }
-                // The verdict is done with the pair: a gap it left must not
-                // reach the relay, which would carry on after it.
+                // A gap the verdict left must not reach the relay, which
+                // would carry on after it.
                 if let Some(side) = broken_side(&shared, &spliced) {
                     flow.freeze();
                     shared.maps.leave(spliced.cookies);
@@ -378,9 +375,10 @@ pub(super) fn run(
                 };
                 return park.put(Parked { socks, state });
             }
-            // A cancelled tunnel closes with FINs: not one whose stream has a gap.
+            // A tunnel that would close with FINs must not have a gap.
+            unsplice(&shared, &spliced);
             let end = match end {
-                End::Clean | End::Cancelled => broken_side(&shared, &spliced).map_or(end, End::Broken),
+                End::Clean | End::Cancelled | End::Failed(_) => broken_side(&shared, &spliced).map_or(end, End::Broken),
                 end => end,
             };
             flow.freeze();
@@ -967,6 +965,16 @@ fn counted(shared: &Shared, sp: &Spliced, side: usize) -> Result<MapFlow, End> {
         Some(f) if f.over == BROKEN => Err(End::Broken(side)),
         Some(f) => Ok(f),
         None => Err(End::Failed(io::Error::other("flow entry vanished from the map"))),
+    }
+}
+
+/// Takes both sockets from under the verdict. TCP_INFO takes each socket's
+/// lock, so a verdict run still in progress finishes first: the `FLOWS`
+/// entries read next are final.
+fn unsplice(shared: &Shared, sp: &Spliced) {
+    for (cookie, sock) in sp.cookies.iter().zip(&sp.socks) {
+        shared.maps.splice_out(*cookie);
+        let _ = sys::tcp_info(sock);
     }
 }
 
