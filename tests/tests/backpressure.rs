@@ -111,12 +111,14 @@ fn stalled_peers_hold_bounded_accounted_memory() {
 }
 
 /// One fast sender and a reader that keeps falling behind (it pauses 3 ms
-/// after every 2 MiB: at most about 600 MB/s), for 4 s on each path: what the sender has
+/// after every MiB: at most about 300 MB/s, well below what the sender moves
+/// even on a loaded machine; at 600 MB/s a CI run under load once saw the
+/// reader keep up, so the tunnel was never demoted), for 4 s on each path: what the sender has
 /// written and the reader not yet read (the sockets' buffers, the window and
 /// the grace: under 150 MiB) stays under 256 MiB at every read. Under
 /// `kernel` the tunnel is braked, demoted and spliced again while the bytes
 /// pour in (checked: at least one promotion, and no more than the relay's
-/// doubling share allows: 22 in 2 GiB without it, 6 with). Until a tunnel listened for
+/// doubling share allows: 12 in 1.2 GiB without it, 5 with). Until a tunnel listened for
 /// its window events before entering the maps, the first events of such an
 /// epoch could go out before anyone listened, and the epoch ran with no
 /// window at all: 2.8 GB in flight after 1.4 s in the bench's one-flow run.
@@ -160,7 +162,7 @@ fn a_reader_that_falls_behind_bounds_what_is_in_flight() {
             if !done.load(Ordering::Acquire) {
                 worst = worst.max(sent.load(Ordering::Acquire).saturating_sub(got));
             }
-            if since_pause >= 2 * MIB {
+            if since_pause >= MIB {
                 since_pause = 0;
                 std::thread::sleep(Duration::from_millis(3));
             }
