@@ -8,7 +8,7 @@
 
 use proxyd_tests::{
     accept_timeout, data_paths, free_port, kernel_under_test, listen_local, pattern, sample, scrape, sha256, socks,
-    wait_until, Daemon,
+    wait_until, Daemon, Options,
 };
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -400,5 +400,88 @@ fn data_path_switches_at_runtime() {
             assert_eq!(sha256::hex(&got), sha256::hex(&pattern(8 << 20, 7)), "{start} -> {next}: content");
             drop(sender.join().unwrap());
         }
+    }
+}
+
+/// Under `kernel` a tunnel whose client pours from its first byte (the bytes
+/// follow the request at once and never pause) is spliced while they pour,
+/// and every byte arrives in order with exact counters. Run twice: as it
+/// comes, and with the hand-over before the splice made to find the pair
+/// busy (`PROXYD_BPF_FAULTS=hand-over-busy`), which a sender that pours
+/// faster than its reader reads does by itself (a CI run under load most
+/// likely saw it): such a pair was relayed for the rest of its life; it is
+/// relayed now until the relay can stop between two bursts, then spliced.
+#[test]
+fn a_tunnel_that_pours_from_its_first_byte_is_spliced() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    if !kernel_under_test("a_tunnel_that_pours_from_its_first_byte_is_spliced") {
+        return;
+    }
+    let _alone = heavy();
+    for fault in ["", "hand-over-busy"] {
+        let env: Vec<(String, String)> =
+            [("PROXYD_BPF_FAULTS".to_string(), fault.to_string())].into_iter().filter(|_| !fault.is_empty()).collect();
+        let mut d = Daemon::start_with("kernel", Options { env, ..Default::default() });
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let proxy = d.enable(&[&format!("metrics-address={metrics}")]);
+        let (l, dst) = listen_local();
+        let block = Arc::new(pattern(1 << 20, 23));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut c = TcpStream::connect(proxy).unwrap();
+        let writer = {
+            let (mut c, block, stop) = (c.try_clone().unwrap(), block.clone(), stop.clone());
+            std::thread::spawn(move || {
+                c.write_all(&socks::request(1, dst, b"")).unwrap();
+                // Bounded in time and in bytes (16 GiB).
+                let until = Instant::now() + Duration::from_secs(10);
+                let mut sent = 0u64;
+                while !stop.load(Ordering::Acquire) && Instant::now() < until && sent < 16 << 30 {
+                    c.write_all(&block).expect("the sender's write");
+                    sent += block.len() as u64;
+                }
+                c.shutdown(Shutdown::Write).unwrap();
+                sent
+            })
+        };
+        let mut u = accept_timeout(&l, Duration::from_secs(10)).expect("accept");
+        let reader = {
+            let block = block.clone();
+            std::thread::spawn(move || {
+                u.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let mut buf = vec![0u8; 1 << 20];
+                let mut got = 0u64;
+                loop {
+                    let n = u.read(&mut buf).expect("the reader's read");
+                    if n == 0 {
+                        return (got, u);
+                    }
+                    let mut at = 0;
+                    while at < n {
+                        let off = (got % block.len() as u64) as usize;
+                        let len = (n - at).min(block.len() - off);
+                        assert!(buf[at..at + len] == block[off..off + len], "bytes out of order at {got}");
+                        (at, got) = (at + len, got + len as u64);
+                    }
+                }
+            })
+        };
+        let reply = socks::read_reply(&mut c).unwrap();
+        assert_eq!(reply.code, 90, "{fault}: CONNECT refused");
+        let spliced = wait_until(Duration::from_secs(8), || d.cli.connections().iter().any(|r| r.path == "kernel"));
+        stop.store(true, Ordering::Release);
+        let sent = writer.join().unwrap();
+        let (got, _u) = reader.join().unwrap();
+        let promoted = sample(&scrape(&metrics), "proxyd_tunnel_path_switches_total{switch=\"promoted\"}");
+        eprintln!("fault {fault:?}: {} MiB sent; spliced while pouring: {spliced}; {promoted} promotions", sent >> 20);
+        assert_eq!(got, sent, "{fault}: bytes lost or added");
+        assert!(spliced, "{fault}: the pouring tunnel never entered the sockhash: {:?}", d.cli.connections());
+        if !fault.is_empty() {
+            assert!(promoted >= 1, "{fault}: spliced without the relay's promotion ({promoted})");
+            assert!(d.log().contains("PROXYD_BPF_FAULTS is set"), "{fault}: the daemon did not say it injects faults");
+        }
+        let exact =
+            wait_until(Duration::from_secs(5), || d.cli.connections().iter().any(|r| r.kind == "out" && r.tx == sent));
+        assert!(exact, "{fault}: the counters are not tx={sent}: {:?}", d.cli.connections());
     }
 }

@@ -80,35 +80,48 @@ const COPIED_SEQ_GLOBAL: &str = "TCP_COPIED_SEQ";
 /// ring too: a new process takes it over in an upgrade).
 const PINNED_MAPS: [&str; 5] = [SOCKS_MAP, SPLICE_MAP, PEERS_MAP, FLOWS_MAP, EVENTS_MAP];
 
-/// The environment variable that injects faults into the verdict, for tests
-/// only: a comma-separated list of `cut-max=BYTES` (a cut of more fails, as
-/// one of more than 640 KiB does in service) and `ring-full` (no broken-stream
-/// event is told, as if the ring were full each time).
+/// The environment variable that injects faults into the kernel data path,
+/// for tests only: a comma-separated list of `cut-max=BYTES` (a cut of more
+/// fails in the verdict, as one of more than 640 KiB does in service),
+/// `ring-full` (the verdict tells no broken-stream event, as if the ring were
+/// full each time) and `hand-over-busy` (the hand-over before a splice never
+/// finds the pair quiet, as with a sender that pours faster than it reads).
 const FAULTS_ENV: &str = "PROXYD_BPF_FAULTS";
 
-/// The verdict's fault globals from [`FAULTS_ENV`]: the fault bits and the
-/// cut limit (0 and `u32::MAX` when it is unset).
-fn faults_from_env() -> io::Result<(u32, u32)> {
-    let Some(list) = std::env::var_os(FAULTS_ENV) else { return Ok((0, u32::MAX)) };
-    let (mut bits, mut cut_max) = (0, u32::MAX);
+/// The faults [`FAULTS_ENV`] asks for (none when it is unset).
+struct Faults {
+    /// The verdict's fault bits (`FAULTS_GLOBAL`).
+    bits: u32,
+    /// The verdict's cut limit (`CUT_MAX_GLOBAL`).
+    cut_max: u32,
+    /// See `Shared::busy_hand_over`.
+    busy_hand_over: bool,
+}
+
+fn faults_from_env() -> io::Result<Faults> {
+    let mut faults = Faults { bits: 0, cut_max: u32::MAX, busy_hand_over: false };
+    let Some(list) = std::env::var_os(FAULTS_ENV) else { return Ok(faults) };
     let bad = |name: &str| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("{FAULTS_ENV}: unknown fault {name:?} (allowed: cut-max=BYTES, ring-full)"),
+            format!("{FAULTS_ENV}: unknown fault {name:?} (allowed: cut-max=BYTES, ring-full, hand-over-busy)"),
         )
     };
     for name in list.to_string_lossy().split(',').map(str::trim).filter(|n| !n.is_empty()) {
         match name.split_once('=') {
-            None if name == "ring-full" => bits |= FAULT_RING_FULL,
-            Some(("cut-max", n)) => cut_max = n.parse().map_err(|_| bad(name))?,
+            None if name == "ring-full" => faults.bits |= FAULT_RING_FULL,
+            None if name == "hand-over-busy" => faults.busy_hand_over = true,
+            Some(("cut-max", n)) => faults.cut_max = n.parse().map_err(|_| bad(name))?,
             _ => return Err(bad(name)),
         }
     }
     warn!(
-        "{FAULTS_ENV} is set: the verdict injects faults (ring-full {}, cut-max {cut_max}); for tests only",
-        bits & FAULT_RING_FULL != 0
+        "{FAULTS_ENV} is set: the kernel data path injects faults (ring-full {}, cut-max {}, hand-over-busy {}); for tests only",
+        faults.bits & FAULT_RING_FULL != 0,
+        faults.cut_max,
+        faults.busy_hand_over
     );
-    Ok((bits, cut_max))
+    Ok(faults)
 }
 
 /// The loaded programs and maps; `attach` splices pairs through them.
@@ -183,11 +196,11 @@ impl KernelDataPath {
         let pin_paths: Vec<std::path::PathBuf> = PINNED_MAPS.iter().map(|n| pin_dir.join(n)).collect();
         let copied_seq = btf::tcp_copied_seq_offset()
             .map_err(|e| io::Error::new(e.kind(), format!("finding tcp_sock.copied_seq for the verdict: {e}")))?;
-        let (faults, cut_max) = faults_from_env()?;
+        let faults = faults_from_env()?;
         let mut loader = EbpfLoader::new();
         loader.override_global(COPIED_SEQ_GLOBAL, &copied_seq, true);
-        loader.override_global(FAULTS_GLOBAL, &faults, true);
-        loader.override_global(CUT_MAX_GLOBAL, &cut_max, true);
+        loader.override_global(FAULTS_GLOBAL, &faults.bits, true);
+        loader.override_global(CUT_MAX_GLOBAL, &faults.cut_max, true);
         for (name, path) in PINNED_MAPS.iter().zip(&pin_paths) {
             if adopting {
                 // The maps the old process pinned, and everything in them.
@@ -260,6 +273,7 @@ impl KernelDataPath {
                 hangup_task,
                 attached: AtomicBool::new(link.is_some()),
                 verdict_link: Mutex::new(link),
+                busy_hand_over: faults.busy_hand_over,
             }),
             pins: Mutex::new(pins),
             pin_dir: pin_dir.to_path_buf(),

@@ -44,6 +44,9 @@ pub(super) struct Shared {
     /// Whether this process's verdict is attached: until then (an upgrade's
     /// new process, before the old one let go) no tunnel enters the maps.
     pub(super) attached: AtomicBool,
+    /// A test fault (`PROXYD_BPF_FAULTS=hand-over-busy`): every hand-over
+    /// before a splice ends as if a side never went quiet.
+    pub(super) busy_hand_over: bool,
 }
 
 impl Drop for Shared {

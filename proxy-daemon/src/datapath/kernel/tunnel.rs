@@ -68,7 +68,9 @@
 //!
 //! If the pair cannot enter the maps (a side already closed its write half,
 //! so the socket is no longer `ESTABLISHED`; or the maps are full) the tunnel
-//! stays on the relay, with the same counters.
+//! stays on the relay, with the same counters. A pair whose hand-over never
+//! finds both queues empty (a sender pouring faster than its reader) is
+//! relayed until the relay stops between bursts, then spliced.
 
 use std::io;
 use std::net::{Shutdown, TcpStream as StdTcpStream};
@@ -276,23 +278,29 @@ pub(super) fn run(
                     // receive queues drained, and what arrived since are whole skbs.
                     let from_relay = rule.is_some();
                     let handed_over = if from_relay {
-                        Ok(false)
+                        Ok(HandOver::Ready)
                     } else {
+                        let early = early.take().unwrap_or_default();
                         tokio::select! {
                             biased;
                             _ = cancel.cancelled() => return,
                             // Boxed so its buffers' state does not stay in the long-lived task.
-                            done = Box::pin(hand_over(&flow, client, upstream, early.take().unwrap_or_default())) => done,
+                            done = Box::pin(hand_over(&flow, client, upstream, early, shared.busy_hand_over)) => done,
                         }
                     };
                     match handed_over {
-                        Ok(false) => {}
-                        Ok(true) => {
-                            debug!(
-                                tunnel = flow.id(),
-                                "cannot splice (a side closed, or never went quiet); relaying in userspace"
-                            );
+                        Ok(HandOver::Ready) => {}
+                        Ok(HandOver::Closed) => {
+                            debug!(tunnel = flow.id(), "cannot splice (a side closed); relaying in userspace");
                             return Box::pin(relay_to_end(&flow, pair, &cancel, &park, [false; 2])).await;
+                        }
+                        Ok(HandOver::Busy) => {
+                            // The relay stops only with its readers drained (or
+                            // unread), so it splices the pair at a later quiet moment.
+                            debug!(tunnel = flow.id(), "a side never went quiet; relaying until it does");
+                            rule = Some(REPROMOTE);
+                            socks = Some(pair);
+                            continue;
                         }
                         Err(e) => {
                             // A side failed (typically reset): the other one gets a RST
@@ -541,21 +549,33 @@ const HAND_OVER_CHUNK: usize = 1 << 20;
 /// Rounds of [`hand_over`] before a pair that never goes quiet is relayed instead.
 const HAND_OVER_ROUNDS: usize = 64;
 
+/// How [`hand_over`] ended.
+enum HandOver {
+    /// Both receive queues were empty in the same round: the pair may enter the maps.
+    Ready,
+    /// A side's FIN was already seen: such a socket can no longer enter a
+    /// sockhash, so the pair is relayed to its end.
+    Closed,
+    /// A side kept sending for [`HAND_OVER_ROUNDS`] rounds: the pair is
+    /// relayed until the relay can stop between two of its bursts (after
+    /// [`REPROMOTE`]'s bytes), then spliced.
+    Busy,
+}
+
 /// Moves, in userspace, what must precede the spliced stream: the client's
 /// early bytes, then whatever either socket has already received, until
 /// both receive queues are empty in the same round (so that no partly read
 /// skb is left for the verdict: the kernel hands it whole skbs and would
 /// send the part already read again). Memory is bounded by
 /// [`HAND_OVER_CHUNK`] per direction.
-/// Returns true when the pair cannot be spliced: a side's FIN was already
-/// seen (such a socket can no longer enter a sockhash), or a side kept
-/// sending for [`HAND_OVER_ROUNDS`] rounds. Such a pair is relayed instead.
+/// `busy`: the test fault that ends it as [`HandOver::Busy`] after its first round.
 async fn hand_over(
     flow: &KernelFlow,
     client: &mut TcpStream,
     upstream: &mut TcpStream,
     mut to_upstream: Vec<u8>,
-) -> io::Result<bool> {
+    busy: bool,
+) -> io::Result<HandOver> {
     use tokio::io::AsyncWriteExt;
     let mut to_client = Vec::new();
     for round in 0.. {
@@ -568,12 +588,10 @@ async fn hand_over(
         to_upstream.clear();
         to_client.clear();
         match (from_client, from_upstream) {
-            (Queue::Eof, _) | (_, Queue::Eof) => return Ok(true),
-            (Queue::Empty, Queue::Empty) => return Ok(false),
-            _ if round >= HAND_OVER_ROUNDS => {
-                debug!("a side kept sending while the pair was being spliced");
-                return Ok(true);
-            }
+            (Queue::Eof, _) | (_, Queue::Eof) => return Ok(HandOver::Closed),
+            _ if busy => return Ok(HandOver::Busy),
+            (Queue::Empty, Queue::Empty) => return Ok(HandOver::Ready),
+            _ if round >= HAND_OVER_ROUNDS => return Ok(HandOver::Busy),
             _ => {}
         }
     }
