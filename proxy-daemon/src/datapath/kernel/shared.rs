@@ -110,12 +110,11 @@ impl Maps {
         let _ = sys::map_delete(&self.splice, &cookie);
     }
 
-    /// Removes the pair from every map, in the reverse order of
-    /// [`Maps::enter`] (missing entries are fine).
+    /// Removes the pair from `SOCKS`, `PEERS` and `FLOWS` (missing entries
+    /// are fine), in the reverse order of [`Maps::enter`], once neither socket
+    /// is under the verdict: every caller has taken both out of `SPLICE`
+    /// first (`tunnel::unsplice`), or they never entered it.
     pub(super) fn leave(&self, cookies: [u64; 2]) {
-        for cookie in cookies {
-            self.splice_out(cookie);
-        }
         for cookie in cookies {
             let _ = sys::map_delete(&self.socks, &cookie);
         }

@@ -306,10 +306,7 @@ pub(super) fn run(
                             // A side failed (typically reset): the other one gets a RST
                             // too, as on the relay and while spliced, not a clean FIN.
                             debug!(tunnel = flow.id(), "handing over queued bytes: {e}; resetting both sides");
-                            for sock in &pair {
-                                let _ = sys::set_linger_zero(sock);
-                            }
-                            return;
+                            return reset(flow.id(), &pair);
                         }
                     }
                     let Some((spliced, registration)) = Box::pin(enter(&shared, &flow, pair, &cancel, &park)).await
@@ -396,9 +393,7 @@ pub(super) fn run(
                 End::Cancelled => debug!(tunnel = flow.id(), "cancelled"),
                 End::Reset(side) => {
                     debug!(tunnel = flow.id(), "{} side reset; resetting the other", side_name(side));
-                    if let Err(e) = sys::set_linger_zero(&spliced.socks[1 - side]) {
-                        debug!(tunnel = flow.id(), "SO_LINGER: {e}");
-                    }
+                    reset(flow.id(), &spliced.socks[1 - side..]);
                 }
                 End::Broken(side) => reset_broken(flow.id(), &spliced, side),
                 End::Failed(e) => warn!(tunnel = flow.id(), "closing tunnel: {e}"),
@@ -1005,7 +1000,12 @@ fn broken_side(shared: &Shared, sp: &Spliced) -> Option<usize> {
 /// close when the caller drops them).
 fn reset_broken(id: u64, sp: &Spliced, side: usize) {
     debug!(tunnel = id, "the verdict dropped bytes from the {} side (a gap): resetting both sides", side_name(side));
-    for sock in &sp.socks {
+    reset(id, &sp.socks);
+}
+
+/// Makes `socks` send a RST, not a FIN, when they close (their owner drops them).
+fn reset(id: u64, socks: &[impl AsFd]) {
+    for sock in socks {
         if let Err(e) = sys::set_linger_zero(sock) {
             debug!(tunnel = id, "SO_LINGER: {e}");
         }
