@@ -168,7 +168,7 @@ impl Metrics {
         metric(
             "proxyd_tunnel_path_switches_total",
             "counter",
-            "Tunnels moved between the relay and the kernel splice: promoted (into the sockhash: interactive under auto, every tunnel under kernel) and demoted (a peer fell behind).",
+            "Tunnels moved between the relay and the kernel splice: promoted (into the sockhash from the relay: interactive under auto; under kernel, spliced again after the relay carried it) and demoted (a peer fell behind).",
             vec![("{switch=\"promoted\"}".into(), promoted.to_string()), ("{switch=\"demoted\"}".into(), demoted.to_string())],
         );
         metric(

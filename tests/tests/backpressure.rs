@@ -408,9 +408,10 @@ fn data_path_switches_at_runtime() {
 /// and every byte arrives in order with exact counters. Run twice: as it
 /// comes, and with the hand-over before the splice made to find the pair
 /// busy (`PROXYD_BPF_FAULTS=hand-over-busy`), which a sender that pours
-/// faster than its reader reads does by itself (a CI run under load most
-/// likely saw it): such a pair was relayed for the rest of its life; it is
-/// relayed now until the relay can stop between two bursts, then spliced.
+/// faster than its reader reads does by itself: such a pair was relayed for
+/// the rest of its life; it now goes to the relay with the re-promotion rule
+/// and is spliced at the relay's first quiet moment (the sender pauses 5 ms
+/// after every 16 MiB, so there is one).
 #[test]
 fn a_tunnel_that_pours_from_its_first_byte_is_spliced() {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -429,6 +430,9 @@ fn a_tunnel_that_pours_from_its_first_byte_is_spliced() {
         let block = Arc::new(pattern(1 << 20, 23));
         let stop = Arc::new(AtomicBool::new(false));
         let mut c = TcpStream::connect(proxy).unwrap();
+        // (The clone shares these: a wedged tunnel fails the test, never hangs it.)
+        c.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let writer = {
             let (mut c, block, stop) = (c.try_clone().unwrap(), block.clone(), stop.clone());
             std::thread::spawn(move || {
@@ -439,6 +443,9 @@ fn a_tunnel_that_pours_from_its_first_byte_is_spliced() {
                 while !stop.load(Ordering::Acquire) && Instant::now() < until && sent < 16 << 30 {
                     c.write_all(&block).expect("the sender's write");
                     sent += block.len() as u64;
+                    if sent.is_multiple_of(16 << 20) {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
                 }
                 c.shutdown(Shutdown::Write).unwrap();
                 sent

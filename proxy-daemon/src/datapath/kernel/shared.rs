@@ -111,9 +111,9 @@ impl Maps {
     }
 
     /// Removes the pair from `SOCKS`, `PEERS` and `FLOWS` (missing entries
-    /// are fine), in the reverse order of [`Maps::enter`], once neither socket
-    /// is under the verdict: every caller has taken both out of `SPLICE`
-    /// first (`tunnel::unsplice`), or they never entered it.
+    /// are fine) once neither socket is under the verdict: every caller has
+    /// taken both out of `SPLICE` first (`tunnel::unsplice`), or they never
+    /// entered it. Then no verdict runs for them, so the order does not matter.
     pub(super) fn leave(&self, cookies: [u64; 2]) {
         for cookie in cookies {
             let _ = sys::map_delete(&self.socks, &cookie);

@@ -69,8 +69,8 @@
 //! If the pair cannot enter the maps (a side already closed its write half,
 //! so the socket is no longer `ESTABLISHED`; or the maps are full) the tunnel
 //! stays on the relay, with the same counters. A pair whose hand-over never
-//! finds both queues empty (a sender pouring faster than its reader) is
-//! relayed until the relay stops between bursts, then spliced.
+//! finds both queues empty (a sender pouring faster than its reader) goes to
+//! the relay with the re-promotion rule, as after a demotion.
 
 use std::io;
 use std::net::{Shutdown, TcpStream as StdTcpStream};
@@ -393,7 +393,7 @@ pub(super) fn run(
                 End::Cancelled => debug!(tunnel = flow.id(), "cancelled"),
                 End::Reset(side) => {
                     debug!(tunnel = flow.id(), "{} side reset; resetting the other", side_name(side));
-                    reset(flow.id(), &spliced.socks[1 - side..]);
+                    reset(flow.id(), std::slice::from_ref(&spliced.socks[1 - side]));
                 }
                 End::Broken(side) => reset_broken(flow.id(), &spliced, side),
                 End::Failed(e) => warn!(tunnel = flow.id(), "closing tunnel: {e}"),
@@ -541,7 +541,7 @@ fn to_tokio([client, upstream]: [StdTcpStream; 2]) -> io::Result<[TcpStream; 2]>
 
 /// Bytes moved per direction per round of [`hand_over`] (bounds its memory).
 const HAND_OVER_CHUNK: usize = 1 << 20;
-/// Rounds of [`hand_over`] before a pair that never goes quiet is relayed instead.
+/// Rounds of [`hand_over`] before a pair that never goes quiet goes to the relay.
 const HAND_OVER_ROUNDS: usize = 64;
 
 /// How [`hand_over`] ended.
@@ -552,8 +552,8 @@ enum HandOver {
     /// sockhash, so the pair is relayed to its end.
     Closed,
     /// A side kept sending for [`HAND_OVER_ROUNDS`] rounds: the pair is
-    /// relayed until the relay can stop between two of its bursts (after
-    /// [`REPROMOTE`]'s bytes), then spliced.
+    /// relayed, and spliced once the relay has moved [`REPROMOTE`]'s bytes and
+    /// finds its readers drained (as after a demotion: once the reader keeps up).
     Busy,
 }
 
