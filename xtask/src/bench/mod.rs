@@ -366,24 +366,34 @@ fn iperf3(cfg: &Cfg) -> Iperf {
     let one_flow = |flows: usize| -> Result<f64, String> {
         let mut v = Vec::new();
         for _ in 0..cfg.repeats {
-            let out = Command::new("iperf3")
-                .args([
-                    "-c",
-                    "127.0.0.1",
-                    "-p",
-                    &port.to_string(),
-                    "-t",
-                    &secs.to_string(),
-                    "-P",
-                    &flows.to_string(),
-                    "-J",
-                ])
-                .output()
-                .map_err(|e| e.to_string())?;
-            let j: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
-            let bps = j["end"]["sum_received"]["bits_per_second"]
-                .as_f64()
-                .ok_or_else(|| format!("iperf3: {}", j["error"]))?;
+            // The server listens again only a moment after each test ends: a
+            // client that comes too soon is refused (seen once in a full run).
+            let mut tries = 0;
+            let bps = loop {
+                let out = Command::new("iperf3")
+                    .args([
+                        "-c",
+                        "127.0.0.1",
+                        "-p",
+                        &port.to_string(),
+                        "-t",
+                        &secs.to_string(),
+                        "-P",
+                        &flows.to_string(),
+                        "-J",
+                    ])
+                    .output()
+                    .map_err(|e| e.to_string())?;
+                let j: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+                match j["end"]["sum_received"]["bits_per_second"].as_f64() {
+                    Some(bps) => break bps,
+                    None if tries < 3 && j["error"].as_str().is_some_and(|e| e.contains("unable to connect")) => {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(300));
+                    }
+                    None => return Err(format!("iperf3: {}", j["error"])),
+                }
+            };
             v.push(bps / 1e9);
         }
         Ok(median(&v))
