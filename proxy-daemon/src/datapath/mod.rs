@@ -122,5 +122,15 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
+/// Makes `socks` send a RST, not a FIN, when they close (their owner drops
+/// them): how a tunnel ends when one side failed or its stream has a gap.
+pub(crate) fn reset_on_close(socks: &[impl std::os::fd::AsFd]) {
+    for sock in socks {
+        if let Err(e) = crate::sys::set_linger_zero(sock) {
+            tracing::debug!("SO_LINGER 0: {e}");
+        }
+    }
+}
+
 /// Shared handle to the active data path.
 pub type SharedDataPath = Arc<dyn DataPath>;

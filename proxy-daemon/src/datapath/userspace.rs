@@ -233,9 +233,7 @@ pub fn relay<'a, G: Future<Output = io::Result<()>> + 'a>(
                 Ok(end) => *slot = Some(end),
                 Err(e) => {
                     tracing::debug!(error = %e, "relay direction failed; resetting both sides");
-                    for sock in [client, upstream] {
-                        let _ = crate::sys::set_linger_zero(sock);
-                    }
+                    super::reset_on_close(&[client, upstream]);
                     return RelayEnd::Closed;
                 }
             }

@@ -91,7 +91,7 @@ use super::shared::{KernelFlow, Shared};
 use crate::bpf::error_line;
 use crate::datapath::park::{Park, Parked, ParkedState};
 use crate::datapath::userspace::{park_relayed, relay, Promote, RelayEnd, RelayOptions};
-use crate::datapath::{monotonic_ns, FlowSource};
+use crate::datapath::{monotonic_ns, reset_on_close, FlowSource};
 use crate::sys::{self, EV_ERR, EV_HUP, EV_RDHUP};
 
 /// Index of the client socket in the per-tunnel arrays.
@@ -306,7 +306,7 @@ pub(super) fn run(
                             // A side failed (typically reset): the other one gets a RST
                             // too, as on the relay and while spliced, not a clean FIN.
                             debug!(tunnel = flow.id(), "handing over queued bytes: {e}; resetting both sides");
-                            return reset(flow.id(), &pair);
+                            return reset_on_close(&pair);
                         }
                     }
                     let Some((spliced, registration)) = Box::pin(enter(&shared, &flow, pair, &cancel, &park)).await
@@ -324,7 +324,7 @@ pub(super) fn run(
             if let End::Demote = end {
                 shared.demotions.fetch_add(1, Ordering::Relaxed);
                 debug!(tunnel = flow.id(), counters = ?flow.snapshot(), "a peer fell behind: demoting to the relay");
-                unsplice(&shared, &spliced);
+                unsplice(&shared, &spliced, &[CLIENT, UPSTREAM]);
                 for sock in &spliced.socks {
                     set_receive_buffer(sock, shared.queue_cap / 4);
                 }
@@ -381,7 +381,7 @@ pub(super) fn run(
                 return park.put(Parked { socks, state });
             }
             // A tunnel that would close with FINs must not have a gap.
-            unsplice(&shared, &spliced);
+            unsplice(&shared, &spliced, &[CLIENT, UPSTREAM]);
             let end = match end {
                 End::Clean | End::Cancelled | End::Failed(_) => broken_side(&shared, &spliced).map_or(end, End::Broken),
                 end => end,
@@ -393,7 +393,7 @@ pub(super) fn run(
                 End::Cancelled => debug!(tunnel = flow.id(), "cancelled"),
                 End::Reset(side) => {
                     debug!(tunnel = flow.id(), "{} side reset; resetting the other", side_name(side));
-                    reset(flow.id(), std::slice::from_ref(&spliced.socks[1 - side]));
+                    reset_on_close(std::slice::from_ref(&spliced.socks[1 - side]));
                 }
                 End::Broken(side) => reset_broken(flow.id(), &spliced, side),
                 End::Failed(e) => warn!(tunnel = flow.id(), "closing tunnel: {e}"),
@@ -717,8 +717,7 @@ fn kick(sock: &StdTcpStream) {
 /// client has acknowledged those bytes, then leaves the maps. Returns the
 /// side whose stream the verdict broke (the pair must not be relayed on).
 async fn unsplice_half(shared: &Shared, flow: &KernelFlow, sp: &Spliced, cancel: &CancellationToken) -> Option<usize> {
-    shared.maps.splice_out(sp.cookies[UPSTREAM]);
-    let _ = sys::tcp_info(&sp.socks[UPSTREAM]);
+    unsplice(shared, sp, &[UPSTREAM]);
     let deadline = Instant::now() + Duration::from_secs(2);
     let mut delay = DRAIN_POLL_MIN;
     while !matches!(drained(shared, sp, UPSTREAM, CLIENT), Ok(true) | Err(_))
@@ -981,13 +980,13 @@ fn counted(shared: &Shared, sp: &Spliced, side: usize) -> Result<MapFlow, End> {
     }
 }
 
-/// Takes both sockets from under the verdict. TCP_INFO takes each socket's
-/// lock, so a verdict run still in progress finishes first: the `FLOWS`
-/// entries read next are final.
-fn unsplice(shared: &Shared, sp: &Spliced) {
-    for (cookie, sock) in sp.cookies.iter().zip(&sp.socks) {
-        shared.maps.splice_out(*cookie);
-        let _ = sys::tcp_info(sock);
+/// Takes the `sides`' sockets from under the verdict. TCP_INFO takes each
+/// socket's lock, so a verdict run still in progress finishes first: the
+/// `FLOWS` entries read next are final.
+fn unsplice(shared: &Shared, sp: &Spliced, sides: &[usize]) {
+    for &side in sides {
+        shared.maps.splice_out(sp.cookies[side]);
+        let _ = sys::tcp_info(&sp.socks[side]);
     }
 }
 
@@ -1000,16 +999,7 @@ fn broken_side(shared: &Shared, sp: &Spliced) -> Option<usize> {
 /// close when the caller drops them).
 fn reset_broken(id: u64, sp: &Spliced, side: usize) {
     debug!(tunnel = id, "the verdict dropped bytes from the {} side (a gap): resetting both sides", side_name(side));
-    reset(id, &sp.socks);
-}
-
-/// Makes `socks` send a RST, not a FIN, when they close (their owner drops them).
-fn reset(id: u64, socks: &[impl AsFd]) {
-    for sock in socks {
-        if let Err(e) = sys::set_linger_zero(sock) {
-            debug!(tunnel = id, "SO_LINGER: {e}");
-        }
-    }
+    reset_on_close(&sp.socks);
 }
 
 /// Whether every byte received on `from` has been acknowledged by `to`'s peer.
