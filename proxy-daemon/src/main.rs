@@ -188,7 +188,7 @@ fn run(control_path: PathBuf, args: RunArgs) -> anyhow::Result<()> {
             Some(fd) => adopt(fd, &config, mode, &args).await?,
             None => {
                 let server = Server::new(config.clone(), mode, args.bpf_pin_dir.clone())?;
-                tracing::info!(state = %args.state.display(), data_path = %server.datapath_kind(), "proxyd {} starting ({} data path)", env!("CARGO_PKG_VERSION"), server.datapath_kind());
+                tracing::info!(state = %args.state.display(), data_path = %mode, in_use = %server.datapath_kind(), "proxyd {} starting (data-path={mode}, in use: {})", env!("CARGO_PKG_VERSION"), server.datapath_kind());
                 server.apply_initial();
                 let listener = control::bind(&control_path).with_context(|| format!("cannot create the control socket {}", control_path.display()))?;
                 (server, listener)

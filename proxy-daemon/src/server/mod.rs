@@ -260,9 +260,12 @@ impl Server {
                 }
             }
         }
+        let mode = config.settings.data_path;
         self.shared.set_config(config);
         if let Some(dp) = prepared.datapath {
-            tracing::info!(data_path = %dp.kind(), "new tunnels use the {} data path", dp.kind());
+            // As `ip socks print` says it: under `auto` the kernel path in use
+            // still starts every tunnel on the relay.
+            tracing::info!(data_path = %mode, in_use = %dp.kind(), "new tunnels use data-path={mode} (in use: {})", dp.kind());
             self.shared.set_datapath(dp);
         }
         if let Some(metrics) = prepared.metrics {
