@@ -292,7 +292,7 @@ async fn adopt(
     let tunnels = offered.adopt(&server, mode).await.map_err(anyhow::Error::msg).context("upgrade")?;
     // Everything else the configuration asks for (the XDP prefilter), now
     // that the old process let go of it; the listeners stay as they are.
-    match server.prepare(&config.settings) {
+    match server.prepare(&config.settings, false) {
         Ok(p) => server.commit(config.clone(), p),
         Err(e) => tracing::error!("after the upgrade: {e}"),
     }

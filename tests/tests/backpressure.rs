@@ -404,6 +404,50 @@ fn data_path_switches_at_runtime() {
     }
 }
 
+/// `run --data-path kernel` on a daemon whose saved `data-path` is `auto`
+/// runs `kernel` and `ip socks print` says so; a change of another setting
+/// keeps it, and `set data-path=auto` (the saved value, so no change to the
+/// configuration) ends it: new tunnels start on the relay again.
+#[test]
+fn set_data_path_to_the_saved_value_ends_a_run_override() {
+    if !kernel_under_test("set_data_path_to_the_saved_value_ends_a_run_override") {
+        return;
+    }
+    let mut d = Daemon::start("kernel");
+    let proxy = d.enable(&[]);
+    let (l, dst) = listen_local();
+    let data_path_line = |d: &Daemon| {
+        let print = d.cmd("ip socks print");
+        print.lines().find(|l| l.starts_with("data-path:")).unwrap_or_default().to_string()
+    };
+    let overridden = "data-path: auto (running kernel from `run --data-path`; in use: kernel)";
+    assert_eq!(data_path_line(&d), overridden);
+    // One short exchange, then quiet: `kernel` splices the tunnel at once,
+    // `auto` keeps it on the relay (a promotion is decided only as bytes move).
+    let exchange = |what: &str| {
+        let (mut c, mut u) = socks::tunnel(proxy, &l, dst);
+        c.write_all(b"ping").unwrap();
+        let mut b = [0u8; 4];
+        u.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"ping", "{what}");
+        (c, u)
+    };
+    let first = exchange("under the override");
+    let spliced = wait_until(Duration::from_secs(5), || d.cli.connections().iter().any(|r| r.path == "kernel"));
+    assert!(spliced, "run --data-path kernel splices at once: {:?}", d.cli.connections());
+    drop(first);
+    assert!(wait_until(Duration::from_secs(10), || d.cli.connections().is_empty()), "the first tunnel ended");
+    d.cmd("ip socks set connection-idle-timeout=3m");
+    assert_eq!(data_path_line(&d), overridden, "another setting's change keeps the override");
+    d.cmd("ip socks set data-path=auto");
+    assert_eq!(data_path_line(&d), "data-path: auto (in use: kernel)");
+    let second = exchange("after set data-path=auto");
+    std::thread::sleep(Duration::from_millis(200));
+    let rows = d.cli.connections();
+    assert!(rows.len() == 1 && rows[0].path == "userspace", "under auto a quiet tunnel stays on the relay: {rows:?}");
+    drop(second);
+}
+
 /// Tunnels of every kind (short requests that half-close, bulk both ways,
 /// interactive ping-pongs) run while `data-path` switches every 200 ms between
 /// `kernel`, `userspace` and `auto`: every byte arrives, and once the tunnels

@@ -103,7 +103,7 @@ impl Controller {
     pub async fn apply_declarative(&self, config: crate::config::Config, enforce: bool) -> Response {
         let _one_at_a_time = self.changes.lock().await;
         let current = self.server.config();
-        let response = self.commit_config(&current, config);
+        let response = self.commit_config(&current, config, false);
         if response.exit == 0 && enforce {
             let config = self.server.config();
             for row in self.server.shared.registry.rows() {
@@ -131,6 +131,8 @@ impl Controller {
         };
         let config = self.server.config();
         let active = Some(self.server.datapath_kind());
+        // `run --data-path` running another mode than the saved one.
+        let running = Some(self.server.data_path_mode()).filter(|m| *m != config.settings.data_path);
         let out = |text: String, value: serde_json::Value| {
             Response::ok(if json { format!("{}\n", serde_json::to_string_pretty(&value).unwrap()) } else { text })
         };
@@ -158,8 +160,8 @@ impl Controller {
             Command::Export(menu, opts) => self.export(&config, *menu, opts),
             Command::SettingsPrint => {
                 let xdp = self.server.prefilter_status();
-                let mut text = print::settings(&config.settings, active);
-                let mut value = print::settings_json(&config.settings, active);
+                let mut text = print::settings(&config.settings, active, running);
+                let mut value = print::settings_json(&config.settings, active, running);
                 if !config.settings.xdp_interfaces.is_empty() {
                     text.push_str(&print::xdp_attached(&xdp));
                 }
@@ -309,7 +311,7 @@ impl Controller {
             Ok(c) => c,
             Err(e) => return Response::err(1, format!("import failed, nothing changed: {e}")),
         };
-        let mut response = self.commit_config(&current, new);
+        let mut response = self.commit_config(&current, new, false);
         if verbose && response.exit == 0 {
             response.stdout = log;
         }
@@ -324,16 +326,25 @@ impl Controller {
         if let Err(e) = apply(&mut new, command) {
             return e.into();
         }
-        self.commit_config(&current, new)
+        let names_data_path =
+            matches!(command, Command::SettingsSet(pairs) if pairs.iter().any(|(k, _)| k == "data-path"));
+        self.commit_config(&current, new, names_data_path)
     }
 
     /// Makes `new` the configuration in place of `current` (the caller holds
     /// the change lock): prepare what can fail, save, then commit.
-    fn commit_config(&self, current: &crate::config::Config, new: crate::config::Config) -> Response {
-        if new == *current && self.server.unapplied().is_none() {
+    /// `names_data_path`: the change is a `set data-path=` (see [`Server::prepare`]).
+    fn commit_config(
+        &self,
+        current: &crate::config::Config,
+        new: crate::config::Config,
+        names_data_path: bool,
+    ) -> Response {
+        let ends_override = names_data_path && new.settings.data_path != self.server.data_path_mode();
+        if new == *current && self.server.unapplied().is_none() && !ends_override {
             return Response::ok(String::new());
         }
-        let prepared = match self.server.prepare(&new.settings) {
+        let prepared = match self.server.prepare(&new.settings, names_data_path) {
             Ok(p) => p,
             Err(e) => return Response::err(1, e),
         };

@@ -10,12 +10,14 @@ use serde_json::{json, Value};
 
 use crate::config::command::{quote, PrintOptions};
 use crate::config::render::{metrics_address, rule_props, rule_value, user_props, user_value, yes_no};
-use crate::config::{format_prefix, schema, time, Config, Settings};
+use crate::config::{format_prefix, schema, time, Config, DataPathMode, Settings};
 use crate::datapath::DataPathKind;
 use crate::xdp::{InterfaceStatus, RuleDrops};
 
 /// `/ip socks print`: the manual's four lines in its order, then proxyd's own.
-pub fn settings(s: &Settings, active: Option<DataPathKind>) -> String {
+/// `active`: the data path new tunnels take; `running`: the mode `run
+/// --data-path` runs instead of the saved `data-path`, if it does.
+pub fn settings(s: &Settings, active: Option<DataPathKind>, running: Option<DataPathMode>) -> String {
     let mut out = format!(
         "enabled: {}\nport: {}\nconnection-idle-timeout: {}\nmax-connections: {}\nlisten-address: {}\n",
         yes_no(s.enabled),
@@ -24,8 +26,9 @@ pub fn settings(s: &Settings, active: Option<DataPathKind>) -> String {
         s.max_connections,
         s.listen_address,
     );
+    let overridden = running.map(|m| format!("running {m} from `run --data-path`; ")).unwrap_or_default();
     match active {
-        Some(kind) => out.push_str(&format!("data-path: {} (in use: {kind})\n", s.data_path)),
+        Some(kind) => out.push_str(&format!("data-path: {} ({overridden}in use: {kind})\n", s.data_path)),
         None => out.push_str(&format!("data-path: {}\n", s.data_path)),
     }
     out.push_str(&format!("version: {}\nauth-method: {}\nvrf: {}\n", s.version, s.auth_method, s.vrf));
@@ -36,7 +39,7 @@ pub fn settings(s: &Settings, active: Option<DataPathKind>) -> String {
     out
 }
 
-pub fn settings_json(s: &Settings, active: Option<DataPathKind>) -> Value {
+pub fn settings_json(s: &Settings, active: Option<DataPathKind>, running: Option<DataPathMode>) -> Value {
     json!({
         "enabled": s.enabled,
         "port": s.port,
@@ -46,6 +49,7 @@ pub fn settings_json(s: &Settings, active: Option<DataPathKind>) -> Value {
         "listen-address": s.listen_address.to_string(),
         "data-path": s.data_path,
         "data-path-in-use": active,
+        "data-path-running": running.unwrap_or(s.data_path),
         "version": s.version,
         "auth-method": s.auth_method,
         "vrf": s.vrf,
@@ -277,7 +281,7 @@ mod tests {
     #[test]
     fn settings_print_matches_manual() {
         let c = configured(&["ip socks set enabled=yes"]);
-        let out = settings(&c.settings, None);
+        let out = settings(&c.settings, None, None);
         assert!(
             out.starts_with("enabled: yes\nport: 1080\nconnection-idle-timeout: 2m\nmax-connections: 200\n"),
             "{out}"
@@ -287,11 +291,11 @@ mod tests {
     /// `vrf` prints after `auth-method`, in JSON too (`main` by default).
     #[test]
     fn settings_print_vrf() {
-        let out = settings(&Config::default().settings, None);
+        let out = settings(&Config::default().settings, None, None);
         assert!(out.contains("auth-method: none\nvrf: main\nmetrics-address"), "{out}");
         let c = configured(&["ip socks set vrf=vrf-blue"]);
-        assert!(settings(&c.settings, None).contains("\nvrf: vrf-blue\n"));
-        assert_eq!(settings_json(&c.settings, None)["vrf"], "vrf-blue");
+        assert!(settings(&c.settings, None, None).contains("\nvrf: vrf-blue\n"));
+        assert_eq!(settings_json(&c.settings, None, None)["vrf"], "vrf-blue");
     }
 
     /// `access print` after the manual's three rules prints the manual's lines.

@@ -44,6 +44,9 @@ pub struct Server {
     /// The kernel data path once loaded: `auto` and `kernel` share it, and a
     /// switch between them (or back from `userspace`) loads nothing again.
     kernel: Mutex<Option<Arc<KernelDataPath>>>,
+    /// The `data-path` new tunnels follow: the saved setting, or the one
+    /// `run --data-path` gave until a `set data-path=` names one.
+    mode: Mutex<DataPathMode>,
     listener: Mutex<Option<ActiveListener>>,
     pin_dir: PathBuf,
     /// The metrics endpoint, when `metrics-address` is set.
@@ -81,7 +84,8 @@ pub struct Prepared {
     listener: Option<Option<(Listen, std::net::TcpListener)>>,
     /// The same for the metrics endpoint.
     metrics: Option<Option<(SocketAddr, std::net::TcpListener)>>,
-    datapath: Option<SharedDataPath>,
+    /// A data path to switch to, and the mode it serves.
+    datapath: Option<(DataPathMode, SharedDataPath)>,
     /// The XDP prefilter: a freshly loaded one (it was off) and the
     /// interfaces newly attached; `None` when `xdp-interfaces` is empty.
     /// Dropped uncommitted, it detaches and unloads again.
@@ -125,6 +129,7 @@ impl Server {
         Ok(Arc::new(Server {
             shared: Arc::new(Shared::new(config, datapath)),
             kernel,
+            mode: Mutex::new(mode),
             listener: Mutex::new(None),
             pin_dir,
             metrics_listener: Mutex::new(None),
@@ -139,7 +144,7 @@ impl Server {
     /// `ip socks print`, and the daemon runs on so that it can be fixed.
     pub fn apply_initial(self: &Arc<Self>) {
         let config = self.config();
-        match self.prepare(&config.settings) {
+        match self.prepare(&config.settings, false) {
             Ok(p) => self.commit((*config).clone(), p),
             Err(e) => {
                 tracing::error!("not accepting clients: {e}; fix it with `proxyd ip socks set ...`");
@@ -161,6 +166,11 @@ impl Server {
         self.shared.datapath_kind()
     }
 
+    /// The `data-path` mode new tunnels follow (see [`Server::prepare`]).
+    pub fn data_path_mode(&self) -> DataPathMode {
+        *self.mode.lock().unwrap()
+    }
+
     /// The address the listener is bound to, if it is listening.
     pub fn listening_on(&self) -> Option<SocketAddr> {
         self.listener.lock().unwrap().as_ref().map(|l| l.addr)
@@ -168,8 +178,11 @@ impl Server {
 
     /// Does what can fail for moving from the current settings to `new`:
     /// checks a new `vrf`, binds a new listener, loads a new data path.
-    /// Nothing changes yet.
-    pub fn prepare(&self, new: &Settings) -> io::Result<Prepared> {
+    /// Nothing changes yet. The data path changes with the `data-path`
+    /// setting, and also when the change names `data-path`
+    /// (`data_path_named`) while `run --data-path` runs another mode: a
+    /// `set data-path=` to the saved value ends that override.
+    pub fn prepare(&self, new: &Settings, data_path_named: bool) -> io::Result<Prepared> {
         let old = self.config();
         let mut p = Prepared::default();
         // A new vrf must name a device now, even while the server is
@@ -228,8 +241,8 @@ impl Server {
                 }
             });
         }
-        if new.data_path != old.settings.data_path {
-            p.datapath = Some(select_datapath(new.data_path, &self.pin_dir, &self.kernel)?);
+        if new.data_path != old.settings.data_path || (data_path_named && new.data_path != self.data_path_mode()) {
+            p.datapath = Some((new.data_path, select_datapath(new.data_path, &self.pin_dir, &self.kernel)?));
         }
         Ok(p)
     }
@@ -260,13 +273,13 @@ impl Server {
                 }
             }
         }
-        let mode = config.settings.data_path;
         self.shared.set_config(config);
-        if let Some(dp) = prepared.datapath {
+        if let Some((mode, dp)) = prepared.datapath {
             // As `ip socks print` says it: under `auto` the kernel path in use
             // still starts every tunnel on the relay.
             tracing::info!(data_path = %mode, in_use = %dp.kind(), "new tunnels use data-path={mode} (in use: {})", dp.kind());
             self.shared.set_datapath(dp);
+            *self.mode.lock().unwrap() = mode;
         }
         if let Some(metrics) = prepared.metrics {
             let mut slot = self.metrics_listener.lock().unwrap();
@@ -436,6 +449,7 @@ impl Server {
     pub fn use_data_path(&self, mode: DataPathMode) -> io::Result<()> {
         let dp = select_datapath(mode, &self.pin_dir, &self.kernel)?;
         self.shared.set_datapath(dp);
+        *self.mode.lock().unwrap() = mode;
         Ok(())
     }
 
