@@ -63,7 +63,7 @@ struct RunArgs {
     /// Folder under bpffs where the kernel data path pins its maps.
     #[arg(long, default_value = "/sys/fs/bpf/proxyd")]
     bpf_pin_dir: PathBuf,
-    /// Data path for tunnels; overrides the saved `data-path` setting for this run.
+    /// Data path for tunnels; overrides the saved `data-path` setting for this run, until a `set data-path=`.
     #[arg(long, value_parser = ["auto", "kernel", "userspace"])]
     data_path: Option<String>,
     /// How long open tunnels may go on after SIGTERM/SIGINT/SIGHUP before they are closed.
