@@ -472,74 +472,60 @@ fn switches_under_load_lose_nothing_and_leak_nothing() {
     // Bounded in time (6 s of load) and in count (per thread, below).
     let deadline = Instant::now() + Duration::from_secs(6);
     let done = Arc::new(AtomicBool::new(false));
-    let mut load = Vec::new();
-    for i in 0..3u64 {
-        load.push(std::thread::spawn(move || -> Result<(&'static str, u64), String> {
-            let mut n = 0;
-            while Instant::now() < deadline && n < 300 {
-                let mut s = socks::connect(proxy, echo);
-                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-                let msg = pattern(37, i * 1000 + n);
-                s.write_all(&msg).map_err(|e| format!("short {i}/{n}: write: {e}"))?;
-                s.shutdown(Shutdown::Write).unwrap();
-                let mut back = Vec::new();
-                s.read_to_end(&mut back).map_err(|e| format!("short {i}/{n}: read: {e}"))?;
-                if back != msg {
-                    return Err(format!("short {i}/{n}: {} bytes back of {}", back.len(), msg.len()));
+    // One thread per tunnel kind and seed, each opening tunnels one after
+    // another (at most `max`) until the deadline; `run` drives one tunnel.
+    let spawn = |kind: &'static str, max: u64, run: fn(&mut TcpStream, u64, u64) -> Result<(), String>| {
+        move |i: u64| {
+            std::thread::spawn(move || -> Result<(&'static str, u64), String> {
+                let mut n = 0;
+                while Instant::now() < deadline && n < max {
+                    let mut s = socks::connect(proxy, echo);
+                    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                    run(&mut s, i, n).map_err(|e| format!("{kind} {i}/{n}: {e}"))?;
+                    n += 1;
                 }
-                n += 1;
+                Ok((kind, n))
+            })
+        }
+    };
+    let short = spawn("short", 300, |s, i, n| {
+        let msg = pattern(37, i * 1000 + n);
+        s.write_all(&msg).map_err(|e| format!("write: {e}"))?;
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).map_err(|e| format!("read: {e}"))?;
+        (back == msg).then_some(()).ok_or_else(|| format!("{} bytes back of {}", back.len(), msg.len()))
+    });
+    let bulk = spawn("bulk", 8, |s, i, n| {
+        let data = pattern(16 << 20, 100 + i * 10 + n);
+        let want = sha256::hex(&data);
+        let mut w = s.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            w.write_all(&data).and_then(|_| w.shutdown(Shutdown::Write)).map_err(|e| e.to_string())
+        });
+        let mut back = Vec::with_capacity(16 << 20);
+        let read = s.read_to_end(&mut back);
+        writer.join().unwrap().map_err(|e| format!("write: {e}"))?;
+        read.map_err(|e| format!("read: {e}"))?;
+        (sha256::hex(&back) == want)
+            .then_some(())
+            .ok_or_else(|| format!("{} bytes back of {}, or different", back.len(), 16 << 20))
+    });
+    let ping_pong = spawn("ping-pong", 20, |s, i, _| {
+        let until = Instant::now() + Duration::from_millis(700);
+        let mut k = 0;
+        while Instant::now() < until && k < 20_000 {
+            let msg = pattern(64, 5000 + i * 100_000 + k);
+            let mut back = [0u8; 64];
+            s.write_all(&msg).and_then(|_| s.read_exact(&mut back)).map_err(|e| format!("message {k}: {e}"))?;
+            if back[..] != msg[..] {
+                return Err(format!("message {k}: a different message came back"));
             }
-            Ok(("short", n))
-        }));
-    }
-    for i in 0..2u64 {
-        load.push(std::thread::spawn(move || -> Result<(&'static str, u64), String> {
-            let mut n = 0;
-            while Instant::now() < deadline && n < 8 {
-                let mut s = socks::connect(proxy, echo);
-                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-                let data = pattern(16 << 20, 100 + i * 10 + n);
-                let want = sha256::hex(&data);
-                let mut w = s.try_clone().unwrap();
-                let writer = std::thread::spawn(move || {
-                    w.write_all(&data).and_then(|_| w.shutdown(Shutdown::Write)).map_err(|e| e.to_string())
-                });
-                let mut back = Vec::with_capacity(16 << 20);
-                let read = s.read_to_end(&mut back);
-                writer.join().unwrap().map_err(|e| format!("bulk {i}/{n}: write: {e}"))?;
-                read.map_err(|e| format!("bulk {i}/{n}: read: {e}"))?;
-                if sha256::hex(&back) != want {
-                    return Err(format!("bulk {i}/{n}: {} bytes back of {}, or different", back.len(), 16 << 20));
-                }
-                n += 1;
-            }
-            Ok(("bulk", n))
-        }));
-    }
-    for i in 0..2u64 {
-        load.push(std::thread::spawn(move || -> Result<(&'static str, u64), String> {
-            let mut n = 0;
-            while Instant::now() < deadline && n < 20 {
-                let mut s = socks::connect(proxy, echo);
-                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-                let until = Instant::now() + Duration::from_millis(700);
-                let mut k = 0;
-                while Instant::now() < until && k < 20_000 {
-                    let msg = pattern(64, 5000 + i * 100_000 + k);
-                    let mut back = [0u8; 64];
-                    s.write_all(&msg)
-                        .and_then(|_| s.read_exact(&mut back))
-                        .map_err(|e| format!("ping {i}/{n}/{k}: {e}"))?;
-                    if back[..] != msg[..] {
-                        return Err(format!("ping {i}/{n}/{k}: a different message came back"));
-                    }
-                    k += 1;
-                }
-                n += 1;
-            }
-            Ok(("ping-pong", n))
-        }));
-    }
+            k += 1;
+        }
+        Ok(())
+    });
+    let load: Vec<_> = (0..3).map(&short).chain((0..2).map(&bulk)).chain((0..2).map(&ping_pong)).collect();
     let switcher = {
         let (done, cli) = (done.clone(), d.cli.clone());
         std::thread::spawn(move || {
