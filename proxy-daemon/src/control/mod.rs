@@ -131,8 +131,6 @@ impl Controller {
         };
         let config = self.server.config();
         let active = Some(self.server.datapath_kind());
-        // `run --data-path` running another mode than the saved one.
-        let running = Some(self.server.data_path_mode()).filter(|m| *m != config.settings.data_path);
         let out = |text: String, value: serde_json::Value| {
             Response::ok(if json { format!("{}\n", serde_json::to_string_pretty(&value).unwrap()) } else { text })
         };
@@ -160,6 +158,8 @@ impl Controller {
             Command::Export(menu, opts) => self.export(&config, *menu, opts),
             Command::SettingsPrint => {
                 let xdp = self.server.prefilter_status();
+                // `run --data-path` running another mode than the saved one.
+                let running = Some(self.server.data_path_mode()).filter(|m| *m != config.settings.data_path);
                 let mut text = print::settings(&config.settings, active, running);
                 let mut value = print::settings_json(&config.settings, active, running);
                 if !config.settings.xdp_interfaces.is_empty() {

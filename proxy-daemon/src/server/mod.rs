@@ -44,9 +44,6 @@ pub struct Server {
     /// The kernel data path once loaded: `auto` and `kernel` share it, and a
     /// switch between them (or back from `userspace`) loads nothing again.
     kernel: Mutex<Option<Arc<KernelDataPath>>>,
-    /// The `data-path` new tunnels follow: the saved setting, or the one
-    /// `run --data-path` gave until a `set data-path=` names one.
-    mode: Mutex<DataPathMode>,
     listener: Mutex<Option<ActiveListener>>,
     pin_dir: PathBuf,
     /// The metrics endpoint, when `metrics-address` is set.
@@ -127,9 +124,8 @@ impl Server {
         let kernel = Mutex::new(None);
         let datapath = select_datapath(mode, &pin_dir, &kernel)?;
         Ok(Arc::new(Server {
-            shared: Arc::new(Shared::new(config, datapath)),
+            shared: Arc::new(Shared::new(config, mode, datapath)),
             kernel,
-            mode: Mutex::new(mode),
             listener: Mutex::new(None),
             pin_dir,
             metrics_listener: Mutex::new(None),
@@ -168,7 +164,7 @@ impl Server {
 
     /// The `data-path` mode new tunnels follow (see [`Server::prepare`]).
     pub fn data_path_mode(&self) -> DataPathMode {
-        *self.mode.lock().unwrap()
+        self.shared.data_path_mode()
     }
 
     /// The address the listener is bound to, if it is listening.
@@ -278,8 +274,7 @@ impl Server {
             // As `ip socks print` says it: under `auto` the kernel path in use
             // still starts every tunnel on the relay.
             tracing::info!(data_path = %mode, in_use = %dp.kind(), "new tunnels use data-path={mode} (in use: {})", dp.kind());
-            self.shared.set_datapath(dp);
-            *self.mode.lock().unwrap() = mode;
+            self.shared.set_datapath(mode, dp);
         }
         if let Some(metrics) = prepared.metrics {
             let mut slot = self.metrics_listener.lock().unwrap();
@@ -448,8 +443,7 @@ impl Server {
     /// kernel path if needed).
     pub fn use_data_path(&self, mode: DataPathMode) -> io::Result<()> {
         let dp = select_datapath(mode, &self.pin_dir, &self.kernel)?;
-        self.shared.set_datapath(dp);
-        *self.mode.lock().unwrap() = mode;
+        self.shared.set_datapath(mode, dp);
         Ok(())
     }
 

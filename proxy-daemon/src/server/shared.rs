@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use tokio_util::task::TaskTracker;
 
 use super::registry::Registry;
-use crate::config::Config;
+use crate::config::{Config, DataPathMode};
 use crate::datapath::userspace::{Limits, RateLimit};
 use crate::datapath::{DataPathKind, SharedDataPath};
 use crate::metrics::Metrics;
@@ -18,7 +18,10 @@ use crate::metrics::Metrics;
 pub struct Shared {
     config: RwLock<Arc<Config>>,
     pub registry: Arc<Registry>,
-    datapath: RwLock<SharedDataPath>,
+    /// The data path new tunnels take, with the `data-path` mode it serves:
+    /// the saved setting, or the one `run --data-path` gave until a `set
+    /// data-path=` names one. Swapped together, so the two never disagree.
+    datapath: RwLock<(DataPathMode, SharedDataPath)>,
     /// Pacing of rate-limited users, by name, with the rate it was made for.
     user_limits: Mutex<HashMap<String, (u64, Limits)>>,
     /// Prometheus counters.
@@ -29,11 +32,11 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Config, datapath: SharedDataPath) -> Self {
+    pub fn new(config: Config, mode: DataPathMode, datapath: SharedDataPath) -> Self {
         Shared {
             config: RwLock::new(Arc::new(config)),
             registry: Arc::new(Registry::default()),
-            datapath: RwLock::new(datapath),
+            datapath: RwLock::new((mode, datapath)),
             user_limits: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
             tasks: TaskTracker::new(),
@@ -47,7 +50,12 @@ impl Shared {
 
     /// The data path new tunnels take.
     pub fn datapath(&self) -> SharedDataPath {
-        self.datapath.read().unwrap().clone()
+        self.datapath.read().unwrap().1.clone()
+    }
+
+    /// The `data-path` mode new tunnels follow.
+    pub fn data_path_mode(&self) -> DataPathMode {
+        self.datapath.read().unwrap().0
     }
 
     pub fn datapath_kind(&self) -> DataPathKind {
@@ -58,8 +66,8 @@ impl Shared {
         *self.config.write().unwrap() = Arc::new(config);
     }
 
-    pub(super) fn set_datapath(&self, datapath: SharedDataPath) {
-        *self.datapath.write().unwrap() = datapath;
+    pub(super) fn set_datapath(&self, mode: DataPathMode, datapath: SharedDataPath) {
+        *self.datapath.write().unwrap() = (mode, datapath);
     }
 
     /// The pacing shared by all tunnels of `user` at `bits_per_sec` each way.
