@@ -1,20 +1,77 @@
-//! Destination servers for the tests: a tiny HTTP server that serves one known body and
-//! counts accepted connections, and the pyftpdlib FTP server (tests/scripts/ftpd.py).
+//! Destination servers for the tests: a TCP echo server that counts and records the
+//! connections it accepts, a tiny HTTP server that serves one known body and counts
+//! accepted connections, and the pyftpdlib FTP server (tests/scripts/ftpd.py).
 
 use crate::{run_with_timeout, text};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddrV4, TcpListener, TcpStream};
+use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// An HTTP/1.1 server on 127.0.0.1 that answers every request with `body`.
-pub struct HttpServer {
+/// A TCP echo server: each connection gets back what it sends, then its end of
+/// stream once it has sent it all. A connection idle for 30 s is dropped, so no
+/// thread outlives a test that forgot its tunnel. It records where each accepted
+/// connection came from.
+pub struct EchoServer {
     /// Where it listens.
     pub addr: SocketAddrV4,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+}
+
+impl EchoServer {
+    /// An echo server on a free port of 127.0.0.1.
+    pub fn start() -> EchoServer {
+        EchoServer::on(TcpListener::bind("127.0.0.1:0").expect("bind echo"))
+    }
+
+    /// An echo server bound to `addr` (port 0 for any) in network namespace `ns`.
+    pub fn start_in(ns: &str, addr: &str) -> EchoServer {
+        EchoServer::on(crate::in_ns(ns, || {
+            TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind echo {addr} in {ns}: {e}"))
+        }))
+    }
+
+    /// Serves `listener` (an IPv4 one; it may be bound to any address).
+    pub fn on(listener: TcpListener) -> EchoServer {
+        let SocketAddr::V4(addr) = listener.local_addr().unwrap() else { panic!("echo server: not IPv4") };
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let seen = peers.clone();
+        std::thread::spawn(move || {
+            for mut s in listener.incoming().flatten() {
+                seen.lock().unwrap().extend(s.peer_addr().ok());
+                std::thread::spawn(move || {
+                    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+                    let mut b = vec![0u8; 64 << 10];
+                    while let Ok(n) = s.read(&mut b) {
+                        if n == 0 || s.write_all(&b[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        EchoServer { addr, peers }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.peers.lock().unwrap().len()
+    }
+
+    /// Where each accepted connection came from, in order.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().unwrap().clone()
+    }
+}
+
+/// An HTTP/1.1 server (on 127.0.0.1, or any address) that answers every request with `body`.
+pub struct HttpServer {
+    /// Where it listens.
+    pub local: SocketAddr,
     /// The body it serves.
     pub body: Arc<Vec<u8>>,
     /// Connections accepted so far (to prove that nothing reached it).
@@ -26,8 +83,13 @@ pub struct HttpServer {
 impl HttpServer {
     /// Starts serving `body` on a free port of 127.0.0.1.
     pub fn start(body: Vec<u8>) -> HttpServer {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind http");
-        let port = listener.local_addr().unwrap().port();
+        HttpServer::start_on("127.0.0.1:0", body)
+    }
+
+    /// Starts serving `body` on `bind` (e.g. `[::1]:0`).
+    pub fn start_on(bind: &str, body: Vec<u8>) -> HttpServer {
+        let listener = TcpListener::bind(bind).unwrap_or_else(|e| panic!("bind http {bind}: {e}"));
+        let local = listener.local_addr().unwrap();
         let body = Arc::new(body);
         let accepted = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -43,7 +105,15 @@ impl HttpServer {
                 std::thread::spawn(move || serve_http(conn, &b));
             }
         });
-        HttpServer { addr: crate::localhost(port), body, accepted, stop, thread: Some(thread) }
+        HttpServer { local, body, accepted, stop, thread: Some(thread) }
+    }
+
+    /// Where an IPv4 server listens (what SOCKS4 requests name).
+    pub fn addr(&self) -> SocketAddrV4 {
+        match self.local {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(a) => panic!("the HTTP server on {a} has no IPv4 address"),
+        }
     }
 
     /// Number of connections accepted so far.
@@ -51,9 +121,9 @@ impl HttpServer {
         self.accepted.load(Ordering::SeqCst)
     }
 
-    /// `http://127.0.0.1:PORT/` (or with `host` instead of the IP).
+    /// `http://HOST:PORT/`, with `host` a name or an address (`[::1]` for IPv6).
     pub fn url(&self, host: &str) -> String {
-        format!("http://{host}:{}/", self.addr.port())
+        format!("http://{host}:{}/", self.local.port())
     }
 }
 
@@ -98,7 +168,7 @@ fn serve_http(conn: TcpStream, body: &[u8]) {
 impl Drop for HttpServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect_timeout(&(*self.addr.ip(), self.addr.port()).into(), Duration::from_secs(1));
+        let _ = TcpStream::connect_timeout(&self.local, Duration::from_secs(1));
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -387,24 +387,3 @@ pub fn unique_tag() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
     format!("{}-{n}-{nanos:x}", std::process::id())
 }
-
-/// An echo server bound to `addr` (port 0 for any) in network namespace `ns`:
-/// each connection echoes what it reads until end of stream. Returns where it listens.
-pub fn echo_in(ns: &str, addr: &str) -> SocketAddrV4 {
-    let l = in_ns(ns, || TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind echo {addr} in {ns}: {e}")));
-    let SocketAddr::V4(bound) = l.local_addr().unwrap() else { panic!("echo {addr}: not IPv4") };
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut s = s;
-                let mut buf = [0u8; 16384];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || std::io::Write::write_all(&mut s, &buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    bound
-}

@@ -467,7 +467,7 @@ fn switches_under_load_lose_nothing_and_leak_nothing() {
     let mut d = Daemon::start("auto");
     let proxy = d.enable(&[]);
     let pin_dir = d.pin_dir().expect("the kernel path pins its maps").to_path_buf();
-    let echo = echo_server();
+    let echo = proxyd_tests::fixtures::EchoServer::start().addr;
     let before = open_files(d.pid());
     // Bounded in time (6 s of load) and in count (per thread, below).
     let deadline = Instant::now() + Duration::from_secs(6);
@@ -592,26 +592,6 @@ fn open_files(pid: u32) -> OpenFiles {
         }
     }
     files
-}
-
-/// An echo server on loopback: each connection gets back what it sends, and
-/// its end of stream once it has sent it.
-fn echo_server() -> std::net::SocketAddrV4 {
-    let (l, addr) = listen_local();
-    std::thread::spawn(move || {
-        for mut s in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                s.set_read_timeout(Some(Duration::from_secs(30))).ok();
-                let mut b = vec![0u8; 256 << 10];
-                while let Ok(n) = s.read(&mut b) {
-                    if n == 0 || s.write_all(&b[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
 }
 
 /// Under `kernel` a tunnel whose client pours from its first byte (the bytes

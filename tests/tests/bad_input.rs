@@ -2,12 +2,11 @@
 //! 91 or a close (and the next good client is served); bad CLI values exit 1 naming the
 //! property, with the configuration unchanged.
 
+use proxyd_tests::fixtures::EchoServer;
 use proxyd_tests::socks::{self, Answer, BIND, CONNECT};
 use proxyd_tests::{data_paths, listen_local, tcp_connect, text, wait_until, Daemon};
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 /// How a malformed case is sent.
@@ -17,29 +16,6 @@ enum Send {
     KeepOpen,
     /// Send the bytes, then half-close (the client is done).
     ThenClose,
-}
-
-/// An echo server counting accepted connections.
-fn echo_server() -> (SocketAddrV4, Arc<AtomicUsize>) {
-    let (l, addr): (TcpListener, SocketAddrV4) = listen_local();
-    let count = Arc::new(AtomicUsize::new(0));
-    let c = count.clone();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            c.fetch_add(1, Ordering::SeqCst);
-            std::thread::spawn(move || {
-                let mut s = s;
-                s.set_read_timeout(Some(Duration::from_secs(20))).ok();
-                let mut b = [0u8; 4096];
-                while let Ok(n) = s.read(&mut b) {
-                    if n == 0 || s.write_all(&b[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    (addr, count)
 }
 
 /// A good client gets a tunnel that echoes.
@@ -59,7 +35,8 @@ fn good_client_served(proxy: SocketAddr, echo: SocketAddrV4, after: &str) {
 fn refusal_ends_in_a_fin_not_a_reset() {
     let mut d = Daemon::start("userspace");
     let proxy = d.enable(&[]);
-    let (echo, count) = echo_server();
+    let server = EchoServer::start();
+    let echo = server.addr;
     d.cli_ok(&["ip", "socks", "access", "add", &format!("dst-port={}", echo.port()), "action=deny"]);
     let mut long = socks::request(CONNECT, echo, b"");
     long.pop();
@@ -76,7 +53,7 @@ fn refusal_ends_in_a_fin_not_a_reset() {
             Err(e) => panic!("{what}: {e} after {got:?} (want 91 and a FIN)"),
         }
     }
-    assert_eq!(count.load(Ordering::SeqCst), 0, "a refused request reached the destination");
+    assert_eq!(server.accepted(), 0, "a refused request reached the destination");
 }
 
 /// Table of malformed SOCKS4/4a requests: each gets reply 91 or a close, never 90 and
@@ -86,7 +63,8 @@ fn malformed_requests_get_91_or_close() {
     for dp in data_paths() {
         let mut d = Daemon::start(dp);
         let proxy = d.enable(&[]);
-        let (echo, accepted) = echo_server();
+        let server = EchoServer::start();
+        let echo = server.addr;
         // A port where nothing listens (bound then dropped).
         let (dead_l, dead) = listen_local();
         drop(dead_l);
@@ -205,7 +183,7 @@ fn malformed_requests_get_91_or_close() {
 
         let mut failures = Vec::new();
         for (name, bytes, how) in &cases {
-            let before = accepted.load(Ordering::SeqCst);
+            let before = server.accepted();
             let mut c = tcp_connect(proxy).unwrap();
             let _ = c.write_all(bytes);
             if let Send::ThenClose = how {
@@ -222,7 +200,7 @@ fn malformed_requests_get_91_or_close() {
             }
             // The BIND case legitimately never dials; the others must not reach the echo server.
             std::thread::sleep(Duration::from_millis(20));
-            if accepted.load(Ordering::SeqCst) != before {
+            if server.accepted() != before {
                 failures.push(format!("{name}: reached the destination"));
             }
             drop(c);

@@ -15,7 +15,7 @@ const T: Duration = Duration::from_secs(30);
 /// Adds a deny rule for the HTTP server's port and checks that `fetch` now fails and
 /// nothing reached the server: proof the client really went through proxyd.
 fn assert_goes_through_proxy(d: &Daemon, http: &HttpServer, what: &str, fetch: impl Fn() -> bool) {
-    let port = format!("dst-port={}", http.addr.port());
+    let port = format!("dst-port={}", http.addr().port());
     d.cli_ok(&["ip", "socks", "access", "add", &port, "action=deny"]);
     let before = http.accepted();
     assert!(!fetch(), "{what} still fetched the page although proxyd denies it: it bypasses the proxy");
@@ -84,7 +84,7 @@ fn pysocks_socks4_and_socks4a() {
     for dp in data_paths() {
         let mut d = Daemon::start(dp);
         let proxy_port = d.enable(&[]).port().to_string();
-        let http_port = http.addr.port().to_string();
+        let http_port = http.addr().port().to_string();
         let fetch = |host: &str, rdns: &str| {
             run_with_timeout(
                 Command::new("/usr/bin/python3").args(["-c", PYSOCKS, &proxy_port, host, &http_port, rdns]),
@@ -146,7 +146,7 @@ fn denied_request_gets_91_and_never_reaches_destination() {
     for dp in data_paths() {
         let mut d = Daemon::start(dp);
         let proxy = d.enable(&[]);
-        let port = http.addr.port();
+        let port = http.addr().port();
         d.cli_ok(&[
             "ip",
             "socks",
@@ -158,7 +158,7 @@ fn denied_request_gets_91_and_never_reaches_destination() {
         ]);
         d.cmd("ip socks access add dst-address=127.0.0.0/8 action=deny");
         for (what, req) in [
-            ("SOCKS4 CONNECT", socks::request(socks::CONNECT, http.addr, b"u")),
+            ("SOCKS4 CONNECT", socks::request(socks::CONNECT, http.addr(), b"u")),
             ("SOCKS4a CONNECT localhost", socks::request_4a(socks::CONNECT, port, b"localhost", b"u")),
         ] {
             let before = http.accepted();
@@ -177,7 +177,7 @@ fn denied_request_gets_91_and_never_reaches_destination() {
         d.cmd("ip socks access remove 1");
         d.cmd("ip socks access disable 0");
         let before = http.accepted();
-        let mut c = socks::connect(proxy, http.addr);
+        let mut c = socks::connect(proxy, http.addr());
         c.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
         assert!(
             proxyd_tests::wait_until(Duration::from_secs(3), || http.accepted() > before),

@@ -164,7 +164,7 @@ fn three_nodes_one_config_behind_one_address() {
         })
         .collect();
     // The destination: an echo server on the load balancer's bridge address.
-    let dst = proxyd_tests::echo_in(&fleet.lb, "10.231.2.1:0");
+    let dst = proxyd_tests::fixtures::EchoServer::start_in(&fleet.lb, "10.231.2.1:0").addr;
     let ready = in_ns(&fleet.cl, || wait_until(Duration::from_secs(10), || connect(dst).0 == 90));
     assert!(ready, "no node answers through {VIP}:\n{}", daemons[0].log());
 

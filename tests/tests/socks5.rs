@@ -189,71 +189,6 @@ fn http_get(mut s: TcpStream) -> Vec<u8> {
 // Destination servers.
 // ---------------------------------------------------------------------------------
 
-/// An HTTP/1.x server on any address (e.g. `[::1]:0`) answering every request with `body`.
-struct Http {
-    addr: SocketAddr,
-    accepted: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Http {
-    fn start(bind: &str, body: Vec<u8>) -> Http {
-        let l = TcpListener::bind(bind).unwrap_or_else(|e| panic!("bind http {bind}: {e}"));
-        let addr = l.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (a, st, body) = (accepted.clone(), stop.clone(), Arc::new(body));
-        let thread = std::thread::spawn(move || {
-            for conn in l.incoming() {
-                if st.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(mut c) = conn else { continue };
-                a.fetch_add(1, Ordering::SeqCst);
-                let body = body.clone();
-                std::thread::spawn(move || {
-                    c.set_read_timeout(Some(Duration::from_secs(10))).ok();
-                    c.set_write_timeout(Some(Duration::from_secs(10))).ok();
-                    let mut head = Vec::new();
-                    let mut b = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65536 {
-                        match c.read(&mut b) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&b[..n]),
-                        }
-                    }
-                    let h = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-                    if c.write_all(h.as_bytes()).is_ok() && c.write_all(&body).is_ok() {
-                        let _ = c.shutdown(Shutdown::Write);
-                        while matches!(c.read(&mut b), Ok(n) if n > 0) {}
-                    }
-                });
-            }
-        });
-        Http { addr, accepted, stop, thread: Some(thread) }
-    }
-
-    fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
-    }
-
-    /// `http://[::1]:PORT/`.
-    fn url(&self) -> String {
-        format!("http://{}/", self.addr)
-    }
-}
-
-impl Drop for Http {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// A UDP echo server on 127.0.0.1 that counts the datagrams it got.
 struct UdpEcho {
     addr: SocketAddr,
@@ -355,8 +290,8 @@ fn curl_socks5_fetches_over_ipv4_and_ipv6() {
     let body4 = pattern(300_000, 51);
     let body6 = pattern(250_000, 52);
     let http4 = HttpServer::start(body4.clone());
-    let http6 = Http::start("[::1]:0", body6.clone());
-    let targets = [(http4.url("127.0.0.1"), &body4), (http4.url("localhost"), &body4), (http6.url(), &body6)];
+    let http6 = HttpServer::start_on("[::1]:0", body6.clone());
+    let targets = [(http4.url("127.0.0.1"), &body4), (http4.url("localhost"), &body4), (http6.url("[::1]"), &body6)];
     for dp in data_paths() {
         // Tunnel summaries are logged at debug.
         let log = Options {
@@ -419,7 +354,7 @@ fn curl_socks5_fetches_over_ipv4_and_ipv6() {
 fn wrong_password_is_refused_and_logged_without_it() {
     let test = "wrong_password_is_refused_and_logged_without_it";
     let http = HttpServer::start(b"secret page".to_vec());
-    let dst = Dst::Ip(SocketAddr::V4(http.addr));
+    let dst = Dst::Ip(http.local);
     for dp in data_paths() {
         for level in ["info", "trace"] {
             let opts = Options { env: vec![("PROXYD_LOG".into(), level.into())], ..Options::default() };
@@ -667,7 +602,7 @@ fn malformed_requests_get_one_reply_and_a_close() {
     let http = HttpServer::start(b"after the bad ones".to_vec());
     let mut d = Daemon::start("userspace");
     let proxy = d.enable(&["version=5"]);
-    let port = http.addr.port().to_be_bytes();
+    let port = http.addr().port().to_be_bytes();
     let reply = |code: u8| vec![5, code, 0, 1, 0, 0, 0, 0, 0, 0];
     let cases: Vec<(&str, Vec<u8>, Vec<u8>)> = vec![
         ("unknown command 9", [&[5, 9, 0, 1, 127, 0, 0, 1][..], &port].concat(), reply(7)),
@@ -693,7 +628,7 @@ fn malformed_requests_get_one_reply_and_a_close() {
     let _ = s.read_to_end(&mut got);
     assert_eq!(got, [5, 0xff], "a greeting with no methods");
     assert_eq!(http.accepted(), 0, "a malformed request reached the destination");
-    let dst = Dst::Ip(SocketAddr::V4(http.addr));
+    let dst = Dst::Ip(http.local);
     assert_eq!(http_get(connect(proxy, None, &dst)), b"after the bad ones");
 }
 
@@ -706,7 +641,7 @@ fn access_list_judges_the_address_reached() {
     let http = HttpServer::start(b"local service".to_vec());
     let mut d = Daemon::start("userspace");
     let proxy = d.enable(&["version=5"]);
-    let port = http.addr.port();
+    let port = http.addr().port();
     let mapped: SocketAddr = format!("[::ffff:127.0.0.1]:{port}").parse().unwrap();
     let unspecified = [format!("0.0.0.0:{port}"), format!("[::]:{port}")];
     for a in &unspecified {
@@ -736,7 +671,7 @@ fn access_list_judges_the_address_reached() {
     d.cmd("ip socks access add src-address=::ffff:127.0.0.1 action=deny");
     let printed = d.cmd("ip socks access print");
     assert!(printed.contains("0 src-address=127.0.0.1 action=deny"), "{printed}");
-    assert_eq!(connect_reply(proxy, &Dst::Ip(SocketAddr::V4(http.addr))), 2, "a client the mapped rule names");
+    assert_eq!(connect_reply(proxy, &Dst::Ip(http.local)), 2, "a client the mapped rule names");
 }
 
 /// version=4 answers a SOCKS5 greeting with 0xFF or a close (curl --socks5 fails) and
@@ -746,7 +681,7 @@ fn version_4_refuses_socks5_and_version_5_serves_both() {
     let has_curl = require_program("version_4_refuses_socks5_and_version_5_serves_both", "curl").is_some();
     for dp in data_paths() {
         let http = HttpServer::start(b"v4 page".to_vec());
-        let dst = Dst::Ip(SocketAddr::V4(http.addr));
+        let dst = Dst::Ip(http.local);
         let mut d = Daemon::start(dp);
         let proxy = d.enable(&[]);
         assert!(d.cmd("ip socks print").contains("version: 4"), "[{dp}] default version is not 4");
@@ -768,7 +703,7 @@ fn version_4_refuses_socks5_and_version_5_serves_both() {
             assert_ne!(code, Some(0), "[{dp}] curl --socks5 got through version=4");
         }
         assert_eq!(http.accepted(), 0, "[{dp}] a refused SOCKS5 client reached the server");
-        let mut s4 = socks4::connect(proxy, http.addr);
+        let mut s4 = socks4::connect(proxy, http.addr());
         s4.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
         let mut all = Vec::new();
         s4.read_to_end(&mut all).unwrap();
@@ -776,7 +711,7 @@ fn version_4_refuses_socks5_and_version_5_serves_both() {
 
         d.cmd("ip socks set version=5");
         assert_eq!(http_get(connect(proxy, None, &dst)), b"v4 page", "[{dp}] SOCKS5 under version=5");
-        let mut s4 = socks4::connect(proxy, http.addr);
+        let mut s4 = socks4::connect(proxy, http.addr());
         s4.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
         let mut all = Vec::new();
         s4.read_to_end(&mut all).unwrap();
@@ -813,7 +748,7 @@ fn password_without_users_refuses_everyone() {
         }
         // The first enabled user opens the door, for that user only.
         d.cmd("ip socks users enable 0");
-        let dst = Dst::Ip(SocketAddr::V4(http.addr));
+        let dst = Dst::Ip(http.local);
         assert_eq!(http_get(connect(proxy, Some(("bob", BOB_PW)), &dst)), b"nobody may see this");
     }
 }
@@ -840,7 +775,7 @@ fn a_user_without_a_password_is_warned_about_and_locked_out() {
     assert!(!matches!(login(&mut s, "carol", ""), Some([1, 0])), "a user without a password logged in");
     let set = d.cli(&["ip", "socks", "users", "set", "0", &format!("password={BOB_PW}")]);
     assert!(set.status.success() && set.stderr.is_empty(), "{set:?}");
-    let dst = Dst::Ip(SocketAddr::V4(http.addr));
+    let dst = Dst::Ip(http.local);
     assert_eq!(http_get(connect(proxy, Some(("carol", BOB_PW)), &dst)), b"after the password");
 }
 
@@ -857,8 +792,8 @@ fn password_refuses_socks4_clients() {
                 d.cli_ok(&["ip", "socks", "users", "add", "name=alice", &format!("password={ALICE_PW}")]);
             }
             for (what, req) in [
-                ("SOCKS4", socks4::request(socks4::CONNECT, http.addr, b"alice")),
-                ("SOCKS4a", socks4::request_4a(socks4::CONNECT, http.addr.port(), b"localhost", b"alice")),
+                ("SOCKS4", socks4::request(socks4::CONNECT, http.addr(), b"alice")),
+                ("SOCKS4a", socks4::request_4a(socks4::CONNECT, http.addr().port(), b"localhost", b"alice")),
             ] {
                 let mut s = tcp_connect(proxy).unwrap();
                 s.write_all(&req).unwrap();
@@ -878,7 +813,7 @@ fn password_refuses_socks4_clients() {
 #[test]
 fn only_one_refuses_second_connection_until_first_closes() {
     let http = HttpServer::start(b"one at a time".to_vec());
-    let dst = Dst::Ip(SocketAddr::V4(http.addr));
+    let dst = Dst::Ip(http.local);
     for dp in data_paths() {
         let mut d = Daemon::start(dp);
         let proxy = d.enable(&["version=5", "auth-method=password"]);
@@ -999,7 +934,7 @@ fn rate_limit_8m_paces_bulk_transfers() {
 fn socks5_properties_print_export_and_survive_restart() {
     let mut d = Daemon::start("userspace");
     let http = HttpServer::start(b"persisted".to_vec());
-    let dst = Dst::Ip(SocketAddr::V4(http.addr));
+    let dst = Dst::Ip(http.local);
     let port = enable_dual(&mut d, &["version=5", "auth-method=password"]);
     let proxy = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     d.cli_ok(&[
@@ -1154,12 +1089,12 @@ fn access_rules_match_domain_names_and_ipv6() {
     let has_curl = require_program("access_rules_match_domain_names_and_ipv6", "curl").is_some();
     for dp in data_paths() {
         let http4 = HttpServer::start(b"by address only".to_vec());
-        let http6 = Http::start("[::1]:0", b"six".to_vec());
+        let http6 = HttpServer::start_on("[::1]:0", b"six".to_vec());
         let mut d = Daemon::start(dp);
         let port = enable_dual(&mut d, &["version=5"]);
         let p4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let p6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
-        let hport = http4.addr.port();
+        let hport = http4.addr().port();
         d.cmd("ip socks access add dst-address=localhost action=deny");
 
         for name in ["localhost", "LOCALHOST"] {
@@ -1167,7 +1102,7 @@ fn access_rules_match_domain_names_and_ipv6() {
             assert_eq!(rep, 2, "[{dp}] CONNECT {name}:{hport} under dst-address=localhost deny: reply {rep}, want 2");
         }
         assert_eq!(http4.accepted(), 0, "[{dp}] a denied name request reached the server");
-        let s = connect(p4, None, &Dst::Ip(SocketAddr::V4(http4.addr)));
+        let s = connect(p4, None, &Dst::Ip(SocketAddr::V4(http4.addr())));
         assert_eq!(http_get(s), b"by address only", "[{dp}] CONNECT 127.0.0.1 must pass a name rule");
         if has_curl {
             let url = http4.url("localhost");
@@ -1185,20 +1120,20 @@ fn access_rules_match_domain_names_and_ipv6() {
 
         // IPv6 destinations.
         d.cmd("ip socks access add dst-address=::1/128 action=deny");
-        let rep = connect_reply(p4, &Dst::Ip(http6.addr));
+        let rep = connect_reply(p4, &Dst::Ip(http6.local));
         assert_eq!(rep, 2, "[{dp}] CONNECT [::1] under dst-address=::1/128 deny: reply {rep}");
         assert_eq!(http6.accepted(), 0, "[{dp}] a denied IPv6 request reached the server");
         d.cmd("ip socks access remove 1");
-        assert_eq!(http_get(connect(p6, None, &Dst::Ip(http6.addr))), b"six", "[{dp}] CONNECT [::1] allowed again");
+        assert_eq!(http_get(connect(p6, None, &Dst::Ip(http6.local))), b"six", "[{dp}] CONNECT [::1] allowed again");
 
         // IPv6 clients.
         d.cmd("ip socks access add src-address=::/0 action=deny");
         d.cmd("ip socks access move 1 0");
-        let rep = connect_reply(p6, &Dst::Ip(SocketAddr::V4(http4.addr)));
+        let rep = connect_reply(p6, &Dst::Ip(SocketAddr::V4(http4.addr())));
         assert_eq!(rep, 2, "[{dp}] a client from [::1] under src-address=::/0 deny: reply {rep}");
         assert_eq!(http4.accepted(), served, "[{dp}] a denied IPv6 client reached the server");
         assert_eq!(
-            http_get(connect(p4, None, &Dst::Ip(SocketAddr::V4(http4.addr)))),
+            http_get(connect(p4, None, &Dst::Ip(SocketAddr::V4(http4.addr())))),
             b"by address only",
             "[{dp}] an IPv4 client (via the dual-stack listener) must not match ::/0"
         );

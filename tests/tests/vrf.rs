@@ -20,6 +20,7 @@
 //! Root-gated (skipped without root, failed when `CI` is set), except
 //! `unknown_vrf_is_refused_and_changes_nothing`, which runs anywhere.
 
+use proxyd_tests::fixtures::EchoServer;
 use proxyd_tests::in_ns;
 use proxyd_tests::{
     data_paths, find_program, free_port, is_root, skip_or_fail, socks, tcp_connect, text, wait_until, Daemon,
@@ -27,7 +28,6 @@ use proxyd_tests::{
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The proxy's address on `pv`, and its SOCKS port.
@@ -107,25 +107,9 @@ impl Drop for Net {
 
 /// TCP and UDP echo servers on the destination (port 7 in `V`); the TCP one
 /// records where each connection came from.
-fn echo_servers(net: &Net) -> Arc<Mutex<Vec<SocketAddr>>> {
+fn echo_servers(net: &Net) -> EchoServer {
     let (tcp, udp) = in_ns(&net.v, || {
         (TcpListener::bind((Ipv4Addr::UNSPECIFIED, ECHO_PORT)).unwrap(), UdpSocket::bind((DEST_IP, ECHO_PORT)).unwrap())
-    });
-    let peers = Arc::new(Mutex::new(Vec::new()));
-    let seen = peers.clone();
-    std::thread::spawn(move || {
-        for s in tcp.incoming().flatten() {
-            seen.lock().unwrap().push(s.peer_addr().unwrap());
-            std::thread::spawn(move || {
-                let mut s = s;
-                let mut buf = [0u8; 16384];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
     });
     std::thread::spawn(move || {
         let mut buf = [0u8; 2048];
@@ -133,7 +117,7 @@ fn echo_servers(net: &Net) -> Arc<Mutex<Vec<SocketAddr>>> {
             let _ = udp.send_to(&buf[..n], from);
         }
     });
-    peers
+    EchoServer::on(tcp)
 }
 
 /// A TCP connection from namespace `ns` to `addr` (10 s I/O timeouts).
@@ -204,7 +188,7 @@ fn vrf_binds_the_listener_and_every_outgoing_socket() {
     for dp in data_paths() {
         let net = Net::new();
         let d = net.daemon(dp);
-        let peers = echo_servers(&net);
+        let dest = echo_servers(&net);
         d.cmd(&format!("ip socks set enabled=yes port={PORT} version=5"));
         let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, PORT));
         let via_veth = SocketAddr::from((PROXY_IP, PORT));
@@ -242,7 +226,7 @@ fn vrf_binds_the_listener_and_every_outgoing_socket() {
         // The reply names the dial's own address: pv's.
         assert_eq!(*reply.addr.ip(), PROXY_IP, "[{dp}] the dial did not leave through pv");
         echo(&mut tunnel, b"through the vrf", &format!("[{dp}] tunnel"));
-        assert!(peers.lock().unwrap().iter().any(|p| p.ip() == PROXY_IP), "[{dp}] the destination saw no dial");
+        assert!(dest.peers().iter().any(|p| p.ip() == PROXY_IP), "[{dp}] the destination saw no dial");
         let dialled = ss(&net.p, &["-t", &format!("dst {DEST_IP}")]);
         assert!(dialled.contains(&format!("{PROXY_IP}%pv:")), "[{dp}] dial not bound to pv:\n{dialled}");
 

@@ -159,7 +159,7 @@ fn connect_to(ns: &str, addr: &str, timeout: Duration) -> std::io::Result<TcpStr
 
 /// An echo server on 127.0.0.1 in the server namespace (the destination).
 fn echo_server(net: &Net) -> SocketAddrV4 {
-    proxyd_tests::echo_in(&net.s, "127.0.0.1:0")
+    proxyd_tests::fixtures::EchoServer::start_in(&net.s, "127.0.0.1:0").addr
 }
 
 /// `proxyd_connections_accepted_total` from the metrics endpoint.
