@@ -297,7 +297,8 @@ async fn adopt(
         Err(e) => tracing::error!("after the upgrade: {e}"),
     }
     let _ = proxyd::sdnotify::notify(&format!("MAINPID={}", std::process::id()));
-    tracing::info!(tunnels, data_path = %server.datapath_kind(), "upgrade: took over {tunnels} tunnel(s)");
+    let (mode, in_use) = (server.data_path_mode(), server.datapath_kind());
+    tracing::info!(tunnels, data_path = %mode, %in_use, "upgrade: took over {tunnels} tunnel(s) (data-path={mode}, in use: {in_use})");
     Ok((server, control))
 }
 
