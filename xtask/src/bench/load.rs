@@ -192,29 +192,44 @@ pub struct LatResult {
     pub n: usize,
 }
 
+/// One 64-byte message out and its echo back, checked.
+fn ping(s: &mut TcpStream) -> io::Result<()> {
+    const MSG: [u8; 64] = {
+        let mut m = [0x61u8; 64];
+        m[0] = b'p';
+        m
+    };
+    let mut back = [0u8; 64];
+    s.write_all(&MSG)?;
+    s.read_exact(&mut back)?;
+    if back != MSG {
+        return Err(io::Error::other("echo returned different bytes"));
+    }
+    Ok(())
+}
+
+/// 100 ms of uncounted ping-pong, long enough for `auto` to settle the
+/// tunnel on a path (it promotes at 50 ms).
+fn warm_up(s: &mut TcpStream) -> io::Result<()> {
+    let warm = Instant::now();
+    while warm.elapsed() < Duration::from_millis(100) {
+        ping(s)?;
+    }
+    Ok(())
+}
+
 /// 64-byte request/response ping-pong over one established tunnel for `dur`,
 /// after 100 ms of it uncounted (as [`pingpong`]: long enough for `auto` to
 /// settle the tunnel on a path).
 pub fn latency(t: &Target, dur: Duration) -> io::Result<LatResult> {
     let mut s = open(t, t.dsts[0], Some(src_ip(950)))?;
-    let mut msg = [0x61u8; 64];
-    msg[0] = b'p';
-    let mut back = [0u8; 64];
-    let warm = Instant::now();
-    while warm.elapsed() < Duration::from_millis(100) {
-        s.write_all(&msg)?;
-        s.read_exact(&mut back)?;
-    }
+    warm_up(&mut s)?;
     let mut samples = Vec::with_capacity(100_000);
     let start = Instant::now();
     while start.elapsed() < dur && samples.len() < 1_000_000 {
         let t0 = Instant::now();
-        s.write_all(&msg)?;
-        s.read_exact(&mut back)?;
+        ping(&mut s)?;
         samples.push(t0.elapsed().as_nanos() as f64 / 1000.0);
-    }
-    if back != msg {
-        return Err(io::Error::other("echo returned different bytes"));
     }
     samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = samples.len();
@@ -238,23 +253,12 @@ pub fn pingpong(t: &Target, tunnels: usize, dur: Duration, mut during: impl FnMu
         .map(|mut s| {
             let (start, stop) = (start.clone(), stop.clone());
             std::thread::spawn(move || -> io::Result<u64> {
-                let mut msg = [0x61u8; 64];
-                msg[0] = b'p';
-                let mut back = [0u8; 64];
-                let warm = Instant::now();
-                while warm.elapsed() < Duration::from_millis(100) {
-                    s.write_all(&msg)?;
-                    s.read_exact(&mut back)?;
-                }
+                warm_up(&mut s)?;
                 start.wait();
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    s.write_all(&msg)?;
-                    s.read_exact(&mut back)?;
+                    ping(&mut s)?;
                     n += 1;
-                }
-                if back != msg {
-                    return Err(io::Error::other("echo returned different bytes"));
                 }
                 Ok(n)
             })

@@ -228,21 +228,7 @@ impl Proxy {
         cmd.arg("-f").arg(&conf).stdin(Stdio::null()).stdout(File::create(&out)?).stderr(File::create(&out)?);
         die_with_parent(&mut cmd);
         let child = cmd.spawn().context("cannot start danted (is dante-server installed? `cargo xtask setup`)")?;
-        let pid = child.id() as i32;
-        let mut p = Proxy {
-            child,
-            pid,
-            addr: SocketAddrV4::new([127, 0, 0, 1].into(), port),
-            pin_dir: None,
-            path_check: String::new(),
-            socks5: false,
-            control: None,
-            adopted: None,
-        };
-        if let Err(e) = wait_port(&mut p.child, p.addr, &log) {
-            p.stop();
-            return Err(e);
-        }
+        let mut p = Proxy::peer(child, port, false, &log)?;
         let v = Command::new("danted")
             .arg("-v")
             .output()
@@ -253,6 +239,28 @@ impl Proxy {
             v.split(" Copyright").next().unwrap_or("").trim().trim_end_matches('.'),
             log.display()
         );
+        Ok(p)
+    }
+
+    /// A peer proxy (not proxyd) just spawned to listen on 127.0.0.1:`port`,
+    /// once it does; stopped if it exits first or does not within 15 s (`log`
+    /// is its log, quoted then).
+    fn peer(child: Child, port: u16, socks5: bool, log: &Path) -> Result<Proxy> {
+        let pid = child.id() as i32;
+        let mut p = Proxy {
+            child,
+            pid,
+            addr: SocketAddrV4::new([127, 0, 0, 1].into(), port),
+            pin_dir: None,
+            path_check: String::new(),
+            socks5,
+            control: None,
+            adopted: None,
+        };
+        if let Err(e) = wait_port(&mut p.child, p.addr, log) {
+            p.stop();
+            return Err(e);
+        }
         Ok(p)
     }
 
@@ -268,21 +276,7 @@ impl Proxy {
             .stderr(File::create(&log)?);
         die_with_parent(&mut cmd);
         let child = cmd.spawn().context("cannot start microsocks (is it installed? `cargo xtask setup`)")?;
-        let pid = child.id() as i32;
-        let mut p = Proxy {
-            child,
-            pid,
-            addr: SocketAddrV4::new([127, 0, 0, 1].into(), port),
-            pin_dir: None,
-            path_check: String::new(),
-            socks5: true,
-            control: None,
-            adopted: None,
-        };
-        if let Err(e) = wait_port(&mut p.child, p.addr, &log) {
-            p.stop();
-            return Err(e);
-        }
+        let mut p = Proxy::peer(child, port, true, &log)?;
         p.path_check =
             format!("microsocks from Debian, SOCKS5 without authentication on {} (log: {})", p.addr, log.display());
         Ok(p)
