@@ -122,9 +122,13 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     // SAFETY: the helper only reads the skb's socket; `as_ptr` is this
     // program's own context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: FLOWS values are plain integers, read through a reference that
-    // stays valid for this program run (RCU).
-    if unsafe { FLOWS.get(cookie) }.is_some_and(|f| f.over == BROKEN) {
+    // The socket's counters, looked up once: the pointer stays valid for this
+    // program run (RCU). Only this socket's receive path writes the entry, and
+    // it runs serialized under the socket lock, so the read-modify-writes
+    // below do not race another writer; userspace only reads.
+    let flow = FLOWS.get_ptr_mut(cookie);
+    // SAFETY: see `flow`; FLOWS values are plain integers.
+    if flow.is_some_and(|f| unsafe { (*f).over } == BROKEN) {
         // Past a gap: nothing more reaches the peer, and userspace is told
         // again (the first event may have found the ring full).
         tell_broken(cookie);
@@ -137,8 +141,8 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
             // it: the stream has a gap. The mark stops every later skb and
             // makes userspace reset the tunnel, with or without the event.
             debug!(ctx, "proxyd: socket {} cannot cut {} of {} bytes; broken", cookie, old, len);
-            if let Some(f) = FLOWS.get_ptr_mut(cookie) {
-                // SAFETY: as for the counters below.
+            if let Some(f) = flow {
+                // SAFETY: see `flow`.
                 unsafe { (*f).over = BROKEN };
             }
             tell_broken(cookie);
@@ -164,11 +168,8 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         debug!(ctx, "proxyd: peer {} of socket {} not in the sockhash, passing", splice.peer, cookie);
         return Err(sk_action::SK_PASS);
     }
-    if let Some(flow) = FLOWS.get_ptr_mut(cookie) {
-        // SAFETY: the pointer comes from a successful lookup and stays valid
-        // for this program run (RCU). Only this socket's receive path writes
-        // this entry, and it runs serialized under the socket lock, so the
-        // read-modify-writes do not race another writer; userspace only reads.
+    if let Some(flow) = flow {
+        // SAFETY: see `flow`.
         unsafe {
             (*flow).bytes += len;
             (*flow).packets += 1;
