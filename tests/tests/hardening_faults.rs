@@ -50,6 +50,33 @@ fn upstream_refuses_gets_91() {
     }
 }
 
+/// Writes to `s` (through a clone) on a thread of its own for up to 10 s;
+/// the thread returns whether a write failed (the peer went away) by then.
+fn pour(s: &TcpStream) -> std::thread::JoinHandle<bool> {
+    let mut writer = s.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let chunk = vec![0x5a; 16 * 1024];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if writer.write_all(&chunk).is_err() {
+                return true;
+            }
+        }
+        false
+    })
+}
+
+/// Reads at least 256 KiB from `s`: the tunnel carries the pour.
+fn read_256k(s: &mut TcpStream, what: &str) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0;
+    while got < 256 * 1024 {
+        let n = s.read(&mut buf).expect(what);
+        assert!(n > 0, "{what}: end of stream after {got} bytes");
+        got += n;
+    }
+}
+
 /// An upstream that resets mid-stream (SO_LINGER 0) makes the client see a reset or
 /// close within 5 s while it is still sending, and the row leaves.
 #[test]
@@ -62,22 +89,8 @@ fn upstream_reset_mid_stream() {
         let (l, dst) = listen_local();
         for round in 0..5 {
             let (c, mut u) = socks::tunnel(proxy, &l, dst);
-            let mut writer = c.try_clone().unwrap();
-            let writing = std::thread::spawn(move || {
-                let chunk = vec![0x5a; 16 * 1024];
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while Instant::now() < deadline {
-                    if writer.write_all(&chunk).is_err() {
-                        return true;
-                    }
-                }
-                false
-            });
-            let mut buf = vec![0u8; 64 * 1024];
-            let mut got = 0;
-            while got < 256 * 1024 {
-                got += u.read(&mut buf).expect("upstream read");
-            }
+            let writing = pour(&c);
+            read_256k(&mut u, "upstream read");
             u.write_all(b"half an answer").unwrap();
             set_linger_zero(&u);
             drop(u);
@@ -105,22 +118,8 @@ fn client_vanishes_mid_transfer() {
         let (l, dst) = listen_local();
         for (round, reset) in [true, false, true, false].into_iter().enumerate() {
             let (mut c, u) = socks::tunnel(proxy, &l, dst);
-            let mut writer = u.try_clone().unwrap();
-            let writing = std::thread::spawn(move || {
-                let chunk = vec![0xa5; 16 * 1024];
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while Instant::now() < deadline {
-                    if writer.write_all(&chunk).is_err() {
-                        return true;
-                    }
-                }
-                false
-            });
-            let mut buf = vec![0u8; 64 * 1024];
-            let mut got = 0;
-            while got < 256 * 1024 {
-                got += c.read(&mut buf).expect("client read");
-            }
+            let writing = pour(&u);
+            read_256k(&mut c, "client read");
             if reset {
                 set_linger_zero(&c);
             }

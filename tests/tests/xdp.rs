@@ -216,10 +216,16 @@ fn echo_round_trip(s: &mut TcpStream) {
 }
 
 /// Enables the proxy on 10.200.1.1:1080 with the prefilter on both links,
-/// metrics on, and the access list denying B's subnet.
-fn configure(d: &Daemon) {
+/// metrics on, and the access list denying B's subnet; returns once A
+/// reaches the proxy (the listener is up and the prefilter passes A).
+fn configure(net: &Net, d: &Daemon) {
     d.cmd("ip socks access add src-address=10.200.2.0/24 action=deny");
     d.cmd("ip socks set enabled=yes port=1080 listen-address=10.200.1.1 metrics-address=127.0.0.1:9180 xdp-interfaces=sva,svb");
+    assert!(
+        wait(Duration::from_secs(5), || connect_from(&net.a, SYN_TIMEOUT).is_ok()),
+        "A cannot reach the proxy\n{}",
+        d.log()
+    );
 }
 
 fn wait(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
@@ -236,13 +242,7 @@ fn denied_client_gets_no_syn_ack() {
     }
     let net = Net::new();
     let d = net.daemon("userspace");
-    configure(&d);
-    // A reaches the proxy: the listener is up and the prefilter passes A.
-    assert!(
-        wait(Duration::from_secs(5), || connect_from(&net.a, SYN_TIMEOUT).is_ok()),
-        "A cannot reach the proxy\n{}",
-        d.log()
-    );
+    configure(&net, &d);
     assert!(wait(Duration::from_secs(2), || d.cli.connections().is_empty()));
     let before = accepted(&net);
     let drops_before = drops(&d, 0);
@@ -280,13 +280,9 @@ fn allowed_client_relays() {
     for dp in data_paths() {
         let net = Net::new();
         let d = net.daemon(dp);
-        configure(&d);
+        configure(&net, &d);
         let echo = echo_server(&net);
         assert!(net.xdp("sva").is_some() && net.xdp("svb").is_some(), "not attached ({dp})");
-        assert!(
-            wait(Duration::from_secs(5), || connect_from(&net.a, SYN_TIMEOUT).is_ok()),
-            "A cannot reach the proxy ({dp})"
-        );
         relay_from(&net.a, echo);
         relay_from(&net.a, echo);
         assert_eq!(drops(&d, 0), 0, "A's packets were counted as drops ({dp})");
@@ -302,8 +298,7 @@ fn access_change_swaps_dropped_host_without_reload() {
     }
     let net = Net::new();
     let d = net.daemon("userspace");
-    configure(&d);
-    assert!(wait(Duration::from_secs(5), || connect_from(&net.a, SYN_TIMEOUT).is_ok()));
+    configure(&net, &d);
     assert!(connect_from(&net.b, SYN_TIMEOUT).is_err(), "B not dropped");
     let (prog, _) = net.xdp("sva").expect("attached");
 
@@ -339,9 +334,8 @@ fn open_tunnel_outlives_a_deny_of_its_source() {
     }
     let net = Net::new();
     let d = net.daemon("userspace");
-    configure(&d);
+    configure(&net, &d);
     let echo = echo_server(&net);
-    assert!(wait(Duration::from_secs(5), || connect_from(&net.a, SYN_TIMEOUT).is_ok()), "A cannot reach the proxy");
     let s = connect_from(&net.a, Duration::from_secs(5)).expect("A connects");
     let mut tunnel = echo_through(s, echo);
 
