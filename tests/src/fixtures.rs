@@ -14,11 +14,12 @@ use std::time::Duration;
 
 /// A TCP echo server: each connection gets back what it sends, then its end of
 /// stream once it has sent it all. A connection idle for 30 s is dropped, so no
-/// thread outlives a test that forgot its tunnel. It records where each accepted
-/// connection came from.
+/// thread outlives a test that forgot its tunnel. It counts the connections it
+/// accepts and records where each came from.
 pub struct EchoServer {
     /// Where it listens.
     pub addr: SocketAddrV4,
+    accepted: Arc<AtomicUsize>,
     peers: Arc<Mutex<Vec<SocketAddr>>>,
 }
 
@@ -38,10 +39,12 @@ impl EchoServer {
     /// Serves `listener` (an IPv4 one; it may be bound to any address).
     pub fn on(listener: TcpListener) -> EchoServer {
         let SocketAddr::V4(addr) = listener.local_addr().unwrap() else { panic!("echo server: not IPv4") };
-        let peers = Arc::new(Mutex::new(Vec::new()));
-        let seen = peers.clone();
+        let (accepted, peers) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(Vec::new())));
+        let (count, seen) = (accepted.clone(), peers.clone());
         std::thread::spawn(move || {
             for mut s in listener.incoming().flatten() {
+                // Counted even when the peer is already gone (no address to record).
+                count.fetch_add(1, Ordering::SeqCst);
                 seen.lock().unwrap().extend(s.peer_addr().ok());
                 std::thread::spawn(move || {
                     s.set_read_timeout(Some(Duration::from_secs(30))).ok();
@@ -54,15 +57,16 @@ impl EchoServer {
                 });
             }
         });
-        EchoServer { addr, peers }
+        EchoServer { addr, accepted, peers }
     }
 
     /// Connections accepted so far.
     pub fn accepted(&self) -> usize {
-        self.peers.lock().unwrap().len()
+        self.accepted.load(Ordering::SeqCst)
     }
 
-    /// Where each accepted connection came from, in order.
+    /// Where the accepted connections came from, in order (one whose peer was
+    /// already gone has no address and is left out).
     pub fn peers(&self) -> Vec<SocketAddr> {
         self.peers.lock().unwrap().clone()
     }

@@ -1102,7 +1102,7 @@ fn access_rules_match_domain_names_and_ipv6() {
             assert_eq!(rep, 2, "[{dp}] CONNECT {name}:{hport} under dst-address=localhost deny: reply {rep}, want 2");
         }
         assert_eq!(http4.accepted(), 0, "[{dp}] a denied name request reached the server");
-        let s = connect(p4, None, &Dst::Ip(SocketAddr::V4(http4.addr())));
+        let s = connect(p4, None, &Dst::Ip(http4.local));
         assert_eq!(http_get(s), b"by address only", "[{dp}] CONNECT 127.0.0.1 must pass a name rule");
         if has_curl {
             let url = http4.url("localhost");
@@ -1129,11 +1129,11 @@ fn access_rules_match_domain_names_and_ipv6() {
         // IPv6 clients.
         d.cmd("ip socks access add src-address=::/0 action=deny");
         d.cmd("ip socks access move 1 0");
-        let rep = connect_reply(p6, &Dst::Ip(SocketAddr::V4(http4.addr())));
+        let rep = connect_reply(p6, &Dst::Ip(http4.local));
         assert_eq!(rep, 2, "[{dp}] a client from [::1] under src-address=::/0 deny: reply {rep}");
         assert_eq!(http4.accepted(), served, "[{dp}] a denied IPv6 client reached the server");
         assert_eq!(
-            http_get(connect(p4, None, &Dst::Ip(SocketAddr::V4(http4.addr())))),
+            http_get(connect(p4, None, &Dst::Ip(http4.local))),
             b"by address only",
             "[{dp}] an IPv4 client (via the dual-stack listener) must not match ::/0"
         );
