@@ -236,6 +236,14 @@ fn upgrade_keeps_every_tunnel() {
         assert_eq!(listening_on(proxy.port()), group, "[{dp}] the listening sockets after the upgrade");
         assert!(group.iter().all(|&i| holds(new_pid, i)), "[{dp}] the new proxyd holds the whole group");
         eprintln!("[{dp}] upgrade: {} in {took:?}", text.trim());
+        // The log names the mode and the path in use at start-up and at the take-over.
+        for line in [format!("starting (data-path={dp}, in use: "), format!(" tunnel(s) (data-path={dp}, in use: ")] {
+            assert!(
+                wait_until(Duration::from_secs(5), || d.log().contains(&line)),
+                "[{dp}] the log has no {line:?}:\n{}",
+                d.log()
+            );
+        }
 
         // Every idle tunnel, both ways.
         for (i, (c, u)) in idle.iter_mut().enumerate() {
